@@ -1,0 +1,3 @@
+from kvscope.cli.main import main
+
+raise SystemExit(main())

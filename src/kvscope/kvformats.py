@@ -1,0 +1,98 @@
+"""Storage formats of the KV cache, and their exact bytes per token.
+
+This module is the single source of truth for what one cached token costs: the planner prices a workload with it and
+the cache allocates its storage from it, so the two agree to the byte (tests check it). Pure Python, no torch.
+
+Formats (per layer, per KV head, per token, head_dim = d):
+- dense `fp32` / `bf16` / `fp16`: keys and values at d elements each.
+- `fp8` (e4m3): d bytes each for keys and values, plus one fp16 scale per (token, head) for each.
+- `int8` (per token, asymmetric): d bytes each, plus an fp16 scale and an fp16 zero point per (token, head) for each.
+- `int4` (as in KIVI): keys quantized per channel over groups of `INT4_GROUP` tokens, values per token over groups of
+  `INT4_GROUP` channels, two values per byte, with an fp16 scale and zero point per group; the most recent tokens stay in
+  a full-precision window of `INT4_RESIDUAL` tokens, a fixed cost that is not per token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+DTYPE_ALIASES = {
+    "float32": "fp32",
+    "float": "fp32",
+    "bfloat16": "bf16",
+    "float16": "fp16",
+    "half": "fp16",
+    "torch.float32": "fp32",
+    "torch.bfloat16": "bf16",
+    "torch.float16": "fp16",
+}
+SCALE_BYTES = 2  # scales and zero points are fp16
+INT4_GROUP = 64
+INT4_RESIDUAL = 128
+
+
+@dataclass(frozen=True)
+class KVFormat:
+    """How one KV format is laid out; `bytes_per_head_token` covers keys and values together."""
+
+    name: str
+    quantized: bool
+    doc: str
+
+    def bytes_per_head_token(self, head_dim: int, dense_bytes: int) -> int:
+        """Exact bytes of keys+values for one token of one KV head (scales included, residual window excluded)."""
+        d = head_dim
+        if self.name in DTYPE_BYTES:
+            return 2 * d * DTYPE_BYTES[self.name]
+        if self.name == "fp8":
+            return 2 * (d + SCALE_BYTES)
+        if self.name == "int8":
+            return 2 * (d + 2 * SCALE_BYTES)
+        if self.name == "int4":
+            # keys: d/2 packed bytes + (scale, zero) per channel shared by INT4_GROUP tokens
+            # values: d/2 packed bytes + (scale, zero) per group of INT4_GROUP channels
+            keys = d // 2 + (2 * SCALE_BYTES * d) // INT4_GROUP
+            values = d // 2 + 2 * SCALE_BYTES * (d // INT4_GROUP)
+            return keys + values
+        raise AssertionError(self.name)
+
+    def residual_tokens(self) -> int:
+        """Tokens each layer keeps at full precision in addition to its quantized storage."""
+        return INT4_RESIDUAL if self.name == "int4" else 0
+
+
+KV_FORMATS = {
+    "bf16": KVFormat("bf16", False, "bfloat16, 2 bytes per element"),
+    "fp16": KVFormat("fp16", False, "float16, 2 bytes per element"),
+    "fp32": KVFormat("fp32", False, "float32, 4 bytes per element"),
+    "fp8": KVFormat("fp8", True, "float8 e4m3 with an fp16 scale per token and head"),
+    "int8": KVFormat("int8", True, "int8 per token, asymmetric, fp16 scale and zero point"),
+    "int4": KVFormat("int4", True, f"int4 KIVI-style, groups of {INT4_GROUP}, {INT4_RESIDUAL}-token fp window"),
+}
+
+
+def normalize_dtype(name: str) -> str:
+    """Map 'bfloat16', 'torch.float16'... to the short names used everywhere ('bf16', 'fp16', 'fp32')."""
+    key = str(name).strip().lower()
+    return DTYPE_ALIASES.get(key, key)
+
+
+def kv_format(name: str) -> KVFormat:
+    """Look up a KV format by name; raise a `UsageError` that lists the known ones."""
+    from kvscope.errors import usage
+
+    key = normalize_dtype(name)
+    if key not in KV_FORMATS:
+        raise usage(f"unknown KV dtype {name!r}", expected="one of " + ", ".join(KV_FORMATS), fix="--kv-dtype")
+    return KV_FORMATS[key]
+
+
+def dense_dtype(name: str) -> str:
+    """Validate a model (weights/activations) dtype name and return its short form."""
+    from kvscope.errors import usage
+
+    key = normalize_dtype(name)
+    if key not in DTYPE_BYTES:
+        raise usage(f"unknown dtype {name!r}", expected="one of " + ", ".join(DTYPE_BYTES), fix="--dtype")
+    return key

@@ -1,0 +1,122 @@
+"""Bytes a generation holds on one GPU, phase by phase; pure arithmetic on a `ModelSpec` and a `Workload`.
+
+The model counts the tensors that are alive at the moment each phase peaks, following the code path of
+`transformers` 5.x `LlamaForCausalLM` with sdpa attention (no padding: flash attention with `is_causal`, GQA without
+repeating KV heads) and the default `DynamicCache`:
+
+prefill, at the MLP of the last layer (the largest moment of the forward pass):
+    weights + KV of all layers for the prompt
+    + per prompt token: 4 hidden-sized tensors (input embeddings, the layer input, the residual after attention,
+      the normed MLP input) + 3 intermediate-sized tensors (act(gate), up, act(gate) * up)
+      + the RoPE cos/sin tables (2 head_dim values)
+decode, at the last layer's `torch.cat` of the last step (DynamicCache grows by concatenation, so the old and the new
+value tensor of one layer exist together):
+    weights + KV of every layer at its final length + one layer's value tensor at the previous length
+    + one token's activations per sequence + the logits `generate` keeps (bf16 from the head, an fp32 copy).
+
+kvscope's runtime allocates its cache once (budget + one chunk, or the whole sequence) and prefills in chunks, so
+its activations are those of one chunk, plus the boolean mask its cache builds for each layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from kvscope.kvformats import DTYPE_BYTES
+from kvscope.models.spec import ModelSpec
+from kvscope.planner.workload import Workload
+
+# Measured on the H100 (benchmarks/planner_accuracy.py, docs/benchmarks.md): memory PyTorch's allocator does not see
+# (the CUDA context and the modules of cuBLAS/cuDNN), and cuBLAS workspaces, which it does count.
+CUDA_CONTEXT_BYTES = 536_870_912
+WORKSPACE_BYTES = 0
+# Reserved-but-unallocated memory at the peak, as a fraction of the allocated peak (allocator rounding and the
+# fragmentation of a growing cache): added to the overhead when deciding whether a workload fits.
+ALLOCATOR_SLACK = 0.02
+
+
+@dataclass(frozen=True)
+class Phase:
+    """Memory at the moment one phase peaks, in bytes."""
+
+    name: str
+    weights: int
+    kv: int
+    activations: int
+    logits: int
+    workspace: int = WORKSPACE_BYTES
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.activations + self.logits + self.workspace
+
+    def to_dict(self) -> dict[str, int | str]:
+        return {**asdict(self), "total": self.total}
+
+
+def prefill_bytes_per_token(spec: ModelSpec, dtype: str, tp: int = 1) -> int:
+    """Activation bytes per prompt token alive at the MLP of the last layer."""
+    s = DTYPE_BYTES[dtype]
+    return 4 * spec.hidden_size * s + 3 * (spec.intermediate_size // tp) * s + 2 * spec.head_dim * s
+
+
+def decode_bytes_per_sequence(spec: ModelSpec, dtype: str, tp: int = 1) -> int:
+    """Activation bytes of one decoded token."""
+    return prefill_bytes_per_token(spec, dtype, tp)
+
+
+def logits_bytes(spec: ModelSpec, batch: int, dtype: str) -> int:
+    """Logits of the last position: the head's output in the model dtype and generate()'s fp32 copy."""
+    return batch * spec.vocab_size * (DTYPE_BYTES[dtype] + 4)
+
+
+def kv_cache_tokens(w: Workload) -> int:
+    """Tokens per sequence the cache holds at its largest (kvscope allocates this once; HF grows to it)."""
+    if w.runtime == "hf":
+        return w.total_tokens - 1  # the last generated token is never fed back
+    if w.budget_tokens is None or w.budget_tokens >= w.total_tokens:
+        return w.total_tokens
+    return min(w.total_tokens, w.budget_tokens + min(w.chunk_size, w.context))
+
+
+def kv_bytes(spec: ModelSpec, w: Workload) -> int:
+    per_token = spec.kv_bytes_per_token(w.kv_dtype, w.tp)
+    return w.batch * (kv_cache_tokens(w) * per_token + spec.kv_fixed_bytes(w.kv_dtype, w.dtype, w.tp))
+
+
+def hf_phases(spec: ModelSpec, w: Workload, weights: int) -> list[Phase]:
+    """Peaks of plain `transformers` `generate()` with its default cache and sdpa attention."""
+    per_token_kv = spec.kv_bytes_per_token(w.kv_dtype, w.tp)
+    prompt = w.batch * w.context
+    phases = [Phase("prefill", weights, prompt * per_token_kv, prompt * prefill_bytes_per_token(spec, w.dtype, w.tp),
+                    0)]
+    if w.new_tokens >= 2:
+        final = w.total_tokens - 1
+        one_tensor = w.batch * (final - 1) * spec.kv_heads_per_gpu(w.tp) * spec.head_dim * DTYPE_BYTES[w.kv_dtype]
+        phases.append(Phase("decode", weights, w.batch * final * per_token_kv + one_tensor,
+                            w.batch * decode_bytes_per_sequence(spec, w.dtype, w.tp),
+                            logits_bytes(spec, w.batch, w.dtype)))
+    return phases
+
+
+def kvscope_phases(spec: ModelSpec, w: Workload, weights: int) -> list[Phase]:
+    """Peaks of kvscope's runtime: one preallocated cache, chunked prefill, a boolean mask per layer."""
+    cache = kv_bytes(spec, w)
+    capacity = kv_cache_tokens(w)
+    chunk = min(w.chunk_size, w.context)
+    heads = max(1, spec.num_heads // w.tp)
+    mask = w.batch * heads * chunk * capacity  # bool mask [B, H, chunk, capacity] of one layer
+    prefill = w.batch * chunk * prefill_bytes_per_token(spec, w.dtype, w.tp) + mask
+    decode = w.batch * decode_bytes_per_sequence(spec, w.dtype, w.tp) + w.batch * heads * capacity
+    return [Phase("prefill", weights, cache, prefill, 0),
+            Phase("decode", weights, cache, decode, logits_bytes(spec, w.batch, w.dtype))]
+
+
+def phases(spec: ModelSpec, w: Workload) -> list[Phase]:
+    weights = spec.weights_bytes(w.dtype, w.tp)
+    return hf_phases(spec, w, weights) if w.runtime == "hf" else kvscope_phases(spec, w, weights)
+
+
+def overhead_bytes(peak: int) -> int:
+    """What PyTorch's counters do not show: the CUDA context and the allocator's slack at the peak."""
+    return CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK * peak)

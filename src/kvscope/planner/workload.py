@@ -1,0 +1,68 @@
+"""A `Workload`: what will run (batch, prompt length, new tokens, dtypes, parallelism, runtime, KV settings)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from kvscope.errors import require_positive, usage
+from kvscope.kvformats import dense_dtype, kv_format
+
+RUNTIMES = ("hf", "kvscope")
+DEFAULT_CHUNK = 512
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One generation job; `context` is the prompt length in tokens.
+
+    `budget_tokens` (kvscope runtime) caps the KV cache per sequence and layer; the cache is allocated once at its
+    budget plus one prefill chunk of `chunk_size` tokens.
+    """
+
+    batch: int = 1
+    context: int = 2048
+    new_tokens: int = 128
+    dtype: str = "bf16"
+    kv_dtype: str | None = None
+    tp: int = 1
+    runtime: str = "hf"
+    budget_tokens: int | None = None
+    chunk_size: int = DEFAULT_CHUNK
+
+    def __post_init__(self) -> None:
+        require_positive("batch", self.batch, option="--batch")
+        require_positive("context", self.context, option="--context")
+        require_positive("new tokens", self.new_tokens, option="--new-tokens")
+        require_positive("tensor-parallel degree", self.tp, option="--tp")
+        require_positive("prefill chunk size", self.chunk_size, option="--chunk-size")
+        if self.budget_tokens is not None:
+            require_positive("KV budget", self.budget_tokens, option="--budget")
+        for name in ("batch", "context", "new_tokens", "tp", "chunk_size"):
+            if not isinstance(getattr(self, name), int):
+                raise usage(f"{name} must be a whole number, got {getattr(self, name)!r}", fix=f"--{name}")
+        object.__setattr__(self, "dtype", dense_dtype(self.dtype))
+        kv = kv_format(self.kv_dtype or self.dtype).name
+        object.__setattr__(self, "kv_dtype", kv)
+        if self.runtime not in RUNTIMES:
+            raise usage(f"unknown runtime {self.runtime!r}", expected=" or ".join(RUNTIMES), fix="--runtime")
+        if self.runtime == "hf" and kv != self.dtype:
+            raise usage(
+                f"plain transformers generate() keeps its KV cache in the model dtype ({self.dtype}), not {kv}",
+                expected=f"--kv-dtype {self.dtype} with --runtime hf",
+                fix="--runtime kvscope to plan quantized KV storage",
+            )
+        if self.runtime == "hf" and self.budget_tokens is not None:
+            raise usage("a KV budget needs kvscope's cache", expected="--runtime kvscope with --budget",
+                        fix="--runtime kvscope")
+
+    @property
+    def total_tokens(self) -> int:
+        """Tokens per sequence at the end of generation."""
+        return self.context + self.new_tokens
+
+    def with_(self, **changes: Any) -> Workload:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
