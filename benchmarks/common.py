@@ -39,7 +39,8 @@ def device_line() -> str:
         dev = f"{props.name}, {props.total_memory:,} bytes"
     else:
         dev = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-    return f"{dev}; torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}"
+    versions = f"torch {torch.__version__}, transformers {transformers.__version__}"
+    return f"{dev}; {versions}, Python {platform.python_version()}"
 
 
 def header(title: str) -> str:

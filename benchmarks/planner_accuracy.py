@@ -117,7 +117,8 @@ def main() -> None:
     md = header(f"Planner accuracy: `{args.model}` with plain transformers generate()")
     md += (f"Random bf16 weights, default `DynamicCache`, sdpa, greedy, no padding. Weights allocated "
            f"{weights:,} bytes (planned {spec.weights_bytes('bf16'):,}); CUDA context outside PyTorch's counters "
-           f"{format_bytes(context_bytes)}; cuBLAS workspace allocated on the first GEMM {format_bytes(workspace)}.\n\n")
+           f"{format_bytes(context_bytes)}; cuBLAS workspace allocated on the first GEMM "
+           f"{format_bytes(workspace)}.\n\n")
     md += (f"Worst error of predicted vs measured peak `max_memory_allocated()` over {len(ran)} points that ran: "
            f"**{worst:.2f}%**; `fits` right at **{fits_right} of {len(rows)}** points.\n\n")
     md += table(rows, [("batch", "batch"), ("context", "prompt"), ("new_tokens", "new"), ("measured", "measured GiB"),

@@ -72,7 +72,7 @@ def tokenizer_from_pretrained(path: str, gguf_file: str | None = None):
 
 
 def save_dequantized(model, tokenizer, directory: str) -> None:
-    """Write a GGUF-loaded model as plain safetensors + config (transformers refuses `save_pretrained` on GGUF models)."""
+    """Write a GGUF-loaded model as safetensors + config (transformers refuses `save_pretrained` on GGUF models)."""
     from safetensors.torch import save_file
 
     config = model.config

@@ -7,9 +7,9 @@ Formats (per layer, per KV head, per token, head_dim = d):
 - dense `fp32` / `bf16` / `fp16`: keys and values at d elements each.
 - `fp8` (e4m3): d bytes each for keys and values, plus one fp16 scale per (token, head) for each.
 - `int8` (per token, asymmetric): d bytes each, plus an fp16 scale and an fp16 zero point per (token, head) for each.
-- `int4` (as in KIVI): keys quantized per channel over groups of `INT4_GROUP` tokens, values per token over groups of
-  `INT4_GROUP` channels, two values per byte, with an fp16 scale and zero point per group; the most recent tokens stay in
-  a full-precision window of `INT4_RESIDUAL` tokens, a fixed cost that is not per token.
+- `int4` (as in KIVI): keys quantized per channel over groups of `INT4_GROUP` tokens, values per token over groups
+  of `INT4_GROUP` channels, two values per byte, with an fp16 scale and zero point per group; the most recent tokens
+  stay in a full-precision window of `INT4_RESIDUAL` tokens, a fixed cost that is not per token.
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def estimate(spec: ModelSpec, w: Workload, capacity_bytes: int) -> Estimate:
                     expected="a divisor of " + str(spec.num_heads), fix="--tp")
     phases = tuple(memory.phases(spec, w))
     peak = max(phases, key=lambda p: p.total)
-    return Estimate(peak, phases, memory.overhead_bytes(peak.total), capacity_bytes)
+    return Estimate(peak, phases, memory.overhead_bytes(list(phases)), capacity_bytes)
 
 
 def fits(spec: ModelSpec, w: Workload, capacity_bytes: int) -> bool:

@@ -26,13 +26,18 @@ from kvscope.kvformats import DTYPE_BYTES
 from kvscope.models.spec import ModelSpec
 from kvscope.planner.workload import Workload
 
-# Measured on the H100 (benchmarks/planner_accuracy.py, docs/benchmarks.md): memory PyTorch's allocator does not see
-# (the CUDA context and the modules of cuBLAS/cuDNN), and cuBLAS workspaces, which it does count.
-CUDA_CONTEXT_BYTES = 536_870_912
-WORKSPACE_BYTES = 0
-# Reserved-but-unallocated memory at the peak, as a fraction of the allocated peak (allocator rounding and the
-# fragmentation of a growing cache): added to the overhead when deciding whether a workload fits.
-ALLOCATOR_SLACK = 0.02
+# Measured on the H100 80GB, torch 2.11 + CUDA 13 (benchmarks/planner_accuracy.py, docs/benchmarks.md):
+# - memory outside PyTorch's counters once the CUDA context and the cuBLAS/cuDNN modules are loaded;
+CUDA_CONTEXT_BYTES = 718_077_952
+# - the cuBLAS workspace, allocated through PyTorch's allocator at the first matrix product and kept;
+WORKSPACE_BYTES = 33_554_432
+# - reserved-but-unallocated memory at the prefill peak of plain generate(): the caching allocator cannot reuse the
+#   blocks the MLP temporaries leave between the growing KV tensors, and holds about two intermediate-sized tensors
+#   per prompt token beyond what is allocated (55.6-57.3 KB per token for the 8B shape at 13k-213k prompt tokens);
+PREFILL_SLACK_INTERMEDIATES = 2
+# - during decode, DynamicCache grows every layer by torch.cat, leaving freed blocks one token too small for the next
+#   step; the slack measured was 0.9-1.6x the final KV cache (two decode-heavy points), so the planner assumes 1x.
+DECODE_SLACK_KV_FRACTION = 1.0
 
 
 @dataclass(frozen=True)
@@ -44,14 +49,20 @@ class Phase:
     kv: int
     activations: int
     logits: int
+    slack: int = 0  # reserved by the allocator but not allocated, at this moment
     workspace: int = WORKSPACE_BYTES
 
     @property
     def total(self) -> int:
+        """Allocated bytes: what `torch.cuda.max_memory_allocated()` reports at this moment."""
         return self.weights + self.kv + self.activations + self.logits + self.workspace
 
+    @property
+    def reserved(self) -> int:
+        return self.total + self.slack
+
     def to_dict(self) -> dict[str, int | str]:
-        return {**asdict(self), "total": self.total}
+        return {**asdict(self), "total": self.total, "reserved": self.reserved}
 
 
 def prefill_bytes_per_token(spec: ModelSpec, dtype: str, tp: int = 1) -> int:
@@ -88,14 +99,17 @@ def hf_phases(spec: ModelSpec, w: Workload, weights: int) -> list[Phase]:
     """Peaks of plain `transformers` `generate()` with its default cache and sdpa attention."""
     per_token_kv = spec.kv_bytes_per_token(w.kv_dtype, w.tp)
     prompt = w.batch * w.context
+    s = DTYPE_BYTES[w.dtype]
+    prefill_slack = PREFILL_SLACK_INTERMEDIATES * prompt * (spec.intermediate_size // w.tp) * s
     phases = [Phase("prefill", weights, prompt * per_token_kv, prompt * prefill_bytes_per_token(spec, w.dtype, w.tp),
-                    0)]
+                    0, prefill_slack)]
     if w.new_tokens >= 2:
         final = w.total_tokens - 1
         one_tensor = w.batch * (final - 1) * spec.kv_heads_per_gpu(w.tp) * spec.head_dim * DTYPE_BYTES[w.kv_dtype]
-        phases.append(Phase("decode", weights, w.batch * final * per_token_kv + one_tensor,
-                            w.batch * decode_bytes_per_sequence(spec, w.dtype, w.tp),
-                            logits_bytes(spec, w.batch, w.dtype)))
+        kv = w.batch * final * per_token_kv
+        activations = w.batch * decode_bytes_per_sequence(spec, w.dtype, w.tp)
+        phases.append(Phase("decode", weights, kv + one_tensor, activations, logits_bytes(spec, w.batch, w.dtype),
+                            int(DECODE_SLACK_KV_FRACTION * kv)))
     return phases
 
 
@@ -117,6 +131,10 @@ def phases(spec: ModelSpec, w: Workload) -> list[Phase]:
     return hf_phases(spec, w, weights) if w.runtime == "hf" else kvscope_phases(spec, w, weights)
 
 
-def overhead_bytes(peak: int) -> int:
-    """What PyTorch's counters do not show: the CUDA context and the allocator's slack at the peak."""
-    return CUDA_CONTEXT_BYTES + int(ALLOCATOR_SLACK * peak)
+def overhead_bytes(phases: list[Phase]) -> int:
+    """What PyTorch's allocated counters do not show at the peak: the CUDA context and the allocator's slack.
+
+    The slack is that of the phase that reserves the most, which need not be the phase that allocates the most.
+    """
+    peak = max(phases, key=lambda p: p.total)
+    return CUDA_CONTEXT_BYTES + max(p.reserved for p in phases) - peak.total

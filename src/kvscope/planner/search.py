@@ -45,3 +45,36 @@ def max_budget(spec: ModelSpec, w: Workload, capacity: int) -> int:
     """Largest KV budget (tokens per sequence and layer) that fits under kvscope's runtime; 0 if none."""
     base = w.with_(runtime="kvscope")
     return max(0, largest(lambda n: fits(spec, base.with_(budget_tokens=n), capacity), 1, w.total_tokens))
+
+
+def largest_from(ok: Callable[[int], bool], start: int, lo: int = 1, hi: int = 1 << 20) -> int:
+    """Largest n in [lo, hi] with ok(n), searched outward from a predicted `start`; lo - 1 if none.
+
+    For measured searches (each call a real run): a good prediction costs about log2(|error|) + 2 runs, where
+    halving blindly from hi would cost log2(hi). Assumes ok is monotone.
+    """
+    start = min(max(start, lo), hi)
+    if ok(start):
+        good, step = start, 1
+        while good + step <= hi and ok(good + step):
+            good += step
+            step *= 2
+        bad = min(good + step, hi + 1)
+    else:
+        bad, step = start, 1
+        while bad - step >= lo and not ok(bad - step):
+            bad -= step
+            step *= 2
+        if bad - step < lo:
+            if bad == lo or not ok(lo):
+                return lo - 1
+            good = lo
+        else:
+            good = bad - step
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if ok(mid):
+            good = mid
+        else:
+            bad = mid
+    return good

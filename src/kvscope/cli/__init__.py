@@ -1,0 +1,1 @@
+"""`kvscope <command>`: one thin module per command over a library call."""

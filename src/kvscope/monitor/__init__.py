@@ -1,0 +1,1 @@
+"""Monitor: samplers, counters, events."""
