@@ -97,3 +97,88 @@ def base_model(model):
 
 def attention_implementation(model) -> str:
     return str(getattr(model.config, "_attn_implementation", "sdpa") or "sdpa")
+
+
+# --- the cache and attention hooks (kvscope.cache) -------------------------------------------------------------------
+
+KVSCOPE_ATTENTION = "kvscope_budgeted"
+
+
+def cache_base_classes():
+    """(`Cache`, `CacheLayerMixin`): the 5.x per-layer cache API that `BudgetedCache` implements."""
+    from transformers.cache_utils import Cache, CacheLayerMixin
+
+    return Cache, CacheLayerMixin
+
+
+def register_attention(function) -> None:
+    """Register kvscope's attention under `KVSCOPE_ATTENTION` (idempotent). It is deliberately *not* registered as a
+    mask function: transformers then skips building a causal mask for it (the cache builds its own per layer)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(KVSCOPE_ATTENTION, function)
+
+
+def sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+def swap_attention_implementation(model, name: str) -> str:
+    """Set the attention implementation every layer reads at call time; return the previous one."""
+    config = model.config
+    previous = config._attn_implementation
+    config._attn_implementation = name
+    return previous
+
+
+def forward_cache_argument(kwargs: dict):
+    """The cache passed to a decoder forward: `past_key_values=` (5.17) or `cache=` (5.23 renamed it)."""
+    cache = kwargs.get("past_key_values")
+    return cache if cache is not None else kwargs.get("cache")
+
+
+def install_forward_hooks(model, before, after) -> None:
+    """Call `before(kwargs)` and `after()` around every forward of the base decoder (idempotent per model).
+
+    `after` runs even when the forward raises, so an interrupted run never leaves the model switched to kvscope's
+    attention."""
+    base = base_model(model)
+    if getattr(base, "_kvscope_hooked", False):
+        return
+
+    def pre(module, args, kwargs):
+        if args:
+            kwargs = {"input_ids": args[0], **kwargs}
+        before(module, kwargs)
+
+    def post(module, args, kwargs, output):
+        after(module)
+
+    base.register_forward_pre_hook(pre, with_kwargs=True)
+    base.register_forward_hook(post, with_kwargs=True, always_call=True)
+    base._kvscope_hooked = True
+
+
+def layer_index(attention_module) -> int:
+    return int(attention_module.layer_idx)
+
+
+def attention_heads(model) -> tuple[int, int, int, int]:
+    """(layers, query heads, KV heads, head_dim) from the model's config."""
+    c = model.config
+    heads = c.num_attention_heads
+    return (c.num_hidden_layers, heads, getattr(c, "num_key_value_heads", None) or heads,
+            getattr(c, "head_dim", None) or c.hidden_size // heads)
+
+
+def cache_keyword(model) -> str:
+    """The forward/generate keyword for the cache: `cache` from 5.23 on, `past_key_values` before."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def logits_of(output) -> torch.Tensor:
+    return output.logits

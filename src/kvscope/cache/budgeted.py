@@ -1,0 +1,183 @@
+"""`BudgetedCache`: a transformers `Cache` that never holds more than its budget and evicts by a policy.
+
+    cache = BudgetedCache(model, policy="snapkv", budget_tokens=512)
+    model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    cache.stats()
+
+How it plugs in (details in docs/cache.md): the cache hooks the model's decoder so that, only for forwards that carry
+this cache, every attention layer runs kvscope's attention function. `update()` only hands the new keys over; the
+attention function writes them into preallocated slots chunk by chunk, builds the layer's own mask (which slots are
+valid, causal order among the new tokens, padding), computes attention without repeating KV heads, asks the policy for
+the attention rows it needs, and evicts down to the budget before the next chunk. A prompt longer than `chunk_size`
+is therefore processed in chunks inside each layer, and storage stays at budget + one chunk.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvscope import _compat
+from kvscope.cache.layer import BudgetedLayer, grouped_attention
+from kvscope.cache.stats import CacheStats, Collector
+from kvscope.cache.store import make_store
+from kvscope.errors import usage
+from kvscope.kvformats import kv_format
+from kvscope.policies import available, get
+
+Cache, _ = _compat.cache_base_classes()
+DEFAULT_CHUNK = 512
+
+
+@dataclass
+class ForwardInfo:
+    positions: torch.Tensor  # [B, q] true positions of this forward's tokens
+    real: torch.Tensor  # [B, q] bool, False for padding
+
+
+_ACTIVE: list = []  # caches whose forward is running (a stack: a forward inside a forward is allowed)
+
+
+class BudgetedCache(Cache):
+    """A KV cache with a hard per-layer budget and a pluggable eviction policy.
+
+    Args:
+        model: the causal LM the cache will serve (its config gives the shapes; its decoder gets kvscope's hooks).
+        policy: a name from `kvscope.policies.available()` or a `Policy` instance.
+        budget_tokens: tokens each layer keeps per sequence. Exactly one of this and `budget_bytes`.
+        budget_bytes: bytes for the kept tokens of every layer and sequence together, split evenly across layers.
+        kv_dtype: storage format (`bf16`, `fp16`, `fp32`, `fp8`, `int8`, `int4`); None keeps the model's dtype.
+        chunk_size: the most tokens inserted before an eviction; storage is budget + chunk_size slots per row.
+        collector: optional callable receiving an `EvictionEvent` per layer and eviction step.
+        **knobs: the policy's knobs (e.g. `sink_tokens=4` for streaming_llm).
+    """
+
+    def __init__(self, model, policy="lru", *, budget_tokens: int | None = None, budget_bytes: int | None = None,
+                 kv_dtype: str | None = None, chunk_size: int = DEFAULT_CHUNK, collector: Collector | None = None,
+                 **knobs):
+        self.num_layers, self.query_heads, self.kv_heads, self.head_dim = _compat.attention_heads(model)
+        self.policy = get(policy, **knobs)
+        self.kv_dtype = kv_format(kv_dtype).name if kv_dtype is not None else None
+        _check_int("chunk_size", chunk_size, "chunk_size")
+        self.chunk_size = chunk_size
+        self.collector = collector
+        self.budget_bytes = None
+        if (budget_tokens is None) == (budget_bytes is None):
+            raise usage("give exactly one of budget_tokens and budget_bytes", fix="--budget")
+        if budget_tokens is not None:
+            _check_int("budget_tokens", budget_tokens, "--budget")
+            self.budget_tokens = budget_tokens
+        else:
+            _check_int("budget_bytes", budget_bytes, "--budget")
+            self.budget_bytes = budget_bytes
+            self.budget_tokens = self.tokens_for_bytes(budget_bytes, batch=1)
+        self.policy.check_budget(self.budget_tokens)
+        self.forward_info: ForwardInfo | None = None
+        self.last_seen_attention = None
+        super().__init__(layers=[BudgetedLayer(self, i) for i in range(self.num_layers)])
+        _compat.register_attention(budgeted_attention)
+        _compat.install_forward_hooks(model, _before_forward, _after_forward)
+
+    # --- sizing ----------------------------------------------------------------------------------------------------
+    def bytes_per_token(self, dense_bytes: int = 2) -> int:
+        """Bytes one token costs in one layer (all KV heads), scales included: the planner's figure / layers."""
+        name = self.kv_dtype or {1: "fp8", 2: "bf16", 4: "fp32"}[dense_bytes]
+        return self.kv_heads * kv_format(name).bytes_per_head_token(self.head_dim, dense_bytes)
+
+    def tokens_for_bytes(self, budget_bytes: int, batch: int, dense_bytes: int = 2) -> int:
+        per_token = self.bytes_per_token(dense_bytes) * self.num_layers * batch
+        tokens = budget_bytes // per_token
+        if tokens < 1:
+            raise usage(f"a byte budget of {budget_bytes} bytes holds no token",
+                        expected=f"at least {per_token} bytes (one token in each of {self.num_layers} layers for "
+                        f"{batch} sequence(s))", fix="--budget")
+        return tokens
+
+    def make_store(self, batch, heads, slots, head_dim, compute_dtype, device):
+        return make_store(self.kv_dtype, batch, heads, slots, head_dim, compute_dtype, device)
+
+    def evicting_policies(self) -> list[str]:
+        return [p for p in available() if p != "full"]
+
+    # --- forward bracketing ----------------------------------------------------------------------------------------
+    def begin_forward(self, kwargs: dict, dtype: torch.dtype) -> None:
+        ids = kwargs.get("input_ids")
+        embeds = kwargs.get("inputs_embeds")
+        ref = ids if ids is not None else embeds
+        batch, q = ref.shape[0], ref.shape[1]
+        device = ref.device
+        if self.budget_bytes is not None and not self.layers[0].is_initialized:
+            dense = torch.tensor([], dtype=dtype).element_size()
+            self.budget_tokens = self.tokens_for_bytes(self.budget_bytes, batch, dense)
+            self.policy.check_budget(self.budget_tokens)
+        seen = self.get_seq_length()
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            positions = torch.arange(seen, seen + q, device=device)[None]
+        positions = positions.to(device).expand(batch, q)
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            real = torch.ones(batch, q, dtype=torch.bool, device=device)
+        elif mask.dim() == 2:
+            real = mask[:, -q:].to(device=device, dtype=torch.bool)
+        else:
+            raise usage("BudgetedCache builds its own attention mask and cannot take a 4-D attention_mask",
+                        expected="a 2-D padding mask [batch, tokens]", fix="attention_mask")
+        self.forward_info = ForwardInfo(positions=positions.long(), real=real)
+
+    # --- monitoring ------------------------------------------------------------------------------------------------
+    def stats(self) -> CacheStats:
+        return self._stats(reset=False)
+
+    def take_stats(self) -> CacheStats:
+        """Stats since the last take, then reset the eviction counters (stored tokens are a level, not reset)."""
+        return self._stats(reset=True)
+
+    def _stats(self, reset: bool) -> CacheStats:
+        return CacheStats(layers=[layer.stats(reset) for layer in self.layers], budget_tokens=self.budget_tokens,
+                          policy=self.policy.name, kv_dtype=self.kv_dtype or "model dtype",
+                          seen_tokens=self.get_seq_length())
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(layer.store.nbytes for layer in self.layers if layer.is_initialized)
+
+
+def _check_int(name: str, value, option: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise usage(f"{name} must be a whole number >= 1, got {value!r}", fix=option)
+
+
+def _before_forward(module, kwargs: dict) -> None:
+    cache = _compat.forward_cache_argument(kwargs)
+    if not isinstance(cache, BudgetedCache):
+        _ACTIVE.append(None)
+        return
+    dtype = next(module.parameters()).dtype
+    cache.begin_forward(kwargs, dtype)
+    cache.last_seen_attention = _compat.swap_attention_implementation(module, _compat.KVSCOPE_ATTENTION)
+    _ACTIVE.append(cache)
+
+
+def _after_forward(module) -> None:
+    cache = _ACTIVE.pop() if _ACTIVE else None
+    if cache is not None:
+        _compat.swap_attention_implementation(module, cache.last_seen_attention)
+        cache.forward_info = None
+        for layer in cache.layers:
+            layer.pending = None
+
+
+def budgeted_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """kvscope's attention function (registered with transformers' AttentionInterface)."""
+    cache = _ACTIVE[-1] if _ACTIVE else None
+    if cache is None:  # not inside a BudgetedCache forward: behave exactly like sdpa
+        return _compat.sdpa_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    out = cache.layers[_compat.layer_index(module)].attend(query, scale)
+    return out.transpose(1, 2).contiguous(), None
+
+
+__all__ = ["BudgetedCache", "grouped_attention"]

@@ -1,0 +1,223 @@
+"""One layer of a `BudgetedCache`: slot allocation, the layer's own attention mask, attention, scoring, eviction.
+
+Invariants (tests check them):
+- storage is allocated once at `capacity = budget + chunk` slots per (sequence, KV head) row and never grows;
+- after every chunk, each row holds at most `budget` valid tokens;
+- a key keeps the true RoPE position it was rotated with; queries use their true positions too, so after eviction
+  the model sees exactly the attention it would see with the evicted tokens masked out (no re-indexing);
+- a padding token is written (its own query must attend somewhere) but never becomes valid, so it is never kept.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvscope._compat import cache_base_classes
+from kvscope.cache.stats import EvictionEvent, LayerCounters, LayerStats
+from kvscope.errors import KvscopeError, usage
+from kvscope.policies.base import Observation, SlotState, select_evictions
+
+_, CacheLayerMixin = cache_base_classes()
+
+OBSERVE_BLOCK = 128  # query rows scored at once: bounds the [rows, slots] attention matrix policies ask for
+
+
+class CacheFullError(KvscopeError, ValueError):
+    """The `full` policy's budget was outgrown."""
+
+
+class BudgetedLayer(CacheLayerMixin):
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, owner, index: int):
+        self.owner, self.index = owner, index
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.seen = 0
+        self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    # --- transformers' per-layer API -------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        o = self.owner
+        batch, heads, _, head_dim = key_states.shape
+        self.device = key_states.device
+        self.capacity = o.budget_tokens + o.chunk_size
+        self.store = o.make_store(batch, heads, self.capacity, head_dim, key_states.dtype, self.device)
+        self.state = SlotState.empty(batch, heads, self.capacity, self.device)
+        self.counters = LayerCounters(self.device)
+        self.fill = 0  # slots [0, fill) have been written; while `contiguous`, new tokens go to [fill, fill + n)
+        self.contiguous = True
+        self.upper = 0  # host-side upper bound on tokens held by any row (no device sync needed to know it)
+        self.is_initialized = True
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        # Stash only: the attention function (kvscope's, installed for the forward) consumes them chunk by chunk.
+        if self.pending is not None:
+            raise KvscopeError(
+                f"layer {self.index}: keys were stored but never attended; BudgetedCache needs its own attention "
+                f"function, but the model used {self.owner.last_seen_attention!r}; pass the cache to generate() or "
+                "forward() as past_key_values and do not change attn_implementation during the run")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.pending = (key_states, value_states)
+        return key_states, value_states
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        # storage is rebuilt on the next update (batch size or device may differ)
+        self.is_initialized = False
+        self.store = self.state = None
+        self.seen, self.pending = 0, None
+
+    def reorder_cache(self, beam_idx):
+        raise usage("BudgetedCache does not support beam search", fix="num_beams=1")
+
+    # --- attention -------------------------------------------------------------------------------------------------
+    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention output [B, Hq, q, D] for this forward's queries; inserts and evicts chunk by chunk."""
+        if self.pending is None:
+            raise KvscopeError(f"layer {self.index}: attention ran before the cache received its keys")
+        keys, values = self.pending
+        self.pending = None
+        info = self.owner.forward_info
+        n = keys.shape[2]
+        step = self.owner.chunk_size
+        outs = [self._chunk(query[:, :, s:s + step], keys[:, :, s:s + step], values[:, :, s:s + step],
+                            info.positions[:, s:s + step], info.real[:, s:s + step], scaling)
+                for s in range(0, n, step)]
+        self.seen += n
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+
+    def _chunk(self, query, keys, values, positions, real, scaling):
+        st, policy = self.state, self.owner.policy
+        b, h, n, _ = keys.shape
+        slots, upto = self._take_slots(n)
+        mask = self._mask(slots, real, upto)
+        if self.contiguous:
+            self.store.write_range(self.fill - n, keys, values)
+        else:
+            self.store.write(slots, keys, values)
+        st.position.scatter_(-1, slots, positions[:, None, :].expand(b, h, n))
+        st.valid.scatter_(-1, slots, real[:, None, :].expand(b, h, n))
+        newest = torch.where(real, positions, -1).amax(-1)[:, None, None]
+        torch.maximum(st.newest, newest, out=st.newest)
+        policy.on_insert(st, slots, keys)
+        k, v = self.store.read(upto, query.dtype)
+        out = grouped_attention(query, k, v, mask, scaling)
+        rows = policy.query_rows()
+        if rows:
+            self._observe(query, k, mask, positions, rows if rows > 0 else n, scaling)
+        self.upper += n
+        if self.upper > self.owner.budget_tokens:
+            self._evict()
+        return out
+
+    def _take_slots(self, n: int) -> tuple[torch.Tensor, int]:
+        b, h = self.state.valid.shape[:2]
+        if self.contiguous and self.fill + n <= self.capacity:
+            slots = torch.arange(self.fill, self.fill + n, device=self.device).expand(b, h, n)
+            self.fill += n
+            return slots, self.fill
+        if self.contiguous:
+            self.contiguous = False
+        # free slots first, lowest index first; at least `chunk` are free because a row never keeps over `budget`
+        order = torch.argsort(self.state.valid.to(torch.int8), dim=-1, stable=True)
+        self.fill = self.capacity
+        return order[:, :, :n].contiguous(), self.capacity
+
+    def _mask(self, slots: torch.Tensor, real: torch.Tensor, upto: int) -> torch.Tensor:
+        """Bool [B, H, n, upto]: stored valid tokens, plus the new ones causally; a padding query sees only itself."""
+        b, h, n = slots.shape
+        mask = self.state.valid[:, :, None, :upto].expand(b, h, n, upto).clone()
+        causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
+        visible = (causal[None] & real[:, None, :]) | torch.eye(n, dtype=torch.bool, device=self.device)[None]
+        mask.scatter_(-1, slots[:, :, None, :].expand(b, h, n, n), visible[:, None].expand(b, h, n, n))
+        return mask
+
+    def _observe(self, query, keys, mask, positions, rows, scaling):
+        n = query.shape[2]
+        rows = min(rows, n)
+        for start in range(n - rows, n, OBSERVE_BLOCK):
+            end = min(start + OBSERVE_BLOCK, n)
+            w = attention_weights(query[:, :, start:end], keys, mask[:, :, start:end], scaling)
+            w = F.pad(w, (0, self.capacity - w.shape[-1]))
+            self.owner.policy.observe(self.state, Observation(w, positions[:, start:end]))
+
+    def _evict(self) -> None:
+        st, o = self.state, self.owner
+        if not o.policy.evicts:
+            held = int(st.valid.sum(-1).max())
+            if held > o.budget_tokens:
+                raise CacheFullError(
+                    f"layer {self.index}: the sequence needs {held} KV tokens but the budget is {o.budget_tokens} "
+                    f"(policy 'full' never evicts); expected a budget of at least the prompt plus new tokens; "
+                    f"change --budget or pick an evicting policy ({', '.join(o.evicting_policies())})")
+            self.upper = held
+            return
+        evict = select_evictions(o.policy.keep_scores(st, o.budget_tokens), st, o.budget_tokens)
+        self.counters.record(evict, st.position, st.newest)
+        if o.collector is not None:
+            self._emit(evict)
+        st.valid &= ~evict
+        self.upper = o.budget_tokens
+        self.contiguous = False
+
+    def _emit(self, evict: torch.Tensor) -> None:
+        positions = torch.unique(self.state.position[evict]).tolist()
+        self.owner.collector(EvictionEvent(layer=self.index, position=int(self.state.newest.max()),
+                                           evicted_entries=int(evict.sum()), evicted_positions=positions))
+
+    # --- monitoring ------------------------------------------------------------------------------------------------
+    def stats(self, reset: bool = False) -> LayerStats:
+        if not self.is_initialized:
+            return LayerStats(self.index, 0, 0, 0, 0, 0, 0, None, None, None)
+        held = self.state.valid.sum(-1)
+        stored, entries = torch.stack([held.max(), held.sum()]).tolist()
+        evicted, evictions, age_sum, pmin, pmax = self.counters.read()
+        if reset:
+            self.counters.reset()
+        heads = self.state.valid.shape[1]
+        return LayerStats(layer=self.index, stored_tokens=stored, stored_entries=entries,
+                          capacity_tokens=self.capacity, evicted_tokens=evicted // heads, evictions=evictions,
+                          bytes=self.store.nbytes, evicted_age_mean=(age_sum / evicted) if evicted else None,
+                          evicted_position_min=pmin if evicted else None, evicted_position_max=pmax if evicted else None)
+
+
+def _grouped(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[B, Hq, n, D] -> [B, Hkv, g*n, D]: the query heads sharing a KV head side by side (no KV repeat needed)."""
+    b, hq, n, d = query.shape
+    return query.reshape(b, kv_heads, (hq // kv_heads) * n, d)
+
+
+def _grouped_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
+    b, h, n, s = mask.shape
+    return mask[:, :, None].expand(b, h, group, n, s).reshape(b, h, group * n, s)
+
+
+def grouped_attention(query, keys, values, mask, scaling) -> torch.Tensor:
+    b, hq, n, d = query.shape
+    h = keys.shape[1]
+    out = F.scaled_dot_product_attention(_grouped(query, h), keys, values, attn_mask=_grouped_mask(mask, hq // h),
+                                         scale=scaling)
+    return out.reshape(b, hq, n, d)
+
+
+def attention_weights(query, keys, mask, scaling) -> torch.Tensor:
+    """Softmax attention [B, Hkv, n, S], averaged over the query heads of each KV head, computed in fp32."""
+    b, hq, n, _ = query.shape
+    h = keys.shape[1]
+    g = hq // h
+    logits = (_grouped(query, h).float() @ keys.float().transpose(-1, -2)) * scaling
+    logits = logits.masked_fill(~_grouped_mask(mask, g), float("-inf"))
+    return logits.softmax(-1).reshape(b, h, g, n, -1).mean(2)

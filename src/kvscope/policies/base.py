@@ -1,0 +1,113 @@
+"""What every eviction policy shares: the per-slot state it reads, the scoring contract and the eviction step.
+
+A policy never moves data. It gives every stored slot a keep-score ([batch, kv_heads, slots], higher = keep) and the
+cache evicts the lowest-scoring valid slots until each (sequence, KV head) row holds at most `budget` tokens. Ties are
+broken by true position, oldest first, so every policy is deterministic on equal scores.
+
+Time is measured in token positions, not in forward calls: "recent", "last used" and "age" all compare positions, so
+a policy behaves the same whether the prompt arrives in one chunk or many.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+from kvscope.errors import usage
+
+KEEP = float("inf")  # the score of a slot that must not be evicted
+
+
+@dataclass
+class SlotState:
+    """Per-layer, per-slot facts a policy may read ([batch, kv_heads, slots] each). `score` belongs to the policy."""
+
+    valid: torch.Tensor  # bool: the slot holds a real token
+    position: torch.Tensor  # long: the token's true (RoPE) position
+    score: torch.Tensor  # float32: the policy's running statistic (accumulated attention, last use...)
+    newest: torch.Tensor  # long [batch, kv_heads, 1]: the largest position stored so far in the row
+
+    @classmethod
+    def empty(cls, batch: int, heads: int, slots: int, device) -> SlotState:
+        return cls(valid=torch.zeros(batch, heads, slots, dtype=torch.bool, device=device),
+                   position=torch.zeros(batch, heads, slots, dtype=torch.long, device=device),
+                   score=torch.zeros(batch, heads, slots, dtype=torch.float32, device=device),
+                   newest=torch.full((batch, heads, 1), -1, dtype=torch.long, device=device))
+
+
+@dataclass
+class Observation:
+    """Attention that a policy asked for: `weights` [batch, kv_heads, queries, slots] (mean over the query heads of
+    each KV head, softmax over stored slots) and the true positions of those queries [batch, queries]."""
+
+    weights: torch.Tensor
+    query_position: torch.Tensor
+
+
+@dataclass
+class Policy:
+    """Base class. Subclasses set `name`, `attention` and override `keep_scores`, optionally `on_insert`/`observe`.
+
+    `attention` says which queries' attention the policy needs: "none", "last" (the newest query), "window" (the last
+    `window` queries) or "all". The cache computes only those rows, so cheap policies cost nothing extra.
+    """
+
+    name: ClassVar[str] = "base"
+    paper: ClassVar[str] = ""
+    attention: ClassVar[str] = "none"
+    evicts: ClassVar[bool] = True
+    seed: int = field(default=0, repr=False)
+
+    def min_budget(self) -> int:
+        """The smallest budget this policy can work with (its fixed part plus one)."""
+        return 1
+
+    def query_rows(self) -> int:
+        """How many of the newest queries' attention `observe` needs (0 = none, -1 = all)."""
+        return {"none": 0, "last": 1, "all": -1}.get(self.attention, getattr(self, "window", 1))
+
+    def on_insert(self, state: SlotState, slots: torch.Tensor, keys: torch.Tensor) -> None:
+        """Initialise `state.score` at newly written `slots` [B, H, N]; `keys` [B, H, N, D] are the new keys.
+        `state.position` is already set for them."""
+        state.score.scatter_(-1, slots, 0.0)
+
+    def observe(self, state: SlotState, obs: Observation) -> None:
+        """Update `state.score` from attention weights (only called when `attention != "none"`)."""
+
+    def keep_scores(self, state: SlotState, budget: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def check_budget(self, budget: int) -> None:
+        if budget < self.min_budget():
+            raise usage(f"budget of {budget} tokens is below the minimum of policy {self.name!r}",
+                        expected=f"at least {self.min_budget()} tokens ({self.describe_minimum()})",
+                        fix="--budget or the policy's knobs")
+
+    def describe_minimum(self) -> str:
+        return "one token"
+
+
+def recent_mask(state: SlotState, recent: int) -> torch.Tensor:
+    """Slots whose position is among the `recent` newest positions of their row."""
+    if recent <= 0:
+        return torch.zeros_like(state.valid)
+    return state.position > (state.newest - recent)
+
+
+def select_evictions(scores: torch.Tensor, state: SlotState, budget: int) -> torch.Tensor:
+    """Bool [B, H, S]: the valid slots to evict so that each row keeps at most `budget` tokens.
+
+    Lowest score goes first; equal scores go oldest-position first. Invalid slots are never selected.
+    """
+    count = state.valid.sum(-1, keepdim=True)
+    excess = (count - budget).clamp_min(0)
+    evict = torch.zeros_like(state.valid)
+    scores = scores.masked_fill(~state.valid, float("inf"))
+    # two stable sorts = lexicographic order by (score, position)
+    by_pos = torch.argsort(state.position, dim=-1, stable=True)
+    by_score = torch.argsort(scores.gather(-1, by_pos), dim=-1, stable=True)
+    order = by_pos.gather(-1, by_score)
+    rank = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
+    return evict.scatter(-1, order, rank < excess)

@@ -1,0 +1,38 @@
+"""`knorm`: keep the keys with the lowest L2 norm (low-norm keys draw high attention).
+
+Devoto et al. 2024, "A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression" (arXiv:2406.11430);
+kvpress calls it KnormPress. Needs no attention scores at all. The `recent` newest tokens are always kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvscope.policies._checks import non_negative_int
+from kvscope.policies.base import KEEP, Policy, SlotState, recent_mask
+from kvscope.policies.registry import register
+
+
+@register
+@dataclass
+class KNorm(Policy):
+    name = "knorm"
+    paper = "Devoto et al. 2024, A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression, arXiv:2406.11430"
+    recent: int = 0
+
+    def __post_init__(self):
+        non_negative_int(self.name, "recent", self.recent)
+
+    def min_budget(self) -> int:
+        return self.recent + 1
+
+    def describe_minimum(self) -> str:
+        return f"{self.recent} recent tokens + 1"
+
+    def on_insert(self, state: SlotState, slots: torch.Tensor, keys: torch.Tensor) -> None:
+        state.score.scatter_(-1, slots, -keys.float().norm(dim=-1))
+
+    def keep_scores(self, state: SlotState, budget: int) -> torch.Tensor:
+        return state.score.masked_fill(recent_mask(state, self.recent), KEEP)

@@ -1,0 +1,50 @@
+"""`lru`: least recently used, where "used" means attended.
+
+A token is used by a query when it receives attention weight above `threshold` or is among that query's `top_k`
+slots (mean attention over the query heads of its KV head). Its score is the position of the last query that used
+it (a new token counts as used on arrival); the least recently used tokens go first. This is the eviction strategy
+the seed articles name; the attention-based notion of "use" follows the recency heuristics of Zhang et al. 2023 (H2O)
+and is the one vLLM-style block LRU cannot express, since blocks there are evicted whole.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvscope.policies._checks import fraction, non_negative_int
+from kvscope.policies.base import Observation, Policy, SlotState
+from kvscope.policies.registry import register
+
+
+@register
+@dataclass
+class LRU(Policy):
+    name = "lru"
+    paper = "least-recently-used caching; 'use' = attention above a threshold or in the top-k of a step"
+    attention = "all"
+    threshold: float = 0.01
+    top_k: int = 8
+
+    def __post_init__(self):
+        fraction(self.name, "threshold", self.threshold)
+        non_negative_int(self.name, "top_k", self.top_k)
+
+    def on_insert(self, state: SlotState, slots: torch.Tensor, keys: torch.Tensor) -> None:
+        state.score.scatter_(-1, slots, state.position.gather(-1, slots).to(torch.float32))
+
+    def observe(self, state: SlotState, obs: Observation) -> None:
+        w = obs.weights  # [B, H, Q, S]
+        used = w > self.threshold
+        k = min(self.top_k, w.shape[-1])
+        if k:
+            top = w.topk(k, dim=-1).indices
+            used = used | torch.zeros_like(used).scatter(-1, top, True)
+        used = used & state.valid[:, :, None, :]
+        when = obs.query_position.to(torch.float32)[:, None, :, None]  # [B, 1, Q, 1]
+        last = torch.where(used, when, torch.tensor(-1.0, device=w.device)).amax(dim=2)
+        torch.maximum(state.score, last, out=state.score)
+
+    def keep_scores(self, state: SlotState, budget: int) -> torch.Tensor:
+        return state.score

@@ -1,0 +1,62 @@
+"""The policy registry: `available()`, `get(name, **knobs)`; one policy per module, registered at import."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from kvscope.errors import usage
+from kvscope.policies.base import Policy
+
+_REGISTRY: dict[str, type[Policy]] = {}
+
+
+def register(cls: type[Policy]) -> type[Policy]:
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def available() -> list[str]:
+    _load_all()
+    return list(_REGISTRY)
+
+
+def policy_class(name: str) -> type[Policy]:
+    _load_all()
+    if name not in _REGISTRY:
+        raise usage(f"unknown policy {name!r}", expected="one of " + ", ".join(_REGISTRY), fix="--policy")
+    return _REGISTRY[name]
+
+
+def knobs(name: str) -> dict[str, object]:
+    """The typed knobs of a policy and their defaults (what `get(name, **knobs)` accepts)."""
+    return {f.name: f.default for f in dataclasses.fields(policy_class(name)) if f.name != "seed"}
+
+
+def get(policy: str | Policy, **kwargs) -> Policy:
+    """A policy instance from a name and knobs, or the instance itself. Unknown knobs are a `UsageError`."""
+    if isinstance(policy, Policy):
+        if kwargs:
+            raise usage("knobs were given together with a policy instance", fix="pass a name or drop the knobs")
+        return policy
+    cls = policy_class(policy)
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(kwargs) - allowed)
+    if unknown:
+        raise usage(f"policy {policy!r} has no knob {', '.join(unknown)}",
+                    expected="one of " + (", ".join(sorted(allowed - {"seed"})) or "(no knobs)"))
+    return cls(**kwargs)
+
+
+def _load_all() -> None:
+    # Importing the modules registers them; the order here is the order `available()` lists.
+    from kvscope.policies import (  # noqa: F401
+        full,
+        h2o,
+        knorm,
+        lru,
+        random,
+        sliding_window,
+        snapkv,
+        streaming_llm,
+        tova,
+    )

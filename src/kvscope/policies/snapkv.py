@@ -1,0 +1,66 @@
+"""`snapkv`: keep what the last `window` queries attend to, pooled over neighbouring positions.
+
+Li et al. 2024, "SnapKV: LLM Knows What You are Looking for Before Generation" (arXiv:2404.14469). The observation
+window is the last `window` queries of each prefill chunk (for a one-chunk prompt: the end of the prompt, as in the
+paper); their attention is averaged over the window and smoothed with a 1-D pool of `kernel` positions, in position
+order. The window itself is always kept. The paper compresses once after prefill; under a hard budget we must also
+evict while decoding, so decode steps fold each new query's pooled attention into the score as a moving average over
+`window` steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvscope.policies._checks import positive_int
+from kvscope.policies.base import KEEP, Observation, Policy, SlotState, recent_mask
+from kvscope.policies.registry import register
+
+
+@register
+@dataclass
+class SnapKV(Policy):
+    name = "snapkv"
+    paper = "Li et al. 2024, SnapKV: LLM Knows What You are Looking for Before Generation, arXiv:2404.14469"
+    attention = "window"
+    window: int = 32
+    kernel: int = 7
+
+    def __post_init__(self):
+        positive_int(self.name, "window", self.window)
+        positive_int(self.name, "kernel", self.kernel)
+        if self.kernel % 2 == 0:
+            from kvscope.errors import usage
+
+            raise usage(f"policy 'snapkv': kernel must be odd (a centred pool), got {self.kernel}", fix="kernel")
+
+    def min_budget(self) -> int:
+        return self.window + 1
+
+    def describe_minimum(self) -> str:
+        return f"the {self.window}-token observation window + 1"
+
+    def observe(self, state: SlotState, obs: Observation) -> None:
+        pooled = pool_in_position_order(obs.weights.mean(dim=2), state, self.kernel)
+        if obs.weights.shape[2] > 1:
+            state.score.copy_(pooled)
+        else:
+            rate = 1.0 / self.window
+            state.score.mul_(1 - rate).add_(pooled, alpha=rate)
+
+    def keep_scores(self, state: SlotState, budget: int) -> torch.Tensor:
+        return state.score.masked_fill(recent_mask(state, self.window), KEEP)
+
+
+def pool_in_position_order(scores: torch.Tensor, state: SlotState, kernel: int) -> torch.Tensor:
+    """Average-pool [B, H, S] scores over neighbouring positions (slots are not stored in position order)."""
+    key = state.position.masked_fill(~state.valid, torch.iinfo(torch.long).max)
+    order = key.argsort(dim=-1)
+    ordered = scores.gather(-1, order)
+    b, h, s = ordered.shape
+    pooled = F.avg_pool1d(ordered.reshape(b * h, 1, s), kernel, stride=1, padding=kernel // 2,
+                          count_include_pad=False).reshape(b, h, s)
+    return torch.empty_like(scores).scatter(-1, order, pooled)
