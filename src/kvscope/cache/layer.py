@@ -191,7 +191,8 @@ class BudgetedLayer(CacheLayerMixin):
         return LayerStats(layer=self.index, stored_tokens=stored, stored_entries=entries,
                           capacity_tokens=self.capacity, evicted_tokens=evicted // heads, evictions=evictions,
                           bytes=self.store.nbytes, evicted_age_mean=(age_sum / evicted) if evicted else None,
-                          evicted_position_min=pmin if evicted else None, evicted_position_max=pmax if evicted else None)
+                          evicted_position_min=pmin if evicted else None,
+                          evicted_position_max=pmax if evicted else None)
 
 
 def _grouped(query: torch.Tensor, kv_heads: int) -> torch.Tensor:

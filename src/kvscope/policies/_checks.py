@@ -16,7 +16,8 @@ def positive_int(policy: str, knob: str, value) -> None:
 
 
 def fraction(policy: str, knob: str, value, *, closed: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (0 <= value <= 1 if closed else 0 <= value < 1)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = number and (0 <= value <= 1 if closed else 0 <= value < 1)
     if not ok:
         raise usage(f"policy {policy!r}: {knob} must be a fraction in [0, 1{']' if closed else ')'}, got {value!r}",
                     fix=knob)

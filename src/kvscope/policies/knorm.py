@@ -19,7 +19,8 @@ from kvscope.policies.registry import register
 @dataclass
 class KNorm(Policy):
     name = "knorm"
-    paper = "Devoto et al. 2024, A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression, arXiv:2406.11430"
+    paper = ("Devoto et al. 2024, A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression, "
+             "arXiv:2406.11430")
     recent: int = 0
 
     def __post_init__(self):
