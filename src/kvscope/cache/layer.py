@@ -44,7 +44,10 @@ class BudgetedLayer(CacheLayerMixin):
         o = self.owner
         batch, heads, _, head_dim = key_states.shape
         self.device = key_states.device
-        self.capacity = o.budget_tokens + o.chunk_size
+        # room for one chunk on top of the budget; a first forward shorter than a chunk (a short prompt) needs less,
+        # and a later, longer forward is then processed in pieces of `room` tokens
+        self.room = min(o.chunk_size, key_states.shape[2])
+        self.capacity = o.budget_tokens + self.room
         self.store = o.make_store(batch, heads, self.capacity, head_dim, key_states.dtype, self.device)
         self.state = SlotState.empty(batch, heads, self.capacity, self.device)
         self.counters = LayerCounters(self.device)
@@ -92,7 +95,7 @@ class BudgetedLayer(CacheLayerMixin):
         self.pending = None
         info = self.owner.forward_info
         n = keys.shape[2]
-        step = self.owner.chunk_size
+        step = self.room
         outs = [self._chunk(query[:, :, s:s + step], keys[:, :, s:s + step], values[:, :, s:s + step],
                             info.positions[:, s:s + step], info.real[:, s:s + step], scaling)
                 for s in range(0, n, step)]

@@ -14,7 +14,7 @@ import sys
 from kvscope import __version__
 from kvscope.errors import KvscopeError, UsageError
 
-COMMANDS = ("plan", "env")
+COMMANDS = ("plan", "run", "profile", "env")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse's own usage errors (exit 2) and --help/--version (exit 0)
+        return int(exc.code or 0)
     if not getattr(args, "_run", None):
         parser.print_help(sys.stderr)
         return 2

@@ -62,6 +62,7 @@ def load(ref: str, *, random_weights: bool = False, dtype: str | None = None, de
     """
     from kvscope import _compat
 
+    _compat.quiet_transformers()
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     if random_weights:

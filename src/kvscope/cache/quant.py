@@ -1,0 +1,356 @@
+"""Quantized slot stores for `BudgetedCache`: fp8, int8 and int4 (KIVI).
+
+Same contract as `DenseStore` (kvscope.cache.store): `write`/`write_range` put N new tokens per (sequence, KV head)
+row into slots, `read(upto, dtype)` returns dense keys and values of slots [0, upto), `nbytes` is exactly what was
+allocated and `tensors()` is every tensor the store owns (names are attribute names, so a swap can copy them out and
+back in place). The byte layout is the one `kvscope.kvformats` prices, to the byte:
+
+    nbytes == batch * heads * slots * kv_format(name).bytes_per_head_token(head_dim, dense)
+              + batch * heads * residual_tokens() * 2 * head_dim * dense      (dense: bytes of the compute dtype)
+
+Every store allocates once, in `__init__`. `read` is a handful of whole-tensor kernels (no loop over tokens): it
+dequantizes keys and values of [0, upto) together in one [2, B, H, upto, D] tensor and returns its two halves.
+
+- `fp8`: e4m3 elements, one fp16 absmax/448 scale per (token, head) for keys and one for values.
+- `int8`: per-token asymmetric codes 0..255, fp16 scale and zero point per (token, head) for keys and for values.
+- `int4`: see `Int4Store`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvscope.errors import usage
+from kvscope.kvformats import INT4_GROUP, INT4_RESIDUAL
+
+FP16_MAX = 65504.0
+FP8_MAX = 448.0  # largest finite float8 e4m3fn
+# smallest value range a scale may cover: keeps scales normal fp16 numbers (and never zero, so no 0/0)
+INT8_SPAN_MIN = 255 * 2.0**-14
+INT4_SPAN_MIN = 15 * 2.0**-14
+FP8_SCALE_MIN = 2.0**-14
+
+
+def quantized_store(name: str, batch: int, heads: int, slots: int, head_dim: int, compute_dtype: torch.dtype, device):
+    """The store of a quantized KV format ('fp8', 'int8' or 'int4')."""
+    cls = {"fp8": Fp8Store, "int8": Int8Store, "int4": Int4Store}[name]
+    return cls(batch, heads, slots, head_dim, compute_dtype, device)
+
+
+class _Store:
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the store owns, by attribute name (for swap and byte accounting)."""
+        return {name: getattr(self, name) for name in self.TENSORS}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors().values())
+
+
+# --- fp8 and int8: one quantization group per (token, head) ------------------------------------------------------
+
+
+class _PerTokenStore(_Store):
+    """Codes in `data` [2 (keys, values), B, H, slots, D], per-token parameters in `params` [2, B, H, slots, P]."""
+
+    TENSORS = ("data", "params")
+    CODE_DTYPE: torch.dtype
+    PARAMS: int  # fp16 parameters per (token, head): fp8 a scale, int8 a scale and a zero point
+
+    def __init__(self, batch, heads, slots, head_dim, compute_dtype, device):
+        self.data = torch.zeros(2, batch, heads, slots, head_dim, dtype=self.CODE_DTYPE, device=device)
+        self.params = torch.zeros(2, batch, heads, slots, self.PARAMS, dtype=torch.float16, device=device)
+        self.params[..., 0] = 1.0  # never-written slots read as finite zeros whatever the format
+
+    def write(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        codes, params = self.quantize(torch.stack((keys, values)).float())
+        index = slots[None, ..., None]
+        _bytes(self.data).scatter_(3, index.expand(codes.shape), _bytes(codes))
+        self.params.scatter_(3, index.expand(params.shape), params)
+
+    def write_range(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        codes, params = self.quantize(torch.stack((keys, values)).float())
+        n = codes.shape[3]
+        self.data[:, :, :, start:start + n].copy_(codes)
+        self.params[:, :, :, start:start + n].copy_(params)
+
+    def read(self, upto: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = self.dequantize(self.data[:, :, :, :upto], self.params[:, :, :, :upto], dtype)
+        return kv[0], kv[1]
+
+
+class Int8Store(_PerTokenStore):
+    """x ~ code * scale + zero, code = round((x - min) / scale) in 0..255, scale = (max - min) / 255 per token."""
+
+    CODE_DTYPE = torch.uint8
+    PARAMS = 2  # scale, zero point
+
+    @staticmethod
+    def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        lo, hi = torch.aminmax(x, dim=-1, keepdim=True)
+        scale = (hi - lo).clamp_min_(INT8_SPAN_MIN).div_(255)
+        params = torch.cat((scale, lo), -1).clamp_(-FP16_MAX, FP16_MAX).half()
+        # quantize with the stored (fp16-rounded) scale and zero, so codes and parameters agree
+        codes = (x - params[..., 1:]).div_(params[..., :1]).round_().clamp_(0, 255).to(torch.uint8)
+        return codes, params
+
+    @staticmethod
+    def dequantize(codes, params, dtype) -> torch.Tensor:
+        # one kernel: uint8 codes and fp16 parameters are promoted inside addcmul, written straight to `dtype`
+        out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+        return torch.addcmul(params[..., 1:], codes, params[..., :1], out=out)
+
+
+class Fp8Store(_PerTokenStore):
+    """x ~ e4m3(x / scale) * scale, scale = absmax / 448 per token."""
+
+    CODE_DTYPE = torch.float8_e4m3fn
+    PARAMS = 1  # scale
+
+    @staticmethod
+    def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = x.abs().amax(-1, keepdim=True).div_(FP8_MAX).clamp_(FP8_SCALE_MIN, FP16_MAX).half()
+        # the clamp matters: a cast to e4m3fn beyond +-448 is NaN on some backends (fp16 rounding of the scale)
+        codes = (x / scale).clamp_(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+        return codes, scale
+
+    @staticmethod
+    def dequantize(codes, params, dtype) -> torch.Tensor:
+        return codes.to(dtype).mul_(params)  # float8 has no mixed-type arithmetic: widen first
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    """The same memory as uint8 (scatter is not implemented for float8)."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+# --- int4 (KIVI) ---------------------------------------------------------------------------------------------------
+
+R = INT4_RESIDUAL
+EMPTY = -(R + 1.0)  # value-scale marker of a slot never written (see Int4Store)
+
+
+def check_int4_head_dim(head_dim: int) -> None:
+    if head_dim % INT4_GROUP:
+        raise usage(f"the int4 KV cache cannot pack head_dim {head_dim}: values are quantized per token in groups of "
+                    f"{INT4_GROUP} channels, two 4-bit codes per byte",
+                    expected=f"a head_dim that is a multiple of {INT4_GROUP}",
+                    fix="--kv-dtype to int8 (or fp8), which work with any head_dim")
+
+
+class Int4Store(_Store):
+    """KIVI (arXiv:2402.02750): 4-bit keys per channel, 4-bit values per token, a full-precision recent window.
+
+    Storage (allocated once; nbytes as priced by kvformats):
+    - `packed` uint8 [2, B, H, S, D/2]: key codes ([0]) and value codes ([1]), channels 2j and 2j+1 in the low and
+      high nibble of byte j; a value decodes as code * scale + zero.
+    - `key_params` fp16 [B, H, S // 64, 2, D]: (scale, zero) per key group of 64 slots [64g, 64g + 64) and channel.
+    - `tail_params` fp16 [B, H, S % 64, 2, D/64]: the last S % 64 slots do not fill a key group, so their keys are
+      quantized per token like values (same bytes per token: D/16).
+    - `value_params` fp16 [B, H, S, 2, D/64]: (scale, zero) per slot and group of 64 channels.
+    - `residual` [2, B, H, 128, D] in the compute dtype: a ring of the most recently written tokens, kept exact.
+
+    Slot state is encoded in the first value scale of each slot, `m = value_params[b, h, s, 0, 0]` (real scales
+    are >= 0, so negative numbers are free to use; all of them are exact in fp16):
+    - m >= 0: the slot's codes hold its token;
+    - m == -(1 + i): the slot's token is pending in ring entry i; its codes are stale and `read` takes the ring's;
+    - m == EMPTY: never written (excluded from key-group ranges; reads as finite garbage, masked out by the cache).
+    No slot -> ring index is stored: a slot written again while pending simply points at its new ring entry, and the
+    old entry, orphaned, is dropped when flushed. The ring position (`head`, `count`) is host-side and shared by all
+    rows, since every write puts the same number of tokens into every row.
+
+    Writes: new tokens go to the ring. When it would overflow, the oldest entries are flushed into the codes: at least
+    the overflow and at least half the ring at once, so decoding pays one flush every 64 tokens, not every token;
+    between 64 and 128 of the most recent tokens of each row are therefore exact. A write of more than 128 tokens
+    quantizes all but its last 128 directly.
+
+    Flushing into a key group, and slot reuse: a key group is quantized per channel over its 64 slots, and slots are
+    reused after eviction, so a group keeps receiving tokens long after it was first filled. A flush re-quantizes each
+    group it touches from the group's dequantized codes plus the new tokens: range = min/max per channel over the
+    slots holding a token (m >= 0, which includes evicted tokens not yet overwritten: the store cannot tell them
+    apart) and the flushed ones. Accuracy consequence: when that range is unchanged, re-quantization is exact (the
+    old codes come back); when it changes (a new token outside it, or an extreme token replaced), every other token of
+    the group is re-rounded to the new grid, adding at most half a new grid step of error each time. So error can
+    build up on long-lived tokens in groups that see many replacements, bounded by the number of range changes
+    (tests/cache/test_quant.py checks it stays within the int4 bound after many reuse rounds). Values are per token
+    and never re-quantized.
+    """
+
+    TENSORS = ("packed", "key_params", "tail_params", "value_params", "residual")
+
+    def __init__(self, batch, heads, slots, head_dim, compute_dtype, device):
+        check_int4_head_dim(head_dim)
+        b, h, s, d = batch, heads, slots, head_dim
+        self.groups, tail, cg = s // INT4_GROUP, s % INT4_GROUP, d // INT4_GROUP
+        self.packed = torch.zeros(2, b, h, s, d // 2, dtype=torch.uint8, device=device)
+        self.key_params = torch.zeros(b, h, self.groups, 2, d, dtype=torch.float16, device=device)
+        self.tail_params = torch.zeros(b, h, tail, 2, cg, dtype=torch.float16, device=device)
+        self.value_params = torch.zeros(b, h, s, 2, cg, dtype=torch.float16, device=device)
+        self.value_params[:, :, :, 0, 0] = EMPTY
+        self.residual = torch.zeros(2, b, h, R, d, dtype=compute_dtype, device=device)
+        self.head = 0  # ring entry the next token goes to
+        self.count = 0  # ring entries in use, the oldest being (head - count) % R (some may be orphaned)
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        _, b, h, s, half = self.packed.shape
+        return b, h, s, 2 * half
+
+    # --- reading ---------------------------------------------------------------------------------------------------
+    def read(self, upto: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = self._dequantize(self._decoded_slots(upto), dtype)[:, :, :, :upto]
+        m = self.value_params[:, :, :upto, 0, 0]
+        ring = self.residual.gather(3, _ring_index(m)[None, ..., None].expand(kv.shape))
+        kv = torch.where((m < 0)[None, ..., None], ring.to(dtype), kv)
+        return kv[0], kv[1]
+
+    def _decoded_slots(self, upto: int) -> int:
+        """Slots to decode for a read of [0, upto): whole key groups (their codes are viewed group by group)."""
+        full = self.groups * INT4_GROUP
+        return upto if upto >= full else -(-upto // INT4_GROUP) * INT4_GROUP
+
+    def _dequantize(self, n: int, dtype: torch.dtype) -> torch.Tensor:
+        """Keys and values of slots [0, n) as stored in the codes, [2, B, H, n, D] in `dtype` (ring not applied)."""
+        b, h, _, d = self.shape
+        g = min(n // INT4_GROUP, self.groups)
+        kg, cg = g * INT4_GROUP, d // INT4_GROUP
+        codes = F.embedding(self.packed[:, :, :, :n].int(), _nibbles(dtype, self.packed.device)).view(2, b, h, n, d)
+        out = torch.empty(2, b, h, n, d, dtype=dtype, device=codes.device)
+        if g:
+            kp = self.key_params[:, :, :g, :, None]  # [B, H, g, 2, 1, D]
+            torch.addcmul(kp[:, :, :, 1], codes[0, :, :, :kg].view(b, h, g, INT4_GROUP, d), kp[:, :, :, 0],
+                          out=out[0, :, :, :kg].view(b, h, g, INT4_GROUP, d))
+        if n > kg:
+            tp = self.tail_params[:, :, :n - kg, :, :, None]  # [B, H, t, 2, cg, 1]
+            torch.addcmul(tp[:, :, :, 1], codes[0, :, :, kg:].view(b, h, n - kg, cg, INT4_GROUP), tp[:, :, :, 0],
+                          out=out[0, :, :, kg:].view(b, h, n - kg, cg, INT4_GROUP))
+        vp = self.value_params[:, :, :n, :, :, None]  # [B, H, n, 2, cg, 1]
+        torch.addcmul(vp[:, :, :, 1], codes[1].view(b, h, n, cg, INT4_GROUP), vp[:, :, :, 0],
+                      out=out[1].view(b, h, n, cg, INT4_GROUP))
+        return out
+
+    # --- writing ---------------------------------------------------------------------------------------------------
+    def write_range(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        b, h, n, _ = keys.shape
+        self.write(torch.arange(start, start + n, device=keys.device).expand(b, h, n), keys, values)
+
+    def write(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        n = keys.shape[2]
+        kept = min(n, R)  # the last `kept` tokens go to the ring, the others are quantized at once
+        overflow = self.count + kept - R
+        if overflow > 0 or n > kept:
+            flush = min(self.count, max(overflow, R // 2)) if overflow > 0 else 0
+            d = n - kept
+            self._flush(flush, slots[..., :d], keys[:, :, :d], values[:, :, :d])
+        self._to_ring(slots[..., n - kept:], keys[:, :, n - kept:], values[:, :, n - kept:])
+
+    def _to_ring(self, slots, keys, values) -> None:
+        """Ring entries head, head + 1, ... (mod R) take the tokens; their slots are marked pending there."""
+        n = keys.shape[2]
+        first = min(n, R - self.head)
+        self.residual[0, :, :, self.head:self.head + first].copy_(keys[:, :, :first])
+        self.residual[1, :, :, self.head:self.head + first].copy_(values[:, :, :first])
+        if n > first:  # wrapped around
+            self.residual[0, :, :, :n - first].copy_(keys[:, :, first:])
+            self.residual[1, :, :, :n - first].copy_(values[:, :, first:])
+        markers = _ring_markers(self.value_params.device)[self.head:self.head + n]
+        self.value_params[:, :, :, 0, 0].scatter_(2, slots, markers.expand(slots.shape))
+        self.head = (self.head + n) % R
+        self.count += n
+
+    def _flush(self, flush: int, slots, keys, values) -> None:
+        """Quantize the `flush` oldest ring entries into their slots, and the given tokens into theirs.
+
+        Invariant kept: afterwards every touched slot has m >= 0 and its codes are its token's; every key group
+        holding a touched slot is re-quantized over the slots that hold a token; nothing else changes.
+        """
+        m = self.value_params[:, :, :, 0, 0].float()  # [B, H, S]
+        oldest = (self.head - self.count) % R
+        pending = (m < 0) & (m > EMPTY)
+        flushed = pending & (torch.remainder(-1 - m - oldest, R) < flush)  # ring age < flush
+        x = self._dequantize(self.shape[2], torch.float32)  # [2, B, H, S, D]
+        ring = self.residual.gather(3, _ring_index(m)[None, ..., None].expand(x.shape)).float()
+        x = torch.where(flushed[None, ..., None], ring, x)
+        touched = flushed
+        if keys.shape[2]:
+            x.scatter_(3, slots[None, ..., None].expand(2, *keys.shape), torch.stack((keys, values)).float())
+            touched = touched.scatter(2, slots, True)
+        holds = (m >= 0) | touched  # slots whose token counts for its key group's range
+        self._quantize_values(x[1], touched)
+        self._quantize_keys(x[0], touched, holds)
+        self.count -= flush
+
+    def _quantize_values(self, v: torch.Tensor, touched: torch.Tensor) -> None:
+        b, h, s, d = v.shape
+        codes, params = _int4(v.view(b, h, s, d // INT4_GROUP, INT4_GROUP), dim=-1)
+        _update(self.packed[1], _pack(codes.view(b, h, s, d)), touched[..., None])
+        _update(self.value_params, params.transpose(-1, -2), touched[..., None, None])  # -> [B, H, S, 2, cg]
+
+    def _quantize_keys(self, k: torch.Tensor, touched: torch.Tensor, holds: torch.Tensor) -> None:
+        b, h, s, d = k.shape
+        g, kg = self.groups, self.groups * INT4_GROUP
+        if g:
+            grouped = k[:, :, :kg].view(b, h, g, INT4_GROUP, d)
+            codes, params = _int4(grouped, dim=3, holds=holds[:, :, :kg].view(b, h, g, INT4_GROUP, 1))
+            regroup = touched[:, :, :kg].view(b, h, g, INT4_GROUP).any(-1)  # [B, H, g]
+            _update(self.key_params, params, regroup[..., None, None])  # params [B, H, g, 2, D]
+            in_regroup = regroup[..., None].expand(b, h, g, INT4_GROUP).reshape(b, h, kg, 1)
+            _update(self.packed[0, :, :, :kg], _pack(codes.view(b, h, kg, d)), in_regroup)
+        if s > kg:
+            tail = k[:, :, kg:]
+            codes, params = _int4(tail.reshape(b, h, s - kg, d // INT4_GROUP, INT4_GROUP), dim=-1)
+            _update(self.packed[0, :, :, kg:], _pack(codes.view(b, h, s - kg, d)), touched[:, :, kg:, None])
+            _update(self.tail_params, params.transpose(-1, -2), touched[:, :, kg:, None, None])
+
+
+def _int4(x: torch.Tensor, dim: int, holds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """4-bit asymmetric codes of fp32 `x` over `dim` (uint8, x's shape) and params (scale, zero) stacked at `dim`.
+
+    `holds` (broadcast to x) limits the range to some elements; the others are clamped into it.
+    """
+    if holds is None:
+        lo, hi = torch.aminmax(x, dim=dim, keepdim=True)
+    else:
+        lo = torch.where(holds, x, torch.inf).amin(dim, keepdim=True)
+        hi = torch.where(holds, x, -torch.inf).amax(dim, keepdim=True)
+    scale = (hi - lo).clamp_(INT4_SPAN_MIN, FP16_MAX).div_(15)  # a range with no element: garbage, never used
+    params = torch.cat((scale, lo), dim).clamp_(-FP16_MAX, FP16_MAX).half()
+    s, z = params.narrow(dim, 0, 1), params.narrow(dim, 1, 1)
+    codes = (x - z).div_(s).round_().clamp_(0, 15).to(torch.uint8)
+    return codes, params
+
+
+def _pack(codes: torch.Tensor) -> torch.Tensor:
+    """[..., D] codes 0..15 -> [..., D/2] bytes: channel 2j in the low nibble, 2j + 1 in the high one."""
+    return codes[..., 0::2] | (codes[..., 1::2] << 4)
+
+
+def _update(target: torch.Tensor, new: torch.Tensor, where: torch.Tensor) -> None:
+    target.copy_(torch.where(where, new, target))
+
+
+def _ring_index(m: torch.Tensor) -> torch.Tensor:
+    """Ring entry of each slot from its marker (clamped into range for the slots that are not pending)."""
+    return (-1 - m).clamp_(0, R - 1).long()
+
+
+_NIBBLES: dict = {}
+_MARKERS: dict = {}
+
+
+def _nibbles(dtype: torch.dtype, device) -> torch.Tensor:
+    """[256, 2] table: byte -> (low nibble, high nibble) in `dtype`; unpacking is then one embedding lookup."""
+    key = (dtype, str(device))
+    if key not in _NIBBLES:
+        b = torch.arange(256, device=device)
+        _NIBBLES[key] = torch.stack((b & 15, b >> 4), -1).to(dtype)
+    return _NIBBLES[key]
+
+
+def _ring_markers(device) -> torch.Tensor:
+    """fp16 [2R]: entry j is the marker of ring entry j % R, so [head, head + n) never needs a wrap."""
+    key = str(device)
+    if key not in _MARKERS:
+        _MARKERS[key] = (-1.0 - torch.arange(2 * R, device=device) % R).half()
+    return _MARKERS[key]

@@ -1,0 +1,43 @@
+"""Arguments and steps shared by the commands that load a model and run it."""
+
+from __future__ import annotations
+
+from kvscope.cli import output
+from kvscope.kvformats import DTYPE_BYTES, KV_FORMATS
+
+
+def add_model_arguments(p) -> None:
+    p.add_argument("model", metavar="MODEL",
+                   help="smollm2-135m (embedded), a local model directory, a .gguf file, or a catalogue name with "
+                   "--random-weights")
+    p.add_argument("--random-weights", action="store_true", help="catalogue shape with random weights")
+    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPE_BYTES), help="weights (default bf16 on GPU, fp32 on CPU)")
+
+
+def add_cache_arguments(p, *, default_policy: str = "lru") -> None:
+    from kvscope.policies import available
+
+    p.add_argument("--policy", default=default_policy, help="eviction policy: " + ", ".join(available()))
+    p.add_argument("--budget", type=int, default=None, help="KV tokens kept per layer and sequence")
+    p.add_argument("--kv-dtype", default=None, choices=list(KV_FORMATS), help="KV storage (default: model dtype)")
+    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk, tokens (default 512)")
+
+
+def load_model(args):
+    from kvscope.models import load
+
+    with output.status(f"loading {args.model}"):
+        return load(args.model, random_weights=args.random_weights, dtype=args.dtype, device=args.device)
+
+
+def check_policy_args(args) -> None:
+    """Validate policy and budget before the (slow) model load, so bad input fails fast."""
+    from kvscope.errors import require_positive
+    from kvscope.policies import get
+
+    policy = get(args.policy)
+    if args.budget is not None:
+        require_positive("--budget", args.budget, option="--budget")
+        policy.check_budget(args.budget)
+    require_positive("--chunk-size", args.chunk_size, option="--chunk-size")

@@ -1,0 +1,266 @@
+"""Profile one generation with torch.profiler: ranges per decoder layer and per phase (prefill, decode), memory and
+shapes recorded, NVTX ranges for Nsight Systems with --nvtx. Writes DIR/trace.json (open in https://ui.perfetto.dev or
+chrome://tracing) and DIR/tensorboard/ (`tensorboard --logdir DIR/tensorboard` with torch-tb-profiler installed), and
+prints the top operators by time and by memory, the time per decoder layer, and prefill vs decode."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from kvscope.cli import output
+from kvscope.errors import require_positive, usage
+from kvscope.kvformats import DTYPE_BYTES, KV_FORMATS
+from kvscope.planner.workload import DEFAULT_CHUNK, RUNTIMES
+
+HELP = "torch.profiler trace of a generation: per-layer and per-phase times, top operators, memory"
+DEFAULT_CONTEXT = 128
+
+
+def add_arguments(p) -> None:
+    import argparse
+
+    p.add_argument("model", metavar="MODEL", help="local model directory, .gguf file, smollm2-135m, or a catalogue "
+                   "name with --random-weights")
+    p.add_argument("--random-weights", action="store_true", help="random weights of MODEL's shape (no tokenizer: "
+                   "use --context)")
+    prompt = p.add_mutually_exclusive_group()
+    prompt.add_argument("--prompt", help="prompt text (needs a model with a tokenizer)")
+    prompt.add_argument("--prompt-file", metavar="FILE", help="read the prompt text from FILE")
+    prompt.add_argument("--context", type=int, help=f"N random token ids as the prompt (default {DEFAULT_CONTEXT} "
+                        "when no prompt is given)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per batch, each with the same prompt (default 1)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate; end-of-sequence does not stop "
+                   "early (default 16)")
+    p.add_argument("--runtime", default="hf", choices=RUNTIMES,
+                   help="hf: plain transformers generate() with its default cache (default); kvscope: chunked prefill "
+                   "into a BudgetedCache")
+    p.add_argument("--policy", help="eviction policy of the kvscope runtime's cache (default full)")
+    p.add_argument("--budget", type=int, help="KV budget in tokens per sequence, kvscope runtime (default: prompt + "
+                   "new tokens, so nothing is evicted)")
+    p.add_argument("--kv-dtype", choices=list(KV_FORMATS), help="KV storage of the kvscope runtime's cache")
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="prefill chunk, kvscope runtime "
+                   f"(default {DEFAULT_CHUNK})")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="where to run (default: cuda when available)")
+    p.add_argument("--dtype", choices=list(DTYPE_BYTES), help="weights and activations (default bf16 on cuda, fp32 "
+                   "on cpu)")
+    p.add_argument("--nvtx", action="store_true", help="also emit NVTX ranges, for `nsys profile -t cuda,nvtx` "
+                   "(CUDA only)")
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the workload briefly before profiling, so one-time start-up costs stay out (default on)")
+    p.add_argument("--top", type=int, default=15, help="operators in each top list (default 15)")
+    p.add_argument("--out", metavar="DIR", required=True, help="output directory for trace.json and tensorboard/")
+    output.add_format(p)
+
+
+def run(args) -> int:
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keeps kineto's start/stop lines off stderr (read when torch loads)
+    _check_numbers(args)
+    _check_runtime_options(args)
+    text = _prompt_text(args)
+    from kvscope.models.loader import load, resolve_device
+    from kvscope.profile.outputs import prepare_out_dir
+
+    prepare_out_dir(args.out)
+    device = resolve_device(args.device)
+    if args.nvtx and not device.startswith("cuda"):
+        raise usage("--nvtx marks ranges for Nsight Systems, which traces CUDA work, but this run is on the CPU"
+                    + ("" if args.device else " (CUDA is not available here)"), expected="--device cuda on a machine "
+                    "with a CUDA GPU", fix="--device cuda, or drop --nvtx")
+    if text is not None and args.random_weights:
+        raise _no_tokenizer(args)
+    if args.runtime == "kvscope":
+        _check_policy(args)
+    with output.status(f"loading {args.model}"):
+        model, tokenizer, spec = load(args.model, random_weights=args.random_weights, dtype=args.dtype, device=device)
+    ids = _input_ids(args, text, tokenizer, spec)
+    _check_positions(ids.shape[1], args.max_new_tokens, spec)
+    result = _profile(args, model, ids, spec)
+    output.emit(result.to_dict(), args.format, render)
+    return 0
+
+
+def _check_numbers(args) -> None:
+    for name, value, option in (("batch", args.batch, "--batch"), ("max new tokens", args.max_new_tokens,
+                                "--max-new-tokens"), ("chunk size", args.chunk_size, "--chunk-size"),
+                                ("top", args.top, "--top")):
+        require_positive(name, value, option=option)
+    if args.context is not None:
+        require_positive("context", args.context, option="--context")
+    if args.budget is not None:
+        require_positive("budget", args.budget, option="--budget")
+
+
+def _check_runtime_options(args) -> None:
+    given = [opt for opt, value in (("--policy", args.policy), ("--budget", args.budget),
+                                    ("--kv-dtype", args.kv_dtype)) if value is not None]
+    if args.runtime == "hf" and given:
+        verb = "configures" if len(given) == 1 else "configure"
+        raise usage(f"{', '.join(given)} {verb} kvscope's cache, but --runtime is hf (plain transformers "
+                    "generate() with its own cache)", expected="--runtime kvscope with these options",
+                    fix=f"--runtime kvscope, or drop {', '.join(given)}")
+
+
+def _prompt_text(args) -> str | None:
+    if args.prompt is not None:
+        text = args.prompt
+    elif args.prompt_file is not None:
+        text = _read_prompt_file(args.prompt_file)
+    else:
+        return None
+    if not text.strip():
+        where = f"the prompt file {args.prompt_file}" if args.prompt_file is not None else "--prompt"
+        raise usage(f"the prompt is empty ({where} holds no text)", expected="some text, or --context N for N random "
+                    "tokens", fix="--prompt" if args.prompt is not None else "--prompt-file")
+    return text
+
+
+def _read_prompt_file(name: str) -> str:
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise usage(f"prompt file not found: {path}", expected="a UTF-8 text file", fix="--prompt-file")
+    if path.is_dir():
+        raise usage(f"the prompt file {path} is a directory", expected="a UTF-8 text file", fix="--prompt-file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise usage(f"the prompt file {path} is not UTF-8 text", expected="a UTF-8 text file",
+                    fix="--prompt-file") from None
+    except OSError as exc:
+        raise usage(f"cannot read the prompt file {path}: {exc.strerror or exc}", fix="--prompt-file") from None
+
+
+def _check_policy(args) -> None:
+    """An unknown policy or a budget below its minimum fails now, not after loading the model."""
+    from kvscope.policies import get
+
+    policy = get(args.policy or "full")
+    if args.budget is not None:
+        policy.check_budget(args.budget)
+
+
+def _no_tokenizer(args):
+    option = "--prompt-file" if args.prompt_file is not None else "--prompt"
+    return usage(f"{args.model} has no tokenizer here (random weights, or none in its directory), so a text prompt "
+                 "cannot be encoded", expected="--context N for N random token ids", fix=f"{option} to --context N")
+
+
+def _input_ids(args, text: str | None, tokenizer, spec):
+    import torch
+
+    if text is not None:
+        if tokenizer is None:
+            raise _no_tokenizer(args)
+        ids = tokenizer(text, return_tensors="pt").input_ids
+        if ids.shape[1] == 0:
+            raise usage("the prompt is empty after tokenization", expected="text that encodes to at least one token",
+                        fix="--prompt or --prompt-file")
+        return ids.expand(args.batch, -1).contiguous()
+    length = args.context if args.context is not None else DEFAULT_CONTEXT
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, spec.vocab_size, (args.batch, length), generator=generator)
+
+
+def _check_positions(prompt: int, new: int, spec) -> None:
+    if prompt + new > spec.max_position_embeddings:
+        raise usage(f"prompt {prompt} + {new} new tokens = {prompt + new} positions, but {spec.name} supports "
+                    f"{spec.max_position_embeddings}", expected=f"at most {spec.max_position_embeddings} positions",
+                    fix="--context, --prompt or --max-new-tokens")
+
+
+def _cache_factory(args, model, ids):
+    if args.runtime == "hf":
+        return lambda: None
+    from kvscope.cache.budgeted import BudgetedCache
+
+    budget = args.budget or ids.shape[1] + args.max_new_tokens
+    return lambda: BudgetedCache(model, args.policy or "full", budget_tokens=budget, kv_dtype=args.kv_dtype,
+                                 chunk_size=args.chunk_size)
+
+
+def _run_name(args, spec, ids) -> str:
+    parts = [spec.name, args.runtime]
+    if args.runtime == "kvscope":
+        parts += [args.policy or "full", str(args.budget or ids.shape[1] + args.max_new_tokens)]
+        parts += [args.kv_dtype] if args.kv_dtype else []
+    return "_".join(parts)
+
+
+def _profile(args, model, ids, spec):
+    from kvscope.profile import profile_workload, warm_up
+
+    make_cache = _cache_factory(args, model, ids)
+    if args.warmup:
+        with output.status("warming up"):
+            warm_up(model, ids, make_cache(), chunk_size=args.chunk_size)
+    cache = make_cache()
+    with output.progress() as bar:
+        task = bar.add_task("prefill", total=ids.shape[1])
+
+        def on_phase(phase: str, done: int, total: int) -> None:
+            bar.update(task, description=phase, completed=done, total=total)
+
+        return profile_workload(model, ids, cache, max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
+                                out_dir=args.out, nvtx=args.nvtx, top=args.top, on_phase=on_phase,
+                                run_name=_run_name(args, spec, ids))
+
+
+def render(d: dict) -> None:
+    phases = d["phases"]
+    steps = d["new_tokens"] - 1
+    per_token = f"{1000 * phases['decode_seconds'] / steps:.2f} ms/token" if steps > 0 else "-"
+    title = (f"profile: runtime {d['runtime']} on {d['device']}, batch {d['batch']} x {d['prompt_tokens']} prompt + "
+             f"{d['new_tokens']} new, {d['num_layers']} layers")
+    rows = [
+        ("prefill", f"{phases['prefill_seconds']:.4f} s"),
+        ("decode", f"{phases['decode_seconds']:.4f} s  ({per_token}, profiler overhead included)"),
+        ("wall (profiled)", f"{d['wall_seconds']:.4f} s"),
+        ("Chrome trace", d["trace"]),
+        ("TensorBoard", f"tensorboard --logdir {d['tensorboard_dir']}  (needs torch-tb-profiler)"),
+    ]
+    if d["nvtx"]:
+        rows.append(("NVTX", "ranges kvscope/prefill, kvscope/decode, kvscope/layer_<i>: run under "
+                             "`nsys profile -t cuda,nvtx`"))
+    output.stdout.print(output.kv_table(title, rows))
+    output.stdout.print(_layer_table(d))
+    output.stdout.print(_ops_table("Top operators by self time", d["top_ops_time"], d))
+    output.stdout.print(_ops_table("Top operators by self memory (allocated and not freed by the operator itself)",
+                                   d["top_ops_memory"], d))
+
+
+def _layer_table(d: dict):
+    from rich.table import Table
+
+    device = d["layers"] and d["layers"][0].get("device_ms") is not None
+    t = Table(title="Time per decoder layer (range kvscope/layer_<i>)", title_justify="left")
+    cols = ["layer", "calls", "total ms", "prefill ms", "decode ms", "self ms"] + (["device ms"] if device else [])
+    for col in cols:
+        t.add_column(col, justify="right")
+    for r in d["layers"]:
+        cells = [r["layer"], r["calls"], r["total_ms"], r["prefill_ms"], r["decode_ms"], r["self_ms"]]
+        cells += [r["device_ms"]] if device else []
+        t.add_row(*(str(c) for c in cells))
+    return t
+
+
+def _ops_table(title: str, rows: list[dict], d: dict):
+    from rich.table import Table
+
+    device = d["device"].startswith("cuda")
+    t = Table(title=title, title_justify="left")
+    cols = ["operator", "calls", "self CPU ms", "CPU total ms", "self CPU mem"]
+    cols += ["self device ms", "device total ms", "self device mem"] if device else []
+    t.add_column(cols[0], overflow="fold")
+    for col in cols[1:]:
+        t.add_column(col, justify="right")
+    for r in rows:
+        cells = [r["name"], str(r["calls"]), str(r["self_cpu_ms"]), str(r["cpu_total_ms"]),
+                 _signed_bytes(r["self_cpu_memory_bytes"])]
+        if device:
+            cells += [str(r["self_device_ms"]), str(r["device_total_ms"]), _signed_bytes(r["self_device_memory_bytes"])]
+        t.add_row(*cells)
+    return t
+
+
+def _signed_bytes(n: int) -> str:
+    return ("-" if n < 0 else "") + output.gib(abs(n))
