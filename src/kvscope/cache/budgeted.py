@@ -20,6 +20,7 @@ import torch
 
 from kvscope import _compat
 from kvscope.cache.layer import BudgetedLayer, grouped_attention
+from kvscope.cache.offload import LayerOffloader, SwapReport, require_cuda_for_offload, swap
 from kvscope.cache.stats import CacheStats, Collector
 from kvscope.cache.store import make_store
 from kvscope.errors import usage
@@ -50,12 +51,14 @@ class BudgetedCache(Cache):
         kv_dtype: storage format (`bf16`, `fp16`, `fp32`, `fp8`, `int8`, `int4`); None keeps the model's dtype.
         chunk_size: the most tokens inserted before an eviction; storage is budget + chunk_size slots per row.
         collector: optional callable receiving an `EvictionEvent` per layer and eviction step.
+        offload: keep every layer's KV in pinned CPU memory and prefetch the next layer on a side CUDA stream, so
+            at most two layers' KV are on the GPU (CUDA only; see kvscope.cache.offload).
         **knobs: the policy's knobs (e.g. `sink_tokens=4` for streaming_llm).
     """
 
     def __init__(self, model, policy="lru", *, budget_tokens: int | None = None, budget_bytes: int | None = None,
                  kv_dtype: str | None = None, chunk_size: int = DEFAULT_CHUNK, collector: Collector | None = None,
-                 **knobs):
+                 offload: bool = False, **knobs):
         self.num_layers, self.query_heads, self.kv_heads, self.head_dim = _compat.attention_heads(model)
         self.policy = get(policy, **knobs)
         self.kv_dtype = kv_format(kv_dtype).name if kv_dtype is not None else None
@@ -73,6 +76,14 @@ class BudgetedCache(Cache):
             self.budget_bytes = budget_bytes
             self.budget_tokens = self.tokens_for_bytes(budget_bytes, batch=1)
         self.policy.check_budget(self.budget_tokens)
+        self.home_device = next(model.parameters()).device
+        self.offloader = None
+        if offload:
+            require_cuda_for_offload(self.home_device)
+            if self.kv_dtype == "int4":
+                raise usage("offload of an int4 cache is not supported (its residual window is rewritten every step)",
+                            expected="--kv-dtype bf16, fp16, fp32, fp8 or int8 with --offload", fix="--kv-dtype")
+            self.offloader = LayerOffloader(self.num_layers)
         self.forward_info: ForwardInfo | None = None
         self.last_seen_attention = None
         super().__init__(layers=[BudgetedLayer(self, i) for i in range(self.num_layers)])
@@ -138,6 +149,22 @@ class BudgetedCache(Cache):
         return CacheStats(layers=[layer.stats(reset) for layer in self.layers], budget_tokens=self.budget_tokens,
                           policy=self.policy.name, kv_dtype=self.kv_dtype or "model dtype",
                           seen_tokens=self.get_seq_length())
+
+    def swap_out(self) -> SwapReport:
+        """Move the whole cache (storage and slot state) to pinned CPU memory; a no-op without CUDA."""
+        return swap(self, "out")
+
+    def swap_in(self) -> SwapReport:
+        """Bring a swapped-out cache back to the model's device, bit-exactly."""
+        return swap(self, "in")
+
+    @property
+    def gpu_resident_bytes(self) -> int:
+        """KV bytes held on the GPU: everything, or the two staging buffers when offloading."""
+        if self.offloader is not None:
+            return self.offloader.bytes_resident()
+        return sum(layer.store.nbytes for layer in self.layers
+                   if layer.is_initialized and layer.device.type == "cuda")
 
     @property
     def allocated_bytes(self) -> int:

@@ -49,6 +49,8 @@ class BudgetedLayer(CacheLayerMixin):
         self.room = min(o.chunk_size, key_states.shape[2])
         self.capacity = o.budget_tokens + self.room
         self.store = o.make_store(batch, heads, self.capacity, head_dim, key_states.dtype, self.device)
+        if o.offloader is not None:
+            o.offloader.adopt(self.index, self.store)
         self.state = SlotState.empty(batch, heads, self.capacity, self.device)
         self.counters = LayerCounters(self.device)
         self.fill = 0  # slots [0, fill) have been written; while `contiguous`, new tokens go to [fill, fill + n)
@@ -96,9 +98,15 @@ class BudgetedLayer(CacheLayerMixin):
         info = self.owner.forward_info
         n = keys.shape[2]
         step = self.room
+        offloader = self.owner.offloader
+        if offloader is not None:
+            offloader.activate(self.index, self.store)
+        self.written = []  # (start, end) spans or scattered slot tensors, for the offload write-back
         outs = [self._chunk(query[:, :, s:s + step], keys[:, :, s:s + step], values[:, :, s:s + step],
                             info.positions[:, s:s + step], info.real[:, s:s + step], scaling)
                 for s in range(0, n, step)]
+        if offloader is not None:
+            offloader.write_back(self.index, self.store, self.written)
         self.seen += n
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
@@ -109,8 +117,10 @@ class BudgetedLayer(CacheLayerMixin):
         mask = self._mask(slots, real, upto)
         if self.contiguous:
             self.store.write_range(self.fill - n, keys, values)
+            self.written.append((self.fill - n, self.fill))
         else:
             self.store.write(slots, keys, values)
+            self.written.append(slots)
         st.position.scatter_(-1, slots, positions[:, None, :].expand(b, h, n))
         st.valid.scatter_(-1, slots, real[:, None, :].expand(b, h, n))
         newest = torch.where(real, positions, -1).amax(-1)[:, None, None]

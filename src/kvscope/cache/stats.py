@@ -82,6 +82,13 @@ class LayerCounters:
         torch.minimum(self.pos_min, torch.where(evict, position, big).min(), out=self.pos_min)
         torch.maximum(self.pos_max, torch.where(evict, position, small).max(), out=self.pos_max)
 
+    def moved_to(self, device) -> LayerCounters:
+        moved = LayerCounters.__new__(LayerCounters)
+        moved.device = device
+        for name in ("evicted", "evictions", "age_sum", "pos_min", "pos_max"):
+            setattr(moved, name, getattr(self, name).to(device))
+        return moved
+
     def read(self) -> tuple[int, int, int, int, int]:
         values = torch.stack([self.evicted, self.evictions, self.age_sum, self.pos_min, self.pos_max]).tolist()
         return tuple(values)

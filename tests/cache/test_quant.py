@@ -1,0 +1,289 @@
+"""Quantized KV stores (fp8, int8, int4): exact bytes, reconstruction error, slot reuse, swap, and the cache on top."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvscope import _compat, policies
+from kvscope.cache import BudgetedCache
+from kvscope.cache.quant import Int4Store
+from kvscope.cache.store import make_store
+from kvscope.errors import UsageError
+from kvscope.kvformats import DTYPE_BYTES, INT4_RESIDUAL, kv_format
+from kvscope.models.spec import ModelSpec
+from kvscope.runtime import generate
+from tests.conftest import TINY, build_tiny
+
+QUANTIZED = ["fp8", "int8", "int4"]
+# relative reconstruction error ||x_hat - x|| / ||x|| on standard normal data, quantized tokens only
+BOUND = {"int8": 0.01, "fp8": 0.04, "int4": 0.15}
+# a tiny Llama int4 can pack: head_dim 64
+TINY64 = dict(TINY, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64, intermediate_size=256)
+
+
+def normal(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def rel(a, b) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def fixed_bytes(name, batch, heads, head_dim, dense):
+    return batch * heads * kv_format(name).residual_tokens() * 2 * head_dim * dense
+
+
+# --- bytes ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+@pytest.mark.parametrize("slots", [12, 64, 150, 576])
+@pytest.mark.parametrize("head_dim,dtype", [(64, torch.float32), (128, torch.bfloat16)])
+def test_bytes_match_the_format(name, slots, head_dim, dtype):
+    b, h = 2, 3
+    dense = torch.tensor([], dtype=dtype).element_size()
+    store = make_store(name, b, h, slots, head_dim, dtype, "cpu")
+    per_token = kv_format(name).bytes_per_head_token(head_dim, dense)
+    assert store.nbytes == b * h * slots * per_token + fixed_bytes(name, b, h, head_dim, dense)
+    assert store.nbytes == sum(t.nbytes for t in store.tensors().values())
+
+
+@pytest.mark.parametrize("head_dim", [16, 33, 80])
+def test_int4_refuses_a_head_dim_it_cannot_pack(head_dim):
+    with pytest.raises(UsageError, match=r"head_dim.*--kv-dtype to int8"):
+        make_store("int4", 1, 1, 64, head_dim, torch.float32, "cpu")
+
+
+def test_int4_refusal_reaches_the_cache_user():
+    cache = BudgetedCache(build_tiny(), "lru", budget_tokens=16, kv_dtype="int4")  # head_dim 16
+    with pytest.raises(UsageError, match="int8"):
+        generate(build_tiny(), torch.ones(1, 4, dtype=torch.long), cache, max_new_tokens=1)
+
+
+# --- reconstruction ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_contiguous_round_trip_error(name):
+    b, h, n, d = 2, 2, 448, 64
+    k, v = normal(b, h, n, d, seed=1), normal(b, h, n, d, seed=2)
+    store = make_store(name, b, h, n, d, torch.float32, "cpu")
+    store.write_range(0, k, v)
+    rk, rv = store.read(n, torch.float32)
+    q = n - kv_format(name).residual_tokens()  # int4: the newest 128 tokens are still exact
+    assert rel(rk[:, :, :q], k[:, :, :q]) < BOUND[name] and rel(rv[:, :, :q], v[:, :, :q]) < BOUND[name]
+    assert torch.equal(rk[:, :, q:], k[:, :, q:]) and torch.equal(rv[:, :, q:], v[:, :, q:])
+
+
+def test_int4_error_is_kivi_like():
+    """Keys per channel: a channel with a large offset (typical of keys) costs no more than any other."""
+    b, h, n, d = 1, 2, 512, 64
+    k = normal(b, h, n, d, seed=3)
+    k[..., 5] += 20.0  # outlier channel
+    store = make_store("int4", b, h, n, d, torch.float32, "cpu")
+    store.write_range(0, k, normal(b, h, n, d, seed=4))
+    rk, _ = store.read(n, torch.float32)
+    q = n - INT4_RESIDUAL
+    assert rel(rk[:, :, :q, 6:], k[:, :, :q, 6:]) < 0.13
+    assert (rk[:, :, :q, 5] - k[:, :, :q, 5]).abs().max() < 0.6  # half a step of a ~6.5-wide channel range
+
+
+class Emulated:
+    """Drives a store the way a BudgetedLayer does (free slots taken lowest first, random evictions) and keeps the
+    exact keys and values of every slot's latest token next to it."""
+
+    def __init__(self, name, b=2, h=2, slots=150, d=64, dtype=torch.float32, seed=0):
+        self.store = make_store(name, b, h, slots, d, dtype, "cpu")
+        self.ref = torch.zeros(2, b, h, slots, d, dtype=dtype)
+        self.written = torch.zeros(b, h, slots, dtype=torch.bool)
+        self.valid = torch.zeros(b, h, slots, dtype=torch.bool)
+        self.when = torch.full((b, h, slots), -1)  # index of the write that put each slot's latest token there
+        self.writes = 0
+        self.g = torch.Generator().manual_seed(seed)
+        self.shape, self.fill = (b, h, slots, d), 0
+
+    def step(self, n, budget):
+        b, h, s, d = self.shape
+        k = torch.randn(b, h, n, d, generator=self.g).to(self.ref.dtype)
+        v = torch.randn(b, h, n, d, generator=self.g).to(self.ref.dtype)
+        if self.fill + n <= s:  # the layer's contiguous phase
+            slots = torch.arange(self.fill, self.fill + n).expand(b, h, n)
+            self.store.write_range(self.fill, k, v)
+            self.fill += n
+        else:  # per-row free slots, so a row writes where other rows do not
+            slots = torch.argsort(self.valid.to(torch.int8), dim=-1, stable=True)[..., :n].contiguous()
+            self.store.write(slots, k, v)
+            self.fill = s
+        idx = slots[None, ..., None].expand(2, b, h, n, d)
+        self.ref.scatter_(3, idx, torch.stack((k, v)))
+        self.written.scatter_(2, slots, True)
+        self.valid.scatter_(2, slots, True)
+        self.when.scatter_(2, slots, self.writes + torch.arange(n).expand(b, h, n))
+        self.writes += n
+        self._evict(budget)
+
+    def _evict(self, budget):
+        keep = torch.rand(self.valid.shape, generator=self.g).masked_fill(~self.valid, -1)
+        kept = keep.topk(budget, dim=-1).indices
+        self.valid = torch.zeros_like(self.valid).scatter_(2, kept, True) & self.valid
+
+    def error(self) -> float:
+        kv = torch.stack(self.store.read(self.shape[2], torch.float32))
+        w = self.written[None, ..., None].expand_as(kv)
+        return rel(kv[w], self.ref[w])
+
+
+@pytest.mark.parametrize("name,slots", [("fp8", 150), ("int8", 150), ("int4", 150), ("int4", 192)])
+def test_random_slots_and_reused_slots_round_trip(name, slots):
+    """Chunked prefill, then decode with evictions: every slot reads back its latest token, over many reuse rounds
+    (int4: ring overflows, flushes into key groups that already hold tokens, direct writes of long chunks)."""
+    em = Emulated(name, slots=slots)
+    budget = slots - 40
+    for n in (30, 200, 7, 33, 40):  # 200 > the int4 ring: quantized straight away
+        em.step(min(n, 40), budget)
+    for step in range(400):
+        em.step(1 if step % 50 else 37, budget)
+        if step % 100 == 0:
+            assert em.error() < BOUND[name], step
+    assert em.error() < BOUND[name]
+
+
+def test_int4_keeps_the_newest_tokens_exact():
+    em = Emulated("int4", slots=192)
+    for step in range(300):
+        em.step(1 if step > 3 else 40, budget=150)
+    kv = torch.stack(em.store.read(192, torch.float32))
+    newest = em.when >= em.writes - INT4_RESIDUAL // 2  # the ring holds 64 to 128 of the newest tokens
+    assert torch.equal(kv[:, newest], em.ref[:, newest])
+    assert rel(kv[:, ~newest & em.written], em.ref[:, ~newest & em.written]) > 0.01
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_read_of_a_prefix_is_the_prefix_of_a_full_read(name):
+    em = Emulated(name, slots=150)
+    for _ in range(10):
+        em.step(20, budget=100)
+    full = em.store.read(150, torch.float32)
+    for upto in (1, 63, 64, 65, 128, 149, 150):
+        part = em.store.read(upto, torch.float32)
+        assert all(torch.equal(p, f[:, :, :upto]) for p, f in zip(part, full))
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_read_dtype(name):
+    em = Emulated(name, slots=150, dtype=torch.bfloat16)
+    em.step(40, budget=100)
+    k, v = em.store.read(40, torch.bfloat16)
+    assert k.dtype == v.dtype == torch.bfloat16 and k.shape == (2, 2, 40, 64)
+    assert torch.isfinite(k).all() and rel(k, em.ref[0, :, :, :40]) < BOUND[name]
+
+
+@pytest.mark.parametrize("name", QUANTIZED)
+def test_swap_round_trip_is_bit_exact(name):
+    """Copy every tensor out to the CPU, wreck the store, copy back: it reads and evolves exactly like a twin."""
+    a, b = Emulated(name, seed=5), Emulated(name, seed=5)
+    for em in (a, b):
+        for n in (40, 40, 40, 1, 1, 37):
+            em.step(n, budget=100)
+    saved = {k: t.to("cpu", copy=True) for k, t in a.store.tensors().items()}
+    for t in a.store.tensors().values():
+        t.view(torch.uint8).fill_(0x7B)
+    for k, t in a.store.tensors().items():
+        t.copy_(saved[k])
+    for em in (a, b):
+        for n in (1, 1, 40, 1):
+            em.step(n, budget=100)
+    assert all(torch.equal(x, y) for x, y in zip(a.store.read(150, torch.float32), b.store.read(150, torch.float32)))
+
+
+def test_int4_tensors_are_everything():
+    store = Int4Store(1, 1, 150, 64, torch.float32, "cpu")
+    owned = {id(t) for t in store.tensors().values()}
+    assert all(id(v) in owned for v in vars(store).values() if isinstance(v, torch.Tensor))
+
+
+# --- the cache on top ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny64():
+    return build_tiny(TINY64)
+
+
+def prompt(batch=2, length=40, pad=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 256, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :pad] = 0
+    ids[0, :pad] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("kv_dtype", QUANTIZED)
+@pytest.mark.parametrize("policy", policies.available())
+def test_every_policy_runs_on_every_quantized_format(tiny64, policy, kv_dtype):
+    p = policies.get(policy)
+    ids, mask = prompt(length=30)
+    budget = 40 if policy == "full" else max(12, p.min_budget())
+    cache = BudgetedCache(tiny64, p, budget_tokens=budget, kv_dtype=kv_dtype, chunk_size=8)
+    out = generate(tiny64, ids, cache, attention_mask=mask, max_new_tokens=6, chunk_size=16, keep_first_logits=True)
+    assert out.sequences.shape == (2, 6) and torch.isfinite(out.first_token_logits).all()
+    stats = cache.stats()
+    assert stats.stored_tokens <= budget and stats.kv_dtype == kv_dtype
+    assert (stats.evicted_tokens > 0) == (policy != "full")
+
+
+def teacher_forced_logits(model, ids, cache=None, prefill=150, chunk=None):
+    """Logits of every position: a prefill forward, then one token per forward (decode-shaped writes)."""
+    kw = {_compat.cache_keyword(model): cache} if cache is not None else {}
+    with torch.inference_mode():
+        if cache is None:
+            return model(input_ids=ids).logits
+        out = [model(input_ids=ids[:, :prefill], use_cache=True, **kw).logits]
+        for i in range(prefill, ids.shape[1]):
+            out.append(model(input_ids=ids[:, i:i + 1], use_cache=True, **kw).logits)
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("kv_dtype,bound,chunk", [("bf16", 0.005, 512), ("int8", 0.012, 512), ("fp8", 0.05, 37),
+                                                  ("int4", 0.2, 37), ("int4", 0.2, 512)])
+def test_logits_stay_close_to_fp32_when_nothing_is_evicted(tiny64, kv_dtype, bound, chunk):
+    """Past the int4 ring: prompt 150 (chunk 512: 22 tokens quantized at once; chunk 37: ring overflow), then 40
+    decode steps (ring flushes into partly filled key groups)."""
+    ids, _ = prompt(batch=2, length=190, pad=0, seed=3)
+    ref = teacher_forced_logits(tiny64, ids)
+    cache = BudgetedCache(tiny64, "full", budget_tokens=256, kv_dtype=kv_dtype, chunk_size=chunk)
+    got = teacher_forced_logits(tiny64, ids, cache)
+    err = (got - ref).norm(dim=-1) / ref.norm(dim=-1)  # per position
+    assert err.max() < bound and err.mean() < bound / 2
+    assert cache.stats().evicted_tokens == 0
+
+
+def test_a_byte_budget_holds_more_tokens_with_int4(tiny64):
+    budget = 2**20
+    tokens = {dt: BudgetedCache(tiny64, "lru", budget_bytes=budget, kv_dtype=dt).budget_tokens
+              for dt in ("bf16", "fp8", "int8", "int4")}
+    assert tokens["int4"] > 3 * tokens["bf16"]
+    assert tokens["bf16"] < tokens["int8"] < tokens["int4"] and tokens["fp8"] > tokens["int8"]
+
+
+# --- the planner agrees --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kv_dtype", QUANTIZED + ["bf16"])
+def test_planner_prices_what_the_cache_allocates(tiny64, kv_dtype):
+    spec = ModelSpec.from_catalogue("llama-3-8b")
+    per_head = kv_format(kv_dtype).bytes_per_head_token(spec.head_dim, DTYPE_BYTES.get(kv_dtype, 2))
+    assert spec.kv_bytes_per_token(kv_dtype, tp=1) == spec.num_layers * spec.num_kv_heads * per_head
+
+    batch, budget, chunk = 2, 40, 24  # capacity 64: a whole int4 key group
+    ids, mask = prompt(batch, length=30)
+    cache = BudgetedCache(tiny64, "lru", budget_tokens=budget, kv_dtype=kv_dtype, chunk_size=chunk)
+    generate(tiny64, ids, cache, attention_mask=mask, max_new_tokens=3)
+    tiny_spec = ModelSpec.from_hf_config(TINY64)
+    capacity = budget + chunk
+    expected = tiny_spec.num_layers * batch * capacity * cache.bytes_per_token(4)
+    expected += batch * tiny_spec.kv_fixed_bytes(kv_dtype, "fp32")  # the int4 window, in the model's fp32
+    assert cache.allocated_bytes == expected
+    assert cache.bytes_per_token(4) * tiny_spec.num_layers == tiny_spec.kv_bytes_per_token(kv_dtype)
