@@ -182,3 +182,31 @@ def cache_keyword(model) -> str:
 
 def logits_of(output) -> torch.Tensor:
     return output.logits
+
+
+def dynamic_cache(model):
+    """The default cache of plain `generate()`, created here so the caller can measure it after an OOM."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def dynamic_cache_tensors(cache) -> list[tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """(keys, values) per layer of a DynamicCache (None where a layer holds nothing yet)."""
+    return [(getattr(layer, "keys", None), getattr(layer, "values", None)) for layer in getattr(cache, "layers", [])]
+
+
+def step_callback_processor(callback):
+    """A LogitsProcessor that calls `callback(step)` at every decode step of `generate()` and changes nothing."""
+    from transformers import LogitsProcessor
+
+    class _Marker(LogitsProcessor):
+        def __init__(self):
+            self.step = 0
+
+        def __call__(self, input_ids, scores):
+            callback(self.step)
+            self.step += 1
+            return scores
+
+    return _Marker()

@@ -93,8 +93,9 @@ class Emulated:
     """Drives a store the way a BudgetedLayer does (free slots taken lowest first, random evictions) and keeps the
     exact keys and values of every slot's latest token next to it."""
 
-    def __init__(self, name, b=2, h=2, slots=150, d=64, dtype=torch.float32, seed=0):
-        self.store = make_store(name, b, h, slots, d, dtype, "cpu")
+    def __init__(self, name, b=2, h=2, slots=150, d=64, dtype=torch.float32, seed=0, device="cpu"):
+        self.store = make_store(name, b, h, slots, d, dtype, device)
+        self.device = device
         self.ref = torch.zeros(2, b, h, slots, d, dtype=dtype)
         self.written = torch.zeros(b, h, slots, dtype=torch.bool)
         self.valid = torch.zeros(b, h, slots, dtype=torch.bool)
@@ -109,11 +110,11 @@ class Emulated:
         v = torch.randn(b, h, n, d, generator=self.g).to(self.ref.dtype)
         if self.fill + n <= s:  # the layer's contiguous phase
             slots = torch.arange(self.fill, self.fill + n).expand(b, h, n)
-            self.store.write_range(self.fill, k, v)
+            self.store.write_range(self.fill, k.to(self.device), v.to(self.device))
             self.fill += n
         else:  # per-row free slots, so a row writes where other rows do not
             slots = torch.argsort(self.valid.to(torch.int8), dim=-1, stable=True)[..., :n].contiguous()
-            self.store.write(slots, k, v)
+            self.store.write(slots.to(self.device), k.to(self.device), v.to(self.device))
             self.fill = s
         idx = slots[None, ..., None].expand(2, b, h, n, d)
         self.ref.scatter_(3, idx, torch.stack((k, v)))
@@ -128,8 +129,11 @@ class Emulated:
         kept = keep.topk(budget, dim=-1).indices
         self.valid = torch.zeros_like(self.valid).scatter_(2, kept, True) & self.valid
 
+    def read(self) -> torch.Tensor:
+        return torch.stack(self.store.read(self.shape[2], torch.float32)).cpu()
+
     def error(self) -> float:
-        kv = torch.stack(self.store.read(self.shape[2], torch.float32))
+        kv = self.read()
         w = self.written[None, ..., None].expand_as(kv)
         return rel(kv[w], self.ref[w])
 
@@ -195,6 +199,18 @@ def test_swap_round_trip_is_bit_exact(name):
         for n in (1, 1, 40, 1):
             em.step(n, budget=100)
     assert all(torch.equal(x, y) for x, y in zip(a.store.read(150, torch.float32), b.store.read(150, torch.float32)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", QUANTIZED)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_store_agrees_with_cpu(name, dtype):
+    cpu, gpu = Emulated(name, seed=7, dtype=dtype), Emulated(name, seed=7, dtype=dtype, device="cuda")
+    for step in range(200):
+        for em in (cpu, gpu):
+            em.step(1 if step > 5 else 40, budget=100)
+    assert gpu.error() < BOUND[name]
+    torch.testing.assert_close(gpu.read(), cpu.read(), rtol=0.02, atol=0.02)
 
 
 def test_int4_tensors_are_everything():

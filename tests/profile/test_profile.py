@@ -42,10 +42,10 @@ def test_hf_generate_profile(model, tmp_path):
     r = profile_workload(model, prompt(), None, max_new_tokens=3, chunk_size=8, out_dir=tmp_path / "p", top=5)
     assert r.runtime == "hf" and r.batch == 2 and r.prompt_tokens == 12
 
-    assert RANGES <= trace_names(r.trace)  # valid JSON, with our layer and phase ranges in it
+    assert trace_names(r.trace) >= RANGES  # valid JSON, with our layer and phase ranges in it
     tb = Path(r.tensorboard_file)
     assert tb.parent.parent == Path(r.tensorboard_dir) and tb.name.endswith(".pt.trace.json")
-    assert RANGES <= trace_names(str(tb))
+    assert trace_names(str(tb)) >= RANGES
 
     assert [row["layer"] for row in r.layers] == list(range(LAYERS))
     for row in r.layers:  # generate(): one prefill forward, then one forward per further token
@@ -66,7 +66,7 @@ def test_kvscope_runtime_profile(model, tmp_path):
 
     cache = BudgetedCache(model, "lru", budget_tokens=8, chunk_size=4)
     r = profile_workload(model, prompt(tokens=12), cache, max_new_tokens=3, chunk_size=4, out_dir=tmp_path)
-    assert r.runtime == "kvscope" and RANGES <= trace_names(r.trace)
+    assert r.runtime == "kvscope" and trace_names(r.trace) >= RANGES
     assert [row["calls"] for row in r.layers] == [3 + 2] * LAYERS  # three prefill chunks, two decode steps
     assert r.phases["prefill_seconds"] > 0 and r.phases["decode_seconds"] > 0
     assert cache.stats().evicted_tokens > 0  # the profiled run really went through the budgeted cache
@@ -122,7 +122,7 @@ def test_cli_json(capsys, tiny_model_dir, tmp_path):
     assert code == 0, err
     d = json.loads(out)
     assert set(d) >= JSON_KEYS
-    assert Path(d["trace"]) == out_dir / "trace.json" and RANGES <= trace_names(d["trace"])
+    assert Path(d["trace"]) == out_dir / "trace.json" and trace_names(d["trace"]) >= RANGES
     assert Path(d["tensorboard_dir"]) == out_dir / "tensorboard" and Path(d["tensorboard_file"]).is_file()
     assert set(d["phases"]) == {"prefill_seconds", "decode_seconds"} and min(d["phases"].values()) > 0
     assert [row["layer"] for row in d["layers"]] == list(range(LAYERS))

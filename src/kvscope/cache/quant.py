@@ -52,31 +52,36 @@ class _Store:
 
 
 class _PerTokenStore(_Store):
-    """Codes in `data` [2 (keys, values), B, H, slots, D], per-token parameters in `params` [2, B, H, slots, P]."""
+    """Codes in `data` [B, H, slots, 2 (keys, values), D], per-token parameters in `params` [B, H, slots, 2, P].
+
+    Slots are dim 2 of every tensor, as in `DenseStore` (offload copies slot ranges back by that dim).
+    """
 
     TENSORS = ("data", "params")
     CODE_DTYPE: torch.dtype
     PARAMS: int  # fp16 parameters per (token, head): fp8 a scale, int8 a scale and a zero point
 
     def __init__(self, batch, heads, slots, head_dim, compute_dtype, device):
-        self.data = torch.zeros(2, batch, heads, slots, head_dim, dtype=self.CODE_DTYPE, device=device)
-        self.params = torch.zeros(2, batch, heads, slots, self.PARAMS, dtype=torch.float16, device=device)
+        self.data = torch.zeros(batch, heads, slots, 2, head_dim, dtype=self.CODE_DTYPE, device=device)
+        self.params = torch.zeros(batch, heads, slots, 2, self.PARAMS, dtype=torch.float16, device=device)
         self.params[..., 0] = 1.0  # never-written slots read as finite zeros whatever the format
 
     def write(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        codes, params = self.quantize(torch.stack((keys, values)).float())
-        index = slots[None, ..., None]
-        _bytes(self.data).scatter_(3, index.expand(codes.shape), _bytes(codes))
-        self.params.scatter_(3, index.expand(params.shape), params)
+        codes, params = self.quantize(torch.stack((keys, values), dim=3).float())
+        index = slots[..., None, None]
+        _bytes(self.data).scatter_(2, index.expand(codes.shape), _bytes(codes))
+        self.params.scatter_(2, index.expand(params.shape), params)
 
     def write_range(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        codes, params = self.quantize(torch.stack((keys, values)).float())
-        n = codes.shape[3]
-        self.data[:, :, :, start:start + n].copy_(codes)
-        self.params[:, :, :, start:start + n].copy_(params)
+        codes, params = self.quantize(torch.stack((keys, values), dim=3).float())
+        n = codes.shape[2]
+        self.data[:, :, start:start + n].copy_(codes)
+        self.params[:, :, start:start + n].copy_(params)
 
     def read(self, upto: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        kv = self.dequantize(self.data[:, :, :, :upto], self.params[:, :, :, :upto], dtype)
+        # [2, B, H, upto, ...] views; the result is a fresh contiguous [2, B, H, upto, D], split into keys and values
+        kv = self.dequantize(self.data[:, :, :upto].permute(3, 0, 1, 2, 4),
+                             self.params[:, :, :upto].permute(3, 0, 1, 2, 4), dtype)
         return kv[0], kv[1]
 
 
@@ -117,7 +122,8 @@ class Fp8Store(_PerTokenStore):
 
     @staticmethod
     def dequantize(codes, params, dtype) -> torch.Tensor:
-        return codes.to(dtype).mul_(params)  # float8 has no mixed-type arithmetic: widen first
+        # float8 has no mixed-type arithmetic: widen first
+        return codes.to(dtype, memory_format=torch.contiguous_format).mul_(params)
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:

@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 
 from kvscope.errors import usage
+from kvscope.planner.workload import DEFAULT_CHUNK
 from kvscope.profile import summary
 from kvscope.profile.outputs import prepare_out_dir, write_traces
 from kvscope.profile.ranges import PhaseMarker, layer_ranges
-
-PhaseCallback = Callable[[str, int, int], None]  # (phase, done, total), as in kvscope.runtime.generate
-DEFAULT_CHUNK = 512
+from kvscope.runtime.generate import PhaseCallback, generate
 
 
 @dataclass
@@ -171,8 +169,6 @@ def _generate_hf(model, ids, mask, max_new_tokens: int, marker: PhaseMarker, on_
 
 def _generate_kvscope(model, ids, mask, cache, max_new_tokens: int, chunk_size: int, marker: PhaseMarker,
                       on_phase: PhaseCallback | None) -> None:
-    from kvscope.runtime.generate import generate
-
     def phase(name: str, done: int, total: int) -> None:
         if name == "prefill" and done >= total:
             marker.enter("decode")

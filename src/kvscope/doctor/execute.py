@@ -1,0 +1,188 @@
+"""Run one workload under the monitor and say exactly what happened: completed, out of GPU memory, or over its KV
+budget, with the memory figures taken at the moment of failure."""
+
+from __future__ import annotations
+
+import gc
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from kvscope import _compat
+from kvscope.cache import BudgetedCache, CacheFullError
+from kvscope.monitor import Monitor
+from kvscope.planner.workload import Workload
+from kvscope.runtime import generate
+
+_TRIED = re.compile(r"Tried to allocate ([\d.]+) ([KMGT]i?B)")
+_UNITS = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
+
+
+@dataclass
+class AtFailure:
+    """Memory at the moment of the OOM (read inside the except block, while the failed frames still hold their
+    tensors)."""
+
+    allocated: int
+    reserved: int
+    device_used: int | None
+    tried_to_allocate: int | None
+    kv_bytes: int
+
+
+@dataclass
+class Outcome:
+    status: str  # "ok" | "oom" | "kv_budget_exceeded" | "error"
+    error: str | None
+    seconds: float
+    peak_allocated_bytes: int | None
+    peak_reserved_bytes: int | None
+    peak_rss_bytes: int
+    kv_bytes: int
+    kv_layers: list[dict] = field(default_factory=list)
+    evicted_tokens: int = 0
+    at_failure: AtFailure | None = None
+    decode_tokens_per_second: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def random_prompt(vocab: int, batch: int, context: int, device, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(10, vocab, (batch, context), generator=g).to(device)
+
+
+def execute(model, spec, w: Workload, *, policy: str = "full", monitor: Monitor, snapshot_path: str | None = None,
+            seed: int = 0, phase_prefix: str = "") -> Outcome:
+    """Run `w` once. The kvscope runtime uses a `BudgetedCache` (budget = `w.budget_tokens`, or the whole sequence);
+    the hf runtime is plain `generate()` with its default cache."""
+    device = next(model.parameters()).device
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    monitor = _Prefixed(monitor, phase_prefix) if phase_prefix else monitor
+    ids = random_prompt(spec.vocab_size, w.batch, w.context, device, seed)
+    cache = None
+    start, start_t = time.perf_counter(), monitor.now()
+    outcome_status, error, at_failure, tps = "ok", None, None, None
+    try:
+        if w.runtime == "hf":
+            cache = _compat.dynamic_cache(model)
+            _run_hf(model, ids, cache, w, monitor)
+        else:
+            budget = w.budget_tokens or w.total_tokens
+            cache = BudgetedCache(model, policy, budget_tokens=budget, kv_dtype=w.kv_dtype, chunk_size=w.chunk_size)
+            gen = _run_kvscope(model, ids, cache, w, monitor)
+            tps = gen.decode_tokens_per_second
+    except torch.OutOfMemoryError as exc:
+        outcome_status, error = "oom", _first_line(exc)
+        at_failure = _at_failure(exc, cache, device)
+        _dump_snapshot(snapshot_path)
+    except CacheFullError as exc:
+        outcome_status, error = "kv_budget_exceeded", str(exc)
+    finally:
+        monitor.close_phases()
+    seconds = time.perf_counter() - start
+    kv_layers, kv_bytes, evicted = _kv_figures(cache)
+    if cache is not None and isinstance(cache, BudgetedCache):
+        monitor.record_kv(cache.stats())
+    rss = [r for t, r in zip(monitor.timeline.t, monitor.timeline.rss) if t >= start_t]
+    peak_alloc = torch.cuda.max_memory_allocated(device) if cuda else None
+    peak_res = torch.cuda.max_memory_reserved(device) if cuda else None
+    out = Outcome(outcome_status, error, seconds, peak_alloc, peak_res, max(rss, default=0),
+                  kv_bytes, kv_layers, evicted, at_failure, tps)
+    del cache
+    release(device)
+    return out
+
+
+class _Prefixed:
+    """The same monitor, with phase names prefixed (for the re-run after a fix)."""
+
+    def __init__(self, monitor: Monitor, prefix: str):
+        self._m, self._prefix = monitor, prefix
+
+    def mark(self, name: str, detail: str = ""):
+        return self._m.mark(self._prefix + name, detail)
+
+    def __getattr__(self, name):
+        return getattr(self._m, name)
+
+
+def release(device) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _run_hf(model, ids, cache, w: Workload, monitor: Monitor) -> None:
+    monitor.mark("prefill", f"{w.batch} x {w.context} tokens in one forward")
+
+    def on_step(step: int) -> None:
+        if step == 0:
+            monitor.mark("decode", f"{w.new_tokens} tokens")
+
+    marker = _compat.step_callback_processor(on_step)
+    with torch.inference_mode():
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=w.new_tokens,
+                       min_new_tokens=w.new_tokens, do_sample=False, logits_processor=[marker],
+                       pad_token_id=0, **{_compat.cache_keyword(model): cache})
+
+
+def _run_kvscope(model, ids, cache: BudgetedCache, w: Workload, monitor: Monitor):
+    chunks = -(-w.context // w.chunk_size)
+    state = {"phase": None}
+
+    def on_phase(phase: str, done: int, total: int) -> None:
+        if phase == "prefill":
+            monitor.mark("prefill", f"chunk {-(-done // w.chunk_size)}/{chunks}")
+        elif state["phase"] != "decode":
+            monitor.mark("decode", f"{w.new_tokens} tokens")
+        state["phase"] = phase
+        if phase == "prefill" or done % 8 == 0:
+            monitor.record_kv(cache.stats())
+
+    monitor.mark("prefill", f"chunk 1/{chunks}")
+    return generate(model, ids, cache, max_new_tokens=w.new_tokens, chunk_size=w.chunk_size, on_phase=on_phase)
+
+
+def _kv_figures(cache) -> tuple[list[dict], int, int]:
+    if cache is None:
+        return [], 0, 0
+    if isinstance(cache, BudgetedCache):
+        s = cache.stats()
+        return ([{"layer": x.layer, "stored_tokens": x.stored_tokens, "evicted_tokens": x.evicted_tokens,
+                  "bytes": x.bytes, "capacity_tokens": x.capacity_tokens} for x in s.layers], s.bytes,
+                s.evicted_tokens)
+    rows, total = [], 0
+    for i, (k, v) in enumerate(_compat.dynamic_cache_tensors(cache)):
+        n = (k.nbytes + v.nbytes) if k is not None and v is not None else 0
+        tokens = k.shape[2] if k is not None and k.dim() == 4 else 0
+        rows.append({"layer": i, "stored_tokens": tokens, "evicted_tokens": 0, "bytes": n, "capacity_tokens": tokens})
+        total += n
+    return rows, total, 0
+
+
+def _at_failure(exc, cache, device) -> AtFailure:
+    free, total = torch.cuda.mem_get_info(device)
+    m = _TRIED.search(str(exc))
+    tried = int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
+    return AtFailure(allocated=torch.cuda.memory_allocated(device), reserved=torch.cuda.memory_reserved(device),
+                     device_used=total - free, tried_to_allocate=tried, kv_bytes=_kv_figures(cache)[1])
+
+
+def _dump_snapshot(path: str | None) -> None:
+    if path is None:
+        return
+    try:
+        torch.cuda.memory._dump_snapshot(path)
+    except Exception:  # noqa: BLE001 - a missing snapshot is reported, never fatal
+        pass
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.split("\n")[0][:2000]
