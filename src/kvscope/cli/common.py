@@ -12,13 +12,14 @@ def add_model_arguments(p) -> None:
                    "--random-weights")
     p.add_argument("--random-weights", action="store_true", help="catalogue shape with random weights")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
-    p.add_argument("--dtype", default=None, choices=list(DTYPE_BYTES), help="weights (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--dtype", default=None, choices=list(DTYPE_BYTES),
+                   help="weights (default bf16 on GPU, fp32 on CPU)")
 
 
 def add_cache_arguments(p, *, default_policy: str = "lru") -> None:
-    from kvscope.policies import available
-
-    p.add_argument("--policy", default=default_policy, help="eviction policy: " + ", ".join(available()))
+    # the names are listed here, not imported, so that building the parser never imports torch
+    p.add_argument("--policy", default=default_policy, help="eviction policy: full, h2o, knorm, lru, random, "
+                   "sliding_window, snapkv, streaming_llm, tova (`kvscope.policies.available()`)")
     p.add_argument("--budget", type=int, default=None, help="KV tokens kept per layer and sequence")
     p.add_argument("--kv-dtype", default=None, choices=list(KV_FORMATS), help="KV storage (default: model dtype)")
     p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk, tokens (default 512)")
@@ -41,3 +42,12 @@ def check_policy_args(args) -> None:
         require_positive("--budget", args.budget, option="--budget")
         policy.check_budget(args.budget)
     require_positive("--chunk-size", args.chunk_size, option="--chunk-size")
+
+
+def cuda_requested(device: str) -> bool:
+    """Whether `--device` resolves to CUDA (auto picks CUDA when there is one)."""
+    import torch
+
+    if str(device).startswith("cuda"):
+        return True
+    return device == "auto" and torch.cuda.is_available()

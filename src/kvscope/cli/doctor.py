@@ -35,7 +35,7 @@ def run(args) -> int:
     common.check_policy_args(args)
     if args.gpu_memory is not None:
         parse_size(args.gpu_memory)
-    dtype = args.dtype or ("bf16" if _cuda(args.device) else "fp32")
+    dtype = args.dtype or ("bf16" if common.cuda_requested(args.device) else "fp32")
     w = Workload(batch=args.batch, context=args.context, new_tokens=args.new_tokens, dtype=dtype,
                  kv_dtype=args.kv_dtype, runtime=args.runtime, budget_tokens=args.budget, chunk_size=args.chunk_size)
     from kvscope.models.loader import spec_for
@@ -52,12 +52,6 @@ def run(args) -> int:
     return 0
 
 
-def _cuda(device: str) -> bool:
-    import torch
-
-    return device in ("auto", "cuda") and torch.cuda.is_available() or str(device).startswith("cuda")
-
-
 def render(d: dict) -> None:
     from rich.table import Table
 
@@ -69,7 +63,8 @@ def render(d: dict) -> None:
     rows = [("status", o["detail"]), ("device", d["device"]["name"] + (" (emulated capacity)" if d["device"]["emulated"]
                                                                        else "")),
             ("capacity", g(d["device"]["capacity_bytes"])),
-            ("predicted peak (+overhead)", f"{g(d['prediction']['peak_bytes'])} (+{g(d['prediction']['overhead_bytes'])})"),
+            ("predicted peak (+overhead)",
+             f"{g(d['prediction']['peak_bytes'])} (+{g(d['prediction']['overhead_bytes'])})"),
             ("measured peak allocated", g(o["peak_allocated_bytes"])), ("peak process RSS", g(o["peak_rss_bytes"])),
             ("KV cache", g(o["kv_bytes"])), ("evicted tokens", o["evicted_tokens"]), ("seconds", o["seconds"])]
     out.print(output.kv_table("outcome", rows))
@@ -84,8 +79,9 @@ def render(d: dict) -> None:
         out.print(t)
     fo = d.get("fix_outcome")
     if fo:
-        out.print(f"applied: {fo['applied']} -> {fo['detail']}, peak {g(fo['peak_allocated_bytes'] or fo['peak_rss_bytes'])}, "
-                  f"{fo['evicted_tokens']} tokens evicted", markup=False)
+        peak = g(fo["peak_allocated_bytes"] or fo["peak_rss_bytes"])
+        out.print(f"applied: {fo['applied']} -> {fo['detail']}, peak {peak}, {fo['evicted_tokens']} tokens evicted",
+                  markup=False)
     for note in d.get("notes", []):
         out.print(f"note: {note}", markup=False, highlight=False)
     out.print(f"report: {d['paths'].get('html')}", markup=False)

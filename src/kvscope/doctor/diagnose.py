@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from kvscope.doctor.execute import Outcome
 from kvscope.planner.sizes import format_bytes as fb
+from kvscope.policies import preferred_for
 from kvscope.planner.workload import Workload
 
 FRAGMENTATION_SHARE = 0.05  # reserved-but-unallocated above this share of capacity is worth a fix of its own
@@ -98,7 +99,7 @@ def fixes_from_plan(prediction: dict, w: Workload, cuda: bool) -> list[Fix]:
     for a in prediction.get("advice", []):
         changes = dict(a["changes"])
         runnable = "gpu" not in changes and changes.get("tp", 1) == 1 and cuda
-        policy = "snapkv" if "budget_tokens" in changes else None
+        policy = preferred_for(changes["budget_tokens"]) if "budget_tokens" in changes else None
         fields = {k: v for k, v in changes.items() if k in Workload.__dataclass_fields__}
         out.append(Fix(len(out) + 1, a["option"], a["action"], a["estimate_bytes"], a["fits"], a["message"],
                        w.with_(**fields) if runnable else None, policy))
@@ -119,9 +120,10 @@ def fixes_for_budget(w: Workload, policy: str, per_token: dict[str, int], dense:
                            budget_bytes, True, f"the same {fb(budget_bytes)} holds {held} tokens as {kv} "
                            f"(needed {need}); {cost}, nothing evicted", w.with_(kv_dtype=kv, budget_tokens=held),
                            policy))
-    out.append(Fix(len(out) + 1, f"--policy snapkv --budget {budget}", "evict with snapkv at the same budget",
+    evict = preferred_for(budget)
+    out.append(Fix(len(out) + 1, f"--policy {evict} --budget {budget}", f"evict with {evict} at the same budget",
                    budget_bytes, True, f"keeps {budget} of {need} tokens ({budget / need:.0%}) in "
-                   f"{fb(budget_bytes)}; quality depends on the policy (see docs/benchmarks.md)", w, "snapkv"))
+                   f"{fb(budget_bytes)}; quality depends on the policy (see docs/benchmarks.md)", w, evict))
     more = need * per_token[w.kv_dtype or dense] * w.batch
     out.append(Fix(len(out) + 1, f"--budget {need}", "raise the budget to the whole sequence", more, True,
                    f"needs {fb(more)} of KV instead of {fb(budget_bytes)}; nothing evicted",

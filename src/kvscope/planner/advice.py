@@ -68,10 +68,12 @@ def advise(spec: ModelSpec, w: Workload, capacity: int) -> list[Fix]:
             add(f"store the KV cache as {kv}", f"--runtime kvscope --kv-dtype {kv}",
                 w.with_(runtime="kvscope", kv_dtype=kv), f"{cost}; KV bytes per token "
                 f"{spec.kv_bytes_per_token(w.kv_dtype, w.tp)} -> {spec.kv_bytes_per_token(kv, w.tp)}")
+    from kvscope.policies.registry import preferred_for  # imports torch: only when a budget fix is considered
+
     n = search.max_budget(spec, w, capacity)
     if 1 <= n < w.total_tokens:
         add(f"cap the KV cache at {n} tokens per sequence with an eviction policy",
-            f"--runtime kvscope --budget {n} --policy snapkv", w.with_(runtime="kvscope", budget_tokens=n),
+            f"--runtime kvscope --budget {n} --policy {preferred_for(n)}", w.with_(runtime="kvscope", budget_tokens=n),
             f"keeps {n / w.total_tokens:.0%} of the tokens; quality depends on the policy")
     c = search.max_context(spec, w, capacity)
     if 1 <= c < w.context:

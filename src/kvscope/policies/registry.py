@@ -47,6 +47,14 @@ def get(policy: str | Policy, **kwargs) -> Policy:
     return cls(**kwargs)
 
 
+PREFERRED_EVICTION = ("snapkv", "h2o", "streaming_llm", "sliding_window")  # best quality first (docs/benchmarks.md)
+
+
+def preferred_for(budget: int) -> str:
+    """The preferred evicting policy (default knobs) whose fixed part fits in `budget` tokens."""
+    return next(p for p in PREFERRED_EVICTION if budget >= get(p).min_budget())
+
+
 def _load_all() -> None:
     # Importing the modules registers them; the order here is the order `available()` lists.
     from kvscope.policies import (  # noqa: F401
