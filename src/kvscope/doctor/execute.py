@@ -66,6 +66,7 @@ def execute(model, spec, w: Workload, *, policy: str = "full", monitor: Monitor,
     monitor = _Prefixed(monitor, phase_prefix) if phase_prefix else monitor
     ids = random_prompt(spec.vocab_size, w.batch, w.context, device, seed)
     cache = None
+    monitor.sample()  # a short run may end between two background samples
     start, start_t = time.perf_counter(), monitor.now()
     outcome_status, error, at_failure, tps = "ok", None, None, None
     try:
@@ -84,6 +85,7 @@ def execute(model, spec, w: Workload, *, policy: str = "full", monitor: Monitor,
     except CacheFullError as exc:
         outcome_status, error = "kv_budget_exceeded", str(exc)
     finally:
+        monitor.sample()
         monitor.close_phases()
     seconds = time.perf_counter() - start
     kv_layers, kv_bytes, evicted = _kv_figures(cache)
