@@ -177,7 +177,8 @@ def render(r: dict) -> str:
     if "swap" in r:
         s = r["swap"]
         md += (f"\n### Session swap\n\n{s['bytes']:,} bytes (4 x 8192 tokens): out {s['out_s']} s "
-               f"({s['out_gbps']} GB/s), in {s['in_s']} s ({s['in_gbps']} GB/s), bit-exact (tests/cache/test_offload.py).\n")
+               f"({s['out_gbps']} GB/s), in {s['in_s']} s ({s['in_gbps']} GB/s), "
+               "bit-exact (tests/cache/test_offload.py).\n")
     if "peaks" in r:
         for row in r["peaks"]:
             row["m"], row["p"] = g(row["measured"]), g(row["predicted"])

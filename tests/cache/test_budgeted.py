@@ -84,7 +84,8 @@ def bounded(monkeypatch):
         held = int(self.state.valid.sum(-1).max())
         assert held <= self.owner.budget_tokens, (held, self.owner.budget_tokens)
         assert self.store.nbytes == before
-        assert self.store.keys.shape[2] == self.owner.budget_tokens + self.room <= self.owner.budget_tokens + self.owner.chunk_size
+        budget = self.owner.budget_tokens
+        assert self.store.keys.shape[2] == budget + self.room <= budget + self.owner.chunk_size
         seen["checks"] += 1
         return out
 

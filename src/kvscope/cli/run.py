@@ -57,7 +57,8 @@ def render(d: dict) -> None:
     out.print(t)
     tps = d["decode_tokens_per_second"]
     rows = [("prompt tokens", d["prompt_tokens"]), ("new tokens", d["new_tokens"]),
-            ("evicted tokens (all layers)", d["evicted_tokens_total"]), ("KV bytes (all layers)", output.gib(d["kv_bytes_total"])),
+            ("evicted tokens (all layers)", d["evicted_tokens_total"]),
+            ("KV bytes (all layers)", output.gib(d["kv_bytes_total"])),
             ("prefill", f"{d['prefill_seconds']:.3f} s"),
             ("decode", f"{d['decode_seconds']:.3f} s" + (f" ({tps:.1f} tokens/s)" if tps else ""))]
     if d.get("budget_note"):

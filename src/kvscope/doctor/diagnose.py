@@ -67,7 +67,8 @@ def diagnose(o: Outcome, w: Workload, prediction: dict, parts: dict[str, int], c
         return {"headline": f"KV budget exceeded: the sequence needs {need_tokens} tokens per layer, the budget holds "
                             f"{w.budget_tokens}",
                 "explanation": f"Policy '{policy}' never evicts, so the cache must hold the whole sequence "
-                               f"({w.context} prompt + {w.new_tokens} new tokens). Needed {fb(need_tokens * per)} of KV, "
+                               f"({w.context} prompt + {w.new_tokens} new tokens). "
+                               f"Needed {fb(need_tokens * per)} of KV, "
                                f"available {fb((w.budget_tokens or 0) * per)} (the budget).",
                 "needed_bytes": need_tokens * per, "available_bytes": (w.budget_tokens or 0) * per,
                 "estimate_bytes": need_tokens * per, "option": "--budget or --policy",

@@ -80,8 +80,10 @@ def doctor(loaded, w: Workload, *, policy: str = "full", gpu_memory: str | None 
                      "memory; GPU figures below are the planner's predictions")
     prediction = plan(spec, w, gpu_memory=capacity).to_dict()
     weights = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
-    snapshot = tempfile.NamedTemporaryFile(prefix="kvscope-snapshot-", suffix=".pickle", delete=False).name \
-        if cuda else None
+    snapshot = None
+    if cuda:
+        fd, snapshot = tempfile.mkstemp(prefix="kvscope-snapshot-", suffix=".pickle")
+        os.close(fd)
     monitor = Monitor(device=(device.index or 0) if cuda else None).start()
     try:
         outcome = execute(model, spec, w, policy=policy, monitor=monitor, snapshot_path=snapshot)

@@ -3,6 +3,7 @@ budget, with the memory figures taken at the moment of failure."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import re
 import time
@@ -179,10 +180,8 @@ def _at_failure(exc, cache, device) -> AtFailure:
 def _dump_snapshot(path: str | None) -> None:
     if path is None:
         return
-    try:
+    with contextlib.suppress(Exception):  # a missing snapshot is reported, never fatal
         torch.cuda.memory._dump_snapshot(path)
-    except Exception:  # noqa: BLE001 - a missing snapshot is reported, never fatal
-        pass
 
 
 def _first_line(exc: BaseException) -> str:

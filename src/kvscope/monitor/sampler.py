@@ -8,6 +8,7 @@ on the same clock. Reading torch's counters does not synchronise the GPU, so sam
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from contextlib import contextmanager
@@ -99,10 +100,8 @@ class Monitor:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2)
-        try:
+        with contextlib.suppress(Exception):  # a last sample is nice to have, never fatal
             self.sample()
-        except Exception:  # noqa: BLE001
-            pass
 
     def __enter__(self) -> Monitor:
         return self.start()
