@@ -96,3 +96,15 @@ def dense_dtype(name: str) -> str:
     if key not in DTYPE_BYTES:
         raise usage(f"unknown dtype {name!r}", expected="one of " + ", ".join(DTYPE_BYTES), fix="--dtype")
     return key
+
+
+# kvscope's attention builds its masks a block of query rows at a time, so that the boolean mask [B, Hkv, rows, S],
+# its per-query-head copy [B, Hq, rows, S] and the additive mask sdpa makes from it [B, Hq, rows, S16] (model dtype)
+# stay under this many bytes together, however large the batch and the cache; the planner uses the same rule.
+ATTENTION_BLOCK_BYTES = 256 * 1024**2
+
+
+def attention_block_rows(batch: int, heads: int, kv_heads: int, slots: int, elem_bytes: int) -> int:
+    padded = -(-slots // 16) * 16
+    per_row = batch * (kv_heads * slots + heads * slots + heads * padded * elem_bytes)
+    return max(1, ATTENTION_BLOCK_BYTES // per_row)

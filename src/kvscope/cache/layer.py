@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from kvscope._compat import cache_base_classes
 from kvscope.cache.stats import EvictionEvent, LayerCounters, LayerStats
 from kvscope.errors import KvscopeError, usage
+from kvscope.kvformats import attention_block_rows
 from kvscope.policies.base import Observation, SlotState, select_evictions
 
 _, CacheLayerMixin = cache_base_classes()
@@ -114,7 +115,7 @@ class BudgetedLayer(CacheLayerMixin):
         st, policy = self.state, self.owner.policy
         b, h, n, _ = keys.shape
         slots, upto = self._take_slots(n)
-        mask = self._mask(slots, real, upto)
+        before = st.valid[:, :, :upto].clone()  # what the chunk's queries may see besides the chunk itself
         if self.contiguous:
             self.store.write_range(self.fill - n, keys, values)
             self.written.append((self.fill - n, self.fill))
@@ -127,10 +128,14 @@ class BudgetedLayer(CacheLayerMixin):
         torch.maximum(st.newest, newest, out=st.newest)
         policy.on_insert(st, slots, keys)
         k, v = self.store.read(upto, query.dtype)
-        out = grouped_attention(query, k, v, mask, scaling)
+        hq = query.shape[1]
+        step = attention_block_rows(b, hq, h, upto, query.element_size())
+        blocks = [grouped_attention(query[:, :, i:i + step], k, v, self._mask(before, slots, real, i, i + step),
+                                    scaling) for i in range(0, n, step)]
+        out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
         rows = policy.query_rows()
         if rows:
-            self._observe(query, k, mask, positions, rows if rows > 0 else n, scaling)
+            self._observe(query, k, before, slots, real, positions, rows if rows > 0 else n, scaling)
         self.upper += n
         if self.upper > self.owner.budget_tokens:
             self._evict()
@@ -149,21 +154,27 @@ class BudgetedLayer(CacheLayerMixin):
         self.fill = self.capacity
         return order[:, :, :n].contiguous(), self.capacity
 
-    def _mask(self, slots: torch.Tensor, real: torch.Tensor, upto: int) -> torch.Tensor:
-        """Bool [B, H, n, upto]: stored valid tokens, plus the new ones causally; a padding query sees only itself."""
+    def _mask(self, before: torch.Tensor, slots: torch.Tensor, real: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
+        """Bool [B, H, rows, upto] for query rows [i0, i1) of the chunk: the tokens stored before the chunk, plus the
+        chunk's own tokens in causal order; a padding query sees only itself."""
         b, h, n = slots.shape
-        mask = self.state.valid[:, :, None, :upto].expand(b, h, n, upto).clone()
-        causal = torch.ones(n, n, dtype=torch.bool, device=self.device).tril()
-        visible = (causal[None] & real[:, None, :]) | torch.eye(n, dtype=torch.bool, device=self.device)[None]
-        mask.scatter_(-1, slots[:, :, None, :].expand(b, h, n, n), visible[:, None].expand(b, h, n, n))
+        i1 = min(i1, n)
+        rows = i1 - i0
+        mask = before[:, :, None, :].expand(b, h, rows, before.shape[-1]).clone()
+        q = torch.arange(i0, i1, device=self.device)[:, None]
+        k = torch.arange(n, device=self.device)[None, :]
+        visible = ((k <= q)[None] & real[:, None, :]) | (k == q)[None]  # [B, rows, n]
+        mask.scatter_(-1, slots[:, :, None, :].expand(b, h, rows, n), visible[:, None].expand(b, h, rows, n))
         return mask
 
-    def _observe(self, query, keys, mask, positions, rows, scaling):
-        n = query.shape[2]
+    def _observe(self, query, keys, before, slots, real, positions, rows, scaling):
+        b, hq, n, _ = query.shape
         rows = min(rows, n)
-        for start in range(n - rows, n, OBSERVE_BLOCK):
-            end = min(start + OBSERVE_BLOCK, n)
-            w = attention_weights(query[:, :, start:end], keys, mask[:, :, start:end], scaling)
+        block = min(OBSERVE_BLOCK, attention_block_rows(b, hq, keys.shape[1], keys.shape[2], 12))
+        for start in range(n - rows, n, block):
+            end = min(start + block, n)
+            mask = self._mask(before, slots, real, start, end)
+            w = attention_weights(query[:, :, start:end], keys, mask, scaling)
             w = F.pad(w, (0, self.capacity - w.shape[-1]))
             self.owner.policy.observe(self.state, Observation(w, positions[:, start:end]))
 

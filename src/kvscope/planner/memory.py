@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from kvscope.kvformats import DTYPE_BYTES
+from kvscope.kvformats import DTYPE_BYTES, attention_block_rows
 from kvscope.models.spec import ModelSpec
 from kvscope.planner.workload import Workload
 
@@ -82,17 +82,26 @@ def logits_bytes(spec: ModelSpec, batch: int, dtype: str) -> int:
 
 
 def kv_cache_tokens(w: Workload) -> int:
-    """Tokens per sequence the cache holds at its largest (kvscope allocates this once; HF grows to it)."""
+    """Tokens per sequence the cache holds at its largest (kvscope allocates this once; HF grows to it).
+
+    kvscope's cache is sized to its budget (the whole sequence without one) plus room for one prefill chunk."""
     if w.runtime == "hf":
         return w.total_tokens - 1  # the last generated token is never fed back
-    if w.budget_tokens is None or w.budget_tokens >= w.total_tokens:
-        return w.total_tokens
-    return min(w.total_tokens, w.budget_tokens + min(w.chunk_size, w.context))
+    return (w.budget_tokens or w.total_tokens) + min(w.chunk_size, w.context)
+
+
+# per (sequence, KV head, slot) of kvscope's cache, besides the KV itself: valid (bool), true position (int64) and
+# the policy's score (fp32)
+SLOT_STATE_BYTES = 1 + 8 + 4
 
 
 def kv_bytes(spec: ModelSpec, w: Workload) -> int:
     per_token = spec.kv_bytes_per_token(w.kv_dtype, w.tp)
-    return w.batch * (kv_cache_tokens(w) * per_token + spec.kv_fixed_bytes(w.kv_dtype, w.dtype, w.tp))
+    tokens = kv_cache_tokens(w)
+    state = 0
+    if w.runtime == "kvscope":
+        state = tokens * spec.num_layers * spec.kv_heads_per_gpu(w.tp) * SLOT_STATE_BYTES
+    return w.batch * (tokens * per_token + state + spec.kv_fixed_bytes(w.kv_dtype, w.dtype, w.tp))
 
 
 def hf_phases(spec: ModelSpec, w: Workload, weights: int) -> list[Phase]:
@@ -113,17 +122,34 @@ def hf_phases(spec: ModelSpec, w: Workload, weights: int) -> list[Phase]:
     return phases
 
 
-def kvscope_phases(spec: ModelSpec, w: Workload, weights: int) -> list[Phase]:
-    """Peaks of kvscope's runtime: one preallocated cache, chunked prefill, a boolean mask per layer."""
-    cache = kv_bytes(spec, w)
-    capacity = kv_cache_tokens(w)
-    chunk = min(w.chunk_size, w.context)
+def attention_temporaries(spec: ModelSpec, w: Workload, queries: int, slots: int) -> int:
+    """Bytes kvscope's attention holds at once for `queries` new tokens against `slots` cached ones, in one layer:
+    the validity snapshot [B, Hkv, S]; for one block of query rows (`attention_block_rows`), the boolean mask
+    [B, Hkv, rows, S], its copy per query head [B, Hq, rows, S] and the additive mask sdpa makes from it in the model
+    dtype (last dim padded to 16); and the dequantized keys and values of a quantized store."""
+    s = DTYPE_BYTES[w.dtype]
     heads = max(1, spec.num_heads // w.tp)
-    mask = w.batch * heads * chunk * capacity  # bool mask [B, H, chunk, capacity] of one layer
-    prefill = w.batch * chunk * prefill_bytes_per_token(spec, w.dtype, w.tp) + mask
-    decode = w.batch * decode_bytes_per_sequence(spec, w.dtype, w.tp) + w.batch * heads * capacity
-    return [Phase("prefill", weights, cache, prefill, 0),
-            Phase("decode", weights, cache, decode, logits_bytes(spec, w.batch, w.dtype))]
+    kv_heads = spec.kv_heads_per_gpu(w.tp)
+    padded = -(-slots // 16) * 16
+    rows = min(queries, attention_block_rows(w.batch, heads, kv_heads, slots, s))
+    masks = w.batch * kv_heads * slots + w.batch * rows * (kv_heads * slots + heads * slots + heads * padded * s)
+    dequant = 0
+    if w.kv_dtype not in DTYPE_BYTES:
+        dequant = 2 * w.batch * kv_heads * slots * spec.head_dim * s
+    return masks + dequant
+
+
+def kvscope_phases(spec: ModelSpec, w: Workload, weights: int) -> list[Phase]:
+    """Peaks of kvscope's runtime: one preallocated cache, chunked prefill with logits of the last position only."""
+    cache = kv_bytes(spec, w)
+    slots = kv_cache_tokens(w)
+    chunk = min(w.chunk_size, w.context)
+    s = DTYPE_BYTES[w.dtype]
+    prefill = w.batch * chunk * prefill_bytes_per_token(spec, w.dtype, w.tp) + attention_temporaries(spec, w, chunk,
+                                                                                                      slots)
+    decode = w.batch * decode_bytes_per_sequence(spec, w.dtype, w.tp) + attention_temporaries(spec, w, 1, slots)
+    logits = w.batch * spec.vocab_size * s  # the head's output for the last position; argmax needs no fp32 copy
+    return [Phase("prefill", weights, cache, prefill, logits), Phase("decode", weights, cache, decode, logits)]
 
 
 def phases(spec: ModelSpec, w: Workload) -> list[Phase]:
