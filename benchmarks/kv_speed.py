@@ -44,10 +44,10 @@ def hf_decode_tps(model, ids, new: int) -> float:
     return new / (full - one)
 
 
-def kvscope_run(model, ids, new: int, **cache_kwargs) -> dict:
+def kvscope_run(model, ids, new: int, policy: str = "full", budget: int | None = None, **cache_kwargs) -> dict:
     clean()
     base = torch.cuda.memory_allocated()
-    cache = BudgetedCache(model, "full", budget_tokens=ids.shape[1] + new + 1, **cache_kwargs)
+    cache = BudgetedCache(model, policy, budget_tokens=budget or ids.shape[1] + new + 1, **cache_kwargs)
     g = generate(model, ids, cache, max_new_tokens=new, chunk_size=cache.chunk_size)
     row = {"decode_tps": round(g.decode_tokens_per_second, 2), "prefill_s": round(g.prefill_seconds, 2),
            "kv_allocated": cache.allocated_bytes, "kv_on_gpu": cache.gpu_resident_bytes,
@@ -137,6 +137,15 @@ def main():
             rows.append(r)
             print(r, flush=True)
         results["dtypes"] = rows
+    if "policies" not in skip:
+        ids = torch.randint(10, spec.vocab_size, (1, 8192), device="cuda")
+        rows = []
+        for policy in ("full", "sliding_window", "streaming_llm", "knorm", "tova", "snapkv", "h2o", "lru"):
+            r = kvscope_run(model, ids, args.new, policy=policy, budget=None if policy == "full" else 2048)
+            r.update(policy=policy, budget="-" if policy == "full" else 2048)
+            rows.append(r)
+            print(r, flush=True)
+        results["policies"] = rows
     if "offload" not in skip:
         rows = []
         for ctx in (8192, 32768):
@@ -168,6 +177,12 @@ def render(r: dict) -> str:
         md += "### Decode tokens/s per KV dtype, 8192-token prompt\n\n" + table(r["dtypes"], [
             ("config", "cache"), ("decode_tps", "decode tok/s"), ("vs_bf16", "vs kvscope bf16"),
             ("kv_gib", "KV GiB"), ("read_ms_per_layer", "read+dequant ms / layer")])
+    if "policies" in r:
+        md += ("\n### Cost of eviction policies: 8192-token prompt, budget 2048, decode tok/s\n\n"
+               "Policies that need attention scores (tova, snapkv, h2o, lru) compute only the rows they need from "
+               "the query states the attention already has.\n\n")
+        md += table(r["policies"], [("policy", "policy"), ("budget", "budget"), ("decode_tps", "decode tok/s"),
+                                    ("prefill_s", "prefill s")])
     if "offload" in r:
         for row in r["offload"]:
             row["kv_gpu"], row["kv_all"] = g(row["kv_on_gpu"]), g(row["kv_allocated"])
