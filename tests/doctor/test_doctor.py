@@ -88,5 +88,5 @@ def test_fit_finds_largest_context_for_a_budget(capsys, tiny_model_dir):
 
 
 def test_fit_on_cpu_without_budget_is_refused(capsys, tiny_model_dir):
-    code, _, err = run(capsys, "fit", str(tiny_model_dir), "--device", "cpu")
+    code, _, err = run(capsys, "fit", str(tiny_model_dir), "--device", "cpu", "--context", "8")
     assert code == 2 and "only a KV budget can run out" in err

@@ -8,8 +8,12 @@ back in place). The byte layout is the one `kvscope.kvformats` prices, to the by
     nbytes == batch * heads * slots * kv_format(name).bytes_per_head_token(head_dim, dense)
               + batch * heads * residual_tokens() * 2 * head_dim * dense      (dense: bytes of the compute dtype)
 
-Every store allocates once, in `__init__`. `read` is a handful of whole-tensor kernels (no loop over tokens): it
-dequantizes keys and values of [0, upto) together in one [2, B, H, upto, D] tensor and returns its two halves.
+Every store allocates once, in `__init__`. `read` dequantizes keys and values of [0, upto) together into one fresh
+[2, B, H, upto, D] tensor and returns its two halves; nothing loops over tokens. On CUDA, when Triton is installed,
+the per-step work (quantize-and-write, read, the int4 ring write) runs as one fused kernel each
+(kvscope.cache.quant_triton): decoding with a small model is bound by the CPU cost of launching PyTorch ops, and the
+eager versions below take 10 to 20 of them. The eager code is the reference, used on CPU and as the fallback
+(`KVSCOPE_TRITON=0` forces it); the int4 flush, once every 64 tokens, is always eager.
 
 - `fp8`: e4m3 elements, one fp16 absmax/448 scale per (token, head) for keys and one for values.
 - `int8`: per-token asymmetric codes 0..255, fp16 scale and zero point per (token, head) for keys and for values.
@@ -17,6 +21,9 @@ dequantizes keys and values of [0, upto) together in one [2, B, H, upto, D] tens
 """
 
 from __future__ import annotations
+
+import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +38,36 @@ INT8_SPAN_MIN = 255 * 2.0**-14
 INT4_SPAN_MIN = 15 * 2.0**-14
 FP8_SCALE_MIN = 2.0**-14
 
+USE_TRITON = os.environ.get("KVSCOPE_TRITON", "1") != "0"
+_TRITON = None  # kvscope.cache.quant_triton once imported, False when unavailable or broken
+
 
 def quantized_store(name: str, batch: int, heads: int, slots: int, head_dim: int, compute_dtype: torch.dtype, device):
     """The store of a quantized KV format ('fp8', 'int8' or 'int4')."""
     cls = {"fp8": Fp8Store, "int8": Int8Store, "int4": Int4Store}[name]
     return cls(batch, heads, slots, head_dim, compute_dtype, device)
+
+
+def _fast(t: torch.Tensor, kernel: str, *args) -> tuple[bool, object]:
+    """(True, result) when Triton kernel `kernel` ran for storage `t`; (False, None) means: do it eagerly.
+
+    A kernel that fails (a broken Triton toolchain) disables Triton for the process, with a warning; the store is
+    untouched then, since a launch fails before it writes anything.
+    """
+    global _TRITON
+    if not (USE_TRITON and t.is_cuda) or _TRITON is False:
+        return False, None
+    try:
+        if _TRITON is None:
+            from kvscope.cache import quant_triton
+
+            _TRITON = quant_triton
+        return True, getattr(_TRITON, kernel)(*args)
+    except Exception as exc:  # noqa: BLE001 - fall back to the eager path, whatever broke
+        warnings.warn(f"kvscope: fused KV kernels disabled ({type(exc).__name__}: {exc}); using PyTorch ops",
+                      RuntimeWarning, stacklevel=3)
+        _TRITON = False
+        return False, None
 
 
 class _Store:
@@ -67,21 +99,31 @@ class _PerTokenStore(_Store):
         self.params[..., 0] = 1.0  # never-written slots read as finite zeros whatever the format
 
     def write(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self._write(slots, 0, keys, values)
+
+    def write_range(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self._write(None, start, keys, values)
+
+    def _write(self, slots: torch.Tensor | None, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Into `slots` [B, H, N], or, when None, into [start, start + N)."""
+        if _fast(self.data, "pertoken_write", self, slots, start, keys, values, self.FP8)[0]:
+            return
         codes, params = self.quantize(torch.stack((keys, values), dim=3).float())
+        if slots is None:
+            n = codes.shape[2]
+            self.data[:, :, start:start + n].copy_(codes)
+            self.params[:, :, start:start + n].copy_(params)
+            return
         index = slots[..., None, None]
         _bytes(self.data).scatter_(2, index.expand(codes.shape), _bytes(codes))
         self.params.scatter_(2, index.expand(params.shape), params)
 
-    def write_range(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        codes, params = self.quantize(torch.stack((keys, values), dim=3).float())
-        n = codes.shape[2]
-        self.data[:, :, start:start + n].copy_(codes)
-        self.params[:, :, start:start + n].copy_(params)
-
     def read(self, upto: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        # [2, B, H, upto, ...] views; the result is a fresh contiguous [2, B, H, upto, D], split into keys and values
-        kv = self.dequantize(self.data[:, :, :upto].permute(3, 0, 1, 2, 4),
-                             self.params[:, :, :upto].permute(3, 0, 1, 2, 4), dtype)
+        ran, kv = _fast(self.data, "pertoken_read", self, upto, dtype, self.FP8)
+        if not ran:
+            # [2, B, H, upto, ...] views in; a fresh contiguous [2, B, H, upto, D] out
+            kv = self.dequantize(self.data[:, :, :upto].permute(3, 0, 1, 2, 4),
+                                 self.params[:, :, :upto].permute(3, 0, 1, 2, 4), dtype)
         return kv[0], kv[1]
 
 
@@ -90,6 +132,7 @@ class Int8Store(_PerTokenStore):
 
     CODE_DTYPE = torch.uint8
     PARAMS = 2  # scale, zero point
+    FP8 = False
 
     @staticmethod
     def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,6 +155,7 @@ class Fp8Store(_PerTokenStore):
 
     CODE_DTYPE = torch.float8_e4m3fn
     PARAMS = 1  # scale
+    FP8 = True
 
     @staticmethod
     def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -205,10 +249,12 @@ class Int4Store(_Store):
 
     # --- reading ---------------------------------------------------------------------------------------------------
     def read(self, upto: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        kv = self._dequantize(self._decoded_slots(upto), dtype)[:, :, :, :upto]
-        m = self.value_params[:, :, :upto, 0, 0]
-        ring = self.residual.gather(3, _ring_index(m)[None, ..., None].expand(kv.shape))
-        kv = torch.where((m < 0)[None, ..., None], ring.to(dtype), kv)
+        ran, kv = _fast(self.packed, "int4_read", self, upto, dtype)
+        if not ran:
+            kv = self._dequantize(self._decoded_slots(upto), dtype)[:, :, :, :upto]
+            m = self.value_params[:, :, :upto, 0, 0]
+            ring = self.residual.gather(3, _ring_index(m)[None, ..., None].expand(kv.shape))
+            kv = torch.where((m < 0)[None, ..., None], ring.to(dtype), kv)
         return kv[0], kv[1]
 
     def _decoded_slots(self, upto: int) -> int:
@@ -237,22 +283,34 @@ class Int4Store(_Store):
         return out
 
     # --- writing ---------------------------------------------------------------------------------------------------
-    def write_range(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        b, h, n, _ = keys.shape
-        self.write(torch.arange(start, start + n, device=keys.device).expand(b, h, n), keys, values)
-
     def write(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        n = keys.shape[2]
+        self._write(slots, 0, keys, values)
+
+    def write_range(self, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self._write(None, start, keys, values)
+
+    def _write(self, slots: torch.Tensor | None, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Into `slots` [B, H, N], or, when None, into [start, start + N)."""
+        b, h, n, _ = keys.shape
         kept = min(n, R)  # the last `kept` tokens go to the ring, the others are quantized at once
         overflow = self.count + kept - R
         if overflow > 0 or n > kept:
             flush = min(self.count, max(overflow, R // 2)) if overflow > 0 else 0
             d = n - kept
-            self._flush(flush, slots[..., :d], keys[:, :, :d], values[:, :, :d])
-        self._to_ring(slots[..., n - kept:], keys[:, :, n - kept:], values[:, :, n - kept:])
+            direct = slots[..., :d] if slots is not None else torch.arange(start, start + d, device=keys.device)
+            self._flush(flush, direct.expand(b, h, d), keys[:, :, :d], values[:, :, :d])
+        d = n - kept
+        self._to_ring(slots[..., d:] if slots is not None else None, start + d, keys[:, :, d:], values[:, :, d:])
 
-    def _to_ring(self, slots, keys, values) -> None:
+    def _to_ring(self, slots, start: int, keys, values) -> None:
         """Ring entries head, head + 1, ... (mod R) take the tokens; their slots are marked pending there."""
+        n = keys.shape[2]
+        if not _fast(self.packed, "int4_ring_write", self, slots, start, keys, values)[0]:
+            self._to_ring_eager(slots, start, keys, values)
+        self.head = (self.head + n) % R
+        self.count += n
+
+    def _to_ring_eager(self, slots, start: int, keys, values) -> None:
         n = keys.shape[2]
         first = min(n, R - self.head)
         self.residual[0, :, :, self.head:self.head + first].copy_(keys[:, :, :first])
@@ -261,9 +319,10 @@ class Int4Store(_Store):
             self.residual[0, :, :, :n - first].copy_(keys[:, :, first:])
             self.residual[1, :, :, :n - first].copy_(values[:, :, first:])
         markers = _ring_markers(self.value_params.device)[self.head:self.head + n]
-        self.value_params[:, :, :, 0, 0].scatter_(2, slots, markers.expand(slots.shape))
-        self.head = (self.head + n) % R
-        self.count += n
+        if slots is None:
+            self.value_params[:, :, start:start + n, 0, 0].copy_(markers.expand(keys.shape[:3]))
+        else:
+            self.value_params[:, :, :, 0, 0].scatter_(2, slots, markers.expand(slots.shape))
 
     def _flush(self, flush: int, slots, keys, values) -> None:
         """Quantize the `flush` oldest ring entries into their slots, and the given tokens into theirs.

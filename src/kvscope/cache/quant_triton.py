@@ -74,7 +74,7 @@ def _pertoken_write(k_ptr, v_ptr, slots_ptr, data_ptr, params_ptr, n, heads, sta
         x = tl.load(k_ptr + b * ksb + h * ksh + i * ksn + d, mask=mask, other=0.0).to(tl.float32)
     else:
         x = tl.load(v_ptr + b * vsb + h * vsh + i * vsn + d, mask=mask, other=0.0).to(tl.float32)
-    if has_slots:
+    if has_slots:  # noqa: SIM108 - Triton has no conditional expression on runtime values
         slot = tl.load(slots_ptr + b * ssb + h * ssh + i * ssn).to(tl.int64)
     else:
         slot = start + i
@@ -82,6 +82,7 @@ def _pertoken_write(k_ptr, v_ptr, slots_ptr, data_ptr, params_ptr, n, heads, sta
     params = params_ptr + b * psb + h * psh + slot * pss + kv * psk
     if FP8:
         amax = tl.max(tl.where(mask, tl.abs(x), 0.0), axis=0)
+        # constants as in kvscope.cache.quant: FP8_MAX, FP8_SCALE_MIN = 2**-14, FP16_MAX
         scale = tl.minimum(tl.maximum(amax * (1.0 / 448.0), 6.103515625e-05), 65504.0).to(tl.float16)
         q = tl.math.div_rn(x, scale.to(tl.float32))
         tl.store(codes, tl.minimum(tl.maximum(q, -448.0), 448.0).to(tl.float8e4nv), mask=mask)
@@ -89,7 +90,7 @@ def _pertoken_write(k_ptr, v_ptr, slots_ptr, data_ptr, params_ptr, n, heads, sta
     else:
         lo = tl.min(tl.where(mask, x, float("inf")), axis=0)
         hi = tl.max(tl.where(mask, x, -float("inf")), axis=0)
-        span = tl.maximum(hi - lo, 0.01556396484375) * (1.0 / 255.0)
+        span = tl.maximum(hi - lo, 0.01556396484375) * (1.0 / 255.0)  # INT8_SPAN_MIN = 255 * 2**-14
         scale = tl.minimum(tl.maximum(span, -65504.0), 65504.0).to(tl.float16)
         zero = tl.minimum(tl.maximum(lo, -65504.0), 65504.0).to(tl.float16)
         q = libdevice.rint(tl.math.div_rn(x - zero.to(tl.float32), scale.to(tl.float32)))
@@ -122,7 +123,7 @@ def _pertoken_read(data_ptr, params_ptr, out_ptr, upto, heads, dsb, dsh, dss, ds
     d = tl.arange(0, BLOCK_D)
     rows = s < upto
     m = rows[:, None] & (d < D)[None, :]
-    codes = tl.load(data_ptr + b * dsb + h * dsh + kv * dsk + s[:, None] * dss + d[None, :], mask=m, other=0)
+    codes = tl.load(data_ptr + b * dsb + h * dsh + kv * dsk + s[:, None] * dss + d[None, :], mask=m)
     params = params_ptr + b * psb + h * psh + kv * psk + s * pss
     scale = tl.load(params, mask=rows, other=1.0).to(tl.float32)[:, None]
     if FP8:
@@ -219,7 +220,7 @@ def _int4_ring_write(k_ptr, v_ptr, slots_ptr, res_ptr, vp_ptr, n, heads, head, s
     ring = res_ptr + b * rb + h * rh + entry * rr + d
     tl.store(ring, k.to(res_ptr.dtype.element_ty), mask=mask)
     tl.store(ring + rk, v.to(res_ptr.dtype.element_ty), mask=mask)
-    if has_slots:
+    if has_slots:  # noqa: SIM108 - Triton has no conditional expression on runtime values
         slot = tl.load(slots_ptr + b * ssb + h * ssh + i * ssn).to(tl.int64)
     else:
         slot = start + i

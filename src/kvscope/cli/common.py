@@ -44,6 +44,25 @@ def check_policy_args(args) -> None:
     require_positive("--chunk-size", args.chunk_size, option="--chunk-size")
 
 
+def measured_workload(args):
+    """Validate everything a measured run (doctor, fit) needs before loading the model; return its Workload.
+
+    Sets `args.dtype` to the dtype the model will be loaded in (bf16 on CUDA, fp32 on the CPU by default)."""
+    from kvscope.models.loader import spec_for
+    from kvscope.planner.estimate import check_positions
+    from kvscope.planner.sizes import parse_size
+    from kvscope.planner.workload import Workload
+
+    check_policy_args(args)
+    if args.gpu_memory is not None:
+        parse_size(args.gpu_memory)
+    args.dtype = args.dtype or ("bf16" if cuda_requested(args.device) else "fp32")
+    w = Workload(batch=args.batch, context=args.context, new_tokens=args.new_tokens, dtype=args.dtype,
+                 kv_dtype=args.kv_dtype, runtime=args.runtime, budget_tokens=args.budget, chunk_size=args.chunk_size)
+    check_positions(spec_for(args.model), w)  # a context beyond the model's positions fails before loading
+    return w
+
+
 def cuda_requested(device: str) -> bool:
     """Whether `--device` resolves to CUDA (auto picks CUDA when there is one)."""
     import torch

@@ -27,22 +27,10 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from kvscope.doctor import doctor
-    from kvscope.planner.sizes import parse_size
-    from kvscope.planner.workload import Workload
     from kvscope.report import check_out_dir
 
     check_out_dir(args.out)
-    common.check_policy_args(args)
-    if args.gpu_memory is not None:
-        parse_size(args.gpu_memory)
-    dtype = args.dtype or ("bf16" if common.cuda_requested(args.device) else "fp32")
-    w = Workload(batch=args.batch, context=args.context, new_tokens=args.new_tokens, dtype=dtype,
-                 kv_dtype=args.kv_dtype, runtime=args.runtime, budget_tokens=args.budget, chunk_size=args.chunk_size)
-    from kvscope.models.loader import spec_for
-    from kvscope.planner.estimate import check_positions
-
-    check_positions(spec_for(args.model), w)  # a context beyond the model's positions fails before loading
-    args.dtype = dtype
+    w = common.measured_workload(args)
     loaded = common.load_model(args)
     with output.status("running the workload under the monitor"):
         result = doctor(loaded, w, policy=args.policy, gpu_memory=args.gpu_memory, fix=args.fix, out=args.out,

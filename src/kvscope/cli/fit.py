@@ -23,16 +23,8 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from kvscope.doctor.fit import fit
-    from kvscope.planner.sizes import parse_size
-    from kvscope.planner.workload import Workload
 
-    common.check_policy_args(args)
-    if args.gpu_memory is not None:
-        parse_size(args.gpu_memory)
-    dtype = args.dtype or ("bf16" if common.cuda_requested(args.device) else "fp32")
-    w = Workload(batch=args.batch, context=args.context, new_tokens=args.new_tokens, dtype=dtype,
-                 kv_dtype=args.kv_dtype, runtime=args.runtime, budget_tokens=args.budget, chunk_size=args.chunk_size)
-    args.dtype = dtype
+    w = common.measured_workload(args)
     loaded = common.load_model(args)
 
     def on_probe(p):

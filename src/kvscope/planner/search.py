@@ -16,11 +16,20 @@ def largest(ok: Callable[[int], bool], lo: int, hi: int) -> int:
     """
     if hi < lo or not ok(lo):
         return lo - 1
-    good, step = lo, 1
+    return _grow_then_bisect(ok, lo, hi)
+
+
+def _grow_then_bisect(ok: Callable[[int], bool], good: int, hi: int) -> int:
+    """From a known-good `good`, double the step until ok fails (or `hi`), then bisect the bracket."""
+    step = 1
     while good + step <= hi and ok(good + step):
         good += step
         step *= 2
-    bad = min(good + step, hi + 1)
+    return _bisect(ok, good, min(good + step, hi + 1))
+
+
+def _bisect(ok: Callable[[int], bool], good: int, bad: int) -> int:
+    """Largest n in [good, bad) with ok(n), given ok(good) and not ok(bad)."""
     while bad - good > 1:
         mid = (good + bad) // 2
         if ok(mid):
@@ -55,26 +64,13 @@ def largest_from(ok: Callable[[int], bool], start: int, lo: int = 1, hi: int = 1
     """
     start = min(max(start, lo), hi)
     if ok(start):
-        good, step = start, 1
-        while good + step <= hi and ok(good + step):
-            good += step
-            step *= 2
-        bad = min(good + step, hi + 1)
-    else:
-        bad, step = start, 1
-        while bad - step >= lo and not ok(bad - step):
-            bad -= step
-            step *= 2
-        if bad - step < lo:
-            if bad == lo or not ok(lo):
-                return lo - 1
-            good = lo
-        else:
-            good = bad - step
-    while bad - good > 1:
-        mid = (good + bad) // 2
-        if ok(mid):
-            good = mid
-        else:
-            bad = mid
-    return good
+        return _grow_then_bisect(ok, start, hi)
+    bad, step = start, 1
+    while bad - step >= lo and not ok(bad - step):
+        bad -= step
+        step *= 2
+    if bad - step >= lo:
+        return _bisect(ok, bad - step, bad)
+    if bad == lo or not ok(lo):
+        return lo - 1
+    return _bisect(ok, lo, bad)
