@@ -34,8 +34,20 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 
-bench-quality: $(STAMP)
-	$(BIN)/python benchmarks/quality.py
+# NVIDIA kvpress (the quality benchmark's comparison) pins transformers < 5.3: it gets its own virtualenv.
+KVPRESS_VENV  ?= .venv-kvpress
+KVPRESS_STAMP := $(KVPRESS_VENV)/.kvpress-installed
+QUALITY_ARGS  ?=
+
+$(KVPRESS_STAMP): benchmarks/requirements-kvpress.txt
+	$(PYTHON) -m venv $(KVPRESS_VENV)
+	$(KVPRESS_VENV)/bin/pip install -q -r benchmarks/requirements-kvpress.txt
+	touch $(KVPRESS_STAMP)
+
+# passkey + perplexity for every policy and budget vs kvpress presses; writes docs/benchmarks.md (section quality),
+# docs/quality.svg and docs/data/quality.json. QUALITY_ARGS=--quick for a few minutes.
+bench-quality: $(STAMP) $(KVPRESS_STAMP)
+	$(BIN)/python benchmarks/quality.py --kvpress-python $(KVPRESS_VENV)/bin/python $(QUALITY_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -212,9 +212,9 @@ def main(argv: list[str]) -> int:
     model = AutoModelForCausalLM.from_pretrained(job["model_dir"], dtype=torch.float32, attn_implementation=impl)
     model.eval()
     eos = set(job["eos_token_ids"])
-    result = {"versions": {"kvpress": getattr(kvpress, "__version__", "0.5.5"), "transformers": transformers.__version__,
-                           "torch": torch.__version__}, "attn_implementation": impl, "passkey": [], "ppl": [],
-              "verify": []}
+    versions = {"kvpress": getattr(kvpress, "__version__", "0.5.5"), "transformers": transformers.__version__,
+                "torch": torch.__version__}
+    result = {"versions": versions, "attn_implementation": impl, "passkey": [], "ppl": [], "verify": []}
     started = time.perf_counter()
     if job.get("verify") and job["cases"]:
         case = job["verify_case"] if job.get("verify_case") else job["cases"][0]

@@ -9,7 +9,12 @@ Formats (per layer, per KV head, per token, head_dim = d):
 - `int8` (per token, asymmetric): d bytes each, plus an fp16 scale and an fp16 zero point per (token, head) for each.
 - `int4` (as in KIVI): keys quantized per channel over groups of `INT4_GROUP` tokens, values per token over groups
   of `INT4_GROUP` channels, two values per byte, with an fp16 scale and zero point per group; the most recent tokens
-  stay in a full-precision window of `INT4_RESIDUAL` tokens, a fixed cost that is not per token.
+  stay in a full-precision window of `INT4_RESIDUAL` tokens, a fixed cost that is not per token (flushed half at a
+  time, so it holds between `INT4_RESIDUAL` / 2 and `INT4_RESIDUAL` of the newest tokens). Needs a head_dim
+  that is a multiple of `INT4_GROUP`. Per-channel key scales cost 4 * d bytes per group of `INT4_GROUP` slots, i.e.
+  d / 16 bytes per slot; a store whose slot count is not a multiple of `INT4_GROUP` quantizes the keys of its last
+  (slots % INT4_GROUP) slots per token like values instead (the same d / 16 bytes per slot), so the price per token
+  below is exact for any slot count (kvscope.cache.quant.Int4Store).
 """
 
 from __future__ import annotations

@@ -95,17 +95,31 @@ def bounded(monkeypatch):
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(policy=st.sampled_from([p for p in ALL if p != "full"]), batch=st.integers(1, 3), chunk=st.integers(1, 20),
-       budget=st.integers(1, 24), length=st.integers(1, 50), new=st.integers(1, 6), pad=st.integers(0, 4))
-def test_stored_length_never_exceeds_budget(bounded, tiny, policy, batch, chunk, budget, length, new, pad):
+       budget=st.integers(1, 24), length=st.integers(1, 50), new=st.integers(1, 6), pad=st.integers(0, 4),
+       evict_batch=st.integers(1, 4))
+def test_stored_length_never_exceeds_budget(bounded, tiny, policy, batch, chunk, budget, length, new, pad, evict_batch):
     p = policies.get(policy)
-    budget = max(budget, p.min_budget())
+    budget = max(budget, p.min_budget() + evict_batch - 1)
     ids, mask = prompt(batch, length, min(pad, length - 1))
-    cache = BudgetedCache(tiny, p, budget_tokens=budget, chunk_size=chunk)
+    cache = BudgetedCache(tiny, p, budget_tokens=budget, chunk_size=chunk, evict_batch=evict_batch)
     generate(tiny, ids, cache, attention_mask=mask, max_new_tokens=new, chunk_size=max(1, chunk * 2))
     stats = cache.stats()
     assert stats.stored_tokens <= budget
     assert stats.seen_tokens == length + new - 1
     assert bounded["checks"] > 0
+
+
+def test_evict_batch_evicts_less_often_and_stays_within_budget(tiny):
+    ids, mask = prompt(batch=1, length=20, pad=0)
+    one = BudgetedCache(tiny, "sliding_window", budget_tokens=16, chunk_size=4)
+    eight = BudgetedCache(tiny, "sliding_window", budget_tokens=16, chunk_size=4, evict_batch=8)
+    for c in (one, eight):
+        generate(tiny, ids, c, attention_mask=mask, max_new_tokens=24, chunk_size=4)
+    a, b = one.stats().layers[0], eight.stats().layers[0]
+    assert a.stored_tokens == 16 and 9 <= b.stored_tokens <= 16
+    assert b.evictions < a.evictions / 3
+    with pytest.raises(ValueError, match="evict_batch 14 would cut below the minimum of policy 'streaming_llm'"):
+        BudgetedCache(tiny, "streaming_llm", budget_tokens=16, evict_batch=14)
 
 
 def test_padding_is_never_stored(tiny):

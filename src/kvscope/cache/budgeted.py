@@ -51,6 +51,9 @@ class BudgetedCache(Cache):
         kv_dtype: storage format (`bf16`, `fp16`, `fp32`, `fp8`, `int8`, `int4`); None keeps the model's dtype.
         chunk_size: the most tokens inserted before an eviction; storage is budget + chunk_size slots per row.
         collector: optional callable receiving an `EvictionEvent` per layer and eviction step.
+        evict_batch: when a row goes over budget, evict down to `budget - evict_batch + 1` tokens, so the eviction
+            work (scoring, sorting) runs once every `evict_batch` decode steps instead of every step. 1 (default)
+            keeps every row exactly at its budget.
         offload: keep every layer's KV in pinned CPU memory and prefetch the next layer on a side CUDA stream, so
             at most two layers' KV are on the GPU (CUDA only; see kvscope.cache.offload).
         **knobs: the policy's knobs (e.g. `sink_tokens=4` for streaming_llm).
@@ -58,7 +61,7 @@ class BudgetedCache(Cache):
 
     def __init__(self, model, policy="lru", *, budget_tokens: int | None = None, budget_bytes: int | None = None,
                  kv_dtype: str | None = None, chunk_size: int = DEFAULT_CHUNK, collector: Collector | None = None,
-                 offload: bool = False, **knobs):
+                 evict_batch: int = 1, offload: bool = False, **knobs):
         self.num_layers, self.query_heads, self.kv_heads, self.head_dim = _compat.attention_heads(model)
         self.policy = get(policy, **knobs)
         self.kv_dtype = kv_format(kv_dtype).name if kv_dtype is not None else None
@@ -76,6 +79,11 @@ class BudgetedCache(Cache):
             self.budget_bytes = budget_bytes
             self.budget_tokens = self.tokens_for_bytes(budget_bytes, batch=1)
         self.policy.check_budget(self.budget_tokens)
+        _check_int("evict_batch", evict_batch, "evict_batch")
+        if self.budget_tokens - evict_batch + 1 < self.policy.min_budget():
+            raise usage(f"evict_batch {evict_batch} would cut below the minimum of policy {self.policy.name!r}",
+                        expected=f"budget - evict_batch + 1 >= {self.policy.min_budget()}", fix="evict_batch")
+        self.evict_batch = evict_batch
         self.home_device = next(model.parameters()).device
         self.offloader = None
         if offload:

@@ -57,6 +57,7 @@ class BudgetedLayer(CacheLayerMixin):
         self.fill = 0  # slots [0, fill) have been written; while `contiguous`, new tokens go to [fill, fill + n)
         self.contiguous = True
         self.upper = 0  # host-side upper bound on tokens held by any row (no device sync needed to know it)
+        self.free, self.free_next = None, 0  # queue of free slots, rebuilt after each eviction
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -147,12 +148,16 @@ class BudgetedLayer(CacheLayerMixin):
             slots = torch.arange(self.fill, self.fill + n, device=self.device).expand(b, h, n)
             self.fill += n
             return slots, self.fill
-        if self.contiguous:
-            self.contiguous = False
-        # free slots first, lowest index first; at least `chunk` are free because a row never keeps over `budget`
-        order = torch.argsort(self.state.valid.to(torch.int8), dim=-1, stable=True)
+        self.contiguous = False
         self.fill = self.capacity
-        return order[:, :, :n].contiguous(), self.capacity
+        if self.free is None or self.free_next + n > self.free.shape[-1]:
+            # free slots first, lowest index first: at least `room` are free, because a row never keeps more than
+            # `budget` tokens. Sorting once per eviction (not per step) keeps decode cheap.
+            order = torch.argsort(self.state.valid.to(torch.int8), dim=-1, stable=True)
+            self.free, self.free_next = order[:, :, :self.room].contiguous(), 0
+        slots = self.free[:, :, self.free_next:self.free_next + n]
+        self.free_next += n
+        return slots, self.capacity
 
     def _mask(self, before: torch.Tensor, slots: torch.Tensor, real: torch.Tensor, i0: int, i1: int) -> torch.Tensor:
         """Bool [B, H, rows, upto] for query rows [i0, i1) of the chunk: the tokens stored before the chunk, plus the
@@ -189,13 +194,15 @@ class BudgetedLayer(CacheLayerMixin):
                     f"change --budget or pick an evicting policy ({', '.join(o.evicting_policies())})")
             self.upper = held
             return
-        evict = select_evictions(o.policy.keep_scores(st, o.budget_tokens), st, o.budget_tokens)
+        keep = o.budget_tokens - o.evict_batch + 1  # evict a few more than needed: the next evictions are skipped
+        evict = select_evictions(o.policy.keep_scores(st, o.budget_tokens), st, keep)
         self.counters.record(evict, st.position, st.newest)
         if o.collector is not None:
             self._emit(evict)
         st.valid &= ~evict
-        self.upper = o.budget_tokens
+        self.upper = keep
         self.contiguous = False
+        self.free = None
 
     def _emit(self, evict: torch.Tensor) -> None:
         positions = torch.unique(self.state.position[evict]).tolist()

@@ -55,8 +55,8 @@ def _fast(t: torch.Tensor, kernel: str, *args) -> tuple[bool, object]:
     untouched then, since a launch fails before it writes anything.
     """
     global _TRITON
-    if not (USE_TRITON and t.is_cuda) or _TRITON is False:
-        return False, None
+    if not (USE_TRITON and t.is_cuda) or _TRITON is False or t.device.index != torch.cuda.current_device():
+        return False, None  # (a kernel launches on the current device: a store elsewhere takes the eager path)
     try:
         if _TRITON is None:
             from kvscope.cache import quant_triton
@@ -120,10 +120,11 @@ class _PerTokenStore(_Store):
 
     def read(self, upto: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         ran, kv = _fast(self.data, "pertoken_read", self, upto, dtype, self.FP8)
-        if not ran:
-            # [2, B, H, upto, ...] views in; a fresh contiguous [2, B, H, upto, D] out
-            kv = self.dequantize(self.data[:, :, :upto].permute(3, 0, 1, 2, 4),
-                                 self.params[:, :, :upto].permute(3, 0, 1, 2, 4), dtype)
+        if ran:
+            return kv[0, :, :, :upto], kv[1, :, :, :upto]
+        # [2, B, H, upto, ...] views in; a fresh contiguous [2, B, H, upto, D] out
+        kv = self.dequantize(self.data[:, :, :upto].permute(3, 0, 1, 2, 4),
+                             self.params[:, :, :upto].permute(3, 0, 1, 2, 4), dtype)
         return kv[0], kv[1]
 
 
@@ -250,11 +251,12 @@ class Int4Store(_Store):
     # --- reading ---------------------------------------------------------------------------------------------------
     def read(self, upto: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         ran, kv = _fast(self.packed, "int4_read", self, upto, dtype)
-        if not ran:
-            kv = self._dequantize(self._decoded_slots(upto), dtype)[:, :, :, :upto]
-            m = self.value_params[:, :, :upto, 0, 0]
-            ring = self.residual.gather(3, _ring_index(m)[None, ..., None].expand(kv.shape))
-            kv = torch.where((m < 0)[None, ..., None], ring.to(dtype), kv)
+        if ran:
+            return kv[0, :, :, :upto], kv[1, :, :, :upto]
+        kv = self._dequantize(self._decoded_slots(upto), dtype)[:, :, :, :upto]
+        m = self.value_params[:, :, :upto, 0, 0]
+        ring = self.residual.gather(3, _ring_index(m)[None, ..., None].expand(kv.shape))
+        kv = torch.where((m < 0)[None, ..., None], ring.to(dtype), kv)
         return kv[0], kv[1]
 
     def _decoded_slots(self, upto: int) -> int:
@@ -292,15 +294,16 @@ class Int4Store(_Store):
     def _write(self, slots: torch.Tensor | None, start: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Into `slots` [B, H, N], or, when None, into [start, start + N)."""
         b, h, n, _ = keys.shape
-        kept = min(n, R)  # the last `kept` tokens go to the ring, the others are quantized at once
-        overflow = self.count + kept - R
-        if overflow > 0 or n > kept:
+        d = max(0, n - R)  # the first d tokens are quantized at once, the last n - d go to the ring
+        overflow = self.count + n - d - R
+        if overflow > 0 or d:
             flush = min(self.count, max(overflow, R // 2)) if overflow > 0 else 0
-            d = n - kept
             direct = slots[..., :d] if slots is not None else torch.arange(start, start + d, device=keys.device)
             self._flush(flush, direct.expand(b, h, d), keys[:, :, :d], values[:, :, :d])
-        d = n - kept
-        self._to_ring(slots[..., d:] if slots is not None else None, start + d, keys[:, :, d:], values[:, :, d:])
+        if d:
+            slots = slots[..., d:] if slots is not None else None
+            keys, values = keys[:, :, d:], values[:, :, d:]
+        self._to_ring(slots, start + d, keys, values)
 
     def _to_ring(self, slots, start: int, keys, values) -> None:
         """Ring entries head, head + 1, ... (mod R) take the tokens; their slots are marked pending there."""

