@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import os
 import subprocess
@@ -156,6 +157,8 @@ def run_direct(model, ids, policy, budget, chunk, max_new, eos, kv_dtype=None) -
 
     cache = BudgetedCache(model, policy, budget_tokens=budget, chunk_size=chunk, kv_dtype=kv_dtype)
     g = generate(model, ids, cache, max_new_tokens=max_new, chunk_size=chunk, eos_token_id=eos)
+    del cache
+    gc.collect()
     seq = g.sequences[0].tolist()
     return seq[:seq.index(eos) + 1] if eos in seq else seq
 
@@ -207,6 +210,7 @@ def kvscope_passkey(model, tok, cases, policies, fractions, max_new, direct: boo
                 rows.append(_row(case, "kvscope", "full", 1.0, n + max_new, n, gen, tok, time.perf_counter() - t,
                                  prefill_s=pre_s))
             del base
+            gc.collect()  # a cache and its layers form reference cycles: free their storage now, not at the next GC
         log(f"kvscope passkey {i + 1}/{len(cases)} {case.case_id} ({n} tokens) in {time.perf_counter() - t_case:.0f} s")
     return rows
 
@@ -251,6 +255,7 @@ def bounded_passkey(model, tok, cases, policy, fractions, chunk, max_new) -> lis
             gen = run_direct(model, ids, policy, b, chunk, max_new, tok.eos_token_id)
             rows.append(_row(case, "kvscope", policy, f, b, chunk, gen, tok, time.perf_counter() - t,
                              mode=f"chunk {chunk}"))
+            gc.collect()
     return rows
 
 
@@ -351,6 +356,7 @@ def kvscope_ppl(model, ids, policies, fractions, chunk, direct) -> list[dict]:
                 cache = evicted_copy(base, b)
             rows.append({"tool": "kvscope", "policy": policy, "measure": "prefix", "fraction": f, "budget_tokens": b}
                         | score_second_half(model, ids, cache))
+        gc.collect()
         log(f"kvscope perplexity {policy} in {time.perf_counter() - t:.0f} s")
     return rows
 

@@ -9,7 +9,9 @@ back in place). The byte layout is the one `kvscope.kvformats` prices, to the by
               + batch * heads * residual_tokens() * 2 * head_dim * dense      (dense: bytes of the compute dtype)
 
 Every store allocates once, in `__init__`. `read` dequantizes keys and values of [0, upto) together into one fresh
-[2, B, H, upto, D] tensor and returns its two halves; nothing loops over tokens. On CUDA, when Triton is installed,
+[2, B, H, upto, D] tensor (fused path: [2, B, H, slots, D], so the size and strides are the same at every step) and
+returns its two halves; nothing loops over tokens. `nbytes` does not count that output: like the `.to(dtype)` of a
+dense read it is a transient of the attention step. On CUDA, when Triton is installed,
 the per-step work (quantize-and-write, read, the int4 ring write) runs as one fused kernel each
 (kvscope.cache.quant_triton): decoding with a small model is bound by the CPU cost of launching PyTorch ops, and the
 eager versions below take 10 to 20 of them. The eager code is the reference, used on CPU and as the fallback
