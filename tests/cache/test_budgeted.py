@@ -51,13 +51,20 @@ def test_no_eviction_matches_dynamic_cache(tiny, policy, chunk):
     assert cache.stats().evicted_tokens == 0
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("policy", ALL)
-def test_no_eviction_matches_dynamic_cache_on_smollm(smollm, policy):
+@pytest.fixture(scope="module")
+def smollm_reference(smollm):
+    """The embedded model's greedy output with the default cache, computed once for every policy."""
     model, tok, _ = smollm
     enc = tok(["The capital of France is", "Write a short poem about the sea and the wind:"], return_tensors="pt",
               padding=True, padding_side="left")
-    ref = hf_generate(model, enc.input_ids, enc.attention_mask, new=8)
+    return enc, hf_generate(model, enc.input_ids, enc.attention_mask, new=8)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ALL)
+def test_no_eviction_matches_dynamic_cache_on_smollm(smollm, smollm_reference, policy):
+    model = smollm[0]
+    enc, ref = smollm_reference
     cache = BudgetedCache(model, policy, budget_tokens=64, chunk_size=5)
     out = hf_generate(model, enc.input_ids, enc.attention_mask, cache, new=8)
     assert torch.equal(ref.sequences, out.sequences)

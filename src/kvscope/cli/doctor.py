@@ -32,9 +32,14 @@ def run(args) -> int:
     check_out_dir(args.out)
     w = common.measured_workload(args)
     loaded = common.load_model(args)
-    with output.status("running the workload under the monitor"):
+    with output.progress() as bar:
+        task = bar.add_task("running under the monitor", total=None)
+
+        def on_progress(phase: str, done: int, total: int) -> None:
+            bar.update(task, description=phase, completed=done, total=total)
+
         result = doctor(loaded, w, policy=args.policy, gpu_memory=args.gpu_memory, fix=args.fix, out=args.out,
-                        command="kvscope " + " ".join(sys.argv[1:]))
+                        command="kvscope " + " ".join(sys.argv[1:]), progress=on_progress)
     payload = {**result.report, "paths": result.paths}
     output.emit(payload, args.format, render)
     return 0

@@ -86,7 +86,7 @@ def doctor(loaded, w: Workload, *, policy: str = "full", gpu_memory: str | None 
         os.close(fd)
     monitor = Monitor(device=(device.index or 0) if cuda else None).start()
     try:
-        outcome = execute(model, spec, w, policy=policy, monitor=monitor, snapshot_path=snapshot)
+        outcome = execute(model, spec, w, policy=policy, monitor=monitor, snapshot_path=snapshot, progress=progress)
     finally:
         if cuda:
             torch.cuda.memory._record_memory_history(enabled=None)
@@ -103,7 +103,7 @@ def doctor(loaded, w: Workload, *, policy: str = "full", gpu_memory: str | None 
     fix_outcome = None
     kv_layers = outcome.kv_layers
     if fix:
-        fix_outcome = _apply_fix(loaded, fixes, outcome, notes, monitor)
+        fix_outcome = _apply_fix(loaded, fixes, outcome, notes, monitor, progress)
         if fix_outcome is not None:
             kv_layers = fix_outcome["kv_layers"]
             notes.append("the timeline continues with the fixed run (phases marked 'fix'); the per-layer KV table "
@@ -147,7 +147,7 @@ def _report_status(status: str) -> str:
     return {"ok": "ok", "oom": "oom"}.get(status, "error")
 
 
-def _apply_fix(loaded, fixes, outcome: Outcome, notes: list[str], monitor: Monitor) -> dict | None:
+def _apply_fix(loaded, fixes, outcome: Outcome, notes: list[str], monitor: Monitor, progress=None) -> dict | None:
     if outcome.status == "ok":
         notes.append("--fix: nothing to fix, the workload ran within capacity; no change was applied")
         return None
@@ -158,7 +158,8 @@ def _apply_fix(loaded, fixes, outcome: Outcome, notes: list[str], monitor: Monit
     spec = loaded.spec
     w = best.workload
     monitor.mark("fix", best.option)
-    again = execute(loaded.model, spec, w, policy=best.policy or "full", monitor=monitor, phase_prefix="fix: ")
+    again = execute(loaded.model, spec, w, policy=best.policy or "full", monitor=monitor, phase_prefix="fix: ",
+                    progress=progress)
     return {"applied": f"{best.change} ({best.option})", "status": _report_status(again.status),
             "detail": again.status, "error": again.error, "peak_allocated_bytes": again.peak_allocated_bytes,
             "peak_rss_bytes": again.peak_rss_bytes, "kv_bytes": again.kv_bytes,

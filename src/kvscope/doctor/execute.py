@@ -61,7 +61,8 @@ def random_prompt(vocab: int, batch: int, context: int, device, seed: int = 0) -
 
 
 def execute(model, spec, w: Workload, *, policy: str = "full", monitor: Monitor, snapshot_path: str | None = None,
-            seed: int = 0, phase_prefix: str = "") -> Outcome:
+            seed: int = 0, phase_prefix: str = "", progress=None) -> Outcome:
+    """`progress(phase, done, total)` is called as prefill chunks and decode steps complete (for a progress bar)."""
     """Run `w` once. The kvscope runtime uses a `BudgetedCache` (budget = `w.budget_tokens`, or the whole sequence);
     the hf runtime is plain `generate()` with its default cache."""
     device = next(model.parameters()).device
@@ -77,11 +78,11 @@ def execute(model, spec, w: Workload, *, policy: str = "full", monitor: Monitor,
     try:
         if w.runtime == "hf":
             cache = _compat.dynamic_cache(model)
-            _run_hf(model, ids, cache, w, monitor)
+            _run_hf(model, ids, cache, w, monitor, progress)
         else:
             budget = w.budget_tokens or w.total_tokens
             cache = BudgetedCache(model, policy, budget_tokens=budget, kv_dtype=w.kv_dtype, chunk_size=w.chunk_size)
-            gen = _run_kvscope(model, ids, cache, w, monitor)
+            gen = _run_kvscope(model, ids, cache, w, monitor, progress)
             tps = gen.decode_tokens_per_second
     except torch.OutOfMemoryError as exc:
         outcome_status, error = "oom", _first_line(exc)
@@ -125,12 +126,14 @@ def release(device) -> None:
         torch.cuda.empty_cache()
 
 
-def _run_hf(model, ids, cache, w: Workload, monitor: Monitor) -> None:
+def _run_hf(model, ids, cache, w: Workload, monitor: Monitor, progress=None) -> None:
     monitor.mark("prefill", f"{w.batch} x {w.context} tokens in one forward")
 
     def on_step(step: int) -> None:
         if step == 0:
             monitor.mark("decode", f"{w.new_tokens} tokens")
+        if progress:
+            progress("decode", step + 1, w.new_tokens)
 
     marker = _compat.step_callback_processor(on_step)
     with torch.inference_mode():
@@ -139,7 +142,7 @@ def _run_hf(model, ids, cache, w: Workload, monitor: Monitor) -> None:
                        pad_token_id=0, **{_compat.cache_keyword(model): cache})
 
 
-def _run_kvscope(model, ids, cache: BudgetedCache, w: Workload, monitor: Monitor):
+def _run_kvscope(model, ids, cache: BudgetedCache, w: Workload, monitor: Monitor, progress=None):
     chunks = -(-w.context // w.chunk_size)
     state = {"phase": None}
 
@@ -149,6 +152,8 @@ def _run_kvscope(model, ids, cache: BudgetedCache, w: Workload, monitor: Monitor
         elif state["phase"] != "decode":
             monitor.mark("decode", f"{w.new_tokens} tokens")
         state["phase"] = phase
+        if progress:
+            progress(phase, done, total)
         if phase == "prefill" or done % 8 == 0:
             monitor.record_kv(cache.stats())
 
