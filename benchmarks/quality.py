@@ -34,6 +34,7 @@ import argparse
 import copy
 import gc
 import json
+import math
 import os
 import subprocess
 import sys
@@ -415,8 +416,6 @@ def run_kvpress(args, tok, cases, ppl_ids, fractions, model_dir: Path) -> dict:
 
 # --- aggregation and report ------------------------------------------------------------------------------------------
 def ppl_value(r: dict) -> float:
-    import math
-
     return math.exp(r["nll_sum"] / max(1, r["tokens"]))
 
 
@@ -486,6 +485,28 @@ def budget_tables(groups: list[dict], lengths: list[int], fractions: list[float]
     return md
 
 
+def best_per_budget(groups: list[dict], lengths: list[int], fractions: list[float]) -> str:
+    """One line per length: the best one-chunk kvscope policy and the best kvpress press (together) at each budget."""
+    lines = []
+    for n in lengths:
+        key, cells = f"acc_{n}", []
+        for f in fractions:
+            best = {}
+            for tool, modes in (("kvscope", ("one-chunk",)), ("kvpress", ("together",))):
+                cand = [g for g in groups if g["tool"] == tool and g["mode"] in modes and g["fraction"] == f
+                        and not g["kv_dtype"] and key in g]
+                if cand:
+                    top = max(cand, key=lambda g: g[key])
+                    names = sorted(g["policy"] for g in cand if g[key] == top[key])
+                    best[tool] = f"{'/'.join(names)} {fmt_acc(top, n)}"
+            if best:
+                cells.append(f"{100 * f:g}%: kvscope {best.get('kvscope', '-')} vs kvpress {best.get('kvpress', '-')}")
+        if cells:
+            lines.append(f"- {n // 1024}k: " + "; ".join(cells))
+    return ("Best of each tool per budget (one-chunk kvscope policies vs kvpress presses on the whole prompt):\n\n"
+            + "\n".join(lines) + "\n\n") if lines else ""
+
+
 def target_verdict(groups: list[dict], fraction=0.25, length=2048) -> dict:
     key = f"acc_{length}"
     full = next((g for g in groups if g["tool"] == "kvscope" and g["policy"] == "full" and not g["kv_dtype"]
@@ -516,6 +537,10 @@ def target_verdict(groups: list[dict], fraction=0.25, length=2048) -> dict:
 # --- plot (inline SVG, no matplotlib needed) ------------------------------------------------------------------------
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf"]
+# one colour per algorithm, shared by the two tools (kvscope solid with dots, kvpress dashed with squares)
+FAMILY_COLOR = {"snapkv": 0, "SnapKVPress": 0, "tova": 1, "TOVAPress": 1, "streaming_llm": 2, "StreamingLLMPress": 2,
+                "knorm": 3, "KnormPress": 3, "h2o": 4, "ObservedAttentionPress": 4, "lru": 5, "sliding_window": 6,
+                "random": 7, "RandomPress": 7, "ExpectedAttentionPress": 9}
 
 
 def svg_plot(groups: list[dict], fractions: list[float], length: int) -> str:
@@ -527,7 +552,7 @@ def svg_plot(groups: list[dict], fractions: list[float], length: int) -> str:
         if g["kv_dtype"] or g["mode"] not in ("one-chunk", "together"):
             continue
         name = label(g)
-        series.setdefault(name, {"tool": g["tool"], "acc": {}, "ppl": {}})
+        series.setdefault(name, {"tool": g["tool"], "policy": g["policy"], "acc": {}, "ppl": {}})
         if key in g:
             series[name]["acc"][g["fraction"]] = g[key]
         if "ppl_prefix" in g:
@@ -535,6 +560,7 @@ def svg_plot(groups: list[dict], fractions: list[float], length: int) -> str:
     full = {t: next((g for g in groups if g["tool"] == t and g["fraction"] == 1.0 and g["mode"] in
                      ("one-chunk", "together") and not g["kv_dtype"]), None) for t in ("kvscope", "kvpress")}
     names = [n for n in series if not n.endswith(" full") and "no press" not in n]
+    color_of = {n: PALETTE[FAMILY_COLOR.get(series[n]["policy"], 8)] for n in names}
     for n in names:  # every line ends at the full cache of its own tool
         f = full[series[n]["tool"]]
         if f:
@@ -550,21 +576,23 @@ def svg_plot(groups: list[dict], fractions: list[float], length: int) -> str:
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{h + 30}" font-family="sans-serif" '
              f'font-size="11">', f'<rect width="{width}" height="{h + 30}" fill="white"/>']
     panels = [(f"passkey accuracy at {length // 1024}k tokens", 0, 0.0, 1.0, "acc"),
-              ("perplexity, prefix measure (lower is better)", w, min(ppl_vals or [1]), max(ppl_vals or [2]), "ppl")]
+              ("perplexity, prefix measure (log scale, lower is better)", w, min(ppl_vals or [1]),
+               max(ppl_vals or [2]), "ppl")]
     for title, ox, lo, hi, field in panels:
         if hi <= lo:
             hi = lo + 1
+        scale = math.log if field == "ppl" else (lambda v: v)
 
-        def py(v, lo=lo, hi=hi):
-            return h - pad - (v - lo) / (hi - lo) * (h - 2 * pad)
+        def py(v, lo=lo, hi=hi, scale=scale):
+            return h - pad - (scale(v) - scale(lo)) / (scale(hi) - scale(lo)) * (h - 2 * pad)
 
         parts.append(f'<text x="{ox + w / 2}" y="18" text-anchor="middle" font-size="13">{title}</text>')
         parts.append(f'<line x1="{ox + pad}" y1="{h - pad}" x2="{ox + w - pad}" y2="{h - pad}" stroke="black"/>')
         parts.append(f'<line x1="{ox + pad}" y1="{pad}" x2="{ox + pad}" y2="{h - pad}" stroke="black"/>')
         for i, x in enumerate(xs):
-            parts.append(f'<text x="{ox + px(i)}" y="{h - pad + 15}" text-anchor="middle">{100 * x:g}%</text>')
+            parts.append(f'<text x="{ox + px(i)}" y="{h - pad + 17}" text-anchor="middle">{100 * x:g}%</text>')
         for k in range(5):
-            v = lo + k * (hi - lo) / 4
+            v = lo + k * (hi - lo) / 4 if field == "acc" else math.exp(math.log(lo) + k * math.log(hi / lo) / 4)
             parts.append(f'<text x="{ox + pad - 5}" y="{py(v) + 4}" text-anchor="end">'
                          f'{v:.2f}</text><line x1="{ox + pad}" y1="{py(v)}" x2="{ox + w - pad}" y2="{py(v)}" '
                          f'stroke="#ddd"/>')
@@ -575,7 +603,7 @@ def svg_plot(groups: list[dict], fractions: list[float], length: int) -> str:
                    if series[n][field].get(x) is not None]
             if len(pts) < 2:
                 continue
-            color = PALETTE[j % len(PALETTE)]
+            color = color_of[n]
             dash = ' stroke-dasharray="5,3"' if series[n]["tool"] == "kvpress" else ""
             shift = (j - len(names) / 2) * 1.2  # identical values stay visible side by side
             pts = [(x + ox + shift, y) for x, y in pts]
@@ -586,7 +614,7 @@ def svg_plot(groups: list[dict], fractions: list[float], length: int) -> str:
                              "kvscope" else f'<rect x="{x - 2.5:.1f}" y="{y - 2.5:.1f}" width="5" height="5" '
                              f'fill="{color}"/>')
     for j, n in enumerate(names):
-        color = PALETTE[j % len(PALETTE)]
+        color = color_of[n]
         dash = ' stroke-dasharray="5,3"' if series[n]["tool"] == "kvpress" else ""
         y = 40 + j * 15
         parts.append(f'<line x1="{2 * w + 10}" y1="{y}" x2="{2 * w + 35}" y2="{y}" stroke="{color}" '
@@ -595,14 +623,18 @@ def svg_plot(groups: list[dict], fractions: list[float], length: int) -> str:
     return "\n".join(parts) + "\n"
 
 
-def render(args, meta: dict, groups, verdict, checks, notes, cases, fractions, lengths) -> str:
-    md = header("Quality: passkey retrieval and perplexity under KV budgets (embedded SmolLM2-135M, CPU)")
-    per_len = {n: sum(1 for c in cases if c.target_length == n) for n in lengths}
+TITLE = "Quality: passkey retrieval and perplexity under KV budgets (embedded SmolLM2-135M, CPU)"
+
+
+def render(args, meta: dict, groups, verdict, checks, notes, per_len: dict, head: str) -> str:
+    fractions, lengths = args.budgets, args.lengths
+    md = head
     md += (
         f"Model: embedded SmolLM2-135M-Instruct, fp32 on CPU, sdpa (kvscope runs its own attention inside "
         f"`BudgetedCache`; kvpress {meta.get('kvpress_versions', {}).get('kvpress', '-')} with transformers "
         f"{meta.get('kvpress_versions', {}).get('transformers', '-')} in `.venv-kvpress`, "
-        f"`attn_implementation={meta.get('kvpress_attn', '-')}`). Run time: {meta['seconds'] / 60:.1f} min.\n\n"
+        f"`attn_implementation={meta.get('kvpress_attn', '-')}`). Run time: {meta['seconds'] / 60:.1f} min on a CPU "
+        "shared with other jobs (stage times in the JSON).\n\n"
         "**Passkey.** A 5-digit key (`The pass key is K. Remember it. K is the pass key.`) hidden at relative "
         f"depths {', '.join(f'{100 * d:g}%' for d in args.depths)} of original prose "
         "(benchmarks/quality_cases.py), the question after the story, chat template applied, the assistant's answer "
@@ -622,7 +654,15 @@ def render(args, meta: dict, groups, verdict, checks, notes, cases, fractions, l
         "uncompressed on top, so the press cannot see the question but the question's tokens are kept beyond the "
         f"budget); run at {', '.join(str(n) for n in args.pipeline_lengths) or 'no'} tokens.\n"
         "- Knobs are each tool's defaults (kvscope snapkv window 32 / kernel 7, kvpress SnapKVPress window 64 / "
-        "kernel 5; streaming: 4 sinks in both; kvscope h2o recent_ratio 0.5; random: seed 0).\n\n"
+        "kernel 5; streaming: 4 sinks in both; kvscope h2o recent_ratio 0.5; random: seed 0). "
+        "ObservedAttentionPress is left out by default: it needs `attn_implementation=\"eager\"`, not sdpa "
+        "(`--presses` adds it; every kvpress prefill then runs eager, about 2.5x slower).\n"
+        "- Shared prefills, exact: one-chunk eviction happens after the chunk's attention, so a policy's prefill and "
+        "observations do not depend on the budget; each attention-reading policy (h2o, lru, snapkv, tova) prefills a "
+        "case once and every budget is a copy of that cache evicted by the cache's own eviction step; policies that "
+        "read no attention share the `full` prefill with their own `on_insert` scores. kvpress's runner calls every "
+        "press's own `compress()` in one prefill's hooks. Both are checked against the plain paths (Checks below); "
+        "`--direct` turns kvscope's sharing off.\n\n"
         f"**Perplexity** on the first {args.ppl_tokens} tokens of the same prose (no template); both measures score "
         f"tokens N/2+1 .. N-1 ({args.ppl_tokens // 2 - 1} tokens). `ppl stream` (kvscope): the text is fed in "
         f"chunks of {args.ppl_chunk} tokens through a cache of fraction x {args.ppl_tokens} tokens that evicts after "
@@ -642,6 +682,7 @@ def render(args, meta: dict, groups, verdict, checks, notes, cases, fractions, l
                + ("; vs pipeline-mode presses: " + ("beats all" if v["beats_every_pipeline_press"] else
                                                     "does not beat all")
                   if v.get("beats_every_pipeline_press") is not None else "") + ".\n\n")
+    md += best_per_budget(groups, lengths, fractions)
     md += budget_tables(groups, lengths, fractions)
     md += "![quality](quality.svg)\n\n"
     if checks:
@@ -684,6 +725,8 @@ def parse_args(argv=None):
     p.add_argument("--plot", default=str(ROOT / "docs" / "quality.svg"))
     p.add_argument("--docs", default=str(DOCS))
     p.add_argument("--no-docs", action="store_true", help="do not touch docs/ (JSON still written to --json)")
+    p.add_argument("--render-from", default=None, metavar="JSON",
+                   help="only rewrite the docs section and plot from a finished run's JSON")
     args = p.parse_args(argv)
     if args.quick:
         args.lengths, args.keys, args.depths = "1024,2048", "1", "0.1,0.5"
@@ -704,6 +747,8 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.render_from:
+        return render_from(args.render_from, args)
     torch.set_num_threads(args.threads)
     from kvscope import _compat, policies
     from kvscope.models import load
@@ -725,6 +770,7 @@ def main(argv=None) -> int:
     t = time.perf_counter()
     passkey += kvscope_passkey(model, tok, cases, pol, args.budgets, args.max_new_tokens, args.direct)
     timings["kvscope_passkey_s"] = round(time.perf_counter() - t, 1)
+    checkpoint(args, passkey, ppl, timings)
 
     fork = []
     check_case = next((c for c in cases if c.target_length == 2048), None)
@@ -745,6 +791,7 @@ def main(argv=None) -> int:
         passkey += bounded_passkey(model, tok, [c for c in cases if c.target_length == 2048], name, args.budgets,
                                    args.bounded_chunk, args.max_new_tokens)
         timings["kvscope_bounded_s"] = round(time.perf_counter() - t, 1)
+        checkpoint(args, passkey, ppl, timings)
         log(f"bounded-peak rows ({name}, chunk {args.bounded_chunk}) in {timings['kvscope_bounded_s']} s")
 
     for kv in args.kv_dtypes:
@@ -761,11 +808,13 @@ def main(argv=None) -> int:
             ppl.append({"tool": "kvscope", "policy": "full", "measure": "stream", "fraction": 1.0, "kv_dtype": kv,
                         "budget_tokens": len(ppl_ids) + args.ppl_chunk, "chunk": args.ppl_chunk} | r)
         timings[f"kv_{kv}_s"] = round(time.perf_counter() - t, 1)
+        checkpoint(args, passkey, ppl, timings)
 
     if ppl_ids:
         t = time.perf_counter()
         ppl += kvscope_ppl(model, ppl_ids, pol, args.budgets, args.ppl_chunk, args.direct)
         timings["kvscope_ppl_s"] = round(time.perf_counter() - t, 1)
+        checkpoint(args, passkey, ppl, timings)
 
     kvpress_result = None
     if not args.no_kvpress:
@@ -793,15 +842,47 @@ def main(argv=None) -> int:
               "checks": checks, "notes": notes, "fork_check": fork, "meta": meta,
               "cases": [c.to_json() | {"input_ids": None} for c in cases],
               "summary": [{k: v for k, v in g.items()} for g in groups], "passkey": passkey, "ppl": ppl,
-              "kvpress_verify": kvpress_result.get("verify") if kvpress_result else None}
+              "kvpress_verify": kvpress_result.get("verify") if kvpress_result else None, "header": header(TITLE)}
     save_json(result, args.json)
     log(f"done in {meta['seconds'] / 60:.1f} min; JSON in {args.json}")
-    md = render(args, meta, groups, verdict, checks, notes, cases, args.budgets, args.lengths)
+    head = result["header"]
+    per_len = {n: sum(1 for c in cases if c.target_length == n) for n in args.lengths}
+    publish(args, meta, groups, verdict, checks, notes, per_len, head)
+    return 0
+
+
+def publish(args, meta, groups, verdict, checks, notes, per_len, head) -> None:
+    md = render(args, meta, groups, verdict, checks, notes, per_len, head)
     print(md)
     if not args.no_docs:
         Path(args.plot).write_text(svg_plot(groups, args.budgets, 2048 if 2048 in args.lengths else args.lengths[0]))
         write_section("quality", md, args.docs)
+
+
+def render_from(path: str, args) -> int:
+    """Rewrite the docs section and plot from a finished run's JSON (its own header: device, date, commit, command)."""
+    data = json.loads(Path(path).read_text())
+    if data.get("partial") or "header" not in data:
+        raise SystemExit(f"{path} holds no finished run (no summary or header); run the benchmark first")
+    saved = argparse.Namespace(**data["args"])
+    saved.no_docs, saved.docs, saved.plot = args.no_docs, args.docs, args.plot
+    groups = []
+    for g in data["summary"]:
+        g["hits"] = {int(k): v for k, v in g["hits"].items()}
+        g["n"] = {int(k): v for k, v in g["n"].items()}
+        groups.append(g)
+    per_len = {n: sum(1 for c in data["cases"] if c["target_length"] == n) for n in saved.lengths}
+    publish(saved, data["meta"], groups, data["verdict"], data["checks"], data["notes"], per_len, data["header"])
     return 0
+
+
+def checkpoint(args, passkey, ppl, timings) -> None:
+    """Partial results after each stage (a long run that dies keeps what it measured); replaced at the end."""
+    save_json({"partial": True, "timings": timings, "passkey": passkey, "ppl": ppl}, args.json)
+    import resource
+
+    log(f"checkpoint: {len(passkey)} passkey rows, {len(ppl)} perplexity rows; peak RSS "
+        f"{resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6:.1f} GB")
 
 
 def kv_dtype_targets(groups: list[dict]) -> list[str]:
