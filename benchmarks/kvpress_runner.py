@@ -2,8 +2,8 @@
 
     .venv-kvpress/bin/python benchmarks/kvpress_runner.py IN.json OUT.json
 
-kvpress 0.5.5 needs transformers < 5.3, which kvscope does not support, so it lives in its own virtualenv
-(`make .venv-kvpress`, see benchmarks/requirements-kvpress.txt) and `benchmarks/quality.py` calls this script as a
+kvpress 0.5.5 needs transformers < 5.3, which kvscope does not support, so it lives in its own virtualenv (created by
+`make bench-quality` from benchmarks/requirements-kvpress.txt) and `benchmarks/quality.py` calls this script as a
 subprocess. The input holds the model directory (kvscope's cached safetensors conversion of the embedded SmolLM2) and
 the cases as token ids, so both tools see exactly the same tokens; the output holds generated token ids (scored by
 quality.py with the same tokenizer) and negative log-likelihoods.
@@ -12,8 +12,9 @@ How a press is applied. kvpress compresses a layer's KV cache in a forward hook 
 the prefill forward only; the prefill's own output is therefore the same for every press and ratio. This runner runs
 the prefill once per case and, in each layer's hook, calls every press's own `compress()` on that layer's keys and
 values (exactly what `BasePress.forward_hook` does, once per press), keeping each press's compressed KV. Each press
-then decodes from a `DynamicCache` holding its compressed KV. A check on the first case compares this with kvpress's
-own path (`with press(model): model(...)`, and the pipeline's `_forward`) and records whether the answers agree.
+then decodes from a `DynamicCache` holding its compressed KV. A check on one case (a 2k one, from quality.py)
+compares this with kvpress's own paths (`with press(model): model(...)`, and the pipeline's `_forward`) and records
+whether the answers agree.
 
 Modes:
 - `together`: the whole prompt (context, question, answer prefix) is prefilled and compressed, then decoding starts;

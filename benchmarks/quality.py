@@ -1,8 +1,9 @@
 """Quality benchmark on the embedded SmolLM2-135M (CPU): passkey retrieval and perplexity under every eviction policy
 and budget, against NVIDIA kvpress presses on the same token ids.
 
-    python benchmarks/quality.py                 # the full run (about 25-30 min on 2 free cores), writes docs
-    python benchmarks/quality.py --quick         # a few minutes: 1k/2k, fewer policies, presses and cases
+    python benchmarks/quality.py                 # the full run, writes docs (40 min on 2 shared cores, 12 cases)
+    python benchmarks/quality.py --quick         # about 3 minutes: 1k/2k, fewer policies, presses and cases
+    python benchmarks/quality.py --render-from docs/data/quality.json   # rewrite the docs section from a run's JSON
     python benchmarks/quality.py --kv-dtypes bf16,fp8,int8,int4   # adds full-cache rows per KV storage format
 
 What is measured (details in the "quality" section of docs/benchmarks.md, written by this script):
