@@ -180,9 +180,6 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def logits_of(output) -> torch.Tensor:
-    return output.logits
-
 
 def dynamic_cache(model):
     """The default cache of plain `generate()`, created here so the caller can measure it after an OOM."""

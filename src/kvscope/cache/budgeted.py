@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from kvscope import _compat
-from kvscope.cache.layer import BudgetedLayer, grouped_attention
+from kvscope.cache.layer import BudgetedLayer
 from kvscope.cache.offload import LayerOffloader, SwapReport, require_cuda_for_offload, swap
 from kvscope.cache.stats import CacheStats, Collector
 from kvscope.cache.store import make_store
@@ -215,4 +215,4 @@ def budgeted_attention(module, query, key, value, attention_mask, scaling=None, 
     return out.transpose(1, 2).contiguous(), None
 
 
-__all__ = ["BudgetedCache", "grouped_attention"]
+__all__ = ["BudgetedCache"]

@@ -109,6 +109,8 @@ def doctor(loaded, w: Workload, *, policy: str = "full", gpu_memory: str | None 
             notes.append("the timeline continues with the fixed run (phases marked 'fix'); the per-layer KV table "
                          "shows the fixed run")
     monitor.stop()
+    if emulated:
+        torch.cuda.set_per_process_memory_fraction(1.0, device)  # the emulated cap must not outlive the diagnosis
     snapshot_name = snapshot if outcome.status == "oom" and snapshot and os.path.getsize(snapshot) > 0 else None
     report = {
         "kvscope_version": __version__,

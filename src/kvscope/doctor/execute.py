@@ -94,9 +94,10 @@ def execute(model, spec, w: Workload, *, policy: str = "full", monitor: Monitor,
         monitor.sample()
         monitor.close_phases()
     seconds = time.perf_counter() - start
-    kv_layers, kv_bytes, evicted = _kv_figures(cache)
-    if cache is not None and isinstance(cache, BudgetedCache):
-        monitor.record_kv(cache.stats())
+    stats = cache.stats() if isinstance(cache, BudgetedCache) else None  # one read of the device counters
+    kv_layers, kv_bytes, evicted = _kv_figures(cache, stats)
+    if stats is not None:
+        monitor.record_kv(stats)
     rss = [r for t, r in zip(monitor.timeline.t, monitor.timeline.rss) if t >= start_t]
     peak_alloc = torch.cuda.max_memory_allocated(device) if cuda else None
     peak_res = torch.cuda.max_memory_reserved(device) if cuda else None
@@ -161,11 +162,12 @@ def _run_kvscope(model, ids, cache: BudgetedCache, w: Workload, monitor: Monitor
     return generate(model, ids, cache, max_new_tokens=w.new_tokens, chunk_size=w.chunk_size, on_phase=on_phase)
 
 
-def _kv_figures(cache) -> tuple[list[dict], int, int]:
+def _kv_figures(cache, stats=None) -> tuple[list[dict], int, int]:
+    """(per-layer rows, KV bytes, evicted tokens); `stats` saves a second read of a BudgetedCache's counters."""
     if cache is None:
         return [], 0, 0
     if isinstance(cache, BudgetedCache):
-        s = cache.stats()
+        s = stats or cache.stats()
         return ([{"layer": x.layer, "stored_tokens": x.stored_tokens, "evicted_tokens": x.evicted_tokens,
                   "bytes": x.bytes, "capacity_tokens": x.capacity_tokens} for x in s.layers], s.bytes,
                 s.evicted_tokens)

@@ -77,7 +77,9 @@ def fit(loaded, w: Workload, *, dimension: str = "batch", policy: str = "full", 
             on_probe(probes[-1])
         return o.status == "ok"
 
-    measured = search.largest_from(ok, max(1, predicted), 1, hi)
-    if device.type == "cuda":
-        torch.cuda.set_per_process_memory_fraction(1.0, device)
+    try:
+        measured = search.largest_from(ok, max(1, predicted), 1, hi)
+    finally:  # the emulated cap must not outlive the search, even when a probe fails unexpectedly
+        if device.type == "cuda":
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
     return FitResult(dimension, predicted, max(0, measured), capacity, probes)

@@ -83,10 +83,11 @@ def run_prompt(model, tokenizer, text: str, *, chat: bool = True, policy: str = 
         budget_tokens = ids.shape[1] + max_new_tokens
         note = f"no --budget: sized to the whole sequence ({budget_tokens} tokens), nothing evicted"
     cache = BudgetedCache(model, policy, budget_tokens=budget_tokens, kv_dtype=kv_dtype, chunk_size=chunk_size)
-    gen = generate(model, ids, cache, max_new_tokens=max_new_tokens, chunk_size=chunk_size,
-                   eos_token_id=_eos(tokenizer, model), on_phase=on_phase)
+    eos_ids = _eos(tokenizer, model)
+    gen = generate(model, ids, cache, max_new_tokens=max_new_tokens, chunk_size=chunk_size, eos_token_id=eos_ids,
+                   on_phase=on_phase)
     tokens = gen.sequences[0].tolist()
-    eos = set(_eos(tokenizer, model))
+    eos = set(eos_ids)
     if eos and any(t in eos for t in tokens):
         tokens = tokens[:next(i for i, t in enumerate(tokens) if t in eos)]
     text_out = tokenizer.decode(tokens, skip_special_tokens=True)
