@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import gc
+import statistics
 import time
 
 import torch
 
 from common import header, save_json, table, write_section
 from kvscope import _compat
-from kvscope.cache import BudgetedCache
+from kvscope.cache import BudgetedCache, fused
 from kvscope.models import load
 from kvscope.planner import Workload, plan
 from kvscope.runtime import generate
@@ -55,6 +56,80 @@ def kvscope_run(model, ids, new: int, policy: str = "full", budget: int | None =
     del cache
     clean()
     return row
+
+
+KV_DTYPES = (None, "fp8", "int8", "int4")
+
+
+def dtype_speed(model, spec, new: int, rounds: int) -> dict:
+    """Decode tok/s at 8k per KV dtype, with and without the fused decode attention, interleaved over `rounds` (the
+    median is reported: the shared host's CPU speed drifts between runs); batch 1 and batch 8; GPU time per step."""
+    out = {"rounds": rounds, "new": new, "rows": []}
+    for batch, reps in ((1, rounds), (8, 1)):
+        ids = torch.randint(10, spec.vocab_size, (batch, 8192), device="cuda")
+        samples: dict = {}
+        hf = []
+        for _ in range(reps):
+            hf.append(hf_decode_tps(model, ids, new))
+            for kv in KV_DTYPES:
+                for fuse in (True, False):
+                    fused.DECODE_ATTENTION = fuse
+                    r = kvscope_run(model, ids, new, kv_dtype=kv)
+                    samples.setdefault((kv, fuse), []).append(r)
+                    print(batch, kv, fuse, r["decode_tps"], flush=True)
+        fused.DECODE_ATTENTION = True
+        out["rows"].append({"batch": batch, "config": "plain transformers generate() (DynamicCache)",
+                            "decode_tps": round(statistics.median(hf), 2), "samples": [round(x, 2) for x in hf]})
+        for (kv, fuse), rs in samples.items():
+            tps = [r["decode_tps"] for r in rs]
+            row = {"batch": batch, "kv": kv or "bf16", "fused": fuse, "decode_tps": statistics.median(tps),
+                   "samples": tps, "kv_allocated": rs[0]["kv_allocated"]}
+            if batch == 1:
+                fused.DECODE_ATTENTION = fuse
+                row.update(decode_profile(model, ids, kv))
+                fused.DECODE_ATTENTION = True
+            out["rows"].append(row)
+            print(row, flush=True)
+        del ids
+    return out
+
+
+KERNEL_KINDS = (("attention (fused, kvscope)", ("_split", "_combine")),
+                ("attention (sdpa)", ("flash", "fmha", "attention", "softmax")),
+                ("KV write (quantize)", ("_pertoken_write", "_int4_ring_write")),
+                ("KV read (dequantize)", ("_pertoken_read", "_int4_read")),
+                ("matmul", ("gemm", "nvjet", "cutlass", "sm90", "matmul")))
+
+
+def decode_profile(model, ids, kv_dtype, steps: int = 16) -> dict:
+    """GPU time and kernel launches per decode step, by kind of kernel, from torch.profiler over `steps` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    clean()
+    cache = BudgetedCache(model, "full", budget_tokens=ids.shape[1] + steps + 2, kv_dtype=kv_dtype)
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+
+    def on_phase(phase, done, total):
+        if phase == "prefill" and done == total:
+            torch.cuda.synchronize()
+            prof.start()
+        elif phase == "decode" and done == steps:
+            torch.cuda.synchronize()
+            prof.stop()
+    generate(model, ids, cache, max_new_tokens=steps + 1, chunk_size=cache.chunk_size, on_phase=on_phase)
+    kinds: dict = {}
+    launches = 0
+    for e in prof.key_averages():
+        if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA or not e.self_device_time_total:
+            continue
+        name = e.key.lower()
+        kind = next((k for k, marks in KERNEL_KINDS if any(m in name for m in marks)), "other")
+        kinds[kind] = kinds.get(kind, 0.0) + e.self_device_time_total / 1000 / steps
+        launches += e.count
+    del cache
+    clean()
+    return {"gpu_ms_per_step": round(sum(kinds.values()), 2), "kernels_per_step": round(launches / steps, 1),
+            "gpu_ms_by_kind": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}}
 
 
 def read_cost(model, context: int, kv_dtype: str | None) -> float:
@@ -120,6 +195,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="out/kv_speed.json")
     ap.add_argument("--new", type=int, default=32)
+    ap.add_argument("--dtype-new", type=int, default=65,
+                    help="decode steps timed per KV dtype: 64 covers one int4 ring flush, as in a long decode")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of the KV dtype runs (median)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: dtypes,offload,swap,peaks")
     args = ap.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -131,16 +209,7 @@ def main():
     for kv in ("fp8", "int8", "int4"):
         kvscope_run(model, torch.randint(10, spec.vocab_size, (1, 1024), device="cuda"), 8, kv_dtype=kv)
     if "dtypes" not in skip:
-        ids = torch.randint(10, spec.vocab_size, (1, 8192), device="cuda")
-        base = hf_decode_tps(model, ids, args.new)
-        rows = [{"config": "plain transformers generate() (DynamicCache)", "decode_tps": round(base, 2)}]
-        for kv in (None, "fp8", "int8", "int4"):
-            r = kvscope_run(model, ids, args.new, kv_dtype=kv)
-            r["read_ms_per_layer"] = round(read_cost(model, 8192 + args.new, kv), 3)
-            r["config"] = f"kvscope {kv or 'bf16'}"
-            rows.append(r)
-            print(r, flush=True)
-        results["dtypes"] = rows
+        results["dtypes"] = dtype_speed(model, spec, args.dtype_new, args.rounds)
     if "policies" not in skip:
         ids = torch.randint(10, spec.vocab_size, (1, 8192), device="cuda")
         rows = []
@@ -169,20 +238,43 @@ def main():
     if "peaks" not in skip:
         results["peaks"] = runtime_peaks(model, spec)
     save_json(results, args.out)
-    write_section("kv-speed", render(results))
+    if "dtypes" in results:
+        write_section("kv-dtype-speed", header("Decode speed per KV dtype: `llama-3.1-8b` shape, random bf16 weights")
+                      + render_dtypes(results["dtypes"]))
+    if set(results) - {"dtypes"}:
+        write_section("kv-speed", render(results))
+
+
+def render_dtypes(d: dict) -> str:
+    md = (f"### Decode tokens/s per KV dtype, 8192-token prompt, {d['new'] - 1} decode steps timed\n\n"
+          f"Median of {d['rounds']} interleaved runs at batch 1 (every sample listed), one run at batch 8. "
+          "`fused`: the one-token attention runs as kvscope's fused Triton kernel straight from the stored "
+          "(quantized) slots (kvscope.cache.attention_triton); `unfused`: the store is read into a dense bf16 "
+          "copy, a mask is built and sdpa runs (the path before that kernel; the stores' own write/read kernels "
+          "are on in both). GPU ms / step and kernels / step come from torch.profiler over 16 decode steps of a "
+          "separate run.\n\n")
+    for batch in sorted({row["batch"] for row in d["rows"]}):
+        rows = [row for row in d["rows"] if row["batch"] == batch]
+        base = {row["fused"]: row["decode_tps"] for row in rows if row.get("kv") == "bf16"}
+        for row in rows:
+            if "kv" in row:
+                row["vs"] = f"{row['decode_tps'] / base[row['fused']]:.2f}x"
+                row["mode"] = "fused" if row["fused"] else "unfused"
+                row["kv_gib"] = f"{row['kv_allocated'] / GIB:.2f}"
+                by_kind = row.get("gpu_ms_by_kind", {})
+                row["where"] = ", ".join(f"{k} {v}" for k, v in by_kind.items())
+            else:
+                row["kv"], row["mode"] = row["config"], ""
+        md += f"Batch {batch}:\n\n" + table(rows, [
+            ("kv", "KV dtype"), ("mode", "attention"), ("decode_tps", "decode tok/s"), ("vs", "vs bf16, same mode"),
+            ("samples", "samples"), ("kv_gib", "KV GiB"), ("gpu_ms_per_step", "GPU ms / step"),
+            ("kernels_per_step", "kernels / step"), ("where", "GPU ms / step by kernel kind")]) + "\n"
+    return md
 
 
 def render(r: dict) -> str:
-    md = header("KV storage speed, offload and swap: `llama-3.1-8b` shape, random bf16 weights, batch 1")
+    md = header("Eviction-policy speed, offload, swap and runtime peaks: `llama-3.1-8b` shape, random bf16 weights")
     g = lambda n: f"{n / GIB:.2f}" if isinstance(n, (int, float)) else str(n)  # noqa: E731
-    if "dtypes" in r:
-        base = r["dtypes"][1]["decode_tps"]
-        for row in r["dtypes"]:
-            row["vs_bf16"] = f"{row['decode_tps'] / base:.2f}x" if row.get("kv_allocated") else ""
-            row["kv_gib"] = g(row["kv_allocated"]) if row.get("kv_allocated") else ""
-        md += "### Decode tokens/s per KV dtype, 8192-token prompt\n\n" + table(r["dtypes"], [
-            ("config", "cache"), ("decode_tps", "decode tok/s"), ("vs_bf16", "vs kvscope bf16"),
-            ("kv_gib", "KV GiB"), ("read_ms_per_layer", "read+dequant ms / layer")])
     if "policies" in r:
         md += ("\n### Cost of eviction policies: 8192-token prompt, budget 2048, decode tok/s\n\n"
                "Policies that need attention scores (tova, snapkv, h2o, lru) compute only the rows they need from "

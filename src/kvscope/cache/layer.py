@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from kvscope._compat import cache_base_classes
+from kvscope.cache import fused
 from kvscope.cache.stats import EvictionEvent, LayerCounters, LayerStats
 from kvscope.errors import KvscopeError, usage
 from kvscope.kvformats import attention_block_rows
@@ -58,6 +59,9 @@ class BudgetedLayer(CacheLayerMixin):
         self.contiguous = True
         self.upper = 0  # host-side upper bound on tokens held by any row (no device sync needed to know it)
         self.free, self.free_next = None, 0  # queue of free slots, rebuilt after each eviction
+        # the fused decode attention's tl.dot needs a power-of-two head_dim of at least 16
+        self.fusable = (fused.DECODE_ATTENTION and fused.available(key_states) and head_dim >= 16
+                        and head_dim & (head_dim - 1) == 0)
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
@@ -116,7 +120,9 @@ class BudgetedLayer(CacheLayerMixin):
         st, policy = self.state, self.owner.policy
         b, h, n, _ = keys.shape
         slots, upto = self._take_slots(n)
-        before = st.valid[:, :, :upto].clone()  # what the chunk's queries may see besides the chunk itself
+        fuse = n == 1 and self.fusable and not policy.query_rows()
+        # what the chunk's queries may see besides the chunk itself (a one-token chunk needs no copy: see _decode)
+        before = None if fuse else st.valid[:, :, :upto].clone()
         if self.contiguous:
             self.store.write_range(self.fill - n, keys, values)
             self.written.append((self.fill - n, self.fill))
@@ -128,19 +134,36 @@ class BudgetedLayer(CacheLayerMixin):
         newest = torch.where(real, positions, -1).amax(-1)[:, None, None]
         torch.maximum(st.newest, newest, out=st.newest)
         policy.on_insert(st, slots, keys)
-        k, v = self.store.read(upto, query.dtype)
-        hq = query.shape[1]
-        step = attention_block_rows(b, hq, h, upto, query.element_size())
-        blocks = [grouped_attention(query[:, :, i:i + step], k, v, self._mask(before, slots, real, i, i + step),
-                                    scaling) for i in range(0, n, step)]
-        out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
-        rows = policy.query_rows()
-        if rows:
-            self._observe(query, k, before, slots, real, positions, rows if rows > 0 else n, scaling)
+        if fuse:
+            out = self._decode(query, slots, upto, scaling)
+        else:
+            k, v = self.store.read(upto, query.dtype)
+            hq = query.shape[1]
+            step = attention_block_rows(b, hq, h, upto, query.element_size())
+            blocks = [grouped_attention(query[:, :, i:i + step], k, v, self._mask(before, slots, real, i, i + step),
+                                        scaling) for i in range(0, n, step)]
+            out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
+            rows = policy.query_rows()
+            if rows:
+                self._observe(query, k, before, slots, real, positions, rows if rows > 0 else n, scaling)
         self.upper += n
         if self.upper > self.owner.budget_tokens:
             self._evict()
         return out
+
+    def _decode(self, query, slots, upto: int, scaling: float) -> torch.Tensor:
+        """Attention of a one-token chunk, fused (kvscope.cache.attention_triton) when the kernel can run.
+
+        For one token the unfused mask is the slot state after the insert with the token's own slot visible: every
+        slot valid before the chunk, plus itself (a padding token is written but not valid, and still sees itself)."""
+        own = slots[:, :, 0]
+        ran, out = fused.run(self.state.valid, "attention_triton.decode_attention", self.store, query,
+                             self.state.valid, own, upto, scaling)
+        if ran:
+            return out
+        k, v = self.store.read(upto, query.dtype)
+        mask = self.state.valid[:, :, :upto].scatter(-1, own[..., None], True)[:, :, None, :]
+        return grouped_attention(query, k, v, mask, scaling)
 
     def _take_slots(self, n: int) -> tuple[torch.Tensor, int]:
         b, h = self.state.valid.shape[:2]

@@ -13,9 +13,8 @@ Every store allocates once, in `__init__`. `read` dequantizes keys and values of
 returns its two halves; nothing loops over tokens. `nbytes` does not count that output: like the `.to(dtype)` of a
 dense read it is a transient of the attention step. On CUDA, when Triton is installed,
 the per-step work (quantize-and-write, read, the int4 ring write) runs as one fused kernel each
-(kvscope.cache.quant_triton): decoding with a small model is bound by the CPU cost of launching PyTorch ops, and the
-eager versions below take 10 to 20 of them. The eager code is the reference, used on CPU and as the fallback
-(`KVSCOPE_TRITON=0` forces it); the int4 flush, once every 64 tokens, is always eager.
+(kvscope.cache.quant_triton, dispatched by kvscope.cache.fused). The eager code is the reference, used on CPU and
+as the fallback (`KVSCOPE_TRITON=0` forces it); the int4 flush, once every 64 tokens, is always eager.
 
 - `fp8`: e4m3 elements, one fp16 absmax/448 scale per (token, head) for keys and one for values.
 - `int8`: per-token asymmetric codes 0..255, fp16 scale and zero point per (token, head) for keys and for values.
@@ -24,12 +23,10 @@ eager versions below take 10 to 20 of them. The eager code is the reference, use
 
 from __future__ import annotations
 
-import os
-import warnings
-
 import torch
 import torch.nn.functional as F
 
+from kvscope.cache import fused
 from kvscope.errors import usage
 from kvscope.kvformats import INT4_GROUP, INT4_RESIDUAL
 
@@ -40,9 +37,6 @@ INT8_SPAN_MIN = 255 * 2.0**-14
 INT4_SPAN_MIN = 15 * 2.0**-14
 FP8_SCALE_MIN = 2.0**-14
 
-USE_TRITON = os.environ.get("KVSCOPE_TRITON", "1") != "0"
-_TRITON = None  # kvscope.cache.quant_triton once imported, False when unavailable or broken
-
 
 def quantized_store(name: str, batch: int, heads: int, slots: int, head_dim: int, compute_dtype: torch.dtype, device):
     """The store of a quantized KV format ('fp8', 'int8' or 'int4')."""
@@ -51,25 +45,8 @@ def quantized_store(name: str, batch: int, heads: int, slots: int, head_dim: int
 
 
 def _fast(t: torch.Tensor, kernel: str, *args) -> tuple[bool, object]:
-    """(True, result) when Triton kernel `kernel` ran for storage `t`; (False, None) means: do it eagerly.
-
-    A kernel that fails (a broken Triton toolchain) disables Triton for the process, with a warning; the store is
-    untouched then, since a launch fails before it writes anything.
-    """
-    global _TRITON
-    if not (USE_TRITON and t.is_cuda) or _TRITON is False or t.device.index != torch.cuda.current_device():
-        return False, None  # (a kernel launches on the current device: a store elsewhere takes the eager path)
-    try:
-        if _TRITON is None:
-            from kvscope.cache import quant_triton
-
-            _TRITON = quant_triton
-        return True, getattr(_TRITON, kernel)(*args)
-    except Exception as exc:  # noqa: BLE001 - fall back to the eager path, whatever broke
-        warnings.warn(f"kvscope: fused KV kernels disabled ({type(exc).__name__}: {exc}); using PyTorch ops",
-                      RuntimeWarning, stacklevel=3)
-        _TRITON = False
-        return False, None
+    """(True, result) when Triton kernel `kernel` of kvscope.cache.quant_triton ran for storage `t`."""
+    return fused.run(t, f"quant_triton.{kernel}", *args)
 
 
 class _Store:

@@ -54,6 +54,51 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+# --- tile loaders: shared by the read kernels here and the fused decode attention (kvscope.cache.attention_triton) --
+
+@triton.jit
+def pertoken_tile(data_ptr, params_ptr, kv, b, h, s, rows, d, m, dsb, dsh, dss, dsk, psb, psh, pss, psk,
+                  FP8: tl.constexpr):
+    """fp32 [len(s), len(d)]: keys (kv 0) or values (kv 1) of slots `s` of row (b, h) of an fp8/int8 store."""
+    codes = tl.load(data_ptr + b * dsb + h * dsh + kv * dsk + s[:, None] * dss + d[None, :], mask=m)
+    params = params_ptr + b * psb + h * psh + kv * psk + s * pss
+    scale = tl.load(params, mask=rows, other=1.0).to(tl.float32)[:, None]
+    if FP8:
+        x = codes.to(tl.float32) * scale
+    else:
+        x = codes.to(tl.float32) * scale + tl.load(params + 1, mask=rows, other=0.0).to(tl.float32)[:, None]
+    return x
+
+
+@triton.jit
+def int4_tile(packed_ptr, kp_ptr, tp_ptr, vp_ptr, res_ptr, kv, b, h, s, rows, d, m, full,
+              ak, ab, ah, as_, kb, kh, kg, kj, tb, th, tt, tj, vb, vh, vs, vj, rk, rb, rh, rr,
+              GROUP: tl.constexpr, R: tl.constexpr):
+    """fp32 [len(s), len(d)]: keys (kv 0) or values (kv 1) of slots `s` of row (b, h) of an int4 store, pending
+    slots taken from the ring (see Int4Store)."""
+    byte = tl.load(packed_ptr + kv * ak + b * ab + h * ah + s[:, None] * as_ + (d // 2)[None, :], mask=m, other=0)
+    code = ((byte.to(tl.int32) >> ((d % 2) * 4)[None, :]) & 15).to(tl.float32)
+    cg = (d // GROUP)[None, :]
+    vp = vp_ptr + b * vb + h * vh + s[:, None] * vs
+    if kv == 0:  # keys: per-channel parameters of the slot's group, or per-token ones in the tail
+        grouped = (s < full)[:, None]
+        kp = kp_ptr + b * kb + h * kh + (s // GROUP)[:, None] * kg + d[None, :]
+        tp = tp_ptr + b * tb + h * th + (s - full)[:, None] * tt + cg
+        scale = tl.where(grouped, tl.load(kp, mask=m & grouped, other=0.0), tl.load(tp, mask=m & ~grouped, other=0.0))
+        zero = tl.where(grouped, tl.load(kp + kj, mask=m & grouped, other=0.0),
+                        tl.load(tp + tj, mask=m & ~grouped, other=0.0))
+    else:
+        scale = tl.load(vp + cg, mask=m, other=0.0)
+        zero = tl.load(vp + vj + cg, mask=m, other=0.0)
+    x = code * scale.to(tl.float32) + zero.to(tl.float32)
+    # the slot's state marker (first value scale): negative = pending in ring entry -1 - m (or never written)
+    marker = tl.load(vp_ptr + b * vb + h * vh + s * vs, mask=rows, other=0.0).to(tl.float32)
+    pending = (marker < 0)[:, None]
+    entry = tl.minimum(tl.maximum(-1.0 - marker, 0.0), R - 1.0).to(tl.int64)
+    ring = tl.load(res_ptr + kv * rk + b * rb + h * rh + entry[:, None] * rr + d[None, :], mask=m & pending, other=0.0)
+    return tl.where(pending, ring.to(tl.float32), x)
+
+
 # --- fp8 / int8 ----------------------------------------------------------------------------------------------------
 
 _PT_ARGS = ("k_ptr", "v_ptr", "slots_ptr", "data_ptr", "params_ptr", "n", "heads", "start", "has_slots",
@@ -121,13 +166,7 @@ def _pertoken_read(data_ptr, params_ptr, out_ptr, upto, slots, heads, dsb, dsh, 
     d = tl.arange(0, BLOCK_D)
     rows = s < upto
     m = rows[:, None] & (d < D)[None, :]
-    codes = tl.load(data_ptr + b * dsb + h * dsh + kv * dsk + s[:, None] * dss + d[None, :], mask=m)
-    params = params_ptr + b * psb + h * psh + kv * psk + s * pss
-    scale = tl.load(params, mask=rows, other=1.0).to(tl.float32)[:, None]
-    if FP8:
-        x = codes.to(tl.float32) * scale
-    else:
-        x = codes.to(tl.float32) * scale + tl.load(params + 1, mask=rows, other=0.0).to(tl.float32)[:, None]
+    x = pertoken_tile(data_ptr, params_ptr, kv, b, h, s, rows, d, m, dsb, dsh, dss, dsk, psb, psh, pss, psk, FP8)
     out = out_ptr + ((kv * tl.num_programs(1) + bh) * slots + s[:, None]) * D + d[None, :]
     tl.store(out, x.to(out_ptr.dtype.element_ty), mask=m)
 
@@ -162,27 +201,8 @@ def _int4_read(packed_ptr, kp_ptr, tp_ptr, vp_ptr, res_ptr, out_ptr, upto, slots
     d = tl.arange(0, BLOCK_D)
     rows = s < upto
     m = rows[:, None] & (d < D)[None, :]
-    byte = tl.load(packed_ptr + kv * ak + b * ab + h * ah + s[:, None] * as_ + (d // 2)[None, :], mask=m, other=0)
-    code = ((byte.to(tl.int32) >> ((d % 2) * 4)[None, :]) & 15).to(tl.float32)
-    cg = (d // GROUP)[None, :]
-    vp = vp_ptr + b * vb + h * vh + s[:, None] * vs
-    if kv == 0:  # keys: per-channel parameters of the slot's group, or per-token ones in the tail
-        grouped = (s < full)[:, None]
-        kp = kp_ptr + b * kb + h * kh + (s // GROUP)[:, None] * kg + d[None, :]
-        tp = tp_ptr + b * tb + h * th + (s - full)[:, None] * tt + cg
-        scale = tl.where(grouped, tl.load(kp, mask=m & grouped, other=0.0), tl.load(tp, mask=m & ~grouped, other=0.0))
-        zero = tl.where(grouped, tl.load(kp + kj, mask=m & grouped, other=0.0),
-                        tl.load(tp + tj, mask=m & ~grouped, other=0.0))
-    else:
-        scale = tl.load(vp + cg, mask=m, other=0.0)
-        zero = tl.load(vp + vj + cg, mask=m, other=0.0)
-    x = code * scale.to(tl.float32) + zero.to(tl.float32)
-    # the slot's state marker (first value scale): negative = pending in ring entry -1 - m (or never written)
-    marker = tl.load(vp_ptr + b * vb + h * vh + s * vs, mask=rows, other=0.0).to(tl.float32)
-    pending = (marker < 0)[:, None]
-    entry = tl.minimum(tl.maximum(-1.0 - marker, 0.0), R - 1.0).to(tl.int64)
-    ring = tl.load(res_ptr + kv * rk + b * rb + h * rh + entry[:, None] * rr + d[None, :], mask=m & pending, other=0.0)
-    x = tl.where(pending, ring.to(tl.float32), x)
+    x = int4_tile(packed_ptr, kp_ptr, tp_ptr, vp_ptr, res_ptr, kv, b, h, s, rows, d, m, full,
+                  ak, ab, ah, as_, kb, kh, kg, kj, tb, th, tt, tj, vb, vh, vs, vj, rk, rb, rh, rr, GROUP, R)
     out = out_ptr + ((kv * tl.num_programs(1) + bh) * slots + s[:, None]) * D + d[None, :]
     tl.store(out, x.to(out_ptr.dtype.element_ty), mask=m)
 

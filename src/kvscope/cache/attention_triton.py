@@ -1,0 +1,186 @@
+"""Fused decode attention (Triton): one new query per row against every store format, without a dense copy.
+
+Why: at decode, the unfused path of `BudgetedLayer` reads the whole cache into a dense [2, B, H, slots, D] tensor
+(dequantizing it for fp8/int8/int4), builds a boolean mask [B, H, 1, slots] from the slot state with a handful of
+PyTorch ops, expands it per query head and runs sdpa: 10 to 15 launches per layer, and for a quantized store a
+dequantized copy of the whole cache written and read back every step. Here the same attention is two launches:
+
+1. `_split`: grid (splits, B * Hkv). Each program takes SPLIT slots of one (sequence, KV head) row, dequantizes
+   them tile by tile in registers (the same tile loaders as the store's read kernels, so the numbers are the same),
+   scores all query heads of the GQA group at once (tl.dot, fp32 accumulation), masks slots that are not valid, and
+   keeps an online softmax (max, sum, weighted values). Splitting over slots keeps the GPU busy at batch 1.
+2. `_combine`: grid (B * Hkv,): merges the splits' partial results (log-sum-exp rescaling) into the output.
+
+Visibility is exactly the unfused mask for a one-token chunk: every valid slot, plus the query's own slot (which a
+padding token has not made valid). Used only for one-token forwards of policies that read no attention
+(`BudgetedLayer`); a policy that observes attention needs the dense keys anyway.
+
+Keys and values are cast to the query dtype before the products, as the unfused path does (it dequantizes to the
+compute dtype and runs sdpa), so results agree to bf16 rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kvscope.cache.quant_triton import int4_tile, pertoken_tile
+from kvscope.kvformats import INT4_GROUP, INT4_RESIDUAL
+
+SPLIT = 256  # slots per program: 8k slots x 8 KV heads = 256 programs at batch 1
+BLOCK_N = 64  # slots per tile inside a program
+DENSE, FP8, INT8, INT4 = 0, 1, 2, 3
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _tile(kv, b, h, s, rows, d, m, a0, a1, a2, a3, a4, full, st, KIND: tl.constexpr, GROUP: tl.constexpr,
+          R: tl.constexpr):
+    """fp32 [BLOCK_N, BLOCK_D] keys (kv 0) or values (kv 1) of slots `s`, whatever the store's format.
+
+    a0..a4 are the store's tensors and `st` a pointer to its strides (int64 on the device: 16 of them), so one kernel
+    signature serves every format."""
+    if KIND == 0:
+        if kv == 0:  # noqa: SIM108 - Triton needs a statement here, not a conditional expression
+            base = a0
+        else:
+            base = a1
+        x = tl.load(base + b * tl.load(st) + h * tl.load(st + 1) + s[:, None] * tl.load(st + 2) + d[None, :],
+                    mask=m, other=0.0).to(tl.float32)
+    elif KIND == 3:
+        x = int4_tile(a0, a1, a2, a3, a4, kv, b, h, s, rows, d, m, full,
+                      tl.load(st), tl.load(st + 1), tl.load(st + 2), tl.load(st + 3),
+                      tl.load(st + 4), tl.load(st + 5), tl.load(st + 6), tl.load(st + 7),
+                      tl.load(st + 8), tl.load(st + 9), tl.load(st + 10), tl.load(st + 11),
+                      tl.load(st + 12), tl.load(st + 13), tl.load(st + 14), tl.load(st + 15),
+                      tl.load(st + 16), tl.load(st + 17), tl.load(st + 18), tl.load(st + 19), GROUP, R)
+    else:
+        x = pertoken_tile(a0, a1, kv, b, h, s, rows, d, m, tl.load(st), tl.load(st + 1), tl.load(st + 2),
+                          tl.load(st + 3), tl.load(st + 4), tl.load(st + 5), tl.load(st + 6), tl.load(st + 7),
+                          KIND == 1)
+    return x
+
+
+@triton.jit(do_not_specialize=("upto", "splits"))
+def _split(q_ptr, valid_ptr, own_ptr, a0, a1, a2, a3, a4, st, part_ptr, stat_ptr,
+           upto, splits, heads, group, full, qk_scale,
+           qsb, qsh, vsb, vsh, osb, osh,
+           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+           KIND: tl.constexpr, GROUP: tl.constexpr, R: tl.constexpr):
+    split = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b, h = bh // heads, bh % heads
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    gm = g < group
+    q = tl.load(q_ptr + b * qsb + (h * group + g)[:, None] * qsh + d[None, :], mask=gm[:, None] & (d < D)[None, :],
+                other=0.0)
+    dtype = q.dtype
+    own = tl.load(own_ptr + b * osb + h * osh)
+    m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    l_i = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+    lo = split * SPLIT
+    hi = tl.minimum(lo + SPLIT, upto)
+    for start in range(lo, hi, BLOCK_N):
+        s = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
+        rows = s < hi
+        m = rows[:, None] & (d < D)[None, :]
+        valid = tl.load(valid_ptr + b * vsb + h * vsh + s, mask=rows, other=0).to(tl.int1)
+        seen = rows & (valid | (s == own))
+        k = _tile(0, b, h, s, rows, d, m, a0, a1, a2, a3, a4, full, st, KIND, GROUP, R).to(dtype)
+        qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
+        qk = tl.where(seen[None, :], qk, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with nothing visible yet: no NaN
+        p = tl.exp2(qk - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        v = _tile(1, b, h, s, rows, d, m, a0, a1, a2, a3, a4, full, st, KIND, GROUP, R).to(dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+    row = (bh * splits + split) * BLOCK_G + g
+    tl.store(part_ptr + row[:, None] * BLOCK_D + d[None, :], acc)
+    tl.store(stat_ptr + row * 2, m_i)
+    tl.store(stat_ptr + row * 2 + 1, l_i)
+
+
+@triton.jit(do_not_specialize=("splits",))
+def _combine(part_ptr, stat_ptr, out_ptr, splits, heads, group, osb, osh,
+             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    b, h = bh // heads, bh % heads
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, BLOCK_D)
+    m_all = tl.full((BLOCK_G,), float("-inf"), tl.float32)
+    for i in range(0, splits):
+        m_all = tl.maximum(m_all, tl.load(stat_ptr + ((bh * splits + i) * BLOCK_G + g) * 2))
+    m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
+    l_all = tl.zeros((BLOCK_G,), tl.float32)
+    acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+    for i in range(0, splits):
+        row = (bh * splits + i) * BLOCK_G + g
+        w = tl.exp2(tl.load(stat_ptr + row * 2) - m_use)
+        l_all += tl.load(stat_ptr + row * 2 + 1) * w
+        acc += tl.load(part_ptr + row[:, None] * BLOCK_D + d[None, :]) * w[:, None]
+    out = acc / l_all[:, None]
+    mask = (g < group)[:, None] & (d < D)[None, :]
+    tl.store(out_ptr + b * osb + (h * group + g)[:, None] * osh + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+def _store_tensors(store) -> tuple[int, list[torch.Tensor], int]:
+    """(kind, its tensors, `full`) of a store; the tensors are looked up at every call because offload and swap
+    point a store at other buffers (of the same shape and strides)."""
+    from kvscope.cache.quant import Fp8Store, Int4Store, Int8Store
+
+    if isinstance(store, Int4Store):
+        return INT4, [store.packed, store.key_params, store.tail_params, store.value_params, store.residual], \
+            store.groups * INT4_GROUP
+    if isinstance(store, (Fp8Store, Int8Store)):
+        return (FP8 if isinstance(store, Fp8Store) else INT8), [store.data, store.params], 0
+    return DENSE, [store.keys, store.values], 0
+
+
+def _strides(kind: int, tensors: list[torch.Tensor]) -> list[int]:
+    """The order the tile loaders take them in: dense (B, H, S) of the keys (values have the same); quantized, the
+    first four strides of each tensor in turn."""
+    return list(tensors[0].stride()[:3]) if kind == DENSE else [x for t in tensors for x in t.stride()[:4]]
+
+
+def _store_args(store) -> tuple[int, list[torch.Tensor], torch.Tensor, int]:
+    """(kind, five tensors, strides as a device tensor, `full`). The strides tensor is made once per store (they never
+    change: a store's buffers keep their shape), so a decode step does no host-to-device copy."""
+    kind, tensors, full = _store_tensors(store)
+    st = getattr(store, "_fused_strides", None)
+    if st is None or st.device != tensors[0].device:
+        strides = _strides(kind, tensors)
+        st = torch.tensor(strides + [0] * (20 - len(strides)), dtype=torch.int64, device=tensors[0].device)
+        store._fused_strides = st
+    return kind, tensors + [tensors[0]] * (5 - len(tensors)), st, full
+
+
+def decode_attention(store, query: torch.Tensor, valid: torch.Tensor, own: torch.Tensor, upto: int,
+                     scaling: float) -> torch.Tensor:
+    """Attention output [B, Hq, 1, D] of one query per row over slots [0, upto) of `store`.
+
+    query [B, Hq, 1, D]; valid bool [B, H, slots]; own long [B, H]: the slot the query's own token was written to,
+    visible even when that token is padding (and so not valid)."""
+    b, hq, _, d = query.shape
+    heads = valid.shape[1]
+    group = hq // heads
+    kind, (a0, a1, a2, a3, a4), st, full = _store_args(store)
+    block_g = max(16, triton.next_power_of_2(group))
+    splits = triton.cdiv(upto, SPLIT)
+    part = torch.empty(b * heads * splits * block_g * d, dtype=torch.float32, device=query.device)
+    stat = torch.empty(b * heads * splits * block_g * 2, dtype=torch.float32, device=query.device)
+    out = torch.empty(b, hq, 1, d, dtype=query.dtype, device=query.device)
+    _split[(splits, b * heads)](
+        query, valid, own, a0, a1, a2, a3, a4, st, part, stat, upto, splits, heads, group, full,
+        scaling * LOG2E, query.stride(0), query.stride(1), valid.stride(0), valid.stride(1), own.stride(0),
+        own.stride(1), D=d, BLOCK_D=d, BLOCK_G=block_g, BLOCK_N=BLOCK_N, SPLIT=SPLIT, KIND=kind, GROUP=INT4_GROUP,
+        R=INT4_RESIDUAL)
+    _combine[(b * heads,)](part, stat, out, splits, heads, group, out.stride(0), out.stride(1), D=d, BLOCK_D=d,
+                           BLOCK_G=block_g)
+    return out

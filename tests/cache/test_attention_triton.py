@@ -1,0 +1,85 @@
+"""The fused decode attention (kvscope.cache.attention_triton) against the unfused path, for every store format.
+
+Runs on CUDA (opt in with --gpu), or on CPU through Triton's interpreter when TRITON_INTERPRET=1 is set and Triton is
+installed (slow, for developing the kernel without a GPU)."""
+
+import os
+
+import pytest
+import torch
+
+from kvscope.cache.layer import grouped_attention
+from kvscope.cache.store import make_store
+
+triton = pytest.importorskip("triton")
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICES = [pytest.param("cuda", marks=pytest.mark.gpu)] + (["cpu"] if INTERPRET else [])
+FORMATS = [None, "fp8", "int8", "int4"]
+
+
+def reference(store, query, valid, own, upto, scaling):
+    k, v = store.read(upto, query.dtype)
+    mask = valid[:, :, :upto].scatter(-1, own[..., None], True)[:, :, None, :]
+    return grouped_attention(query, k, v, mask, scaling)
+
+
+def filled(kv_dtype, device, dtype, b=2, h=2, slots=300, d=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    store = make_store(kv_dtype, b, h, slots, d, dtype, device)
+    keys = torch.randn(b, h, slots, d, generator=g).to(device, dtype)
+    values = torch.randn(b, h, slots, d, generator=g).to(device, dtype)
+    for start in range(0, slots, 100):  # in pieces, so int4 flushes its ring and keeps the last tokens pending
+        store.write_range(start, keys[:, :, start:start + 100], values[:, :, start:start + 100])
+    return store
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kv_dtype", FORMATS)
+@pytest.mark.parametrize("upto", [1, 37, 300])
+def test_matches_unfused(device, kv_dtype, upto):
+    from kvscope.cache.attention_triton import decode_attention
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    store = filled(kv_dtype, device, dtype)
+    g = torch.Generator().manual_seed(1)
+    b, h, hq, d = 2, 2, 6, 64
+    query = torch.randn(b, 1, hq, d, generator=g).to(device, dtype).transpose(1, 2)  # strided, as from the model
+    valid = (torch.rand(b, h, 300, generator=g) < 0.6).to(device)
+    own = torch.tensor([[upto - 1, max(0, upto - 5)], [0, upto - 1]], device=device)
+    got = decode_attention(store, query, valid, own, upto, 0.125)
+    want = reference(store, query, valid, own, upto, 0.125)
+    # bf16: rounding of the products; fp32: the eager int8 dequantization computes in fp16 (its parameters' dtype)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-4 if kv_dtype is None else 2e-3
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kv_dtype", FORMATS)
+@pytest.mark.parametrize("policy,budget", [("full", 64), ("streaming_llm", 24), ("knorm", 20)])
+def test_generation_fused_equals_unfused(device, kv_dtype, policy, budget, monkeypatch):
+    """Whole generations with eviction and left padding: the fused decode path gives the unfused path's tokens."""
+    from kvscope.cache import BudgetedCache, fused, quant
+    from kvscope.runtime import generate
+    from tests.conftest import TINY, build_tiny
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    monkeypatch.setattr(fused, "_STATE", {"broken": False, "ran": set()})
+    if device == "cpu":  # the interpreter runs the attention kernel on CPU tensors; the stores stay eager there
+        monkeypatch.setattr(fused, "available", lambda t: True)
+        monkeypatch.setattr(quant, "_fast", lambda *a: (False, None))
+    model = build_tiny(TINY | {"head_dim": 64}).to(device)  # int4 packs head_dim in groups of 64
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 256, (2, 30), generator=g).to(device)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    runs = {}
+    for use in (True, False):
+        monkeypatch.setattr(fused, "DECODE_ATTENTION", use)
+        cache = BudgetedCache(model, policy, budget_tokens=budget, kv_dtype=kv_dtype, chunk_size=16)
+        runs[use] = generate(model, ids, cache, attention_mask=mask, max_new_tokens=12, chunk_size=16)
+    assert fused.ran("attention_triton.decode_attention") and not fused._STATE["broken"]
+    assert torch.equal(runs[True].sequences, runs[False].sequences)
