@@ -10,6 +10,7 @@ import argparse
 import gc
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -61,10 +62,10 @@ def kvscope_run(model, ids, new: int, policy: str = "full", budget: int | None =
 KV_DTYPES = (None, "fp8", "int8", "int4")
 
 
-def dtype_speed(model, spec, new: int, rounds: int) -> dict:
+def dtype_speed(model, spec, new: int, rounds: int, path: str) -> dict:
     """Decode tok/s at 8k per KV dtype, with and without the fused decode attention, interleaved over `rounds` (the
     median is reported: the shared host's CPU speed drifts between runs); batch 1 and batch 8; GPU time per step."""
-    out = {"rounds": rounds, "new": new, "rows": []}
+    out = {"rounds": rounds, "new": new, "rows": []}  # saved to `path` after every row: a timeout loses nothing
     for batch, reps in ((1, rounds), (8, 1)):
         ids = torch.randint(10, spec.vocab_size, (batch, 8192), device="cuda")
         samples: dict = {}
@@ -80,6 +81,7 @@ def dtype_speed(model, spec, new: int, rounds: int) -> dict:
         fused.DECODE_ATTENTION = True
         out["rows"].append({"batch": batch, "config": "plain transformers generate() (DynamicCache)",
                             "decode_tps": round(statistics.median(hf), 2), "samples": [round(x, 2) for x in hf]})
+        save_json({"dtypes": out}, path)
         for (kv, fuse), rs in samples.items():
             tps = [r["decode_tps"] for r in rs]
             row = {"batch": batch, "kv": kv or "bf16", "fused": fuse, "decode_tps": statistics.median(tps),
@@ -89,6 +91,7 @@ def dtype_speed(model, spec, new: int, rounds: int) -> dict:
                 row.update(decode_profile(model, ids, kv))
                 fused.DECODE_ATTENTION = True
             out["rows"].append(row)
+            save_json({"dtypes": out}, path)
             print(row, flush=True)
         del ids
     return out
@@ -101,13 +104,13 @@ KERNEL_KINDS = (("attention (fused, kvscope)", ("_split", "_combine")),
                 ("matmul", ("gemm", "nvjet", "cutlass", "sm90", "matmul")))
 
 
-def decode_profile(model, ids, kv_dtype, steps: int = 16) -> dict:
+def decode_profile(model, ids, kv_dtype, steps: int = 8) -> dict:
     """GPU time and kernel launches per decode step, by kind of kernel, from torch.profiler over `steps` steps."""
     from torch.profiler import ProfilerActivity, profile
 
     clean()
     cache = BudgetedCache(model, "full", budget_tokens=ids.shape[1] + steps + 2, kv_dtype=kv_dtype)
-    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], acc_events=True)
 
     def on_phase(phase, done, total):
         if phase == "prefill" and done == total:
@@ -199,7 +202,14 @@ def main():
                     help="decode steps timed per KV dtype: 64 covers one int4 ring flush, as in a long decode")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of the KV dtype runs (median)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: dtypes,offload,swap,peaks")
+    ap.add_argument("--render-from", metavar="JSON", help="only write docs/benchmarks.md from a saved result")
     args = ap.parse_args()
+    if args.render_from:
+        import json
+
+        results = json.loads(Path(args.render_from).read_text())
+        write_sections(results)
+        return
     skip = set(filter(None, args.skip.split(",")))
     results: dict = {}
     model, _, spec = load("llama-3.1-8b", random_weights=True, device="cuda", dtype="bf16")
@@ -209,7 +219,7 @@ def main():
     for kv in ("fp8", "int8", "int4"):
         kvscope_run(model, torch.randint(10, spec.vocab_size, (1, 1024), device="cuda"), 8, kv_dtype=kv)
     if "dtypes" not in skip:
-        results["dtypes"] = dtype_speed(model, spec, args.dtype_new, args.rounds)
+        results["dtypes"] = dtype_speed(model, spec, args.dtype_new, args.rounds, args.out)
     if "policies" not in skip:
         ids = torch.randint(10, spec.vocab_size, (1, 8192), device="cuda")
         rows = []
@@ -238,6 +248,10 @@ def main():
     if "peaks" not in skip:
         results["peaks"] = runtime_peaks(model, spec)
     save_json(results, args.out)
+    write_sections(results)
+
+
+def write_sections(results: dict) -> None:
     if "dtypes" in results:
         write_section("kv-dtype-speed", header("Decode speed per KV dtype: `llama-3.1-8b` shape, random bf16 weights")
                       + render_dtypes(results["dtypes"]))
@@ -251,7 +265,7 @@ def render_dtypes(d: dict) -> str:
           "`fused`: the one-token attention runs as kvscope's fused Triton kernel straight from the stored "
           "(quantized) slots (kvscope.cache.attention_triton); `unfused`: the store is read into a dense bf16 "
           "copy, a mask is built and sdpa runs (the path before that kernel; the stores' own write/read kernels "
-          "are on in both). GPU ms / step and kernels / step come from torch.profiler over 16 decode steps of a "
+          "are on in both). GPU ms / step and kernels / step come from torch.profiler over 8 decode steps of a "
           "separate run.\n\n")
     for batch in sorted({row["batch"] for row in d["rows"]}):
         rows = [row for row in d["rows"] if row["batch"] == batch]
