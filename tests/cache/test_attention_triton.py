@@ -34,11 +34,20 @@ def filled(kv_dtype, device, dtype, b=2, h=2, slots=300, d=64, seed=0):
     return store
 
 
+TUNINGS = {"default": {}, "loop": {"SPLIT": 128, "BLOCK_N": 64},  # several tiles per program
+           "many-splits": {"SPLIT": 32, "BLOCK_N": 16, "COMBINE_BLOCK": 2}}  # the merge loops over split blocks
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kv_dtype", FORMATS)
 @pytest.mark.parametrize("upto", [1, 37, 300])
-def test_matches_unfused(device, kv_dtype, upto):
+@pytest.mark.parametrize("tuning", list(TUNINGS))
+def test_matches_unfused(device, kv_dtype, upto, tuning, monkeypatch):
+    from kvscope.cache import attention_triton
     from kvscope.cache.attention_triton import decode_attention
+
+    for name, value in TUNINGS[tuning].items():
+        monkeypatch.setattr(attention_triton, name, value)
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA")

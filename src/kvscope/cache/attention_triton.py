@@ -5,11 +5,11 @@ Why: at decode, the unfused path of `BudgetedLayer` reads the whole cache into a
 PyTorch ops, expands it per query head and runs sdpa: 10 to 15 launches per layer, and for a quantized store a
 dequantized copy of the whole cache written and read back every step. Here the same attention is two launches:
 
-1. `_split`: grid (splits, B * Hkv). Each program takes SPLIT slots of one (sequence, KV head) row, dequantizes
-   them tile by tile in registers (the same tile loaders as the store's read kernels, so the numbers are the same),
-   scores all query heads of the GQA group at once (tl.dot, fp32 accumulation), masks slots that are not valid, and
+1. `_kvscope_decode_split`: grid (splits, B * Hkv). Each program takes SPLIT slots of one (sequence, KV head) row,
+   dequantizes them tile by tile in registers (the same tile loaders as the store's read kernels, so the numbers
+   are the same), scores all query heads of the GQA group at once (tl.dot, fp32 accumulation), masks slots that are not valid, and
    keeps an online softmax (max, sum, weighted values). Splitting over slots keeps the GPU busy at batch 1.
-2. `_combine`: grid (B * Hkv,): merges the splits' partial results (log-sum-exp rescaling) into the output.
+2. `_kvscope_decode_combine`: grid (B * Hq,): merges one query head's partial results (log-sum-exp rescaling).
 
 Visibility is exactly the unfused mask for a one-token chunk: every valid slot, plus the query's own slot (which a
 padding token has not made valid). Used only for one-token forwards of policies that read no attention
@@ -25,11 +25,14 @@ import torch
 import triton
 import triton.language as tl
 
-from kvscope.cache.quant_triton import int4_tile, pertoken_tile
+from kvscope.cache.quant_triton import _jit, int4_tile, pertoken_tile
 from kvscope.kvformats import INT4_GROUP, INT4_RESIDUAL
 
-SPLIT = 256  # slots per program: 8k slots x 8 KV heads = 256 programs at batch 1
-BLOCK_N = 64  # slots per tile inside a program
+# Tuning (module attributes, read at every call; benchmarks/decode_kernel.py measures alternatives):
+SPLIT = 64  # slots per program of the first kernel: one tile each, so 8k slots x 8 KV heads = 1032 programs
+BLOCK_N = 64  # slots per tile
+NUM_WARPS = 4
+COMBINE_BLOCK = 64  # splits merged at once by the second kernel
 DENSE, FP8, INT8, INT4 = 0, 1, 2, 3
 LOG2E = 1.4426950408889634
 
@@ -37,7 +40,7 @@ LOG2E = 1.4426950408889634
 @triton.jit
 def _tile(kv, b, h, s, rows, d, m, a0, a1, a2, a3, a4, full, st, KIND: tl.constexpr, GROUP: tl.constexpr,
           R: tl.constexpr):
-    """fp32 [BLOCK_N, BLOCK_D] keys (kv 0) or values (kv 1) of slots `s`, whatever the store's format.
+    """fp32 [BLOCK_N, D] keys (kv 0) or values (kv 1) of slots `s`, whatever the store's format.
 
     a0..a4 are the store's tensors and `st` a pointer to its strides (int64 on the device: 16 of them), so one kernel
     signature serves every format."""
@@ -62,25 +65,26 @@ def _tile(kv, b, h, s, rows, d, m, a0, a1, a2, a3, a4, full, st, KIND: tl.conste
     return x
 
 
-@triton.jit(do_not_specialize=("upto", "splits"))
-def _split(q_ptr, valid_ptr, own_ptr, a0, a1, a2, a3, a4, st, part_ptr, stat_ptr,
-           upto, splits, heads, group, full, qk_scale,
-           qsb, qsh, vsb, vsh, osb, osh,
-           D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-           KIND: tl.constexpr, GROUP: tl.constexpr, R: tl.constexpr):
+_SPLIT_ARGS = ("upto", "splits", "heads", "group", "full", "qsb", "qsh", "vsb", "vsh", "osb", "osh")
+
+
+@_jit(*_SPLIT_ARGS)
+def _kvscope_decode_split(q_ptr, valid_ptr, own_ptr, a0, a1, a2, a3, a4, st, part_ptr, stat_ptr,
+                          upto, splits, heads, group, full, qk_scale, qsb, qsh, vsb, vsh, osb, osh,
+                          D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
+                          KIND: tl.constexpr, GROUP: tl.constexpr, R: tl.constexpr):
     split = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // heads, bh % heads
     g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, BLOCK_D)
+    d = tl.arange(0, D)
     gm = g < group
-    q = tl.load(q_ptr + b * qsb + (h * group + g)[:, None] * qsh + d[None, :], mask=gm[:, None] & (d < D)[None, :],
-                other=0.0)
+    q = tl.load(q_ptr + b * qsb + (h * group + g)[:, None] * qsh + d[None, :], mask=gm[:, None], other=0.0)
     dtype = q.dtype
     own = tl.load(own_ptr + b * osb + h * osh)
     m_i = tl.full((BLOCK_G,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_G,), tl.float32)
-    acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
+    acc = tl.zeros((BLOCK_G, D), tl.float32)
     lo = split * SPLIT
     hi = tl.minimum(lo + SPLIT, upto)
     for start in range(lo, hi, BLOCK_N):
@@ -93,41 +97,45 @@ def _split(q_ptr, valid_ptr, own_ptr, a0, a1, a2, a3, a4, st, part_ptr, stat_ptr
         qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
         qk = tl.where(seen[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a tile with nothing visible yet: no NaN
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: no NaN
         p = tl.exp2(qk - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         v = _tile(1, b, h, s, rows, d, m, a0, a1, a2, a3, a4, full, st, KIND, GROUP, R).to(dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-    row = (bh * splits + split) * BLOCK_G + g
-    tl.store(part_ptr + row[:, None] * BLOCK_D + d[None, :], acc)
-    tl.store(stat_ptr + row * 2, m_i)
-    tl.store(stat_ptr + row * 2 + 1, l_i)
+    row = (bh * splits + split) * group + g  # only the group's real query heads are kept
+    tl.store(part_ptr + row[:, None] * D + d[None, :], acc, mask=gm[:, None])
+    tl.store(stat_ptr + row * 2, m_i, mask=gm)
+    tl.store(stat_ptr + row * 2 + 1, l_i, mask=gm)
 
 
-@triton.jit(do_not_specialize=("splits",))
-def _combine(part_ptr, stat_ptr, out_ptr, splits, heads, group, osb, osh,
-             D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_G: tl.constexpr):
-    bh = tl.program_id(0).to(tl.int64)
-    b, h = bh // heads, bh % heads
-    g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, BLOCK_D)
-    m_all = tl.full((BLOCK_G,), float("-inf"), tl.float32)
-    for i in range(0, splits):
-        m_all = tl.maximum(m_all, tl.load(stat_ptr + ((bh * splits + i) * BLOCK_G + g) * 2))
-    m_use = tl.where(m_all == float("-inf"), 0.0, m_all)
-    l_all = tl.zeros((BLOCK_G,), tl.float32)
-    acc = tl.zeros((BLOCK_G, BLOCK_D), tl.float32)
-    for i in range(0, splits):
-        row = (bh * splits + i) * BLOCK_G + g
-        w = tl.exp2(tl.load(stat_ptr + row * 2) - m_use)
-        l_all += tl.load(stat_ptr + row * 2 + 1) * w
-        acc += tl.load(part_ptr + row[:, None] * BLOCK_D + d[None, :]) * w[:, None]
-    out = acc / l_all[:, None]
-    mask = (g < group)[:, None] & (d < D)[None, :]
-    tl.store(out_ptr + b * osb + (h * group + g)[:, None] * osh + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=mask)
+@_jit("splits", "heads", "group", "qheads", "osb", "osh")
+def _kvscope_decode_combine(part_ptr, stat_ptr, out_ptr, splits, heads, group, qheads, osb, osh,
+                            D: tl.constexpr, BLOCK_S: tl.constexpr):
+    """One query head per program: merges its `splits` partial results, BLOCK_S at a time (online rescaling)."""
+    pid = tl.program_id(0).to(tl.int64)
+    b, j = pid // qheads, pid % qheads
+    first = (b * heads + j // group) * splits  # the split rows of this head's KV head
+    d = tl.arange(0, D)
+    big_m = tl.full((1,), float("-inf"), tl.float32)
+    big_l = tl.zeros((1,), tl.float32)
+    acc = tl.zeros((D,), tl.float32)
+    for i0 in range(0, splits, BLOCK_S):
+        i = i0 + tl.arange(0, BLOCK_S)
+        im = i < splits
+        row = (first + i) * group + j % group
+        m_s = tl.load(stat_ptr + row * 2, mask=im, other=float("-inf"))
+        l_s = tl.load(stat_ptr + row * 2 + 1, mask=im, other=0.0)
+        m_new = tl.maximum(big_m, tl.max(m_s, axis=0))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        w = tl.exp2(m_s - m_use)
+        alpha = tl.exp2(big_m - m_use)
+        o = tl.load(part_ptr + row[:, None] * D + d[None, :], mask=im[:, None], other=0.0)
+        acc = acc * alpha + tl.sum(o * w[:, None], axis=0)
+        big_l = big_l * alpha + tl.sum(l_s * w, axis=0)
+        big_m = m_new
+    tl.store(out_ptr + b * osb + j * osh + d, (acc / big_l).to(out_ptr.dtype.element_ty))
 
 
 def _store_tensors(store) -> tuple[int, list[torch.Tensor], int]:
@@ -171,16 +179,16 @@ def decode_attention(store, query: torch.Tensor, valid: torch.Tensor, own: torch
     heads = valid.shape[1]
     group = hq // heads
     kind, (a0, a1, a2, a3, a4), st, full = _store_args(store)
-    block_g = max(16, triton.next_power_of_2(group))
+    block_g = max(16, triton.next_power_of_2(group))  # tl.dot needs 16 rows: the group is padded
     splits = triton.cdiv(upto, SPLIT)
-    part = torch.empty(b * heads * splits * block_g * d, dtype=torch.float32, device=query.device)
-    stat = torch.empty(b * heads * splits * block_g * 2, dtype=torch.float32, device=query.device)
+    part = torch.empty(b * heads * splits * group * d, dtype=torch.float32, device=query.device)
+    stat = torch.empty(b * heads * splits * group * 2, dtype=torch.float32, device=query.device)
     out = torch.empty(b, hq, 1, d, dtype=query.dtype, device=query.device)
-    _split[(splits, b * heads)](
-        query, valid, own, a0, a1, a2, a3, a4, st, part, stat, upto, splits, heads, group, full,
-        scaling * LOG2E, query.stride(0), query.stride(1), valid.stride(0), valid.stride(1), own.stride(0),
-        own.stride(1), D=d, BLOCK_D=d, BLOCK_G=block_g, BLOCK_N=BLOCK_N, SPLIT=SPLIT, KIND=kind, GROUP=INT4_GROUP,
-        R=INT4_RESIDUAL)
-    _combine[(b * heads,)](part, stat, out, splits, heads, group, out.stride(0), out.stride(1), D=d, BLOCK_D=d,
-                           BLOCK_G=block_g)
+    _kvscope_decode_split[(splits, b * heads)](
+        query, valid, own, a0, a1, a2, a3, a4, st, part, stat, upto, splits, heads, group, full, scaling * LOG2E,
+        query.stride(0), query.stride(1), valid.stride(0), valid.stride(1), own.stride(0), own.stride(1), D=d,
+        BLOCK_G=block_g, BLOCK_N=BLOCK_N, SPLIT=SPLIT, KIND=kind, GROUP=INT4_GROUP, R=INT4_RESIDUAL,
+        num_warps=NUM_WARPS)
+    _kvscope_decode_combine[(b * hq,)](part, stat, out, splits, heads, group, hq, out.stride(0), out.stride(1), D=d,
+                                       BLOCK_S=COMBINE_BLOCK)
     return out

@@ -1,0 +1,98 @@
+"""Microbenchmark of one decode step's attention for one layer, per KV format: kvscope's fused kernel (several
+tunings) against the unfused path (dense read + mask + sdpa) and against sdpa on a plain dense bf16 cache with no mask
+(what PyTorch does for an unbudgeted cache: the floor to compare with).
+
+    python benchmarks/decode_kernel.py --out out/decode_kernel.json     # needs CUDA; writes section "decode-kernel"
+
+`llama-3-8b` attention shape (32 query heads, 8 KV heads, head_dim 128), 8192 + 64 stored slots, 90% of them valid.
+Times are CUDA-event medians over 200 calls after 20 warm-up calls, GPU time only (no launch cost on the host
+beyond what queues the kernels). GB/s counts the bytes of the stored slots read once (codes and scales).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from common import header, save_json, table, write_section
+from kvscope.cache import attention_triton as at
+from kvscope.cache.layer import grouped_attention
+from kvscope.cache.store import make_store
+
+TUNINGS = [{"SPLIT": 64, "BLOCK_N": 64, "NUM_WARPS": 4}, {"SPLIT": 128, "BLOCK_N": 64, "NUM_WARPS": 4},
+           {"SPLIT": 256, "BLOCK_N": 64, "NUM_WARPS": 4}, {"SPLIT": 64, "BLOCK_N": 64, "NUM_WARPS": 2},
+           {"SPLIT": 32, "BLOCK_N": 32, "NUM_WARPS": 2}, {"SPLIT": 128, "BLOCK_N": 128, "NUM_WARPS": 8}]
+
+
+def timed(fn, iters: int = 200) -> float:
+    for _ in range(20):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1000)
+    return statistics.median(times)
+
+
+def case(batch: int, kv_dtype, slots: int = 8256, hq: int = 32, h: int = 8, d: int = 128) -> list[dict]:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    store = make_store(kv_dtype, batch, h, slots, d, torch.bfloat16, "cuda")
+    k = torch.randn(batch, h, slots, d, device="cuda", dtype=torch.bfloat16, generator=g)
+    store.write_range(0, k, k)
+    query = torch.randn(batch, 1, hq, d, device="cuda", dtype=torch.bfloat16, generator=g).transpose(1, 2)
+    valid = torch.rand(batch, h, slots, device="cuda", generator=g) < 0.9
+    own = torch.full((batch, h), slots - 1, device="cuda")
+    nbytes = store.nbytes
+    rows = []
+
+    def unfused():
+        kk, vv = store.read(slots, query.dtype)
+        mask = valid.scatter(-1, own[..., None], True)[:, :, None, :]
+        return grouped_attention(query, kk, vv, mask, 0.088)
+
+    ref = unfused()
+    rows.append({"path": "unfused (read + mask + sdpa)", "us": timed(unfused)})
+    for t in TUNINGS:
+        for name, value in t.items():
+            setattr(at, name, value)
+        out = at.decode_attention(store, query, valid, own, slots, 0.088)
+        err = (out.float() - ref.float()).abs().max().item()
+        us = timed(lambda: at.decode_attention(store, query, valid, own, slots, 0.088))
+        rows.append({"path": "fused " + " ".join(f"{k}={v}" for k, v in t.items()), "us": us, "max_err": err})
+    if kv_dtype is None:
+        kk, vv = store.read(slots, query.dtype)
+        kr = kk.repeat_interleave(hq // h, 1)
+        vr = vv.repeat_interleave(hq // h, 1)
+        rows.append({"path": "sdpa, dense bf16, no mask (floor)", "us": timed(
+            lambda: torch.nn.functional.scaled_dot_product_attention(query, kr, vr, scale=0.088))})
+    for r in rows:
+        r.update(batch=batch, kv=kv_dtype or "bf16", us=round(r["us"], 1),
+                 gbps=round(nbytes / (r["us"] * 1e-6) / 1e9, 1))
+        print(r, flush=True)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="out/decode_kernel.json")
+    args = ap.parse_args()
+    rows = []
+    for batch in (1, 8):
+        for kv in (None, "fp8", "int8", "int4"):
+            rows += case(batch, kv)
+            save_json(rows, args.out)
+    write_section("decode-kernel", header("Decode attention kernel, one layer, `llama-3-8b` attention shape") +
+                  "8192 + 64 slots per row, 90% valid; CUDA-event median over 200 calls (GPU time); GB/s = the "
+                  "store's bytes / time. `max_err`: largest difference from the unfused output (bf16).\n\n" +
+                  table(rows, [("batch", "batch"), ("kv", "KV"), ("path", "path"), ("us", "us / call"),
+                               ("gbps", "GB/s"), ("max_err", "max_err")]))
+
+
+if __name__ == "__main__":
+    main()
