@@ -97,7 +97,7 @@ def dtype_speed(model, spec, new: int, rounds: int, path: str) -> dict:
     return out
 
 
-KERNEL_KINDS = (("attention (fused, kvscope)", ("_split", "_combine")),
+KERNEL_KINDS = (("attention (fused, kvscope)", ("kvscope_decode",)),
                 ("attention (sdpa)", ("flash", "fmha", "attention", "softmax")),
                 ("KV write (quantize)", ("_pertoken_write", "_int4_ring_write")),
                 ("KV read (dequantize)", ("_pertoken_read", "_int4_read")),

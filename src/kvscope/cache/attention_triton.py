@@ -6,9 +6,10 @@ PyTorch ops, expands it per query head and runs sdpa: 10 to 15 launches per laye
 dequantized copy of the whole cache written and read back every step. Here the same attention is two launches:
 
 1. `_kvscope_decode_split`: grid (splits, B * Hkv). Each program takes SPLIT slots of one (sequence, KV head) row,
-   dequantizes them tile by tile in registers (the same tile loaders as the store's read kernels, so the numbers
-   are the same), scores all query heads of the GQA group at once (tl.dot, fp32 accumulation), masks slots that are not valid, and
-   keeps an online softmax (max, sum, weighted values). Splitting over slots keeps the GPU busy at batch 1.
+   dequantizes them tile by tile in registers (the same tile loaders as the store's read kernels, so the numbers are
+   the same), scores all query heads of the GQA group at once (tl.dot, fp32 accumulation), masks slots that are not
+   valid, and keeps an online softmax (max, sum, weighted values). Splitting over slots keeps the GPU busy at batch
+   1.
 2. `_kvscope_decode_combine`: grid (B * Hq,): merges one query head's partial results (log-sum-exp rescaling).
 
 Visibility is exactly the unfused mask for a one-token chunk: every valid slot, plus the query's own slot (which a
