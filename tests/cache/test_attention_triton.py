@@ -34,8 +34,10 @@ def filled(kv_dtype, device, dtype, b=2, h=2, slots=300, d=64, seed=0):
     return store
 
 
-TUNINGS = {"default": {}, "loop": {"SPLIT": 128, "BLOCK_N": 64},  # several tiles per program
-           "many-splits": {"SPLIT": 32, "BLOCK_N": 16, "COMBINE_BLOCK": 2}}  # the merge loops over split blocks
+TUNINGS = {"default": {},
+           "loop": {"SPLIT": 128, "BLOCK_N": 64},  # several tiles per program
+           # the merge loops over blocks of splits
+           "many-splits": {"SPLIT": 32, "BLOCK_N": 16, "NUM_WARPS": 2, "COMBINE_BLOCK": 2}}
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -46,8 +48,10 @@ def test_matches_unfused(device, kv_dtype, upto, tuning, monkeypatch):
     from kvscope.cache import attention_triton
     from kvscope.cache.attention_triton import decode_attention
 
-    for name, value in TUNINGS[tuning].items():
-        monkeypatch.setattr(attention_triton, name, value)
+    for kind, default in attention_triton.TUNING.items():
+        monkeypatch.setitem(attention_triton.TUNING, kind, default | TUNINGS[tuning])
+    if "COMBINE_BLOCK" in TUNINGS[tuning]:
+        monkeypatch.setattr(attention_triton, "COMBINE_BLOCK", TUNINGS[tuning]["COMBINE_BLOCK"])
 
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA")

@@ -5,11 +5,11 @@ Why: at decode, the unfused path of `BudgetedLayer` reads the whole cache into a
 PyTorch ops, expands it per query head and runs sdpa: 10 to 15 launches per layer, and for a quantized store a
 dequantized copy of the whole cache written and read back every step. Here the same attention is two launches:
 
-1. `_kvscope_decode_split`: grid (splits, B * Hkv). Each program takes SPLIT slots of one (sequence, KV head) row,
-   dequantizes them tile by tile in registers (the same tile loaders as the store's read kernels, so the numbers are
-   the same), scores all query heads of the GQA group at once (tl.dot, fp32 accumulation), masks slots that are not
-   valid, and keeps an online softmax (max, sum, weighted values). Splitting over slots keeps the GPU busy at batch
-   1.
+1. `_kvscope_decode_split`: grid (splits, B * Hkv). Each program takes SPLIT slots (see TUNING) of one (sequence, KV
+   head) row, dequantizes them tile by tile in registers (the same tile loaders as the store's read kernels, so the
+   numbers are the same), scores all query heads of the GQA group at once (tl.dot, fp32 accumulation), masks slots
+   that are not valid, and keeps an online softmax (max, sum, weighted values). Splitting over slots keeps the GPU
+   busy at batch 1.
 2. `_kvscope_decode_combine`: grid (B * Hq,): merges one query head's partial results (log-sum-exp rescaling).
 
 Visibility is exactly the unfused mask for a one-token chunk: every valid slot, plus the query's own slot (which a
@@ -29,12 +29,13 @@ import triton.language as tl
 from kvscope.cache.quant_triton import _jit, int4_tile, pertoken_tile
 from kvscope.kvformats import INT4_GROUP, INT4_RESIDUAL
 
-# Tuning (module attributes, read at every call; benchmarks/decode_kernel.py measures alternatives):
-SPLIT = 64  # slots per program of the first kernel: one tile each, so 8k slots x 8 KV heads = 1032 programs
-BLOCK_N = 64  # slots per tile
-NUM_WARPS = 4
 COMBINE_BLOCK = 64  # splits merged at once by the second kernel
 DENSE, FP8, INT8, INT4 = 0, 1, 2, 3
+# Per format: slots per program of the first kernel (SPLIT, a multiple of BLOCK_N), slots per tile, warps. Chosen from
+# benchmarks/decode_kernel.py on an H100 (docs/benchmarks.md, section decode-kernel): 4 warps suit bf16, but make the
+# int8 kernel spill (10x slower); int4's heavier unpacking does best on small tiles.
+TUNING = {DENSE: {"SPLIT": 64, "BLOCK_N": 64, "NUM_WARPS": 4}, FP8: {"SPLIT": 64, "BLOCK_N": 64, "NUM_WARPS": 2},
+          INT8: {"SPLIT": 64, "BLOCK_N": 64, "NUM_WARPS": 2}, INT4: {"SPLIT": 32, "BLOCK_N": 32, "NUM_WARPS": 2}}
 LOG2E = 1.4426950408889634
 
 
@@ -181,15 +182,16 @@ def decode_attention(store, query: torch.Tensor, valid: torch.Tensor, own: torch
     group = hq // heads
     kind, (a0, a1, a2, a3, a4), st, full = _store_args(store)
     block_g = max(16, triton.next_power_of_2(group))  # tl.dot needs 16 rows: the group is padded
-    splits = triton.cdiv(upto, SPLIT)
+    tune = TUNING[kind]
+    splits = triton.cdiv(upto, tune["SPLIT"])
     part = torch.empty(b * heads * splits * group * d, dtype=torch.float32, device=query.device)
     stat = torch.empty(b * heads * splits * group * 2, dtype=torch.float32, device=query.device)
     out = torch.empty(b, hq, 1, d, dtype=query.dtype, device=query.device)
     _kvscope_decode_split[(splits, b * heads)](
         query, valid, own, a0, a1, a2, a3, a4, st, part, stat, upto, splits, heads, group, full, scaling * LOG2E,
         query.stride(0), query.stride(1), valid.stride(0), valid.stride(1), own.stride(0), own.stride(1), D=d,
-        BLOCK_G=block_g, BLOCK_N=BLOCK_N, SPLIT=SPLIT, KIND=kind, GROUP=INT4_GROUP, R=INT4_RESIDUAL,
-        num_warps=NUM_WARPS)
+        BLOCK_G=block_g, BLOCK_N=tune["BLOCK_N"], SPLIT=tune["SPLIT"], KIND=kind, GROUP=INT4_GROUP, R=INT4_RESIDUAL,
+        num_warps=tune["NUM_WARPS"])
     _kvscope_decode_combine[(b * hq,)](part, stat, out, splits, heads, group, hq, out.stride(0), out.stride(1), D=d,
                                        BLOCK_S=COMBINE_BLOCK)
     return out
