@@ -5,8 +5,8 @@ tunings) against the unfused path (dense read + mask + sdpa) and against sdpa on
     python benchmarks/decode_kernel.py --out out/decode_kernel.json     # needs CUDA; writes section "decode-kernel"
 
 `llama-3-8b` attention shape (32 query heads, 8 KV heads, head_dim 128), 8192 + 64 stored slots, 90% of them valid.
-Times are CUDA-event medians over 200 calls after 20 warm-up calls, GPU time only (no launch cost on the host
-beyond what queues the kernels). GB/s counts the bytes of the stored slots read once (codes and scales).
+Times are medians over 200 calls (after 20 warm-up calls) of the CUDA-event time around one call: where the
+kernels are shorter than their launch on the host, that includes the host's gaps. GB/s counts the bytes of the stored slots read once (codes and scales).
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ def main():
             rows += case(batch, kv, tunings=batch in (1, 8))  # other tunings at batch 1 and 8 only
             save_json(rows, args.out)
     write_section("decode-kernel", header("Decode attention kernel, one layer, `llama-3-8b` attention shape") +
-                  "8192 + 64 slots per row, 90% valid; CUDA-event median over 200 calls (GPU time); GB/s = the "
+                  "8192 + 64 slots per row, 90% valid; median over 200 calls of the CUDA-event time around one "
+                  "call (host launch gaps included where kernels are shorter than their launch); GB/s = the "
                   "store's bytes / time. `max_err`: largest difference from the unfused output (bf16).\n\n" +
                   table(rows, [("batch", "batch"), ("kv", "KV"), ("path", "path"), ("us", "us / call"),
                                ("gbps", "GB/s"), ("max_err", "max_err")]))
