@@ -6,7 +6,8 @@ tunings) against the unfused path (dense read + mask + sdpa) and against sdpa on
 
 `llama-3-8b` attention shape (32 query heads, 8 KV heads, head_dim 128), 8192 + 64 stored slots, 90% of them valid.
 Times are medians over 200 calls (after 20 warm-up calls) of the CUDA-event time around one call: where the
-kernels are shorter than their launch on the host, that includes the host's gaps. GB/s counts the bytes of the stored slots read once (codes and scales).
+kernels are shorter than their launch on the host, that includes the host's gaps. GB/s counts the bytes of the
+stored slots read once (codes and scales).
 """
 
 from __future__ import annotations
