@@ -77,8 +77,9 @@ def profile_workload(model, input_ids: torch.Tensor, cache=None, *, max_new_toke
     marker = PhaseMarker(nvtx, torch.cuda.synchronize if cuda else None)
 
     start = time.perf_counter()
-    with torch.profiler.profile(activities=activities, record_shapes=True, profile_memory=True) as prof, \
-            layer_ranges(model, nvtx) as num_layers:
+    # acc_events: one profiling cycle here; without it torch warns that events of earlier cycles are dropped
+    with torch.profiler.profile(activities=activities, record_shapes=True, profile_memory=True,
+                                acc_events=True) as prof, layer_ranges(model, nvtx) as num_layers:
         try:
             marker.enter("prefill")
             if cache is None:
