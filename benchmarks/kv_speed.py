@@ -202,13 +202,16 @@ def main():
                     help="decode steps timed per KV dtype: 64 covers one int4 ring flush, as in a long decode")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of the KV dtype runs (median)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: dtypes,offload,swap,peaks")
+    ap.add_argument("--offload-contexts", default="8192,32768", help="prompt lengths of the offload runs")
+    ap.add_argument("--offload-kv", default="bf16", help="KV dtypes of the offload runs (comma list)")
+    ap.add_argument("--section", default="kv-speed", help="docs section for everything but the KV dtype table")
     ap.add_argument("--render-from", metavar="JSON", help="only write docs/benchmarks.md from a saved result")
     args = ap.parse_args()
     if args.render_from:
         import json
 
         results = json.loads(Path(args.render_from).read_text())
-        write_sections(results)
+        write_sections(results, args.section)
         return
     skip = set(filter(None, args.skip.split(",")))
     results: dict = {}
@@ -233,13 +236,15 @@ def main():
         results["policies"] = rows
     if "offload" not in skip:
         rows = []
-        for ctx in (8192, 32768):
+        for ctx in map(int, args.offload_contexts.split(",")):
             ids = torch.randint(10, spec.vocab_size, (1, ctx), device="cuda")
-            for off in (False, True):
-                r = kvscope_run(model, ids, args.new, offload=off)
-                r.update(context=ctx, offload=off)
-                rows.append(r)
-                print(r, flush=True)
+            for kv in args.offload_kv.split(","):
+                for off in (False, True):
+                    r = kvscope_run(model, ids, args.new, offload=off, kv_dtype=None if kv == "bf16" else kv)
+                    r.update(context=ctx, offload=off, kv=kv)
+                    rows.append(r)
+                    save_json(results | {"offload": rows}, args.out)
+                    print(r, flush=True)
         results["offload"] = rows
     if "swap" not in skip:
         ids = torch.randint(10, spec.vocab_size, (4, 8192), device="cuda")
@@ -248,15 +253,15 @@ def main():
     if "peaks" not in skip:
         results["peaks"] = runtime_peaks(model, spec)
     save_json(results, args.out)
-    write_sections(results)
+    write_sections(results, args.section)
 
 
-def write_sections(results: dict) -> None:
+def write_sections(results: dict, section: str = "kv-speed") -> None:
     if "dtypes" in results:
         write_section("kv-dtype-speed", header("Decode speed per KV dtype: `llama-3.1-8b` shape, random bf16 weights")
                       + render_dtypes(results["dtypes"]))
     if set(results) - {"dtypes"}:
-        write_section("kv-speed", render(results))
+        write_section(section, render(results))
 
 
 def render_dtypes(d: dict) -> str:
@@ -299,7 +304,7 @@ def render(r: dict) -> str:
         for row in r["offload"]:
             row["kv_gpu"], row["kv_all"] = g(row["kv_on_gpu"]), g(row["kv_allocated"])
         md += "\n### Layer offload\n\n" + table(r["offload"], [
-            ("context", "prompt"), ("offload", "offload"), ("decode_tps", "decode tok/s"),
+            ("context", "prompt"), ("kv", "KV dtype"), ("offload", "offload"), ("decode_tps", "decode tok/s"),
             ("kv_gpu", "KV GiB on GPU"), ("kv_all", "KV GiB in all"), ("prefill_s", "prefill s")])
     if "swap" in r:
         s = r["swap"]

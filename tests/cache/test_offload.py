@@ -8,7 +8,7 @@ import torch
 from kvscope.cache import BudgetedCache
 from kvscope.runtime import generate
 from tests.cache.test_budgeted import prompt
-from tests.conftest import build_tiny
+from tests.conftest import TINY, build_tiny
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -35,9 +35,10 @@ def test_swap_is_a_noop_that_says_so_without_cuda():
 @pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("policy", ["full", "h2o", "streaming_llm"])
-@pytest.mark.parametrize("kv_dtype", [None, "int8"])
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "int4"])
 def test_offload_gives_the_same_tokens_as_resident(policy, kv_dtype):
-    model = build_tiny(dtype=torch.float32).cuda()
+    config = TINY | {"head_dim": 64} if kv_dtype == "int4" else None  # int4 packs head_dim in groups of 64
+    model = build_tiny(config, dtype=torch.float32).cuda()
     ids, mask = prompt(batch=2, length=60, pad=5)
     ids, mask = ids.cuda(), mask.cuda()
     budget = 128 if policy == "full" else 24
@@ -48,6 +49,18 @@ def test_offload_gives_the_same_tokens_as_resident(policy, kv_dtype):
     assert torch.equal(ga.sequences, gb.sequences)
     assert b.gpu_resident_bytes == 2 * b.layers[0].store.nbytes
     assert b.stats().evicted_tokens == a.stats().evicted_tokens
+
+
+def test_int4_offload_plan_copies_ring_and_markers_until_a_flush():
+    from kvscope.cache.quant import Int4Store
+
+    store = Int4Store(1, 2, 300, 64, torch.float32, "cpu")
+    x = torch.randn(1, 2, 100, 64)
+    store.write_range(0, x, x)  # fits the 128-token ring: no flush
+    assert store.offload_plan() == {"residual": None, "value_params": 2}
+    store.write_range(100, x, x)  # overflows the ring: a flush re-quantizes codes and key groups
+    assert store.offload_plan() == dict.fromkeys(store.TENSORS)
+    assert store.offload_plan() == {"residual": None, "value_params": 2}  # once copied, back to the small plan
 
 
 @pytest.mark.gpu

@@ -88,9 +88,6 @@ class BudgetedCache(Cache):
         self.offloader = None
         if offload:
             require_cuda_for_offload(self.home_device)
-            if self.kv_dtype == "int4":
-                raise usage("offload of an int4 cache is not supported (its residual window is rewritten every step)",
-                            expected="--kv-dtype bf16, fp16, fp32, fp8 or int8 with --offload", fix="--kv-dtype")
             self.offloader = LayerOffloader(self.num_layers)
         self.forward_info: ForwardInfo | None = None
         self.last_seen_attention = None

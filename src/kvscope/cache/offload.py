@@ -103,8 +103,15 @@ class LayerOffloader:
         done.record(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(done)
+            # {tensor: None = copy it whole, 2 = copy the written slots (dim 2)}; a tensor not named is unchanged
+            plan = store.offload_plan() if hasattr(store, "offload_plan") else dict.fromkeys(self.staging[s], 2)
             for k, src in self.staging[s].items():
+                if k not in plan:
+                    continue
                 dst = self.masters[index][k]
+                if plan[k] is None:
+                    dst.copy_(src, non_blocking=True)
+                    continue
                 for w in written:
                     if isinstance(w, tuple):
                         dst[:, :, w[0]:w[1]].copy_(src[:, :, w[0]:w[1]], non_blocking=True)

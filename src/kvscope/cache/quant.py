@@ -221,6 +221,17 @@ class Int4Store(_Store):
         self.residual = torch.zeros(2, b, h, R, d, dtype=compute_dtype, device=device)
         self.head = 0  # ring entry the next token goes to
         self.count = 0  # ring entries in use, the oldest being (head - count) % R (some may be orphaned)
+        self.flushed = False  # a flush ran since offload last copied this store back (see offload_plan)
+
+    def offload_plan(self) -> dict[str, int | None]:
+        """What layer offload copies back to the CPU master after a forward: {tensor: 2 (the written slots, dim 2)
+        or None (the whole tensor)}; a tensor not named is unchanged. A write puts tokens in the ring and marks their
+        slots (value_params); codes and key parameters change only in a flush, after which everything is copied
+        (once every 64 decode steps)."""
+        if self.flushed:
+            self.flushed = False
+            return dict.fromkeys(self.TENSORS)
+        return {"residual": None, "value_params": 2}
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -327,6 +338,7 @@ class Int4Store(_Store):
         self._quantize_values(x[1], touched)
         self._quantize_keys(x[0], touched, holds)
         self.count -= flush
+        self.flushed = True
 
     def _quantize_values(self, v: torch.Tensor, touched: torch.Tensor) -> None:
         b, h, s, d = v.shape
