@@ -116,6 +116,16 @@ def test_stored_length_never_exceeds_budget(bounded, tiny, policy, batch, chunk,
     assert bounded["checks"] > 0
 
 
+@pytest.mark.parametrize("policy", ["h2o", "sliding_window", "tova"])
+def test_evict_batch_with_a_budget_sized_protected_part_stays_within_budget(bounded, tiny, policy):
+    """h2o protects a share of the budget (recent_ratio): with evict_batch 4 it must protect a share of what stays (a
+    case hypothesis found: budget 4 held 5 tokens)."""
+    ids, mask = prompt(1, 3, 0)
+    cache = BudgetedCache(tiny, policy, budget_tokens=4, chunk_size=2, evict_batch=4)
+    generate(tiny, ids, cache, attention_mask=mask, max_new_tokens=6, chunk_size=4)
+    assert cache.stats().stored_tokens <= 4 and bounded["checks"] > 0
+
+
 def test_evict_batch_evicts_less_often_and_stays_within_budget(tiny):
     ids, mask = prompt(batch=1, length=20, pad=0)
     one = BudgetedCache(tiny, "sliding_window", budget_tokens=16, chunk_size=4)

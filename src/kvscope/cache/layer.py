@@ -218,7 +218,9 @@ class BudgetedLayer(CacheLayerMixin):
             self.upper = held
             return
         keep = o.budget_tokens - o.evict_batch + 1  # evict a few more than needed: the next evictions are skipped
-        evict = select_evictions(o.policy.keep_scores(st, o.budget_tokens), st, keep)
+        # the policy scores for what stays (`keep`, not the budget): a part it protects that grows with the budget
+        # (h2o's recent share) must fit in `keep`, or the row would hold more than `upper` says
+        evict = select_evictions(o.policy.keep_scores(st, keep), st, keep)
         self.counters.record(evict, st.position, st.newest)
         if o.collector is not None:
             self._emit(evict)
