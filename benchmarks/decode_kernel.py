@@ -85,13 +85,15 @@ def case(batch: int, kv_dtype, tunings: bool, slots: int = 8256, hq: int = 32, h
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="out/decode_kernel.json")
+    ap.add_argument("--kv", default="bf16,fp8,int8,int4", help="KV formats (comma list)")
+    ap.add_argument("--section", default="decode-kernel", help="section of docs/benchmarks.md to write")
     args = ap.parse_args()
     rows = []
     for batch in (1, 2, 4, 8):
-        for kv in (None, "fp8", "int8", "int4"):
+        for kv in [None if k == "bf16" else k for k in args.kv.split(",")]:
             rows += case(batch, kv, tunings=batch in (1, 8))  # other tunings at batch 1 and 8 only
             save_json(rows, args.out)
-    write_section("decode-kernel", header("Decode attention kernel, one layer, `llama-3-8b` attention shape") +
+    write_section(args.section, header("Decode attention kernel, one layer, `llama-3-8b` attention shape") +
                   "8192 + 64 slots per row, 90% valid; median over 200 calls of the CUDA-event time around one "
                   "call (host launch gaps included where kernels are shorter than their launch); GB/s = the "
                   "store's bytes / time. `max_err`: largest difference from the unfused output (bf16).\n\n" +

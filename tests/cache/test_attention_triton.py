@@ -96,3 +96,22 @@ def test_generation_fused_equals_unfused(device, kv_dtype, policy, budget, monke
         runs[use] = generate(model, ids, cache, attention_mask=mask, max_new_tokens=12, chunk_size=16)
     assert fused.ran("attention_triton.decode_attention") and not fused._STATE["broken"]
     assert torch.equal(runs[True].sequences, runs[False].sequences)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_int4_with_two_channel_groups(device):
+    """head_dim 128: two value-parameter groups per token (the int4 tile reshapes codes per group)."""
+    from kvscope.cache.attention_triton import decode_attention
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    store = filled("int4", device, dtype, slots=333, d=128)
+    g = torch.Generator().manual_seed(2)
+    query = torch.randn(2, 1, 4, 128, generator=g).to(device, dtype).transpose(1, 2)
+    valid = (torch.rand(2, 2, 333, generator=g) < 0.7).to(device)
+    own = torch.tensor([[332, 10], [5, 332]], device=device)
+    got = decode_attention(store, query, valid, own, 333, 0.09)
+    want = reference(store, query, valid, own, 333, 0.09)
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
