@@ -41,7 +41,7 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def _tile(kv, b, h, s, rows, d, m, a0, a1, a2, a3, a4, full, st, KIND: tl.constexpr, GROUP: tl.constexpr,
-          R: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr):
+          R: tl.constexpr):
     """fp32 [BLOCK_N, D] keys (kv 0) or values (kv 1) of slots `s`, whatever the store's format.
 
     a0..a4 are the store's tensors and `st` a pointer to its strides (int64 on the device: 16 of them), so one kernel
@@ -59,7 +59,7 @@ def _tile(kv, b, h, s, rows, d, m, a0, a1, a2, a3, a4, full, st, KIND: tl.conste
                       tl.load(st + 4), tl.load(st + 5), tl.load(st + 6), tl.load(st + 7),
                       tl.load(st + 8), tl.load(st + 9), tl.load(st + 10), tl.load(st + 11),
                       tl.load(st + 12), tl.load(st + 13), tl.load(st + 14), tl.load(st + 15),
-                      tl.load(st + 16), tl.load(st + 17), tl.load(st + 18), tl.load(st + 19), GROUP, R, D, BLOCK_N, D)
+                      tl.load(st + 16), tl.load(st + 17), tl.load(st + 18), tl.load(st + 19), GROUP, R)
     else:
         x = pertoken_tile(a0, a1, kv, b, h, s, rows, d, m, tl.load(st), tl.load(st + 1), tl.load(st + 2),
                           tl.load(st + 3), tl.load(st + 4), tl.load(st + 5), tl.load(st + 6), tl.load(st + 7),
@@ -95,14 +95,14 @@ def _kvscope_decode_split(q_ptr, valid_ptr, own_ptr, a0, a1, a2, a3, a4, st, par
         m = rows[:, None] & (d < D)[None, :]
         valid = tl.load(valid_ptr + b * vsb + h * vsh + s, mask=rows, other=0).to(tl.int1)
         seen = rows & (valid | (s == own))
-        k = _tile(0, b, h, s, rows, d, m, a0, a1, a2, a3, a4, full, st, KIND, GROUP, R, D, BLOCK_N).to(dtype)
+        k = _tile(0, b, h, s, rows, d, m, a0, a1, a2, a3, a4, full, st, KIND, GROUP, R).to(dtype)
         qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
         qk = tl.where(seen[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: no NaN
         p = tl.exp2(qk - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
-        v = _tile(1, b, h, s, rows, d, m, a0, a1, a2, a3, a4, full, st, KIND, GROUP, R, D, BLOCK_N).to(dtype)
+        v = _tile(1, b, h, s, rows, d, m, a0, a1, a2, a3, a4, full, st, KIND, GROUP, R).to(dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new

@@ -73,43 +73,24 @@ def pertoken_tile(data_ptr, params_ptr, kv, b, h, s, rows, d, m, dsb, dsh, dss, 
 @triton.jit
 def int4_tile(packed_ptr, kp_ptr, tp_ptr, vp_ptr, res_ptr, kv, b, h, s, rows, d, m, full,
               ak, ab, ah, as_, kb, kh, kg, kj, tb, th, tt, tj, vb, vh, vs, vj, rk, rb, rh, rr,
-              GROUP: tl.constexpr, R: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
-    """fp32 [BLOCK, BLOCK_D]: keys (kv 0) or values (kv 1) of slots `s` (BLOCK consecutive slots) of row (b, h) of an
-    int4 store, pending slots taken from the ring (see Int4Store).
-
-    Loads what the formula needs once, not per element: each code byte once (split into its two nibbles and
-    interleaved back into channel order), a tile's key-group parameters as one row when the tile lies in one key group
-    (the common case: tiles are aligned and at most a group long), value parameters per (slot, channel group)."""
-    CG: tl.constexpr = BLOCK_D // GROUP
-    j = tl.arange(0, BLOCK_D // 2)
-    byte = tl.load(packed_ptr + kv * ak + b * ab + h * ah + s[:, None] * as_ + j[None, :],
-                   mask=rows[:, None] & (j < D // 2)[None, :], other=0).to(tl.int32)
-    code = tl.interleave(byte & 15, byte >> 4).to(tl.float32)  # channel 2j from the low nibble, 2j + 1 the high
+              GROUP: tl.constexpr, R: tl.constexpr):
+    """fp32 [len(s), len(d)]: keys (kv 0) or values (kv 1) of slots `s` of row (b, h) of an int4 store, pending
+    slots taken from the ring (see Int4Store)."""
+    byte = tl.load(packed_ptr + kv * ak + b * ab + h * ah + s[:, None] * as_ + (d // 2)[None, :], mask=m, other=0)
+    code = ((byte.to(tl.int32) >> ((d % 2) * 4)[None, :]) & 15).to(tl.float32)
+    cg = (d // GROUP)[None, :]
+    vp = vp_ptr + b * vb + h * vh + s[:, None] * vs
     if kv == 0:  # keys: per-channel parameters of the slot's group, or per-token ones in the tail
-        first = tl.min(s, axis=0)
-        last = tl.max(s, axis=0)
-        if (last < full) & (first // GROUP == last // GROUP):
-            kp = kp_ptr + b * kb + h * kh + (first // GROUP) * kg + d
-            scale = tl.load(kp, mask=d < D, other=0.0).to(tl.float32)
-            zero = tl.load(kp + kj, mask=d < D, other=0.0).to(tl.float32)
-            x = code * scale[None, :] + zero[None, :]
-        else:
-            cg = (d // GROUP)[None, :]
-            grouped = (s < full)[:, None]
-            kp = kp_ptr + b * kb + h * kh + (s // GROUP)[:, None] * kg + d[None, :]
-            tp = tp_ptr + b * tb + h * th + (s - full)[:, None] * tt + cg
-            scale = tl.where(grouped, tl.load(kp, mask=m & grouped, other=0.0),
-                             tl.load(tp, mask=m & ~grouped, other=0.0))
-            zero = tl.where(grouped, tl.load(kp + kj, mask=m & grouped, other=0.0),
-                            tl.load(tp + tj, mask=m & ~grouped, other=0.0))
-            x = code * scale.to(tl.float32) + zero.to(tl.float32)
-    else:  # values: (scale, zero) per slot and group of GROUP channels
-        c = tl.arange(0, CG)
-        vp = vp_ptr + b * vb + h * vh + s[:, None] * vs + c[None, :]
-        cm = rows[:, None] & (c < D // GROUP)[None, :]
-        scale = tl.load(vp, mask=cm, other=0.0).to(tl.float32)
-        zero = tl.load(vp + vj, mask=cm, other=0.0).to(tl.float32)
-        x = tl.reshape(tl.reshape(code, (BLOCK, CG, GROUP)) * scale[:, :, None] + zero[:, :, None], (BLOCK, BLOCK_D))
+        grouped = (s < full)[:, None]
+        kp = kp_ptr + b * kb + h * kh + (s // GROUP)[:, None] * kg + d[None, :]
+        tp = tp_ptr + b * tb + h * th + (s - full)[:, None] * tt + cg
+        scale = tl.where(grouped, tl.load(kp, mask=m & grouped, other=0.0), tl.load(tp, mask=m & ~grouped, other=0.0))
+        zero = tl.where(grouped, tl.load(kp + kj, mask=m & grouped, other=0.0),
+                        tl.load(tp + tj, mask=m & ~grouped, other=0.0))
+    else:
+        scale = tl.load(vp + cg, mask=m, other=0.0)
+        zero = tl.load(vp + vj + cg, mask=m, other=0.0)
+    x = code * scale.to(tl.float32) + zero.to(tl.float32)
     # the slot's state marker (first value scale): negative = pending in ring entry -1 - m (or never written)
     marker = tl.load(vp_ptr + b * vb + h * vh + s * vs, mask=rows, other=0.0).to(tl.float32)
     pending = (marker < 0)[:, None]
@@ -221,8 +202,7 @@ def _int4_read(packed_ptr, kp_ptr, tp_ptr, vp_ptr, res_ptr, out_ptr, upto, slots
     rows = s < upto
     m = rows[:, None] & (d < D)[None, :]
     x = int4_tile(packed_ptr, kp_ptr, tp_ptr, vp_ptr, res_ptr, kv, b, h, s, rows, d, m, full,
-                  ak, ab, ah, as_, kb, kh, kg, kj, tb, th, tt, tj, vb, vh, vs, vj, rk, rb, rh, rr, GROUP, R, D, BLOCK,
-                  BLOCK_D)
+                  ak, ab, ah, as_, kb, kh, kg, kj, tb, th, tt, tj, vb, vh, vs, vj, rk, rb, rh, rr, GROUP, R)
     out = out_ptr + ((kv * tl.num_programs(1) + bh) * slots + s[:, None]) * D + d[None, :]
     tl.store(out, x.to(out_ptr.dtype.element_ty), mask=m)
 
