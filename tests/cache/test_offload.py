@@ -51,6 +51,21 @@ def test_offload_gives_the_same_tokens_as_resident(policy, kv_dtype):
     assert b.stats().evicted_tokens == a.stats().evicted_tokens
 
 
+@pytest.mark.gpu
+@needs_cuda
+def test_offload_with_an_odd_number_of_layers():
+    """Layer 0 follows the last layer in the same staging buffer when the count is odd: it must not be prefetched
+    over the last layer while that one computes."""
+    model = build_tiny(TINY | {"num_hidden_layers": 3}, dtype=torch.float32).cuda()
+    ids, mask = prompt(batch=2, length=40, pad=3)
+    ids, mask = ids.cuda(), mask.cuda()
+    a = BudgetedCache(model, "sliding_window", budget_tokens=24, chunk_size=16)
+    b = BudgetedCache(model, "sliding_window", budget_tokens=24, chunk_size=16, offload=True)
+    ga = generate(model, ids, a, attention_mask=mask, max_new_tokens=16, chunk_size=16)
+    gb = generate(model, ids, b, attention_mask=mask, max_new_tokens=16, chunk_size=16)
+    assert torch.equal(ga.sequences, gb.sequences)
+
+
 def test_int4_offload_plan_copies_ring_and_markers_until_a_flush():
     from kvscope.cache.quant import Int4Store
 

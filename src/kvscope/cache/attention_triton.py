@@ -67,7 +67,18 @@ def _tile(kv, b, h, s, rows, d, m, a0, a1, a2, a3, a4, full, st, KIND: tl.conste
     return x
 
 
-_SPLIT_ARGS = ("upto", "splits", "heads", "group", "full", "qsb", "qsh", "vsb", "vsh", "osb", "osh")
+# own_ptr too: after an eviction the own-slot view starts anywhere, and its alignment must not cause a recompile
+@triton.jit
+def _dot(a, b):
+    """tl.dot in full fp32 for fp32 inputs (Triton's default would be TF32, less precise than the unfused path)."""
+    if a.dtype == tl.float32:  # noqa: SIM108 - a compile-time branch: each variant compiles one tl.dot
+        out = tl.dot(a, b, input_precision="ieee")
+    else:
+        out = tl.dot(a, b)
+    return out
+
+
+_SPLIT_ARGS = ("own_ptr", "upto", "splits", "heads", "group", "full", "qsb", "qsh", "vsb", "vsh", "osb", "osh")
 
 
 @_jit(*_SPLIT_ARGS)
@@ -96,14 +107,14 @@ def _kvscope_decode_split(q_ptr, valid_ptr, own_ptr, a0, a1, a2, a3, a4, st, par
         valid = tl.load(valid_ptr + b * vsb + h * vsh + s, mask=rows, other=0).to(tl.int1)
         seen = rows & (valid | (s == own))
         k = _tile(0, b, h, s, rows, d, m, a0, a1, a2, a3, a4, full, st, KIND, GROUP, R).to(dtype)
-        qk = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
+        qk = _dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
         qk = tl.where(seen[None, :], qk, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: no NaN
         p = tl.exp2(qk - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         v = _tile(1, b, h, s, rows, d, m, a0, a1, a2, a3, a4, full, st, KIND, GROUP, R).to(dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(dtype), v)
+        acc = acc * alpha[:, None] + _dot(p.to(dtype), v)
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
     row = (bh * splits + split) * group + g  # only the group's real query heads are kept

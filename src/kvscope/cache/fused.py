@@ -34,6 +34,8 @@ def run(t: torch.Tensor, kernel: str, *args) -> tuple[bool, object]:
     module, function = kernel.rsplit(".", 1)
     try:
         result = getattr(importlib.import_module(f"kvscope.cache.{module}"), function)(*args)
+    except torch.OutOfMemoryError:
+        raise  # a real OOM, for the caller (and the doctor) to see: the eager path would need more memory, not less
     except Exception as exc:  # noqa: BLE001 - fall back to the eager path, whatever broke
         warnings.warn(f"kvscope: fused KV kernels disabled ({type(exc).__name__}: {exc}); using PyTorch ops",
                       RuntimeWarning, stacklevel=3)

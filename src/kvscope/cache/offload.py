@@ -93,7 +93,9 @@ class LayerOffloader:
         if index in self.ready:
             torch.cuda.current_stream().wait_event(self.ready.pop(index))
         _set_tensors(store, self.staging[s])
-        self.prefetch((index + 1) % self.num_layers)
+        nxt = (index + 1) % self.num_layers
+        if self._slot(nxt) != s:  # with an odd number of layers, layer 0 follows the last one in the same buffer:
+            self.prefetch(nxt)  # it is fetched at its own activate(), after this layer's write-back released it
 
     def write_back(self, index: int, store, written: list) -> None:
         """Copy the slots this layer just wrote (spans or scattered slot tensors) back to its CPU master, then point

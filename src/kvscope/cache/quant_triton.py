@@ -67,7 +67,8 @@ def pertoken_tile(data_ptr, params_ptr, kv, b, h, s, rows, d, m, dsb, dsh, dss, 
         x = codes.to(tl.float32) * scale
     else:
         x = codes.to(tl.float32) * scale + tl.load(params + 1, mask=rows, other=0.0).to(tl.float32)[:, None]
-    return x
+    # masked lanes are undefined (an fp8 byte may read as NaN, and 0 * NaN would poison the decode kernel's tl.dot)
+    return tl.where(m, x, 0.0)
 
 
 @triton.jit
