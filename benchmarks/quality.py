@@ -53,10 +53,25 @@ KVPRESS_VENV = ROOT / ".venv-kvpress"
 KVPRESS_REQUIREMENTS = ROOT / "benchmarks" / "requirements-kvpress.txt"
 # ObservedAttentionPress needs attn_implementation="eager" (it reads the attention weights), which makes every
 # kvpress prefill about 2.5x slower on CPU; add it with --presses (the runner then switches to eager for all presses).
-PRESSES = ["SnapKVPress", "StreamingLLMPress", "KnormPress", "TOVAPress", "ExpectedAttentionPress", "RandomPress"]
+# Every kvpress 0.5.5 press that prunes the prompt's KV to a compression ratio on sdpa without downloading anything:
+# the scorer presses, KVzip (its own multi-pass path), and kvpress's wrappers around the strongest scorers. Left out
+# (docs say why): ObservedAttention/KVCompose (eager), QFilter/KVzap/FastKVzip/DuoAttention/LUKV/RestoreKV/
+# ExpectedAttentionStats (downloads), DMS (a DMS-trained model), Finch (a delimiter token added to the prompt),
+# ThinK (compresses key channels, not tokens), SimLayerKV (no ratio: a lazy-layer threshold),
+# Decoding/CAM/CompressionRatioDecoding/PrefillDecoding (compress while decoding),
+# PerLayerCompression/Composed (need per-layer ratios or several presses).
+PRESSES = ["SnapKVPress", "StreamingLLMPress", "KnormPress", "TOVAPress", "ExpectedAttentionPress", "RandomPress",
+           "PyramidKVPress", "KeyDiffPress", "LagKVPress", "CURPress", "LeverageScorePress", "CompactorPress",
+           "CapPress", "NonCausalAttnPress", "KVzipPress", "KVgradPress",
+           "AdaKVPress(ExpectedAttentionPress)", "AdaKVPress(SnapKVPress)", "AdaKVPress(TOVAPress)",
+           "CriticalKVPress(SnapKVPress)", "CriticalKVPress(TOVAPress)", "CriticalAdaKVPress(ExpectedAttentionPress)",
+           "CriticalAdaKVPress(SnapKVPress)", "ChunkKVPress(SnapKVPress)", "ChunkPress(SnapKVPress)",
+           "BlockPress(KeyDiffPress)", "KeyRerotationPress(SnapKVPress)", "MergingPress(SnapKVPress)"]
+VERIFY_PRESSES = ("SnapKVPress", "KnormPress", "AdaKVPress(TOVAPress)", "KeyRerotationPress(SnapKVPress)",
+                  "KVzipPress")  # one of each path: plain, head-wise masks, re-rotated positions, KVzip's own
 KV_DTYPES = ["bf16", "fp8", "int8", "int4"]
 DEFAULT_KEYS = "1024:1,2048:2,4096:1"
-FORK_CHECK_POLICIES = ["snapkv", "h2o", "knorm", "random"]
+FORK_CHECK_POLICIES = ["snapkv", "h2o", "lru", "knorm", "random"]
 
 
 # --- helpers ---------------------------------------------------------------------------------------------------------
@@ -387,7 +402,7 @@ def run_kvpress(args, tok, cases, ppl_ids, fractions, model_dir: Path) -> dict:
            "fractions": fractions, "max_new_tokens": args.max_new_tokens, "modes": args.kvpress_modes,
            "pipeline_lengths": args.pipeline_lengths, "eos_token_ids": [tok.eos_token_id], "threads": args.threads,
            "verify": not args.no_verify, "verify_case": verify_case.to_json(),
-           "verify_presses": [p for p in ("SnapKVPress", "KnormPress") if p in args.presses] or args.presses[:1],
+           "verify_presses": [p for p in VERIFY_PRESSES if p in args.presses] or args.presses[:1],
            "verify_fraction": 0.25, "ppl_ids": ppl_ids}
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "job.json", Path(tmp) / "result.json"
@@ -542,6 +557,9 @@ PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 FAMILY_COLOR = {"snapkv": 0, "SnapKVPress": 0, "tova": 1, "TOVAPress": 1, "streaming_llm": 2, "StreamingLLMPress": 2,
                 "knorm": 3, "KnormPress": 3, "h2o": 4, "ObservedAttentionPress": 4, "lru": 5, "sliding_window": 6,
                 "random": 7, "RandomPress": 7, "ExpectedAttentionPress": 9}
+EXTRA_COLORS = ["#393b79", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354", "#756bb1",
+                "#636363"]  # presses without a kvscope counterpart, in legend order
+PLOT_PRESSES = 8  # kvpress lines in the plot: the presses with the best mean passkey accuracy over the budgets
 
 
 def svg_plot(groups: list[dict], fractions: list[float], length: int) -> str:
@@ -561,7 +579,17 @@ def svg_plot(groups: list[dict], fractions: list[float], length: int) -> str:
     full = {t: next((g for g in groups if g["tool"] == t and g["fraction"] == 1.0 and g["mode"] in
                      ("one-chunk", "together") and not g["kv_dtype"]), None) for t in ("kvscope", "kvpress")}
     names = [n for n in series if not n.endswith(" full") and "no press" not in n]
-    color_of = {n: PALETTE[FAMILY_COLOR.get(series[n]["policy"], 8)] for n in names}
+    presses = [n for n in names if series[n]["tool"] == "kvpress"]
+    if len(presses) > PLOT_PRESSES:  # the strongest presses only: dozens of lines would hide each other
+
+        def mean_acc(n):
+            return sum(series[n]["acc"].get(f) or 0 for f in fractions) / len(fractions)
+
+        shown = set(sorted(presses, key=lambda n: (-mean_acc(n), n))[:PLOT_PRESSES])
+        names = [n for n in names if series[n]["tool"] != "kvpress" or n in shown]
+    extra = iter(EXTRA_COLORS * 4)
+    color_of = {n: PALETTE[FAMILY_COLOR[series[n]["policy"]]] if series[n]["policy"] in FAMILY_COLOR else next(extra)
+                for n in names}
     for n in names:  # every line ends at the full cache of its own tool
         f = full[series[n]["tool"]]
         if f:
@@ -569,7 +597,7 @@ def svg_plot(groups: list[dict], fractions: list[float], length: int) -> str:
             series[n]["ppl"].setdefault(1.0, f.get("ppl_prefix"))
     ppl_vals = [v for n in names for v in series[n]["ppl"].values() if v]
     w, h, pad = 460, 300, 50
-    width = 2 * w + 260
+    width = 2 * w + 330
 
     def px(i):
         return pad + i * (w - 2 * pad) / (len(xs) - 1)
@@ -614,6 +642,9 @@ def svg_plot(groups: list[dict], fractions: list[float], length: int) -> str:
                 parts.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="2.5" fill="{color}"/>' if series[n]["tool"] ==
                              "kvscope" else f'<rect x="{x - 2.5:.1f}" y="{y - 2.5:.1f}" width="5" height="5" '
                              f'fill="{color}"/>')
+    if len(presses) > PLOT_PRESSES:
+        parts.append(f'<text x="{2 * w + 10}" y="22">kvpress: top {PLOT_PRESSES} of {len(presses)} presses by mean '
+                     f'accuracy</text>')
     for j, n in enumerate(names):
         color = color_of[n]
         dash = ' stroke-dasharray="5,3"' if series[n]["tool"] == "kvpress" else ""
@@ -654,10 +685,26 @@ def render(args, meta: dict, groups, verdict, checks, notes, per_len: dict, head
         "`kv-press-text-generation` pipeline does (context compressed, question and answer prefix added "
         "uncompressed on top, so the press cannot see the question but the question's tokens are kept beyond the "
         f"budget); run at {', '.join(str(n) for n in args.pipeline_lengths) or 'no'} tokens.\n"
-        "- Knobs are each tool's defaults (kvscope snapkv window 32 / kernel 7, kvpress SnapKVPress window 64 / "
-        "kernel 5; streaming: 4 sinks in both; kvscope h2o recent_ratio 0.5; random: seed 0). "
-        "ObservedAttentionPress is left out by default: it needs `attn_implementation=\"eager\"`, not sdpa "
-        "(`--presses` adds it; every kvpress prefill then runs eager, about 2.5x slower).\n"
+        "- Knobs are each tool's defaults (kvscope: snapkv window 32 / kernel 7, average pool; lru threshold 0.01 / "
+        "top_k 8 / spread 7, the last use max-pooled over 7 neighbouring positions; knorm and random keep the 8 "
+        "newest tokens; h2o recent_ratio 0.5; kvpress: SnapKVPress window 64 / kernel 5; streaming: 4 sinks in both; "
+        "random: seed 0).\n"
+        f"- Presses ({len(args.presses)}): every kvpress press that prunes the prompt's KV to a compression ratio on "
+        "sdpa without downloading anything (the scorer presses, KVzip, KVgrad), and kvpress's wrappers around a "
+        "scorer (`Wrapper(Inner)`, default knobs, around SnapKV, TOVA or ExpectedAttention; BlockPress around "
+        "KeyDiff, as in the KeyDiff paper). Head-wise presses (AdaKV, CriticalAdaKV, KVzip, KVgrad) keep every key "
+        "and mask the dropped ones in attention, kvpress's own mechanism; their budget is the mean kept per layer and "
+        "KV head (KVzip and KVgrad spread it unevenly over layers). KVzip and KVgrad run through their own "
+        "`__call__` (prefill, then context reconstruction passes; KVgrad adds a backward pass), one reconstruction "
+        "per case serving every budget (checked for KVzip against the plain press below). Left out: "
+        "ObservedAttentionPress and KVComposePress (eager attention; `--presses` adds ObservedAttention, and every "
+        "kvpress prefill then runs eager), QFilter, KVzap, FastKVzip, DuoAttention, LUKV, "
+        "RestoreKV, ExpectedAttentionStats (they download learned filters, models, patterns, curves or statistics; "
+        "nothing is downloaded here), DMS (a DMS-trained model), Finch (adds a delimiter token to the prompt, so not "
+        "the same ids), ThinK (compresses key channels, not tokens), SimLayerKV (no compression ratio: a lazy-layer "
+        "threshold), the decoding-time presses (DecodingPress, CAMPress, CompressionRatioDecodingPress, "
+        "PrefillDecodingPress: they compress while generating) and PerLayerCompressionPress / ComposedPress (they "
+        "take per-layer ratios or several presses).\n"
         "- Shared prefills, exact: one-chunk eviction happens after the chunk's attention, so a policy's prefill and "
         "observations do not depend on the budget; each attention-reading policy (h2o, lru, snapkv, tova) prefills a "
         "case once and every budget is a copy of that cache evicted by the cache's own eviction step; policies that "
@@ -829,7 +876,9 @@ def main(argv=None) -> int:
         timings["kvpress_s"] = round(time.perf_counter() - t, 1)
         ver = kvpress_result.get("verify", [])
         if ver:
-            checks.append(f"kvpress shared prefill vs kvpress's own hooks/pipeline on one 2k case: "
+            vcase = next((c for c in cases if c.target_length == 2048), cases[0])
+            checks.append(f"kvpress shared prefill vs kvpress's own hooks/pipeline on {vcase.case_id} at 25% "
+                          f"({', '.join(sorted({v['press'] for v in ver}))}): "
                           f"{sum(bool(v['agrees']) for v in ver)}/{len(ver)} answers identical")
 
     notes.extend(sorted(SKIPPED))

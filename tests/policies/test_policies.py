@@ -77,7 +77,7 @@ def test_h2o_keeps_heavy_hitters_and_recent():
 
 
 def test_lru_evicts_least_recently_attended():
-    p = policies.get("lru", threshold=0.25, top_k=0)
+    p = policies.get("lru", threshold=0.25, top_k=0, spread=1)
     s = state_of([0, 1, 2, 3])
     insert_all(p, s)  # last use = arrival position
     observe(p, s, [[0.5, 0.0, 0.0, 0.5]], [10])  # query at 10 uses positions 0 and 3
@@ -88,12 +88,74 @@ def test_lru_evicts_least_recently_attended():
 
 
 def test_lru_top_k_counts_as_use():
-    p = policies.get("lru", threshold=0.99, top_k=1)
+    p = policies.get("lru", threshold=0.99, top_k=1, spread=1)
     s = state_of([0, 1, 2])
     insert_all(p, s)
     observe(p, s, [[0.2, 0.1, 0.7]], [5])
     observe(p, s, [[0.6, 0.3, 0.1]], [6])
     assert evicted(p, s, 2) == [1]
+
+
+def test_lru_spread_counts_a_use_for_the_neighbours():
+    # slots out of position order; a query at 20 uses position 3 only
+    positions = [7, 0, 3, 5, 1, 6, 2, 4]
+    weights = [[0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]]
+    plain, spread = policies.get("lru", threshold=0.5, top_k=0, spread=1), policies.get("lru", threshold=0.5,
+                                                                                          top_k=0, spread=3)
+    for p in (plain, spread):
+        s = state_of(positions)
+        insert_all(p, s)
+        observe(p, s, weights, [20])
+        if p is plain:  # last use: 3 -> 20, others their arrival; keep 3 and the newest 7, 6, 5
+            assert evicted(p, s, 4) == [0, 1, 2, 4]
+        else:  # 2 and 4 inherit 20 from 3; then 7 (inherits 7 from itself), and 6 (inherits 7 from 7) ... keep 2-4, 7
+            assert evicted(p, s, 4) == [0, 1, 5, 6]
+            assert evicted(p, s, 3) == [0, 1, 5, 6, 7]
+
+
+def test_lru_spread_skips_evicted_slots():
+    p = policies.get("lru", threshold=0.5, top_k=0, spread=3)
+    s = state_of([0, 1, 2, 3, 4, 5], valid=[True, True, True, False, True, True])
+    insert_all(p, s)
+    s.score[0, 0, 3] = 100.0  # a stale score in an evicted slot must not reach its neighbours (positions 2 and 4)
+    observe(p, s, [[0.0, 1.0, 0.0, 0.0, 0.0, 0.0]], [9])  # position 1 used at 9: 0 and 2 inherit 9
+    # pooled: 0 -> 9, 1 -> 9, 2 -> 9, 4 -> 5, 5 -> 5; keep 3: evict 4 and 5 (tie at 5 goes oldest first)
+    assert evicted(p, s, 3) == [4, 5]
+    assert evicted(p, s, 4) == [4]
+
+
+def test_pool_in_position_order_max_and_avg():
+    from kvscope.policies.base import pool_in_position_order
+
+    s = state_of([2, 0, 1, 3], valid=[True, True, True, False])
+    scores = torch.tensor([1.0, 4.0, 0.0, 9.0])[None, None]
+    # position order: 0 (4.0), 1 (0.0), 2 (1.0); slot 3 invalid
+    mx = pool_in_position_order(scores, s, 3, mode="max")[0, 0].tolist()
+    assert mx[:3] == [1.0, 4.0, 4.0] and mx[3] == float("-inf")
+    avg = pool_in_position_order(scores, s, 3, mode="avg")[0, 0].tolist()
+    assert avg[:3] == pytest.approx([(0.0 + 1.0 + 9.0) / 3, 2.0, 5.0 / 3])
+
+
+def test_knorm_keeps_eight_recent_by_default():
+    p = policies.get("knorm")
+    s = state_of(list(range(12)))
+    keys = torch.arange(1.0, 13.0)[None, None, :, None].expand(1, 1, 12, 4)  # norms grow with position
+    insert_all(p, s, keys)
+    assert p.min_budget() == 9
+    assert evicted(p, s, 10) == [2, 3]  # the largest norms outside the 8 newest (positions 4-11)
+    assert evicted(policies.get("knorm", recent=0), s, 10) == [10, 11]
+
+
+def test_random_keeps_recent_tokens():
+    for seed in range(5):
+        p = policies.get("random", recent=3, seed=seed)
+        s = state_of(list(range(10)))
+        insert_all(p, s)
+        gone = evicted(p, s, 4)
+        assert len(gone) == 6 and not set(gone) & {7, 8, 9}
+    assert policies.get("random").min_budget() == 9
+    with pytest.raises(ValueError, match=r"at least 4 tokens \(3 recent tokens \+ 1\)"):
+        policies.get("random", recent=3).check_budget(3)
 
 
 def test_tova_uses_the_newest_query_only():
@@ -138,6 +200,9 @@ def test_full_never_scores_anything_for_eviction():
     ("h2o", {"recent_ratio": 1.5}, "recent_ratio must be a fraction"),
     ("lru", {"threshold": "high"}, "threshold must be a fraction"),
     ("snapkv", {"kernel": 4}, "kernel must be odd"),
+    ("lru", {"spread": 2}, "spread must be odd"),
+    ("lru", {"spread": 0}, "spread must be a whole number >= 1"),
+    ("random", {"recent": -1}, "recent must be a whole number >= 0"),
     ("snapkv", {"window": 0}, "window must be a whole number >= 1"),
     ("tova", {"window": 3}, "policy 'tova' has no knob window"),
 ])

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 
 from kvscope.errors import usage
 
@@ -111,3 +112,24 @@ def select_evictions(scores: torch.Tensor, state: SlotState, budget: int) -> tor
     order = by_pos.gather(-1, by_score)
     rank = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
     return evict.scatter(-1, order, rank < excess)
+
+
+def pool_in_position_order(scores: torch.Tensor, state: SlotState, kernel: int, mode: str = "avg") -> torch.Tensor:
+    """Pool [B, H, S] scores over `kernel` neighbouring positions (slots are not stored in position order).
+
+    `avg`: the mean over the neighbours (SnapKV's smoothing; invalid slots sort last and count with their own score).
+    `max`: the largest score among the valid neighbours (a token inherits its neighbours' score); invalid slots
+    neither give nor receive a score (they come back as -inf)."""
+    key = state.position.masked_fill(~state.valid, torch.iinfo(torch.long).max)
+    order = key.argsort(dim=-1)
+    if mode == "max":
+        scores = scores.masked_fill(~state.valid, float("-inf"))
+    ordered = scores.gather(-1, order)
+    b, h, s = ordered.shape
+    flat = ordered.reshape(b * h, 1, s)
+    if mode == "max":
+        pooled = F.max_pool1d(flat, kernel, stride=1, padding=kernel // 2)
+    else:
+        pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
+    pooled = torch.empty_like(scores).scatter(-1, order, pooled.reshape(b, h, s))
+    return pooled.masked_fill(~state.valid, float("-inf")) if mode == "max" else pooled

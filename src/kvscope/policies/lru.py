@@ -5,6 +5,12 @@ slots (mean attention over the query heads of its KV head). Its score is the pos
 it (a new token counts as used on arrival); the least recently used tokens go first. This is the eviction strategy
 the seed articles name; the attention-based notion of "use" follows the recency heuristics of Zhang et al. 2023 (H2O)
 and is the one vLLM-style block LRU cannot express, since blocks there are evicted whole.
+
+`spread`: when the cache evicts, a token counts as used as recently as any of its `spread // 2` stored neighbours on
+either side (a max-pool of the last-use positions over `spread` neighbouring positions). Attention lands on one or
+two tokens of a phrase (of a number, one digit), and a phrase with its other tokens evicted is lost; pooling scores
+over neighbouring positions to keep such clusters whole is SnapKV's clustering step (Li et al. 2024,
+arXiv:2404.14469; its reference code offers a max-pool besides the average). `spread=1` is plain LRU.
 """
 
 from __future__ import annotations
@@ -13,8 +19,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kvscope.policies._checks import fraction, non_negative_int
-from kvscope.policies.base import Observation, Policy, SlotState
+from kvscope.errors import usage
+from kvscope.policies._checks import fraction, non_negative_int, positive_int
+from kvscope.policies.base import Observation, Policy, SlotState, pool_in_position_order
 from kvscope.policies.registry import register
 
 
@@ -22,14 +29,19 @@ from kvscope.policies.registry import register
 @dataclass
 class LRU(Policy):
     name = "lru"
-    paper = "least-recently-used caching; 'use' = attention above a threshold or in the top-k of a step"
+    paper = ("least-recently-used caching; 'use' = attention above a threshold or in the top-k of a step; "
+             "neighbour pooling from Li et al. 2024, SnapKV, arXiv:2404.14469")
     attention = "all"
     threshold: float = 0.01
     top_k: int = 8
+    spread: int = 7
 
     def __post_init__(self):
         fraction(self.name, "threshold", self.threshold)
         non_negative_int(self.name, "top_k", self.top_k)
+        positive_int(self.name, "spread", self.spread)
+        if self.spread % 2 == 0:
+            raise usage(f"policy 'lru': spread must be odd (a centred pool), got {self.spread}", fix="spread")
 
     def on_insert(self, state: SlotState, slots: torch.Tensor, keys: torch.Tensor) -> None:
         state.score.scatter_(-1, slots, state.position.gather(-1, slots).to(torch.float32))
@@ -47,4 +59,6 @@ class LRU(Policy):
         torch.maximum(state.score, last, out=state.score)
 
     def keep_scores(self, state: SlotState, budget: int) -> torch.Tensor:
-        return state.score
+        if self.spread == 1:
+            return state.score
+        return pool_in_position_order(state.score, state, self.spread, mode="max")

@@ -1,4 +1,8 @@
-"""`random`: evict uniformly at random (a baseline every other policy must beat). Seeded, so runs repeat."""
+"""`random`: evict uniformly at random (a baseline every other policy must beat). Seeded, so runs repeat.
+
+The `recent` newest tokens are always kept (default 8), as in knorm: a baseline for what a score adds on top of a
+recent window, which every evicting policy here keeps in some form. `recent=0` is uniform over every stored token.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvscope.policies.base import Policy, SlotState
+from kvscope.policies._checks import non_negative_int
+from kvscope.policies.base import KEEP, Policy, SlotState, recent_mask
 from kvscope.policies.registry import register
 
 
@@ -15,7 +20,17 @@ from kvscope.policies.registry import register
 class Random(Policy):
     name = "random"
     paper = "(baseline)"
+    recent: int = 8
     _generator: torch.Generator | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self):
+        non_negative_int(self.name, "recent", self.recent)
+
+    def min_budget(self) -> int:
+        return self.recent + 1
+
+    def describe_minimum(self) -> str:
+        return f"{self.recent} recent tokens + 1"
 
     def on_insert(self, state: SlotState, slots: torch.Tensor, keys: torch.Tensor) -> None:
         # One random score per token, drawn when it arrives: the token's fate does not change from step to step.
@@ -25,4 +40,4 @@ class Random(Policy):
         state.score.scatter_(-1, slots, draw)
 
     def keep_scores(self, state: SlotState, budget: int) -> torch.Tensor:
-        return state.score
+        return state.score.masked_fill(recent_mask(state, self.recent), KEEP)

@@ -13,10 +13,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from kvscope.policies._checks import positive_int
-from kvscope.policies.base import KEEP, Observation, Policy, SlotState, recent_mask
+from kvscope.policies.base import KEEP, Observation, Policy, SlotState, pool_in_position_order, recent_mask
 from kvscope.policies.registry import register
 
 
@@ -53,14 +52,3 @@ class SnapKV(Policy):
 
     def keep_scores(self, state: SlotState, budget: int) -> torch.Tensor:
         return state.score.masked_fill(recent_mask(state, self.window), KEEP)
-
-
-def pool_in_position_order(scores: torch.Tensor, state: SlotState, kernel: int) -> torch.Tensor:
-    """Average-pool [B, H, S] scores over neighbouring positions (slots are not stored in position order)."""
-    key = state.position.masked_fill(~state.valid, torch.iinfo(torch.long).max)
-    order = key.argsort(dim=-1)
-    ordered = scores.gather(-1, order)
-    b, h, s = ordered.shape
-    pooled = F.avg_pool1d(ordered.reshape(b * h, 1, s), kernel, stride=1, padding=kernel // 2,
-                          count_include_pad=False).reshape(b, h, s)
-    return torch.empty_like(scores).scatter(-1, order, pooled)
