@@ -238,10 +238,18 @@ def _row(case, tool, policy, fraction, budget, chunk, gen, tok, seconds, prefill
            "kv_dtype": extra.pop("kv_dtype", None), "fraction": fraction, "budget_tokens": budget,
            "case_id": case.case_id, "length": case.length, "target_length": case.target_length, "depth": case.depth,
            "key": case.key, "answer": text, "found": answer_found(text, case.key), "seconds": round(seconds, 3)}
+    row.update(distractor_hit(case, text))
     if prefill_s is not None:
         row["prefill_s"] = round(prefill_s, 3)
     row.update(extra)
     return row
+
+
+def distractor_hit(case, text: str) -> dict:
+    """Multi-key cases: whether the answer gave another door's key (the model kept the numbers but mixed them up)."""
+    if not case.distractors:
+        return {}
+    return {"distractor_found": any(answer_found(text, d["key"]) for d in case.distractors)}
 
 
 def fork_check(model, tok, case, rows, fraction, max_new) -> list[dict]:
@@ -422,6 +430,7 @@ def run_kvpress(args, tok, cases, ppl_ids, fractions, model_dir: Path) -> dict:
                      "fraction": r["fraction"], "budget_tokens": r["kept_tokens"], "case_id": case.case_id,
                      "length": case.length, "target_length": case.target_length, "depth": case.depth, "key": case.key,
                      "answer": text, "found": answer_found(text, case.key), "seconds": r["decode_s"]}
+                    | distractor_hit(case, text)
                     | ({"prefill_s": r["prefill_s"]} if "prefill_s" in r else {}))
     result["passkey_rows"] = rows
     result["ppl_rows"] = [{"tool": "kvpress", "policy": r["press"], "measure": "prefix", "fraction": r["fraction"],
@@ -749,6 +758,8 @@ def parse_args(argv=None):
     p.add_argument("--depths", default="0.1,0.5,0.9", help="relative depths of the key")
     p.add_argument("--keys", default=DEFAULT_KEYS, help="keys per (length, depth): N, or LENGTH:N,... "
                    f"(default {DEFAULT_KEYS})")
+    p.add_argument("--doors", type=int, default=1,
+                   help="1: one pass key (default); N >= 2: multi-key, N doors with their own keys, one asked for")
     p.add_argument("--budgets", default="0.125,0.25,0.5", help="budget fractions of the prompt")
     p.add_argument("--policies", default="all", help="kvscope policies (comma list) or 'all'")
     p.add_argument("--presses", default=",".join(PRESSES), help="kvpress presses (class names)")
@@ -808,7 +819,8 @@ def main(argv=None) -> int:
     pol = policies.available() if args.policies == "all" else args.policies.split(",")
     pol = ["full"] + [p for p in pol if p != "full"]
     keys = parse_keys(args.keys, args.lengths)
-    cases = [c for n in args.lengths for c in passkey_cases(tok, [n], args.depths, keys[n], seed=args.seed)]
+    cases = [c for n in args.lengths for c in passkey_cases(tok, [n], args.depths, keys[n], seed=args.seed,
+                                                                     doors=args.doors)]
     ppl_ids = None if args.no_ppl else perplexity_ids(tok, args.ppl_tokens)
     log(f"{len(cases)} passkey cases, {len(pol)} kvscope policies, {len(args.presses)} presses, budgets "
         f"{args.budgets}")

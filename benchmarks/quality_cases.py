@@ -139,6 +139,15 @@ INSTRUCTION = ("There is a pass key hidden inside a long story below. Find it an
 QUESTION = "What is the pass key? Answer with the five-digit number."
 ANSWER_PREFIX = "The pass key is"
 NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+# Multi-key variant (RULER's "niah_multikey" idea): several doors, each with its own key, hidden at different depths;
+# the question asks for one door's key. The other keys are distractors: a method that keeps "the numbers" without
+# knowing which one is asked for has to keep all of them, and a model that mixes them up fails.
+LABELS = ["red door", "blue door", "green door", "white door", "black door", "yellow door", "grey door", "brown door"]
+MULTI_INSTRUCTION = ("There are several pass keys hidden inside a long story below, each for a different door. "
+                     "Find them and remember them. I will ask you for one of them afterwards.")
+MULTI_NEEDLE = "The pass key of the {label} is {key}. Remember it. {key} is the pass key of the {label}."
+MULTI_QUESTION = "What is the pass key of the {label}? Answer with the five-digit number."
+MULTI_ANSWER_PREFIX = "The pass key of the {label} is"
 LENGTH_TOLERANCE = 0.03  # a prompt is within this fraction of its target length (typically within a few tokens)
 
 
@@ -153,6 +162,8 @@ class PasskeyCase:
     needle_end: int  # token index just after it
     haystack_start: int  # token index of the first story token
     haystack_end: int  # token index just after the last story token
+    distractors: list[dict] = field(default_factory=list)  # multi-key: {label, key, depth, needle_start} of the others
+    label: str | None = None  # multi-key: the door asked for
 
     @property
     def length(self) -> int:
@@ -212,33 +223,54 @@ def _encode(tok, text: str) -> list[int]:
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 
-def _chat_parts(tok) -> tuple[str, str]:
+def _chat_parts(tok, answer_prefix: str = ANSWER_PREFIX) -> tuple[str, str]:
     """Template text before and after the user's message (assistant turn opened, answer prefix included)."""
     marker = "\u0000MSG\u0000"
     full = tok.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True, tokenize=False)
     before, after = full.split(marker)
-    return before, after + ANSWER_PREFIX
+    return before, after + answer_prefix
 
 
-def _build(tok, filler: list[tuple[str, bool]], insert_at: int, key: str) -> tuple[list[int], dict]:
-    """Token ids of a prompt with the needle inserted before filler sentence `insert_at`, plus token spans.
+@dataclass(frozen=True)
+class Prompt:
+    """The words of a prompt around the story: single key (the default) or multi-key."""
+    instruction: str = INSTRUCTION
+    question: str = QUESTION
+    answer_prefix: str = ANSWER_PREFIX
 
-    The prompt is tokenized in pieces (template head, instruction, story before, needle, story after, question, template
-    tail) so that the needle's span is exact; each piece starts at a whitespace/newline boundary, so the ids are those
-    a user would get from tokenizing the pieces separately (the same ids are handed to kvpress)."""
-    before, after = _chat_parts(tok)
-    head = _encode(tok, before + INSTRUCTION + "\n\n")
-    pre = _join(filler[:insert_at])
-    post = _join(filler[insert_at:])
-    needle = NEEDLE.format(key=key)
-    pre_ids = _encode(tok, pre + " ") if pre else []
-    needle_ids = _encode(tok, needle)
-    post_ids = _encode(tok, " " + post) if post else []
-    tail = _encode(tok, "\n\n" + QUESTION + after)
-    ids = head + pre_ids + needle_ids + post_ids + tail
-    spans = {"haystack_start": len(head), "needle_start": len(head) + len(pre_ids),
-             "needle_end": len(head) + len(pre_ids) + len(needle_ids),
-             "haystack_end": len(head) + len(pre_ids) + len(needle_ids) + len(post_ids)}
+
+def _build(tok, filler: list[tuple[str, bool]], inserts: list[tuple[int, str]], prompt: Prompt = Prompt()
+           ) -> tuple[list[int], dict]:
+    """Token ids of a prompt with needles inserted before filler sentences, plus token spans.
+
+    `inserts`: (filler sentence index, needle text), the asked-for needle first. The prompt is tokenized in pieces
+    (template head, instruction, story pieces, needles, question, template tail) so that every needle's span is exact;
+    each piece starts at a whitespace/newline boundary, so the ids are those a user would get from tokenizing the
+    pieces separately (the same ids are handed to kvpress). Spans: the asked-for needle's, plus `needle_starts` (each
+    insert's start, in the order given)."""
+    before, after = _chat_parts(tok, prompt.answer_prefix)
+    head = _encode(tok, before + prompt.instruction + "\n\n")
+    ids = list(head)
+    starts = [0] * len(inserts)
+    ends = [0] * len(inserts)
+    cursor = 0
+    for k, (order, (at, needle)) in enumerate(sorted(enumerate(inserts), key=lambda t: (t[1][0], t[0]))):
+        piece = _join(filler[cursor:at])
+        lead = " " if k else ""  # after a needle, the story goes on after a space
+        if piece:
+            ids += _encode(tok, lead + piece + " ")
+            lead = ""
+        starts[order] = len(ids)
+        ids += _encode(tok, lead + needle)
+        ends[order] = len(ids)
+        cursor = at
+    post = _join(filler[cursor:])
+    if post:
+        ids += _encode(tok, " " + post)
+    haystack_end = len(ids)
+    ids += _encode(tok, "\n\n" + prompt.question + after)
+    spans = {"haystack_start": len(head), "needle_start": starts[0], "needle_end": ends[0],
+             "haystack_end": haystack_end, "needle_starts": starts}
     return ids, spans
 
 
@@ -255,17 +287,13 @@ def _insert_index(tok, filler: list[tuple[str, bool]], depth: float) -> int:
     return best
 
 
-def passkey_case(tok, target_length: int, depth: float, rep: int, seed: int = 0) -> PasskeyCase:
-    """One case: deterministic in (target_length, depth, rep, seed)."""
-    rng = random.Random(f"passkey/{seed}/{target_length}/{depth}/{rep}")
-    key = str(rng.randint(10000, 99999))
-    offset = rng.randrange(len(sentences()))
-    # grow the filler sentence by sentence until the prompt reaches the target length
+def _fit_length(tok, target_length: int, offset: int, build) -> tuple[list[tuple[str, bool]], list[int], dict]:
+    """The longest filler (story sentences from `offset`) whose prompt `build(filler)` does not exceed the target."""
     per_sentence = 30  # a first guess; corrected from the measured length below
     count = max(1, target_length // per_sentence)
     for _ in range(8):
         filler = _filler(count, offset)
-        ids, _ = _build(tok, filler, _insert_index(tok, filler, depth), key)
+        ids, _ = build(filler)
         if abs(len(ids) - target_length) <= 40:
             break
         per_sentence = max(1.0, (len(ids) - 60) / count)
@@ -274,21 +302,67 @@ def passkey_case(tok, target_length: int, depth: float, rep: int, seed: int = 0)
     while len(ids) > target_length and count > 1:
         count -= 1
         filler = _filler(count, offset)
-        ids, _ = _build(tok, filler, _insert_index(tok, filler, depth), key)
+        ids, _ = build(filler)
     while True:
         trial = _filler(count + 1, offset)
-        trial_ids, _ = _build(tok, trial, _insert_index(tok, trial, depth), key)
+        trial_ids, _ = build(trial)
         if len(trial_ids) > target_length:
             break
         count, filler, ids = count + 1, trial, trial_ids
-    ids, spans = _build(tok, filler, _insert_index(tok, filler, depth), key)
+    ids, spans = build(filler)
+    return filler, ids, spans
+
+
+def passkey_case(tok, target_length: int, depth: float, rep: int, seed: int = 0) -> PasskeyCase:
+    """One case: deterministic in (target_length, depth, rep, seed)."""
+    rng = random.Random(f"passkey/{seed}/{target_length}/{depth}/{rep}")
+    key = str(rng.randint(10000, 99999))
+    offset = rng.randrange(len(sentences()))
+    needle = NEEDLE.format(key=key)
+    _, ids, spans = _fit_length(tok, target_length, offset,
+                                lambda f: _build(tok, f, [(_insert_index(tok, f, depth), needle)]))
+    spans.pop("needle_starts")
     case_id = f"L{target_length}-d{round(depth * 100):02d}-r{rep}"
     return PasskeyCase(case_id=case_id, target_length=target_length, depth=depth, key=key, input_ids=ids, **spans)
 
 
+def multikey_case(tok, target_length: int, depth: float, rep: int, doors: int = 4, seed: int = 0) -> PasskeyCase:
+    """One multi-key case: `doors` needles (distinct doors and keys); the asked-for one at `depth`, the others at
+    depths spread evenly over the rest of the story (random order of doors). Deterministic in its arguments."""
+    if not 2 <= doors <= len(LABELS):
+        raise ValueError(f"doors must be 2..{len(LABELS)}, got {doors}")
+    rng = random.Random(f"multikey/{seed}/{target_length}/{depth}/{rep}/{doors}")
+    labels = rng.sample(LABELS, doors)
+    keys = [str(k) for k in rng.sample(range(10000, 100000), doors)]
+    offset = rng.randrange(len(sentences()))
+    # the others sit at the centres of `doors - 1` equal parts of the story, nudged off the asked-for depth
+    others = [(i + 0.5) / (doors - 1) for i in range(doors - 1)]
+    others = [d if abs(d - depth) >= 0.06 else (d + 0.06 if d >= depth else d - 0.06) for d in others]
+    others = [min(0.98, max(0.02, d)) for d in others]
+    depths = [depth] + others
+    prompt = Prompt(MULTI_INSTRUCTION, MULTI_QUESTION.format(label=labels[0]),
+                    MULTI_ANSWER_PREFIX.format(label=labels[0]))
+    needles = [MULTI_NEEDLE.format(label=lb, key=k) for lb, k in zip(labels, keys)]
+
+    def build(filler):
+        at = [_insert_index(tok, filler, d) for d in depths]
+        return _build(tok, filler, list(zip(at, needles)), prompt)
+
+    _, ids, spans = _fit_length(tok, target_length, offset, build)
+    starts = spans.pop("needle_starts")
+    distractors = [{"label": lb, "key": k, "depth": round(d, 4), "needle_start": st}
+                   for lb, k, d, st in zip(labels[1:], keys[1:], depths[1:], starts[1:])]
+    case_id = f"M{doors}-L{target_length}-d{round(depth * 100):02d}-r{rep}"
+    return PasskeyCase(case_id=case_id, target_length=target_length, depth=depth, key=keys[0], input_ids=ids,
+                       distractors=distractors, label=labels[0], **spans)
+
+
 def passkey_cases(tok, lengths=(1024, 2048, 4096), depths=(0.1, 0.5, 0.9), keys_per_cell: int = 2,
-                  seed: int = 0) -> list[PasskeyCase]:
-    return [passkey_case(tok, n, d, r, seed) for n in lengths for d in depths for r in range(keys_per_cell)]
+                  seed: int = 0, doors: int = 1) -> list[PasskeyCase]:
+    """Single-key cases (`doors` 1) or multi-key cases with `doors` needles."""
+    if doors == 1:
+        return [passkey_case(tok, n, d, r, seed) for n in lengths for d in depths for r in range(keys_per_cell)]
+    return [multikey_case(tok, n, d, r, doors, seed) for n in lengths for d in depths for r in range(keys_per_cell)]
 
 
 def answer_found(text: str, key: str) -> bool:

@@ -69,3 +69,26 @@ def test_perplexity_text(tok):
     assert tok.decode(ids).startswith("The harbour town of Caldmere")
     with pytest.raises(ValueError):
         qc.perplexity_ids(tok, 100_000)
+
+
+@pytest.mark.slow
+def test_multikey_cases(tok):
+    cases = qc.passkey_cases(tok, lengths=(2048,), depths=(0.05, 0.5, 0.95), keys_per_cell=1, doors=3)
+    for c in cases:
+        assert c.target_length * (1 - qc.LENGTH_TOLERANCE) <= c.length <= c.target_length
+        assert abs(c.actual_depth - c.depth) < 0.05, (c.case_id, c.actual_depth)
+        assert len(c.distractors) == 2 and c.label not in {d["label"] for d in c.distractors}
+        keys = [c.key] + [d["key"] for d in c.distractors]
+        assert len(set(keys)) == 3
+        text = tok.decode(c.input_ids)
+        assert tok.decode(c.input_ids[c.needle_start:c.needle_end]) == qc.MULTI_NEEDLE.format(label=c.label, key=c.key)
+        for d in c.distractors:  # every other door's needle starts where its span says, each key only in its needle
+            needle = qc.MULTI_NEEDLE.format(label=d["label"], key=d["key"])
+            assert tok.decode(c.input_ids[d["needle_start"]:]).lstrip().startswith(needle)
+        assert all(text.count(k) == 2 for k in keys)
+        assert text.endswith(qc.MULTI_ANSWER_PREFIX.format(label=c.label))
+        assert qc.MULTI_QUESTION.format(label=c.label) in tok.decode(c.input_ids[c.haystack_end:])
+    again = qc.multikey_case(tok, 2048, 0.5, 0, doors=3)
+    assert again.input_ids == cases[1].input_ids and again.key == cases[1].key
+    with pytest.raises(ValueError, match="doors"):
+        qc.multikey_case(tok, 1024, 0.5, 0, doors=1)
