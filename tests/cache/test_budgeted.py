@@ -246,3 +246,26 @@ def test_model_is_left_unchanged_after_a_budgeted_run(tiny):
     assert _compat.attention_implementation(tiny) == "sdpa"
     after = hf_generate(tiny, ids, mask)
     assert torch.equal(before.sequences, after.sequences)
+
+
+@pytest.mark.parametrize("policy,knobs", [("snapkv", {"window": 12, "kernel": 3}), ("h2o", {}), ("lru", {})])
+def test_observation_in_blocks_scores_like_one_block(tiny, monkeypatch, policy, knobs):
+    """At long contexts the layer observes a chunk's rows a few at a time (its [rows, slots] matrix is bounded): the
+    policy's scores and so its evictions must not depend on the block size. snapkv once kept only the last block."""
+    import kvscope.cache.layer as layer_module
+
+    ids, mask = prompt(batch=2, length=48)
+
+    def scores(block):
+        monkeypatch.setattr(layer_module, "OBSERVE_BLOCK", block)
+        cache = BudgetedCache(tiny, policy, budget_tokens=30, chunk_size=48, **knobs)
+        generate(tiny, ids, cache, attention_mask=mask, max_new_tokens=3, chunk_size=48)
+        return [layer.state.score.clone() for layer in cache.layers], [layer.state.valid.clone() for layer in
+                                                                        cache.layers]
+
+    one, one_valid = scores(128)
+    for block in (5, 1):  # a block of one row must not be taken for a decode step
+        many, many_valid = scores(block)
+        for a, b, va, vb in zip(one, many, one_valid, many_valid):
+            assert torch.equal(va, vb)
+            torch.testing.assert_close(a[va], b[vb], rtol=1e-5, atol=1e-7)

@@ -204,7 +204,8 @@ class BudgetedLayer(CacheLayerMixin):
             mask = self._mask(before, slots, real, start, end)
             w = attention_weights(query[:, :, start:end], keys, mask, scaling)
             w = F.pad(w, (0, self.capacity - w.shape[-1]))
-            self.owner.policy.observe(self.state, Observation(w, positions[:, start:end]))
+            self.owner.policy.observe(self.state, Observation(w, positions[:, start:end], rows=rows,
+                                                              first=start == n - rows))
 
     def _evict(self) -> None:
         st, o = self.state, self.owner

@@ -45,6 +45,15 @@ class Observation:
 
     weights: torch.Tensor
     query_position: torch.Tensor
+    # A chunk's observed rows may come in several blocks (the layer bounds the [rows, slots] matrix it builds; at long
+    # contexts a block can be a few rows): `rows` is how many rows the whole observation has, `first` marks its first
+    # block. A policy whose statistic is not a plain sum or max over rows (snapkv's mean) needs them.
+    rows: int = 0  # 0: this block is the whole observation
+    first: bool = True
+
+    @property
+    def total_rows(self) -> int:
+        return self.rows or self.weights.shape[2]
 
 
 @dataclass

@@ -43,10 +43,16 @@ class SnapKV(Policy):
         return f"the {self.window}-token observation window + 1"
 
     def observe(self, state: SlotState, obs: Observation) -> None:
-        pooled = pool_in_position_order(obs.weights.mean(dim=2), state, self.kernel)
-        if obs.weights.shape[2] > 1:
-            state.score.copy_(pooled)
+        if obs.total_rows > 1:
+            # a prefill chunk's window, maybe in blocks: the mean over all its rows, built as a sum of the blocks'
+            # pooled shares (the pool is linear and the slots do not change between blocks)
+            share = pool_in_position_order(obs.weights.sum(dim=2), state, self.kernel) / obs.total_rows
+            if obs.first:
+                state.score.copy_(share)
+            else:
+                state.score.add_(share)
         else:
+            pooled = pool_in_position_order(obs.weights.mean(dim=2), state, self.kernel)
             rate = 1.0 / self.window
             state.score.mul_(1 - rate).add_(pooled, alpha=rate)
 
