@@ -37,6 +37,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality_cases import parse_spec  # noqa: E402  (pure Python: shared with kvscope's side)
+
 
 def _press(spec: str, ratio: float):
     """A press from its class name, or `Wrapper(Inner)` for kvpress's wrappers around a scorer press (AdaKVPress,
@@ -50,8 +53,11 @@ def _press(spec: str, ratio: float):
         if outer.startswith("Critical") and isinstance(scorer, kvpress.ExpectedAttentionPress):
             scorer.use_vnorm = False  # CriticalKV weighs by the values itself; kvpress warns to turn vnorm off
         return getattr(kvpress, outer)(press=scorer)
-    cls = getattr(kvpress, spec)
-    return cls(compression_ratio=ratio, seed=0) if spec == "RandomPress" else cls(compression_ratio=ratio)
+    name, knobs = parse_spec(spec)  # `SnapKVPress[window_size=32;kernel_size=7]`: knobs other than the defaults
+    if name == "RandomPress":
+        knobs.setdefault("seed", 0)
+    return getattr(kvpress, name)(compression_ratio=ratio, **knobs)
+
 
 
 def _rerotates(press) -> bool:

@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DOCS, ROOT, header, save_json, table, write_section  # noqa: E402
-from quality_cases import answer_found, passkey_cases, perplexity_ids  # noqa: E402
+from quality_cases import answer_found, parse_spec, passkey_cases, perplexity_ids  # noqa: E402
 
 KVPRESS_VENV = ROOT / ".venv-kvpress"
 KVPRESS_REQUIREMENTS = ROOT / "benchmarks" / "requirements-kvpress.txt"
@@ -128,11 +128,10 @@ def evicted_copy(cache, budget: int, policy: str | None = None):
     With `policy`, the copy switches to that policy first; only for policies that read no attention (their scores
     come from `on_insert` alone: keys and positions), whose state after a one-chunk prefill is therefore `on_insert`
     over every stored slot, exactly as in a direct run."""
-    from kvscope import policies
 
     forked = copy.deepcopy(cache)
     if policy is not None:
-        forked.policy = policies.get(policy)
+        forked.policy = make_policy(policy)
         assert forked.policy.attention == "none", policy
         for layer in forked.layers:
             if layer.is_initialized:
@@ -151,11 +150,19 @@ def evicted_copy(cache, budget: int, policy: str | None = None):
 SKIPPED: set[str] = set()
 
 
-def fits(policy: str, budget: int) -> bool:
-    """Whether the policy can run at this budget (snapkv needs more than its window, say); noted when not."""
+def make_policy(spec: str):
+    """A policy from `name` or `name[knob=value;knob=value]` (e.g. `snapkv[window=64;kernel=5]`, for ablations)."""
     from kvscope import policies
 
-    minimum = policies.get(policy).min_budget()
+    name, knobs = parse_spec(spec)
+    return policies.get(name, **knobs)
+
+
+
+def fits(policy: str, budget: int) -> bool:
+    """Whether the policy can run at this budget (snapkv needs more than its window, say); noted when not."""
+
+    minimum = make_policy(policy).min_budget()
     if budget < minimum:
         SKIPPED.add(f"{policy} needs a budget of at least {minimum} tokens, skipped at {budget}")
         return False
@@ -163,16 +170,15 @@ def fits(policy: str, budget: int) -> bool:
 
 
 def attention_free(policy: str) -> bool:
-    from kvscope import policies
 
-    return policies.policy_class(policy).attention == "none"
+    return make_policy(policy).attention == "none"
 
 
 def run_direct(model, ids, policy, budget, chunk, max_new, eos, kv_dtype=None) -> list[int]:
     from kvscope.cache import BudgetedCache
     from kvscope.runtime import generate
 
-    cache = BudgetedCache(model, policy, budget_tokens=budget, chunk_size=chunk, kv_dtype=kv_dtype)
+    cache = BudgetedCache(model, make_policy(policy), budget_tokens=budget, chunk_size=chunk, kv_dtype=kv_dtype)
     g = generate(model, ids, cache, max_new_tokens=max_new, chunk_size=chunk, eos_token_id=eos)
     del cache
     gc.collect()
@@ -208,7 +214,7 @@ def kvscope_passkey(model, tok, cases, policies, fractions, max_new, direct: boo
         groups = [("full", free)] + [(p, [p]) for p in policies if p != "full" and p not in free]
         for prefill_policy, members in groups:
             t = time.perf_counter()
-            base = BudgetedCache(model, prefill_policy, budget_tokens=n + max_new, chunk_size=n)
+            base = BudgetedCache(model, make_policy(prefill_policy), budget_tokens=n + max_new, chunk_size=n)
             logits = prefill(model, ids, base)
             pre_s = time.perf_counter() - t
             for policy in members:
@@ -314,7 +320,7 @@ def ppl_stream(model, ids: list[int], policy: str, budget: int, chunk: int, kv_d
 
     x = torch.tensor([ids])
     n, half = len(ids), len(ids) // 2
-    cache = BudgetedCache(model, policy, budget_tokens=budget, chunk_size=chunk, kv_dtype=kv_dtype)
+    cache = BudgetedCache(model, make_policy(policy), budget_tokens=budget, chunk_size=chunk, kv_dtype=kv_dtype)
     total, count = 0.0, 0
     for s in range(0, n - 1, chunk):
         e = min(s + chunk, n - 1)  # predict targets s+1 .. e
@@ -334,7 +340,7 @@ def prefix_base(model, ids: list[int], policy: str, budget: int):
     from kvscope.cache import BudgetedCache
 
     half = len(ids) // 2
-    cache = BudgetedCache(model, policy, budget_tokens=budget, chunk_size=max(half, len(ids) - half))
+    cache = BudgetedCache(model, make_policy(policy), budget_tokens=budget, chunk_size=max(half, len(ids) - half))
     prefill(model, torch.tensor([ids[:half]]), cache)
     return cache
 

@@ -365,6 +365,28 @@ def passkey_cases(tok, lengths=(1024, 2048, 4096), depths=(0.1, 0.5, 0.9), keys_
     return [multikey_case(tok, n, d, r, doors, seed) for n in lengths for d in depths for r in range(keys_per_cell)]
 
 
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """`name` or `name[knob=value;knob=value]` -> (name, knobs): a kvscope policy or kvpress press with knobs other
+    than its defaults (ablations). Values are int, float or text. Shared by both tools' runners."""
+    if not spec.endswith("]"):
+        return spec, {}
+    name, _, items = spec[:-1].partition("[")
+    knobs = {}
+    for item in filter(None, items.split(";")):
+        key, _, value = item.partition("=")
+        knobs[key.strip()] = _number(value.strip())
+    return name, knobs
+
+
+def _number(text: str):
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
 def answer_found(text: str, key: str) -> bool:
     """Scoring: the exact key appears in the generated text as a whole number (not inside a longer number)."""
     return re.search(rf"(?<!\d){re.escape(key)}(?!\d)", text) is not None

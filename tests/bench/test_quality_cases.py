@@ -92,3 +92,10 @@ def test_multikey_cases(tok):
     assert again.input_ids == cases[1].input_ids and again.key == cases[1].key
     with pytest.raises(ValueError, match="doors"):
         qc.multikey_case(tok, 1024, 0.5, 0, doors=1)
+
+
+def test_parse_spec():
+    assert qc.parse_spec("snapkv") == ("snapkv", {})
+    assert qc.parse_spec("snapkv[window=64;kernel=5]") == ("snapkv", {"window": 64, "kernel": 5})
+    assert qc.parse_spec("h2o[recent_ratio=0.25]") == ("h2o", {"recent_ratio": 0.25})
+    assert qc.parse_spec("X[mode=max;]") == ("X", {"mode": "max"})
