@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from kvscope.cache.layer import grouped_attention
+from kvscope.cache.layer import attention_weights, grouped_attention
 from kvscope.cache.store import make_store
 
 triton = pytest.importorskip("triton")
@@ -71,7 +71,43 @@ def test_matches_unfused(device, kv_dtype, upto, tuning, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kv_dtype", FORMATS)
-@pytest.mark.parametrize("policy,budget", [("full", 64), ("streaming_llm", 24), ("knorm", 20)])
+@pytest.mark.parametrize("upto", [1, 37, 300])
+@pytest.mark.parametrize("tuning", ["default", "many-splits"])
+def test_weights_match_unfused(device, kv_dtype, upto, tuning, monkeypatch):
+    """With weights=True the kernel also returns the softmax weights a policy observes, as attention_weights gives
+    them (mean over each KV head's query heads); the output is unchanged."""
+    from kvscope.cache import attention_triton
+    from kvscope.cache.attention_triton import decode_attention
+
+    for kind, default in attention_triton.TUNING.items():
+        monkeypatch.setitem(attention_triton.TUNING, kind, default | TUNINGS[tuning])
+    if "COMBINE_BLOCK" in TUNINGS[tuning]:
+        monkeypatch.setattr(attention_triton, "COMBINE_BLOCK", TUNINGS[tuning]["COMBINE_BLOCK"])
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    store = filled(kv_dtype, device, dtype)
+    g = torch.Generator().manual_seed(2)
+    b, h, hq, d = 2, 2, 6, 64
+    query = torch.randn(b, 1, hq, d, generator=g).to(device, dtype).transpose(1, 2)
+    valid = (torch.rand(b, h, 300, generator=g) < 0.6).to(device)
+    own = torch.tensor([[upto - 1, max(0, upto - 5)], [0, upto - 1]], device=device)
+    out, weights = decode_attention(store, query, valid, own, upto, 0.125, True)
+    torch.testing.assert_close(out, decode_attention(store, query, valid, own, upto, 0.125), atol=0, rtol=0)
+    k, _ = store.read(upto, query.dtype)
+    mask = valid[:, :, :upto].scatter(-1, own[..., None], True)[:, :, None, :]
+    want = attention_weights(query, k, mask, 0.125)
+    assert weights.shape == want.shape == (b, h, 1, upto) and weights.dtype == torch.float32
+    assert torch.all(weights[~mask] == 0)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5 if kv_dtype is None else 2e-3
+    torch.testing.assert_close(weights, want, atol=tol, rtol=tol)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(b, h, 1, device=device), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kv_dtype", FORMATS)
+@pytest.mark.parametrize("policy,budget", [("full", 64), ("streaming_llm", 24), ("knorm", 20), ("tova", 20),
+                                           ("h2o", 24), ("lru", 24), ("snapkv", 36)])
 def test_generation_fused_equals_unfused(device, kv_dtype, policy, budget, monkeypatch):
     """Whole generations with eviction and left padding: the fused decode path gives the unfused path's tokens."""
     from kvscope.cache import BudgetedCache, fused, quant
@@ -89,13 +125,17 @@ def test_generation_fused_equals_unfused(device, kv_dtype, policy, budget, monke
     ids = torch.randint(3, 256, (2, 30), generator=g).to(device)
     mask = torch.ones_like(ids)
     mask[0, :4] = 0
-    runs = {}
+    runs, kept = {}, {}
     for use in (True, False):
         monkeypatch.setattr(fused, "DECODE_ATTENTION", use)
         cache = BudgetedCache(model, policy, budget_tokens=budget, kv_dtype=kv_dtype, chunk_size=16)
         runs[use] = generate(model, ids, cache, attention_mask=mask, max_new_tokens=12, chunk_size=16)
+        # the positions each row kept: the same evictions, so the same observed scores
+        kept[use] = [layer.state.position.masked_fill(~layer.state.valid, -1).sort(-1).values
+                     for layer in cache.layers]
     assert fused.ran("attention_triton.decode_attention") and not fused._STATE["broken"]
     assert torch.equal(runs[True].sequences, runs[False].sequences)
+    assert all(torch.equal(a, b) for a, b in zip(kept[True], kept[False]))
 
 
 @pytest.mark.parametrize("device", DEVICES)

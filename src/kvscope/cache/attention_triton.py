@@ -13,8 +13,9 @@ dequantized copy of the whole cache written and read back every step. Here the s
 2. `_kvscope_decode_combine`: grid (B * Hq,): merges one query head's partial results (log-sum-exp rescaling).
 
 Visibility is exactly the unfused mask for a one-token chunk: every valid slot, plus the query's own slot (which a
-padding token has not made valid). Used only for one-token forwards of policies that read no attention
-(`BudgetedLayer`); a policy that observes attention needs the dense keys anyway.
+padding token has not made valid). Used for every one-token forward (`BudgetedLayer._decode`). For a policy that reads
+attention (h2o, lru, snapkv, tova), the split kernel also writes its masked logits and the merge writes each query
+head's log-sum-exp, so the softmax weights the policy observes come from the same pass over the keys.
 
 Keys and values are cast to the query dtype before the products, as the unfused path does (it dequantizes to the
 compute dtype and runs sdpa), so results agree to bf16 rounding.
@@ -78,14 +79,15 @@ def _dot(a, b):
     return out
 
 
-_SPLIT_ARGS = ("own_ptr", "upto", "splits", "heads", "group", "full", "qsb", "qsh", "vsb", "vsh", "osb", "osh")
+_SPLIT_ARGS = ("own_ptr", "score_ptr", "upto", "splits", "heads", "group", "full", "qsb", "qsh", "vsb", "vsh", "osb",
+               "osh", "ssr")
 
 
 @_jit(*_SPLIT_ARGS)
-def _kvscope_decode_split(q_ptr, valid_ptr, own_ptr, a0, a1, a2, a3, a4, st, part_ptr, stat_ptr,
-                          upto, splits, heads, group, full, qk_scale, qsb, qsh, vsb, vsh, osb, osh,
+def _kvscope_decode_split(q_ptr, valid_ptr, own_ptr, a0, a1, a2, a3, a4, st, part_ptr, stat_ptr, score_ptr,
+                          upto, splits, heads, group, full, qk_scale, qsb, qsh, vsb, vsh, osb, osh, ssr,
                           D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr,
-                          KIND: tl.constexpr, GROUP: tl.constexpr, R: tl.constexpr):
+                          KIND: tl.constexpr, GROUP: tl.constexpr, R: tl.constexpr, SCORES: tl.constexpr):
     split = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b, h = bh // heads, bh % heads
@@ -109,6 +111,8 @@ def _kvscope_decode_split(q_ptr, valid_ptr, own_ptr, a0, a1, a2, a3, a4, st, par
         k = _tile(0, b, h, s, rows, d, m, a0, a1, a2, a3, a4, full, st, KIND, GROUP, R).to(dtype)
         qk = _dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
         qk = tl.where(seen[None, :], qk, float("-inf"))
+        if SCORES:  # the logits (log2 units) of every query head, for a policy that reads attention
+            tl.store(score_ptr + (bh * group + g)[:, None] * ssr + s[None, :], qk, mask=gm[:, None] & rows[None, :])
         m_new = tl.maximum(m_i, tl.max(qk, axis=1))
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: no NaN
         p = tl.exp2(qk - m_use[:, None])
@@ -124,8 +128,8 @@ def _kvscope_decode_split(q_ptr, valid_ptr, own_ptr, a0, a1, a2, a3, a4, st, par
 
 
 @_jit("splits", "heads", "group", "qheads", "osb", "osh")
-def _kvscope_decode_combine(part_ptr, stat_ptr, out_ptr, splits, heads, group, qheads, osb, osh,
-                            D: tl.constexpr, BLOCK_S: tl.constexpr):
+def _kvscope_decode_combine(part_ptr, stat_ptr, out_ptr, lse_ptr, splits, heads, group, qheads, osb, osh,
+                            D: tl.constexpr, BLOCK_S: tl.constexpr, SCORES: tl.constexpr):
     """One query head per program: merges its `splits` partial results, BLOCK_S at a time (online rescaling)."""
     pid = tl.program_id(0).to(tl.int64)
     b, j = pid // qheads, pid % qheads
@@ -149,6 +153,8 @@ def _kvscope_decode_combine(part_ptr, stat_ptr, out_ptr, splits, heads, group, q
         big_l = big_l * alpha + tl.sum(l_s * w, axis=0)
         big_m = m_new
     tl.store(out_ptr + b * osb + j * osh + d, (acc / big_l).to(out_ptr.dtype.element_ty))
+    if SCORES:  # log2 of the softmax denominator: weights = exp2(logits - lse)
+        tl.store(lse_ptr + pid + tl.arange(0, 1), big_m + tl.log2(big_l))
 
 
 def _store_tensors(store) -> tuple[int, list[torch.Tensor], int]:
@@ -183,11 +189,13 @@ def _store_args(store) -> tuple[int, list[torch.Tensor], torch.Tensor, int]:
 
 
 def decode_attention(store, query: torch.Tensor, valid: torch.Tensor, own: torch.Tensor, upto: int,
-                     scaling: float) -> torch.Tensor:
+                     scaling: float, weights: bool = False):
     """Attention output [B, Hq, 1, D] of one query per row over slots [0, upto) of `store`.
 
     query [B, Hq, 1, D]; valid bool [B, H, slots]; own long [B, H]: the slot the query's own token was written to,
-    visible even when that token is padding (and so not valid)."""
+    visible even when that token is padding (and so not valid). With `weights`, returns (output, weights) where
+    weights [B, H, 1, upto] fp32 is the softmax averaged over each KV head's query heads (what
+    `layer.attention_weights` gives a policy), from the kernel's own logits: no second pass over the keys."""
     b, hq, _, d = query.shape
     heads = valid.shape[1]
     group = hq // heads
@@ -198,11 +206,16 @@ def decode_attention(store, query: torch.Tensor, valid: torch.Tensor, own: torch
     part = torch.empty(b * heads * splits * group * d, dtype=torch.float32, device=query.device)
     stat = torch.empty(b * heads * splits * group * 2, dtype=torch.float32, device=query.device)
     out = torch.empty(b, hq, 1, d, dtype=query.dtype, device=query.device)
+    scores = torch.empty(b * hq, upto, dtype=torch.float32, device=query.device) if weights else stat
+    lse = torch.empty(b * hq, dtype=torch.float32, device=query.device) if weights else stat
     _kvscope_decode_split[(splits, b * heads)](
-        query, valid, own, a0, a1, a2, a3, a4, st, part, stat, upto, splits, heads, group, full, scaling * LOG2E,
-        query.stride(0), query.stride(1), valid.stride(0), valid.stride(1), own.stride(0), own.stride(1), D=d,
-        BLOCK_G=block_g, BLOCK_N=tune["BLOCK_N"], SPLIT=tune["SPLIT"], KIND=kind, GROUP=INT4_GROUP, R=INT4_RESIDUAL,
-        num_warps=tune["NUM_WARPS"])
-    _kvscope_decode_combine[(b * hq,)](part, stat, out, splits, heads, group, hq, out.stride(0), out.stride(1), D=d,
-                                       BLOCK_S=COMBINE_BLOCK)
-    return out
+        query, valid, own, a0, a1, a2, a3, a4, st, part, stat, scores, upto, splits, heads, group, full,
+        scaling * LOG2E, query.stride(0), query.stride(1), valid.stride(0), valid.stride(1), own.stride(0),
+        own.stride(1), upto, D=d, BLOCK_G=block_g, BLOCK_N=tune["BLOCK_N"], SPLIT=tune["SPLIT"], KIND=kind,
+        GROUP=INT4_GROUP, R=INT4_RESIDUAL, SCORES=weights, num_warps=tune["NUM_WARPS"])
+    _kvscope_decode_combine[(b * hq,)](part, stat, out, lse, splits, heads, group, hq, out.stride(0), out.stride(1),
+                                       D=d, BLOCK_S=COMBINE_BLOCK, SCORES=weights)
+    if not weights:
+        return out
+    probs = torch.exp2(scores - lse[:, None])  # unseen slots: exp2(-inf) = 0
+    return out, probs.view(b, heads, group, 1, upto).mean(2)

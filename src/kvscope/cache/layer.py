@@ -120,7 +120,7 @@ class BudgetedLayer(CacheLayerMixin):
         st, policy = self.state, self.owner.policy
         b, h, n, _ = keys.shape
         slots, upto = self._take_slots(n)
-        fuse = n == 1 and self.fusable and not policy.query_rows()
+        fuse = n == 1 and self.fusable
         # what the chunk's queries may see besides the chunk itself (a one-token chunk needs no copy: see _decode)
         before = None if fuse else st.valid[:, :, :upto].clone()
         if self.contiguous:
@@ -135,7 +135,7 @@ class BudgetedLayer(CacheLayerMixin):
         torch.maximum(st.newest, newest, out=st.newest)
         policy.on_insert(st, slots, keys)
         if fuse:
-            out = self._decode(query, slots, upto, scaling)
+            out = self._decode(query, slots, upto, scaling, positions if policy.query_rows() else None)
         else:
             k, v = self.store.read(upto, query.dtype)
             hq = query.shape[1]
@@ -151,19 +151,30 @@ class BudgetedLayer(CacheLayerMixin):
             self._evict()
         return out
 
-    def _decode(self, query, slots, upto: int, scaling: float) -> torch.Tensor:
-        """Attention of a one-token chunk, fused (kvscope.cache.attention_triton) when the kernel can run.
+    def _decode(self, query, slots, upto: int, scaling: float, positions=None) -> torch.Tensor:
+        """Attention of a one-token chunk, fused (kvscope.cache.attention_triton) when the kernel can run; with
+        `positions` (a policy that reads attention), the policy also observes the token's attention weights, which the
+        kernel returns from its own logits.
 
         For one token the unfused mask is the slot state after the insert with the token's own slot visible: every
         slot valid before the chunk, plus itself (a padding token is written but not valid, and still sees itself)."""
         own = slots[:, :, 0]
+        observe = positions is not None
         ran, out = fused.run(self.state.valid, "attention_triton.decode_attention", self.store, query,
-                             self.state.valid, own, upto, scaling)
-        if ran:
-            return out
-        k, v = self.store.read(upto, query.dtype)
-        mask = self.state.valid[:, :, :upto].scatter(-1, own[..., None], True)[:, :, None, :]
-        return grouped_attention(query, k, v, mask, scaling)
+                             self.state.valid, own, upto, scaling, observe)
+        weights = None
+        if ran and observe:
+            out, weights = out
+        elif not ran:
+            k, v = self.store.read(upto, query.dtype)
+            mask = self.state.valid[:, :, :upto].scatter(-1, own[..., None], True)[:, :, None, :]
+            out = grouped_attention(query, k, v, mask, scaling)
+            if observe:
+                weights = attention_weights(query, k, mask, scaling)
+        if observe:
+            weights = F.pad(weights, (0, self.capacity - weights.shape[-1]))
+            self.owner.policy.observe(self.state, Observation(weights, positions))
+        return out
 
     def _take_slots(self, n: int) -> tuple[torch.Tensor, int]:
         b, h = self.state.valid.shape[:2]
