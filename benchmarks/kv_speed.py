@@ -97,6 +97,36 @@ def dtype_speed(model, spec, new: int, rounds: int, path: str) -> dict:
     return out
 
 
+def policy_speed(model, spec, new: int, rounds: int, names: str, path: str, results: dict) -> list[dict]:
+    """Decode tok/s at 8k with a budget of 2048 per policy and `evict_batch` (1 and 32), with the fused decode
+    attention and without it (the unfused path: dense read, mask, sdpa, and for attention-reading policies a second
+    matmul for their weights), interleaved over `rounds`; medians and every sample."""
+    ids = torch.randint(10, spec.vocab_size, (1, 8192), device="cuda")
+    configs = [(p, b) for p in names.split(",") for b in ((1,) if p == "full" else (1, 32))]
+    samples: dict = {}
+    for _ in range(rounds):
+        for policy, batch in configs:
+            for fuse in (True, False):
+                fused.DECODE_ATTENTION = fuse
+                r = kvscope_run(model, ids, new, policy=policy, budget=None if policy == "full" else 2048,
+                                evict_batch=batch)
+                samples.setdefault((policy, batch, fuse), []).append(r)
+                print(policy, batch, fuse, r["decode_tps"], flush=True)
+        fused.DECODE_ATTENTION = True
+        save_json(results | {"policy_samples": {str(k): [r["decode_tps"] for r in v] for k, v in samples.items()}},
+                  path)
+    rows = []
+    for policy, batch in configs:
+        med = {f: statistics.median(r["decode_tps"] for r in samples[(policy, batch, f)]) for f in (True, False)}
+        rows.append({"policy": policy, "budget": "-" if policy == "full" else 2048, "evict_batch": batch,
+                     "decode_tps": med[True], "unfused_tps": med[False],
+                     "fused_vs_unfused": f"{med[True] / med[False]:.2f}x",
+                     "samples": [r["decode_tps"] for r in samples[(policy, batch, True)]],
+                     "unfused_samples": [r["decode_tps"] for r in samples[(policy, batch, False)]],
+                     "prefill_s": statistics.median(r["prefill_s"] for r in samples[(policy, batch, True)])})
+    return rows
+
+
 KERNEL_KINDS = (("attention (fused, kvscope)", ("kvscope_decode",)),
                 ("attention (sdpa)", ("flash", "fmha", "attention", "softmax")),
                 ("KV write (quantize)", ("_pertoken_write", "_int4_ring_write")),
@@ -201,6 +231,8 @@ def main():
     ap.add_argument("--dtype-new", type=int, default=65,
                     help="decode steps timed per KV dtype: 64 covers one int4 ring flush, as in a long decode")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of the KV dtype runs (median)")
+    ap.add_argument("--policies", default="full,sliding_window,streaming_llm,knorm,tova,snapkv,h2o,lru",
+                    help="eviction policies of the policy-speed table")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: dtypes,offload,swap,peaks")
     ap.add_argument("--offload-contexts", default="8192,32768", help="prompt lengths of the offload runs")
     ap.add_argument("--offload-kv", default="bf16", help="KV dtypes of the offload runs (comma list)")
@@ -224,16 +256,7 @@ def main():
     if "dtypes" not in skip:
         results["dtypes"] = dtype_speed(model, spec, args.dtype_new, args.rounds, args.out)
     if "policies" not in skip:
-        ids = torch.randint(10, spec.vocab_size, (1, 8192), device="cuda")
-        rows = []
-        for policy in ("full", "sliding_window", "streaming_llm", "knorm", "tova", "snapkv", "h2o", "lru"):
-            for batch in ((1,) if policy == "full" else (1, 32)):
-                r = kvscope_run(model, ids, args.new, policy=policy, budget=None if policy == "full" else 2048,
-                                evict_batch=batch)
-                r.update(policy=policy, budget="-" if policy == "full" else 2048, evict_batch=batch)
-                rows.append(r)
-                print(r, flush=True)
-        results["policies"] = rows
+        results["policies"] = policy_speed(model, spec, args.new, args.rounds, args.policies, args.out, results)
     if "offload" not in skip:
         rows = []
         for ctx in map(int, args.offload_contexts.split(",")):
@@ -298,8 +321,17 @@ def render(r: dict) -> str:
         md += ("\n### Cost of eviction policies: 8192-token prompt, budget 2048, decode tok/s\n\n"
                "Policies that need attention scores (tova, snapkv, h2o, lru) compute only the rows they need from "
                "the query states the attention already has.\n\n")
-        md += table(r["policies"], [("policy", "policy"), ("budget", "budget"), ("evict_batch", "evict_batch"),
-                                    ("decode_tps", "decode tok/s"), ("prefill_s", "prefill s")])
+        if "unfused_tps" in r["policies"][0]:
+            md += ("Median of interleaved runs (samples listed). `fused`: decode steps run kvscope's fused decode "
+                   "attention, which also returns the weights an attention-reading policy observes; `unfused`: "
+                   "dense read, mask, sdpa, and for those policies a second matmul for the weights.\n\n")
+            md += table(r["policies"], [("policy", "policy"), ("budget", "budget"), ("evict_batch", "evict_batch"),
+                                        ("decode_tps", "fused tok/s"), ("unfused_tps", "unfused tok/s"),
+                                        ("fused_vs_unfused", "fused / unfused"), ("samples", "fused samples"),
+                                        ("unfused_samples", "unfused samples"), ("prefill_s", "prefill s")])
+        else:
+            md += table(r["policies"], [("policy", "policy"), ("budget", "budget"), ("evict_batch", "evict_batch"),
+                                        ("decode_tps", "decode tok/s"), ("prefill_s", "prefill s")])
     if "offload" in r:
         for row in r["offload"]:
             row["kv_gpu"], row["kv_all"] = g(row["kv_on_gpu"]), g(row["kv_allocated"])
