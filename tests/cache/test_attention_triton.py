@@ -72,7 +72,7 @@ def test_matches_unfused(device, kv_dtype, upto, tuning, monkeypatch):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kv_dtype", FORMATS)
 @pytest.mark.parametrize("upto", [1, 37, 300])
-@pytest.mark.parametrize("tuning", ["default", "many-splits"])
+@pytest.mark.parametrize("tuning", list(TUNINGS))
 def test_weights_match_unfused(device, kv_dtype, upto, tuning, monkeypatch):
     """With weights=True the kernel also returns the softmax weights a policy observes, as attention_weights gives
     them (mean over each KV head's query heads); the output is unchanged."""
@@ -99,8 +99,11 @@ def test_weights_match_unfused(device, kv_dtype, upto, tuning, monkeypatch):
     want = attention_weights(query, k, mask, 0.125)
     assert weights.shape == want.shape == (b, h, 1, upto) and weights.dtype == torch.float32
     assert torch.all(weights[~mask] == 0)
-    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5 if kv_dtype is None else 2e-3
-    torch.testing.assert_close(weights, want, atol=tol, rtol=tol)
+    # both paths multiply the same bf16 (or fp32) values in fp32; only the order of the sums differs. Weights are
+    # about 1/180 here, so the absolute tolerance must be far below that to check anything. The eager int8 read
+    # dequantizes in fp16 (its parameters' dtype) on CPU, hence the looser fp32 tolerance for quantized stores.
+    atol, rtol = (1e-5, 1e-3) if dtype == torch.bfloat16 or kv_dtype is None else (1e-4, 2e-3)
+    torch.testing.assert_close(weights, want, atol=atol, rtol=rtol)
     torch.testing.assert_close(weights.sum(-1), torch.ones(b, h, 1, device=device), atol=1e-4, rtol=1e-4)
 
 
