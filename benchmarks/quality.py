@@ -821,6 +821,7 @@ def main(argv=None) -> int:
 
     _compat.quiet_transformers()
     started = time.perf_counter()
+    run_header = header(TITLE)  # the commit the run starts from: the code it loads (HEAD may move during a long run)
     model, tok, _ = load("smollm2-135m", dtype="fp32", device="cpu")
     pol = policies.available() if args.policies == "all" else args.policies.split(",")
     pol = ["full"] + [p for p in pol if p != "full"]
@@ -910,7 +911,7 @@ def main(argv=None) -> int:
               "checks": checks, "notes": notes, "fork_check": fork, "meta": meta,
               "cases": [c.to_json() | {"input_ids": None} for c in cases],
               "summary": [{k: v for k, v in g.items()} for g in groups], "passkey": passkey, "ppl": ppl,
-              "kvpress_verify": kvpress_result.get("verify") if kvpress_result else None, "header": header(TITLE)}
+              "kvpress_verify": kvpress_result.get("verify") if kvpress_result else None, "header": run_header}
     save_json(result, args.json)
     log(f"done in {meta['seconds'] / 60:.1f} min; JSON in {args.json}")
     head = result["header"]
