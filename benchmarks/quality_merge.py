@@ -63,9 +63,10 @@ def name(group: GroupKey) -> str:
 
 
 def compared(group: GroupKey) -> bool:
-    """The rows the verdict compares: one-chunk kvscope policies and kvpress presses on the whole prompt."""
+    """The rows the verdict compares: one-chunk kvscope policies and kvpress presses on the whole prompt, each with
+    its tool's default knobs (a `name[knob=value]` ablation row is shown, not compared)."""
     tool, policy, mode, kv = group
-    return not kv and policy not in ("full", "none") and mode in ("one-chunk", "together")
+    return not kv and policy not in ("full", "none") and "[" not in policy and mode in ("one-chunk", "together")
 
 
 def verdicts(groups: dict, fractions: list[float]) -> list[str]:
@@ -111,7 +112,8 @@ def render(groups: dict, fractions: list[float], runs: list[dict], length: int, 
     md += (f"\n{cases} cases at {length} tokens, the same token ids in every run. Budget = the fraction of the prompt "
            "kept per layer and KV head (kvpress: `compression_ratio = 1 - fraction`); cells are cases passed / cases "
            "run. Written by `benchmarks/quality_merge.py` from the runs' JSON.\n\n")
-    md += table(body, cols) + "\n" + "\n".join(verdicts(groups, fractions)) + "\n"
+    md += (table(body, cols) + "\nBest of each tool per budget (default knobs; `[knob=value]` rows are ablations, "
+           "not compared):\n\n" + "\n".join(verdicts(groups, fractions)) + "\n")
     return md
 
 
@@ -130,6 +132,11 @@ def main(argv=None) -> int:
     groups = scores(rows)
     fractions = sorted({f for cells in groups.values() for f in cells if f != 1.0})
     md = render(groups, fractions, runs, args.length, len(keys), args.title)
+    shown = ["python", "benchmarks/quality_merge.py"] + [a for a in (argv if argv is not None else sys.argv[1:])
+                                                         if a != args.intro]
+    md = md.replace("Written by `benchmarks/quality_merge.py` from the runs' JSON.",
+                    "Written from the runs' JSON by `" + " ".join(f"'{a}'" if " " in a else a for a in shown)
+                    + "` (the `--intro` text elided).")
     if args.intro:
         md = md.replace("\n\n", f"\n\n{args.intro}\n\n", 1)
     write_section(args.section, md, args.docs)

@@ -40,7 +40,8 @@ def test_later_run_replaces_rows_and_verdicts(tmp_path):
                  + [_row("kvscope", "snapkv", 0.25, c, True) for c in cases]
                  + [_row("kvpress", "TOVAPress", 0.25, c, c == "a") for c in cases]
                  + [_row("kvpress", "KVzipPress", 0.05, c, True) for c in cases]
-                 + [_row("kvscope", "snapkv", 0.05, c, c == "a") for c in cases])
+                 + [_row("kvscope", "snapkv", 0.05, c, c == "a") for c in cases]
+                 + [_row("kvpress", "TOVAPress[window=9]", 0.25, c, True) for c in cases])  # an ablation: not compared
     second = _run(tmp_path / "2.json", [_row("kvscope", "lru", 0.25, c, True) for c in cases])
     docs = tmp_path / "bench.md"
     assert qm.main(["--section", "s", "--docs", str(docs), first, second]) == 0
@@ -49,6 +50,8 @@ def test_later_run_replaces_rows_and_verdicts(tmp_path):
     assert "- 25%: kvscope lru/snapkv 2/2 beats the best kvpress press TOVAPress 1/2" in text
     assert "- 5%: kvscope snapkv 1/2 loses to the best kvpress press KVzipPress 2/2" in text
     assert "commit abc1234" in text and "<!-- section:s -->" in text
+    assert "| kvpress TOVAPress[window=9] |  | 2/2 |  |" in text
+    assert "`python benchmarks/quality_merge.py --section s --docs" in text
 
 
 def test_runs_on_other_cases_are_refused(tmp_path):
