@@ -792,6 +792,9 @@ def parse_args(argv=None):
     p.add_argument("--no-docs", action="store_true", help="do not touch docs/ (JSON still written to --json)")
     p.add_argument("--render-from", default=None, metavar="JSON",
                    help="only rewrite the docs section and plot from a finished run's JSON")
+    p.add_argument("--replace-with", default=None, metavar="JSON",
+                   help="with --render-from: a later run on the same cases whose policies' rows replace the first "
+                        "run's rows of the same policies (e.g. policies re-measured after a code change)")
     args = p.parse_args(argv)
     if args.quick:
         args.lengths, args.keys, args.depths = "1024,2048", "1", "0.1,0.5"
@@ -930,11 +933,11 @@ def publish(args, meta, groups, verdict, checks, notes, per_len, head) -> None:
 
 def render_from(path: str, args) -> int:
     """Rewrite the docs section and plot from a finished run's JSON (its own header: device, date, commit, command)."""
-    data = json.loads(Path(path).read_text())
-    if data.get("partial") or "header" not in data:
-        raise SystemExit(f"{path} holds no finished run (no summary or header); run the benchmark first")
+    data = _finished(path)
     saved = argparse.Namespace(**data["args"])
     saved.no_docs, saved.docs, saved.plot = args.no_docs, args.docs, args.plot
+    if args.replace_with:
+        data = replaced(data, _finished(args.replace_with), saved.lengths)
     groups = []
     for g in data["summary"]:
         g["hits"] = {int(k): v for k, v in g["hits"].items()}
@@ -943,6 +946,35 @@ def render_from(path: str, args) -> int:
     per_len = {n: sum(1 for c in data["cases"] if c["target_length"] == n) for n in saved.lengths}
     publish(saved, data["meta"], groups, data["verdict"], data["checks"], data["notes"], per_len, data["header"])
     return 0
+
+
+def _finished(path: str) -> dict:
+    data = json.loads(Path(path).read_text())
+    if data.get("partial") or "header" not in data:
+        raise SystemExit(f"{path} holds no finished run (no summary or header); run the benchmark first")
+    return data
+
+
+def replaced(data: dict, later: dict, lengths: list[int]) -> dict:
+    """`data` with the rows of every (tool, policy, KV dtype) that `later` ran replaced by `later`'s; summary and
+    verdict recomputed; the header says what came from where. Both runs must hold the same cases."""
+    ids = lambda d: {(c["case_id"], c["key"]) for c in d["cases"]}  # noqa: E731
+    if ids(data) != ids(later):
+        raise SystemExit("--replace-with: the runs hold different cases (check --lengths, --depths, --keys, --seed)")
+    which = lambda r: (r["tool"], r["policy"], r.get("kv_dtype"))  # noqa: E731 - a KV-dtype row is its own row
+    policies = {which(r) for r in later["passkey"] + later["ppl"]}
+    keep = lambda rows: [r for r in rows if which(r) not in policies]  # noqa: E731
+    out = dict(data, passkey=keep(data["passkey"]) + later["passkey"], ppl=keep(data["ppl"]) + later["ppl"])
+    groups = summarize(out["passkey"], out["ppl"], lengths)
+    out["summary"], out["verdict"] = groups, target_verdict(groups)
+    facts = dict(line[2:].split(": ", 1) for line in later["header"].splitlines()
+                 if line.startswith("- ") and ": " in line)
+    names = ", ".join(sorted({p for _, p, _ in policies}))
+    out["header"] = data["header"].rstrip() + (
+        f"\n- rows of {names} replaced by a later run: {facts.get('date')}, commit {facts.get('commit')}, "
+        f"{facts.get('command')}\n\n")
+    out["checks"] = data["checks"] + [f"(later run) {c}" for c in later.get("checks", [])]
+    return out
 
 
 def checkpoint(args, passkey, ppl, timings) -> None:
