@@ -673,6 +673,12 @@ def svg_plot(groups: list[dict], fractions: list[float], length: int) -> str:
 TITLE = "Quality: passkey retrieval and perplexity under KV budgets (embedded SmolLM2-135M, CPU)"
 
 
+def presses_ran(presses: list[str]) -> str:
+    if sorted(presses) == sorted(PRESSES):
+        return f"the default list, {len(PRESSES)} presses and wrappers"
+    return f"{len(presses)} ({', '.join(presses)}), not the default list of {len(PRESSES)}"
+
+
 def render(args, meta: dict, groups, verdict, checks, notes, per_len: dict, head: str) -> str:
     fractions, lengths = args.budgets, args.lengths
     md = head
@@ -704,9 +710,10 @@ def render(args, meta: dict, groups, verdict, checks, notes, per_len: dict, head
         "top_k 8 / spread 7, the last use max-pooled over 7 neighbouring positions; knorm and random keep the 8 "
         "newest tokens; h2o recent_ratio 0.5; kvpress: SnapKVPress window 64 / kernel 5; streaming: 4 sinks in both; "
         "random: seed 0).\n"
-        f"- Presses ({len(args.presses)}): every kvpress press that prunes the prompt's KV to a compression ratio on "
-        "sdpa without downloading anything (the scorer presses, KVzip, KVgrad), and kvpress's wrappers around a "
-        "scorer (`Wrapper(Inner)`, default knobs, around SnapKV, TOVA or ExpectedAttention; BlockPress around "
+        f"- Presses: {presses_ran(args.presses)}. The default list is every kvpress press that prunes the "
+        "prompt's KV to a compression ratio on sdpa without downloading anything (the scorer presses, KVzip, "
+        "KVgrad), and kvpress's wrappers around a scorer (`Wrapper(Inner)`, default knobs, around SnapKV, TOVA or "
+        "ExpectedAttention; BlockPress around "
         "KeyDiff, as in the KeyDiff paper). Head-wise presses (AdaKV, CriticalAdaKV, KVzip, KVgrad) keep every key "
         "and mask the dropped ones in attention, kvpress's own mechanism; their budget is the mean kept per layer and "
         "KV head (KVzip and KVgrad spread it unevenly over layers). KVzip and KVgrad run through their own "

@@ -41,7 +41,7 @@ def test_doctor_with_eviction_fix_records_evictions(capsys, tiny_model_dir, tmp_
                          "--out", str(tmp_path / "r"), "--format", "json")
     assert code == 0, err
     d = json.loads(out)
-    assert d["fix_outcome"]["applied"].startswith("evict with h2o")  # snapkv's 32-token window does not fit 16
+    assert d["fix_outcome"]["applied"].startswith("evict with lru")  # snapkv's 32-token window does not fit 16
     assert d["fix_outcome"]["evicted_tokens"] > 0
     assert all(row["stored_tokens"] <= 16 for row in d["kv_layers"])
     assert d["evictions"]["evicted_tokens"][-1] > 0

@@ -216,3 +216,11 @@ def test_budget_below_fixed_part_names_the_minimum():
         policies.get("streaming_llm").check_budget(4)
     with pytest.raises(ValueError, match="at least 33 tokens"):
         policies.get("snapkv").check_budget(32)
+
+
+def test_preferred_policy_fits_the_budget():
+    from kvscope.policies import preferred_for
+
+    assert preferred_for(512) == "snapkv"
+    assert preferred_for(33) == "snapkv"  # its 32-token window + 1
+    assert preferred_for(32) == "lru" and preferred_for(1) == "lru"
