@@ -50,6 +50,11 @@ def header(title: str) -> str:
             f"- command: `{cmd}`\n\n")
 
 
+def header_facts(text: str) -> dict[str, str]:
+    """The `- key: value` lines of a `header()` (device, date, commit, command) as a dict."""
+    return dict(line[2:].split(": ", 1) for line in text.splitlines() if line.startswith("- ") and ": " in line)
+
+
 def write_section(name: str, markdown: str, path: Path | str = DOCS) -> Path:
     """Replace (or append) the section `name` of the benchmarks document."""
     path = Path(path)

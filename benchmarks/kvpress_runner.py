@@ -59,7 +59,6 @@ def _press(spec: str, ratio: float):
     return getattr(kvpress, name)(compression_ratio=ratio, **knobs)
 
 
-
 def _rerotates(press) -> bool:
     """KeyRerotationPress moves the kept keys to positions 0..kept-1: decoding then continues from `kept`, as the
     kvpress pipeline does."""

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOCS, ROOT, header, save_json, table, write_section  # noqa: E402
+from common import DOCS, ROOT, header, header_facts, save_json, table, write_section  # noqa: E402
 from quality_cases import answer_found, parse_spec, passkey_cases, perplexity_ids  # noqa: E402
 
 KVPRESS_VENV = ROOT / ".venv-kvpress"
@@ -128,7 +128,6 @@ def evicted_copy(cache, budget: int, policy: str | None = None):
     With `policy`, the copy switches to that policy first; only for policies that read no attention (their scores
     come from `on_insert` alone: keys and positions), whose state after a one-chunk prefill is therefore `on_insert`
     over every stored slot, exactly as in a direct run."""
-
     forked = copy.deepcopy(cache)
     if policy is not None:
         forked.policy = make_policy(policy)
@@ -158,10 +157,8 @@ def make_policy(spec: str):
     return policies.get(name, **knobs)
 
 
-
 def fits(policy: str, budget: int) -> bool:
     """Whether the policy can run at this budget (snapkv needs more than its window, say); noted when not."""
-
     minimum = make_policy(policy).min_budget()
     if budget < minimum:
         SKIPPED.add(f"{policy} needs a budget of at least {minimum} tokens, skipped at {budget}")
@@ -170,7 +167,6 @@ def fits(policy: str, budget: int) -> bool:
 
 
 def attention_free(policy: str) -> bool:
-
     return make_policy(policy).attention == "none"
 
 
@@ -974,8 +970,7 @@ def replaced(data: dict, later: dict, lengths: list[int]) -> dict:
     out = dict(data, passkey=keep(data["passkey"]) + later["passkey"], ppl=keep(data["ppl"]) + later["ppl"])
     groups = summarize(out["passkey"], out["ppl"], lengths)
     out["summary"], out["verdict"] = groups, target_verdict(groups)
-    facts = dict(line[2:].split(": ", 1) for line in later["header"].splitlines()
-                 if line.startswith("- ") and ": " in line)
+    facts = header_facts(later["header"])
     names = ", ".join(sorted({p for _, p, _ in policies}))
     out["header"] = data["header"].rstrip() + (
         f"\n- rows of {names} replaced by a later run: {facts.get('date')}, commit {facts.get('commit')}, "

@@ -287,8 +287,9 @@ def _insert_index(tok, filler: list[tuple[str, bool]], depth: float) -> int:
     return best
 
 
-def _fit_length(tok, target_length: int, offset: int, build) -> tuple[list[tuple[str, bool]], list[int], dict]:
-    """The longest filler (story sentences from `offset`) whose prompt `build(filler)` does not exceed the target."""
+def _fit_length(tok, target_length: int, offset: int, build) -> tuple[list[int], dict]:
+    """`build(filler)` (ids, spans) for the longest filler (story sentences from `offset`) whose prompt does not exceed
+    the target."""
     per_sentence = 30  # a first guess; corrected from the measured length below
     count = max(1, target_length // per_sentence)
     for _ in range(8):
@@ -309,8 +310,7 @@ def _fit_length(tok, target_length: int, offset: int, build) -> tuple[list[tuple
         if len(trial_ids) > target_length:
             break
         count, filler, ids = count + 1, trial, trial_ids
-    ids, spans = build(filler)
-    return filler, ids, spans
+    return build(filler)
 
 
 def passkey_case(tok, target_length: int, depth: float, rep: int, seed: int = 0) -> PasskeyCase:
@@ -319,8 +319,8 @@ def passkey_case(tok, target_length: int, depth: float, rep: int, seed: int = 0)
     key = str(rng.randint(10000, 99999))
     offset = rng.randrange(len(sentences()))
     needle = NEEDLE.format(key=key)
-    _, ids, spans = _fit_length(tok, target_length, offset,
-                                lambda f: _build(tok, f, [(_insert_index(tok, f, depth), needle)]))
+    ids, spans = _fit_length(tok, target_length, offset,
+                             lambda f: _build(tok, f, [(_insert_index(tok, f, depth), needle)]))
     spans.pop("needle_starts")
     case_id = f"L{target_length}-d{round(depth * 100):02d}-r{rep}"
     return PasskeyCase(case_id=case_id, target_length=target_length, depth=depth, key=key, input_ids=ids, **spans)
@@ -348,7 +348,7 @@ def multikey_case(tok, target_length: int, depth: float, rep: int, doors: int = 
         at = [_insert_index(tok, filler, d) for d in depths]
         return _build(tok, filler, list(zip(at, needles)), prompt)
 
-    _, ids, spans = _fit_length(tok, target_length, offset, build)
+    ids, spans = _fit_length(tok, target_length, offset, build)
     starts = spans.pop("needle_starts")
     distractors = [{"label": lb, "key": k, "depth": round(d, 4), "needle_start": st}
                    for lb, k, d, st in zip(labels[1:], keys[1:], depths[1:], starts[1:])]

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOCS, table, write_section  # noqa: E402
+from common import DOCS, header_facts, table, write_section  # noqa: E402
 
 GroupKey = tuple  # (tool, policy, mode, kv_dtype)
 
@@ -105,8 +105,7 @@ def render(groups: dict, fractions: list[float], runs: list[dict], length: int, 
     md += ("Runs merged, in order (a later run's rows replace an earlier run's for the same policy, budget and "
            "case):\n\n")
     for run in runs:
-        facts = dict(line[2:].split(": ", 1) for line in run["header"].splitlines()
-                     if line.startswith("- ") and ": " in line)
+        facts = header_facts(run["header"])
         md += (f"- `{Path(run['path']).name}`: {facts.get('date', '?')}, commit {facts.get('commit', '?')}, "
                f"{facts.get('device', '?')}; {facts.get('command', '?')}\n")
     md += (f"\n{cases} cases at {length} tokens, the same token ids in every run. Budget = the fraction of the prompt "

@@ -2,24 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench import load_benchmark
 
-
-def _module():
-    spec = importlib.util.spec_from_file_location("quality_cases", ROOT / "benchmarks" / "quality_cases.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("quality_cases", module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-qc = _module()
+qc = load_benchmark("quality_cases")
 
 
 @pytest.fixture(scope="module")

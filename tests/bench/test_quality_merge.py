@@ -2,23 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench import load_benchmark
 
-
-def _module():
-    spec = importlib.util.spec_from_file_location("quality_merge", ROOT / "benchmarks" / "quality_merge.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-qm = _module()
+qm = load_benchmark("quality_merge")
 HEADER = "## t\n\n- device: CPU\n- date: 2026-12-01\n- commit: abc1234\n- command: `python x.py`\n"
 
 

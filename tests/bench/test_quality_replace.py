@@ -2,22 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.bench import load_benchmark
 
-
-def _module():
-    spec = importlib.util.spec_from_file_location("quality_bench", ROOT / "benchmarks" / "quality.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-q = _module()
+q = load_benchmark("quality")
 CASES = [{"case_id": "a", "key": "11111", "target_length": 2048}, {"case_id": "b", "key": "22222",
                                                                     "target_length": 2048}]
 

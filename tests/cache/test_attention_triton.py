@@ -40,28 +40,35 @@ TUNINGS = {"default": {},
            "many-splits": {"SPLIT": 32, "BLOCK_N": 16, "NUM_WARPS": 2, "COMBINE_BLOCK": 2}}
 
 
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("kv_dtype", FORMATS)
-@pytest.mark.parametrize("upto", [1, 37, 300])
-@pytest.mark.parametrize("tuning", list(TUNINGS))
-def test_matches_unfused(device, kv_dtype, upto, tuning, monkeypatch):
+def kernel_inputs(device, kv_dtype, upto, tuning, monkeypatch, seed):
+    """The kernel tests' setup: a tuning applied, a filled store, a strided query, a random valid mask and own slots
+    (the last slot, one a few slots back, the first). Returns (store, query, valid, own, compute dtype)."""
     from kvscope.cache import attention_triton
-    from kvscope.cache.attention_triton import decode_attention
 
     for kind, default in attention_triton.TUNING.items():
         monkeypatch.setitem(attention_triton.TUNING, kind, default | TUNINGS[tuning])
     if "COMBINE_BLOCK" in TUNINGS[tuning]:
         monkeypatch.setattr(attention_triton, "COMBINE_BLOCK", TUNINGS[tuning]["COMBINE_BLOCK"])
-
     if device == "cuda" and not torch.cuda.is_available():
         pytest.skip("no CUDA")
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     store = filled(kv_dtype, device, dtype)
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     b, h, hq, d = 2, 2, 6, 64
     query = torch.randn(b, 1, hq, d, generator=g).to(device, dtype).transpose(1, 2)  # strided, as from the model
     valid = (torch.rand(b, h, 300, generator=g) < 0.6).to(device)
     own = torch.tensor([[upto - 1, max(0, upto - 5)], [0, upto - 1]], device=device)
+    return store, query, valid, own, dtype
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kv_dtype", FORMATS)
+@pytest.mark.parametrize("upto", [1, 37, 300])
+@pytest.mark.parametrize("tuning", list(TUNINGS))
+def test_matches_unfused(device, kv_dtype, upto, tuning, monkeypatch):
+    from kvscope.cache.attention_triton import decode_attention
+
+    store, query, valid, own, dtype = kernel_inputs(device, kv_dtype, upto, tuning, monkeypatch, seed=1)
     got = decode_attention(store, query, valid, own, upto, 0.125)
     want = reference(store, query, valid, own, upto, 0.125)
     # bf16: rounding of the products; fp32: the eager int8 dequantization computes in fp16 (its parameters' dtype)
@@ -76,22 +83,10 @@ def test_matches_unfused(device, kv_dtype, upto, tuning, monkeypatch):
 def test_weights_match_unfused(device, kv_dtype, upto, tuning, monkeypatch):
     """With weights=True the kernel also returns the softmax weights a policy observes, as attention_weights gives
     them (mean over each KV head's query heads); the output is unchanged."""
-    from kvscope.cache import attention_triton
     from kvscope.cache.attention_triton import decode_attention
 
-    for kind, default in attention_triton.TUNING.items():
-        monkeypatch.setitem(attention_triton.TUNING, kind, default | TUNINGS[tuning])
-    if "COMBINE_BLOCK" in TUNINGS[tuning]:
-        monkeypatch.setattr(attention_triton, "COMBINE_BLOCK", TUNINGS[tuning]["COMBINE_BLOCK"])
-    if device == "cuda" and not torch.cuda.is_available():
-        pytest.skip("no CUDA")
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    store = filled(kv_dtype, device, dtype)
-    g = torch.Generator().manual_seed(2)
-    b, h, hq, d = 2, 2, 6, 64
-    query = torch.randn(b, 1, hq, d, generator=g).to(device, dtype).transpose(1, 2)
-    valid = (torch.rand(b, h, 300, generator=g) < 0.6).to(device)
-    own = torch.tensor([[upto - 1, max(0, upto - 5)], [0, upto - 1]], device=device)
+    store, query, valid, own, dtype = kernel_inputs(device, kv_dtype, upto, tuning, monkeypatch, seed=2)
+    b, h = valid.shape[:2]
     out, weights = decode_attention(store, query, valid, own, upto, 0.125, True)
     torch.testing.assert_close(out, decode_attention(store, query, valid, own, upto, 0.125), atol=0, rtol=0)
     k, _ = store.read(upto, query.dtype)

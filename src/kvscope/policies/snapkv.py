@@ -43,18 +43,16 @@ class SnapKV(Policy):
         return f"the {self.window}-token observation window + 1"
 
     def observe(self, state: SlotState, obs: Observation) -> None:
-        if obs.total_rows > 1:
-            # a prefill chunk's window, maybe in blocks: the mean over all its rows, built as a sum of the blocks'
-            # pooled shares (the pool is linear and the slots do not change between blocks)
-            share = pool_in_position_order(obs.weights.sum(dim=2), state, self.kernel) / obs.total_rows
-            if obs.first:
-                state.score.copy_(share)
-            else:
-                state.score.add_(share)
-        else:
-            pooled = pool_in_position_order(obs.weights.mean(dim=2), state, self.kernel)
+        # this block's share of the mean over the observation's rows (the pool is linear and the slots do not change
+        # between blocks, so a window observed in several blocks sums to the mean over all of them)
+        share = pool_in_position_order(obs.weights.sum(dim=2), state, self.kernel) / obs.total_rows
+        if obs.total_rows == 1:  # a decode step: a moving average over `window` steps
             rate = 1.0 / self.window
-            state.score.mul_(1 - rate).add_(pooled, alpha=rate)
+            state.score.mul_(1 - rate).add_(share, alpha=rate)
+        elif obs.first:  # a prefill chunk's window
+            state.score.copy_(share)
+        else:
+            state.score.add_(share)
 
     def keep_scores(self, state: SlotState, budget: int) -> torch.Tensor:
         return state.score.masked_fill(recent_mask(state, self.window), KEEP)
