@@ -47,7 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DOCS, ROOT, header, header_facts, save_json, table, write_section  # noqa: E402
-from quality_cases import answer_found, parse_spec, passkey_cases, perplexity_ids  # noqa: E402
+from quality_cases import LABELS, answer_found, parse_spec, passkey_cases, perplexity_ids  # noqa: E402
 
 KVPRESS_VENV = ROOT / ".venv-kvpress"
 KVPRESS_REQUIREMENTS = ROOT / "benchmarks" / "requirements-kvpress.txt"
@@ -799,6 +799,8 @@ def parse_args(argv=None):
                    help="with --render-from: a later run on the same cases whose policies' rows replace the first "
                         "run's rows of the same policies (e.g. policies re-measured after a code change)")
     args = p.parse_args(argv)
+    if not 1 <= args.doors <= len(LABELS):
+        p.error(f"--doors must be 1 (one pass key) to {len(LABELS)} (one per door label), got {args.doors}")
     if args.quick:
         args.lengths, args.keys, args.depths = "1024,2048", "1", "0.1,0.5"
         args.budgets = "0.25"
@@ -822,15 +824,22 @@ def main(argv=None) -> int:
         return render_from(args.render_from, args)
     torch.set_num_threads(args.threads)
     from kvscope import _compat, policies
+    from kvscope.errors import UsageError
     from kvscope.models import load
     from kvscope.models.embedded import ensure_converted
 
     _compat.quiet_transformers()
     started = time.perf_counter()
     run_header = header(TITLE)  # the commit the run starts from: the code it loads (HEAD may move during a long run)
-    model, tok, _ = load("smollm2-135m", dtype="fp32", device="cpu")
     pol = policies.available() if args.policies == "all" else args.policies.split(",")
     pol = ["full"] + [p for p in pol if p != "full"]
+    for spec in pol:  # a misspelt policy or knob stops the run before anything runs, with the library's message
+        try:
+            make_policy(spec)
+        except UsageError as exc:
+            print(f"quality.py: error: --policies: {exc}", file=sys.stderr)
+            return 2
+    model, tok, _ = load("smollm2-135m", dtype="fp32", device="cpu")
     keys = parse_keys(args.keys, args.lengths)
     cases = [c for n in args.lengths for c in passkey_cases(tok, [n], args.depths, keys[n], seed=args.seed,
                                                                      doors=args.doors)]

@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     ap.add_argument("--length", type=int, default=2048)
     ap.add_argument("--section", required=True, help="docs section to write")
     ap.add_argument("--title", default="Passkey under KV budgets: kvscope policies against kvpress presses")
-    ap.add_argument("--intro", default="", help="a paragraph placed under the run lines")
+    ap.add_argument("--intro-file", default=None, help="a markdown file whose text goes under the title")
     ap.add_argument("--docs", default=str(DOCS))
     args = ap.parse_args(argv)
     rows, keys, runs = load_rows(args.runs, args.length)
@@ -131,13 +131,11 @@ def main(argv=None) -> int:
     groups = scores(rows)
     fractions = sorted({f for cells in groups.values() for f in cells if f != 1.0})
     md = render(groups, fractions, runs, args.length, len(keys), args.title)
-    shown = ["python", "benchmarks/quality_merge.py"] + [a for a in (argv if argv is not None else sys.argv[1:])
-                                                         if a != args.intro]
+    shown = ["python", "benchmarks/quality_merge.py"] + list(argv if argv is not None else sys.argv[1:])
     md = md.replace("Written by `benchmarks/quality_merge.py` from the runs' JSON.",
-                    "Written from the runs' JSON by `" + " ".join(f"'{a}'" if " " in a else a for a in shown)
-                    + "` (the `--intro` text elided).")
-    if args.intro:
-        md = md.replace("\n\n", f"\n\n{args.intro}\n\n", 1)
+                    "Written from the runs' JSON by `" + " ".join(f"'{a}'" if " " in a else a for a in shown) + "`.")
+    if args.intro_file:
+        md = md.replace("\n\n", f"\n\n{Path(args.intro_file).read_text().strip()}\n\n", 1)
     write_section(args.section, md, args.docs)
     print(md)
     return 0

@@ -46,3 +46,13 @@ def test_runs_on_other_cases_are_refused():
     later["cases"] = [dict(CASES[0], key="99999"), CASES[1]]
     with pytest.raises(SystemExit, match="different cases"):
         q.replaced(first, later, [2048])
+
+
+def test_bad_policies_and_doors_are_usage_errors(capsys):
+    assert q.main(["--policies", "snapkv[windw=3]", "--no-kvpress", "--no-docs"]) == 2
+    assert "--policies: policy 'snapkv' has no knob windw; expected one of kernel, window" in capsys.readouterr().err
+    assert q.main(["--policies", "belady", "--no-kvpress", "--no-docs"]) == 2
+    assert "unknown policy 'belady'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        q.main(["--doors", "9"])
+    assert exc.value.code == 2 and "--doors must be 1 (one pass key) to 8" in capsys.readouterr().err
