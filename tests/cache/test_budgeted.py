@@ -182,8 +182,12 @@ def test_keys_keep_true_positions_and_attention_matches_masked_reference(tiny):
 def test_full_policy_overflow_is_an_error(tiny):
     ids, mask = prompt(batch=1, length=30, pad=0)
     cache = BudgetedCache(tiny, "full", budget_tokens=16, chunk_size=8)
-    with pytest.raises(CacheFullError, match="needs 24 KV tokens but the budget is 16"):
+    with pytest.raises(CacheFullError, match=r"needs 31 KV tokens .* \(0 held \+ 30 prompt \+ 2 new - 1.* is 16"):
         generate(tiny, ids, cache, attention_mask=mask, max_new_tokens=2)
+    assert not cache.layers[0].is_initialized  # refused before any work
+    # with the check off (the doctor watches the overflow happen), the layer refuses mid-prefill
+    with pytest.raises(CacheFullError, match="needs 24 KV tokens but the budget is 16"):
+        generate(tiny, ids, cache, attention_mask=mask, max_new_tokens=2, check_fit=False)
     assert isinstance(CacheFullError("x"), ValueError)
 
 

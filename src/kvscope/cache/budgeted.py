@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from kvscope import _compat
-from kvscope.cache.layer import BudgetedLayer
+from kvscope.cache.layer import BudgetedLayer, CacheFullError
 from kvscope.cache.offload import LayerOffloader, SwapReport, require_cuda_for_offload, swap
 from kvscope.cache.stats import CacheStats, Collector
 from kvscope.cache.store import make_store
@@ -141,6 +141,46 @@ class BudgetedCache(Cache):
             raise usage("BudgetedCache builds its own attention mask and cannot take a 4-D attention_mask",
                         expected="a 2-D padding mask [batch, tokens]", fix="attention_mask")
         self.forward_info = ForwardInfo(positions=positions.long(), real=real)
+
+    # --- requests and continuation ---------------------------------------------------------------------------------
+    def held_tokens(self) -> int:
+        """The most tokens any (sequence, KV head) row holds now (one device read)."""
+        first = self.layers[0]
+        return int(first.state.valid.sum(-1).max()) if first.is_initialized else 0
+
+    def check_request(self, new_prompt_tokens: int, max_new_tokens: int) -> None:
+        """Refuse, before any work, a request a non-evicting policy cannot hold: what is held already, plus the new
+        prompt, plus every new token but the last (which is never fed back)."""
+        if self.policy.evicts:
+            return
+        held = self.held_tokens()
+        need = held + new_prompt_tokens + max_new_tokens - 1
+        if need > self.budget_tokens:
+            raise CacheFullError(
+                f"the request needs {need} KV tokens per layer and sequence ({held} held + {new_prompt_tokens} "
+                f"prompt + {max_new_tokens} new - 1, the last never being stored) but the budget is "
+                f"{self.budget_tokens} (policy 'full' never evicts); expected a budget of at least {need}; change "
+                f"budget_tokens (--budget) or pick an evicting policy ({', '.join(self.evicting_policies())})")
+
+    def next_positions(self, batch: int, device) -> torch.Tensor:
+        """[B] the position each row's next token takes (0 for an empty cache)."""
+        first = self.layers[0]
+        if not first.is_initialized:
+            return torch.zeros(batch, dtype=torch.long, device=device)
+        rows = first.state.newest.shape[0]
+        if rows != batch:
+            raise usage(f"this cache holds {rows} sequence(s) and cannot continue a batch of {batch}",
+                        expected=f"{rows} row(s) of input_ids, or a new cache (or cache.reset())", fix="input_ids")
+        return (first.state.newest.amax(1)[:, 0] + 1).clamp_min(0).to(device)
+
+    def rewind(self, position: int) -> None:
+        """Forget every token at position >= `position` (a chat history edited from there on is recomputed).
+        Tokens below it that were evicted stay evicted."""
+        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+            raise usage(f"rewind position must be a whole number >= 0, got {position!r}", fix="position")
+        with torch.inference_mode():  # the cache's tensors were made under inference mode
+            for layer in self.layers:
+                layer.rewind(position)
 
     # --- monitoring ------------------------------------------------------------------------------------------------
     def stats(self) -> CacheStats:

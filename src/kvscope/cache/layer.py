@@ -91,6 +91,16 @@ class BudgetedLayer(CacheLayerMixin):
         self.store = self.state = None
         self.seen, self.pending = 0, None
 
+    def rewind(self, position: int) -> None:
+        """Invalidate the tokens at position >= `position` (see BudgetedCache.rewind)."""
+        if not self.is_initialized:
+            return
+        st = self.state
+        st.valid &= st.position < position
+        st.newest.clamp_(max=position - 1)
+        self.seen = min(self.seen, position)
+        self.contiguous, self.free = False, None  # freed slots are reused through the free-slot queue
+
     def reorder_cache(self, beam_idx):
         raise usage("BudgetedCache does not support beam search", fix="num_beams=1")
 

@@ -1,9 +1,16 @@
-"""kvscope's own generation loop: chunked prefill into a preallocated cache, then greedy decode.
+"""kvscope's own generation loop: chunked prefill into a preallocated cache, then decode.
 
 Why not only `model.generate()`: `generate` prefills the whole prompt in one forward, so activations and logits scale
 with the prompt even when the cache is bounded. Here the prompt goes through the model `chunk_size` tokens at a time
 and only the last position's logits are computed, so the peak is weights + cache (budget + one chunk) + one chunk of
 activations, whatever the prompt length. Phases are reported to an optional callback (the monitor marks them).
+
+A cache that already holds tokens is continued: the new tokens take the positions after each row's newest, so a chat
+turn prefills only what was added since the last one (kvscope.chat).
+
+Decode never waits for the GPU at every step: each step's ids are copied to the host asynchronously and read while
+the next step runs, so stop tokens, stop strings and the `on_token` callback see them one step late, and a finished
+batch costs at most one extra step.
 """
 
 from __future__ import annotations
@@ -16,23 +23,34 @@ import torch
 
 from kvscope import _compat
 from kvscope.errors import usage
+from kvscope.runtime.sampling import Sampling
+from kvscope.runtime.stops import StopRule, Stops
 
 PhaseCallback = Callable[[str, int, int], None]  # (phase, done, total)
+TokenCallback = Callable[[int, list[int]], bool | None]  # (step, one id per row, done rows too) -> True to stop
+DEFAULT_CHUNK = 512
 
 
 @dataclass
 class Generation:
-    sequences: torch.Tensor  # [B, new_tokens] generated ids (eos and what follows it are padding)
+    sequences: torch.Tensor  # [B, new_tokens] generated ids; after a row's stop: its stop token, then zeros
     prompt_tokens: int
     new_tokens: int
     prefill_seconds: float
     decode_seconds: float
     first_token_logits: torch.Tensor | None = field(default=None, repr=False)
+    lengths: list[int] = field(default_factory=list)  # per row: tokens before its stop token (all, without a stop)
+    finish_reasons: list[str] = field(default_factory=list)  # per row: "stop" or "length"
+    first_token_seconds: float | None = None  # time to the first new token (prefill + its pick)
 
     @property
     def decode_tokens_per_second(self) -> float | None:
         steps = self.new_tokens - 1  # the first new token comes out of prefill
         return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else None
+
+    def row(self, i: int) -> list[int]:
+        """Row i's generated ids, without its stop token or anything after it."""
+        return self.sequences[i, :self.lengths[i]].tolist()
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -42,60 +60,139 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
 
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, cache, *, attention_mask: torch.Tensor | None = None,
-             max_new_tokens: int = 32, chunk_size: int = 512, eos_token_id: int | list[int] | None = None,
-             on_phase: PhaseCallback | None = None, keep_first_logits: bool = False) -> Generation:
-    """Greedy generation with chunked prefill. `cache` is any transformers Cache (a `BudgetedCache` normally)."""
+             max_new_tokens: int = 32, chunk_size: int = DEFAULT_CHUNK, eos_token_id: int | list[int] | None = None,
+             stop_strings: list[str] | None = None, tokenizer=None, sampling: Sampling | None = None,
+             on_phase: PhaseCallback | None = None, on_token: TokenCallback | None = None,
+             keep_first_logits: bool = False, check_fit: bool = True) -> Generation:
+    """Generate up to `max_new_tokens` per row after `input_ids` [B, n] (left-padded when `attention_mask` says so).
+
+    `cache` is any transformers Cache (a `BudgetedCache` normally); when it already holds tokens, `input_ids` are the
+    tokens added since, and generation continues from there. `sampling` is greedy by default. `check_fit` refuses,
+    before any work, a request that a non-evicting `BudgetedCache` cannot hold (the doctor turns it off to watch the
+    overflow happen).
+
+    >>> gen = generate(model, ids, BudgetedCache(model, "lru", budget_tokens=256), max_new_tokens=16)  # doctest: +SKIP
+    """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
-        raise usage("the prompt is empty", expected="at least one token", fix="--prompt")
-    if max_new_tokens < 1:
-        raise usage(f"max_new_tokens must be >= 1, got {max_new_tokens}", fix="--max-new-tokens")
+        raise usage("the prompt is empty", expected="at least one token", fix="input_ids (--prompt)")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise usage(f"max_new_tokens must be a whole number >= 1, got {max_new_tokens!r}",
+                    fix="max_new_tokens (--new-tokens)")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise usage(f"chunk_size must be a whole number >= 1, got {chunk_size!r}", fix="chunk_size (--chunk-size)")
+    sampling = sampling or Sampling()
+    rule = StopRule(frozenset(_as_list(eos_token_id)), tuple(stop_strings or ()), tokenizer)
     device = next(model.parameters()).device
     ids = input_ids.to(device)
     mask = (attention_mask if attention_mask is not None else torch.ones_like(ids)).to(device)
-    positions = positions_from_mask(mask)
+    if check_fit and hasattr(cache, "check_request"):
+        cache.check_request(int(mask.sum(-1).max()), max_new_tokens)
+    positions = positions_from_mask(mask) + _next_positions(cache, ids.shape[0], device)[:, None]
     key = _compat.cache_keyword(model)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     n = ids.shape[1]
+    budgeted = hasattr(cache, "check_request")  # a BudgetedCache keeps its own mask: it reads only the new columns
+    seen = 0 if budgeted or cache is None else int(cache.get_seq_length())
+    if seen:  # another cache continued: its mask covers the history too
+        mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, seen), mask], dim=1)
 
     start = time.perf_counter()
     logits = None
     for s in range(0, n, chunk_size):
         e = min(s + chunk_size, n)
-        out = model(input_ids=ids[:, s:e], attention_mask=mask[:, :e], position_ids=positions[:, s:e],
-                    use_cache=True, logits_to_keep=1, **{key: cache})
+        out = model(input_ids=ids[:, s:e], attention_mask=mask[:, s:e] if budgeted else mask[:, :seen + e],
+                    position_ids=positions[:, s:e], use_cache=True, logits_to_keep=1, **{key: cache})
         logits = out.logits[:, -1]
         if on_phase:
             on_phase("prefill", e, n)
+    first = logits.float().clone() if keep_first_logits else None
+    pick = sampling.picker(device)
+    nxt = pick(logits)
     sync()
     prefill_s = time.perf_counter() - start
-    first = logits.float().clone() if keep_first_logits else None
 
-    eos = torch.tensor(_as_list(eos_token_id), device=device)
-    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    stops = Stops(ids.shape[0], rule)
+    watch = rule.active or on_token is not None
+    host = _HostTokens(max_new_tokens, ids.shape[0], device) if watch else None
     tokens, pos = [], positions[:, -1:] + 1
+    grow = None if budgeted else mask
+    stopped = False
     start = time.perf_counter()
     for step in range(max_new_tokens):
-        nxt = logits.argmax(-1)
-        nxt = torch.where(finished, torch.zeros_like(nxt), nxt)
         tokens.append(nxt)
-        if eos.numel():
-            finished |= torch.isin(nxt, eos)
-        if step == max_new_tokens - 1 or (eos.numel() and bool(finished.all())):
+        if host is not None:
+            host.put(step, nxt)
+            if step and _read(host, step - 1, stops, on_token):
+                stopped = True
+                break
+        if step == max_new_tokens - 1:
             break
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        out = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1,
+        if grow is not None:
+            grow = torch.cat([grow, torch.ones_like(grow[:, :1])], dim=1)
+        out = model(input_ids=nxt[:, None], attention_mask=grow, position_ids=pos, use_cache=True, logits_to_keep=1,
                     **{key: cache})
-        logits, pos = out.logits[:, -1], pos + 1
+        nxt, pos = pick(out.logits[:, -1]), pos + 1
         if on_phase:
             on_phase("decode", step + 1, max_new_tokens)
+    if host is not None and not stopped:  # the last step is still unread
+        _read(host, len(tokens) - 1, stops, on_token)
     sync()
     decode_s = time.perf_counter() - start
     seq = torch.stack(tokens, dim=1)
+    if host is not None:
+        seq = seq[:, :stops.steps]  # the step made while the host read the one that said stop is dropped
+    lengths = stops.lengths() if host is not None else [seq.shape[1]] * seq.shape[0]
+    seq = _pad_after_stop(seq, lengths)
     return Generation(sequences=seq, prompt_tokens=n, new_tokens=seq.shape[1], prefill_seconds=prefill_s,
-                      decode_seconds=decode_s, first_token_logits=first)
+                      decode_seconds=decode_s, first_token_logits=first, lengths=lengths,
+                      finish_reasons=stops.reasons() if host is not None else ["length"] * seq.shape[0],
+                      first_token_seconds=prefill_s)
+
+
+class _HostTokens:
+    """Each step's ids copied to (pinned) host memory without waiting; read back one step later."""
+
+    def __init__(self, steps: int, batch: int, device):
+        cuda = device.type == "cuda"
+        self.buffer = torch.empty(steps, batch, dtype=torch.long, pin_memory=cuda)
+        self.events = [torch.cuda.Event() for _ in range(steps)] if cuda else None
+
+    def put(self, step: int, ids: torch.Tensor) -> None:
+        self.buffer[step].copy_(ids, non_blocking=self.events is not None)
+        if self.events is not None:
+            self.events[step].record()
+
+    def get(self, step: int) -> list[int]:
+        if self.events is not None:
+            self.events[step].synchronize()
+        return self.buffer[step].tolist()
+
+
+def _read(host: _HostTokens, step: int, stops: Stops, on_token: TokenCallback | None) -> bool:
+    """Feed step `step`'s ids to the stop rules and the callback; True when generation should end."""
+    ids = host.get(step)
+    stops.feed(ids)
+    stop = bool(on_token(step, ids)) if on_token is not None else False
+    return stop or (stops.rule.active and stops.all_done)
+
+
+def _pad_after_stop(seq: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Keep each row's tokens and its stop token; zeros after (what `Generation.sequences` promises)."""
+    if all(n >= seq.shape[1] for n in lengths):
+        return seq
+    keep = torch.tensor([n + 1 for n in lengths], device=seq.device)[:, None]
+    return torch.where(torch.arange(seq.shape[1], device=seq.device)[None] < keep, seq, torch.zeros_like(seq))
+
+
+def _next_positions(cache, batch: int, device) -> torch.Tensor:
+    """[B] the position each row's next token takes: after what the cache holds (0 for an empty cache)."""
+    if hasattr(cache, "next_positions"):
+        return cache.next_positions(batch, device)
+    seen = cache.get_seq_length() if cache is not None else 0
+    return torch.full((batch,), int(seen), dtype=torch.long, device=device)
 
 
 def _as_list(eos) -> list[int]:
     if eos is None:
         return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+    return [int(e) for e in (eos if isinstance(eos, (list, tuple, set, frozenset)) else [eos])]
