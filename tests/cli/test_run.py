@@ -42,7 +42,7 @@ def test_run_json_on_embedded_model(capsys):
     d = json.loads(out)
     assert {"text", "layers", "evicted_tokens_total", "prompt_tokens", "new_tokens"} <= set(d)
     assert len(d["layers"]) == 30 and all(row["stored_tokens"] <= 24 for row in d["layers"])
-    assert d["evicted_tokens_total"] == 30 * (d["prompt_tokens"] + d["new_tokens"] - 1 - 24)
+    assert d["evicted_tokens_total"] == 30 * (d["prompt_tokens"] + d["cached_new_tokens"] - 24)
     assert d["text"].strip()
 
 

@@ -134,3 +134,15 @@ def test_on_token_streams_every_step_and_can_stop(tiny):
     gen = generate(tiny, ids, full(tiny), max_new_tokens=9,
                    on_token=lambda step, row: seen.append(step) or step == 3)
     assert seen == [0, 1, 2, 3] and gen.sequences[0, :4].tolist() == plain[:4]
+
+
+def test_fed_tokens_say_what_the_cache_holds(tiny):
+    ids = ids_of(10, seed=13)
+    plain = generate(tiny, ids, full(tiny), max_new_tokens=8).sequences[0].tolist()
+    cache = full(tiny)
+    gen = generate(tiny, ids, cache, max_new_tokens=8)
+    assert gen.fed_tokens == 7 and cache.held_tokens() == 10 + 7  # the last token is never fed
+    cache = full(tiny)
+    gen = generate(tiny, ids, cache, max_new_tokens=8, eos_token_id=plain[2])
+    assert gen.lengths == [plain.index(plain[2])]
+    assert cache.held_tokens() == 10 + gen.fed_tokens and gen.fed_tokens == gen.sequences.shape[1]

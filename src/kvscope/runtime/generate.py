@@ -42,6 +42,10 @@ class Generation:
     lengths: list[int] = field(default_factory=list)  # per row: tokens before its stop token (all, without a stop)
     finish_reasons: list[str] = field(default_factory=list)  # per row: "stop" or "length"
     first_token_seconds: float | None = None  # time to the first new token (prefill + its pick)
+    fed_tokens: int = 0  # new tokens that went into the cache: all but the last, or all when a stop was seen late
+
+    # A stop is seen one step late, so the token that stopped a batch has been fed back by then: the cache holds the
+    # prompt plus `fed_tokens` new tokens (kvscope.chat relies on knowing exactly what the cache holds).
 
     @property
     def decode_tokens_per_second(self) -> float | None:
@@ -146,7 +150,7 @@ def generate(model, input_ids: torch.Tensor, cache, *, attention_mask: torch.Ten
     return Generation(sequences=seq, prompt_tokens=n, new_tokens=seq.shape[1], prefill_seconds=prefill_s,
                       decode_seconds=decode_s, first_token_logits=first, lengths=lengths,
                       finish_reasons=stops.reasons() if host is not None else ["length"] * seq.shape[0],
-                      first_token_seconds=prefill_s)
+                      first_token_seconds=prefill_s, fed_tokens=seq.shape[1] if stopped else seq.shape[1] - 1)
 
 
 class _HostTokens:

@@ -26,6 +26,7 @@ class RunResult:
             "text": self.text,
             "prompt_tokens": g.prompt_tokens,
             "new_tokens": g.new_tokens,
+            "cached_new_tokens": g.fed_tokens,
             "policy": s.policy,
             "kv_dtype": s.kv_dtype,
             "budget_tokens": s.budget_tokens,
