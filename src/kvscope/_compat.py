@@ -7,7 +7,7 @@ means a new release breaks one file, and tests of this module tell which.
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -139,26 +139,43 @@ def forward_cache_argument(kwargs: dict):
     return cache if cache is not None else kwargs.get("cache")
 
 
-def install_forward_hooks(model, before, after) -> None:
-    """Call `before(kwargs)` and `after()` around every forward of the base decoder (idempotent per model).
+def hold_forward_hooks(model, before, after):
+    """Call `before(module, kwargs)` and `after(module)` around every forward of the base decoder while some holder
+    needs them; returns the holder's release function. The hooks are installed for the first holder and removed with
+    the last, so a model no kvscope cache uses any more is left exactly as it was.
 
     `after` runs even when the forward raises, so an interrupted run never leaves the model switched to kvscope's
     attention."""
     base = base_model(model)
-    if getattr(base, "_kvscope_hooked", False):
-        return
+    state = base.__dict__.get("_kvscope_hooks")
+    if state is None:
+        def pre(module, args, kwargs):
+            if args:
+                kwargs = {"input_ids": args[0], **kwargs}
+            before(module, kwargs)
 
-    def pre(module, args, kwargs):
-        if args:
-            kwargs = {"input_ids": args[0], **kwargs}
-        before(module, kwargs)
+        def post(module, args, kwargs, output):
+            after(module)
 
-    def post(module, args, kwargs, output):
-        after(module)
+        handles = [base.register_forward_pre_hook(pre, with_kwargs=True),
+                   base.register_forward_hook(post, with_kwargs=True, always_call=True)]
+        state = base.__dict__["_kvscope_hooks"] = {"handles": handles, "holders": 0}
+    state["holders"] += 1
 
-    base.register_forward_pre_hook(pre, with_kwargs=True)
-    base.register_forward_hook(post, with_kwargs=True, always_call=True)
-    base._kvscope_hooked = True
+    def release() -> None:
+        state["holders"] -= 1
+        if state["holders"] == 0 and base.__dict__.get("_kvscope_hooks") is state:
+            for handle in state["handles"]:
+                handle.remove()
+            del base.__dict__["_kvscope_hooks"]
+
+    return release
+
+
+def forward_hooks_held(model) -> int:
+    """How many holders keep kvscope's hooks on this model (0: none installed)."""
+    state = base_model(model).__dict__.get("_kvscope_hooks")
+    return state["holders"] if state else 0
 
 
 def layer_index(attention_module) -> int:
@@ -207,3 +224,60 @@ def step_callback_processor(callback):
             return scores
 
     return _Marker()
+
+
+# --- kvscope's own decode step (kvscope.runtime.step) -----------------------------------------------------------------
+
+
+class DecodeLayerWeights(NamedTuple):
+    input_norm: torch.Tensor
+    q: tuple[torch.Tensor, torch.Tensor | None]  # (weight, bias) of each projection
+    k: tuple[torch.Tensor, torch.Tensor | None]
+    v: tuple[torch.Tensor, torch.Tensor | None]
+    o: tuple[torch.Tensor, torch.Tensor | None]
+    post_norm: torch.Tensor
+    gate: tuple[torch.Tensor, torch.Tensor | None]
+    up: tuple[torch.Tensor, torch.Tensor | None]
+    down: tuple[torch.Tensor, torch.Tensor | None]
+
+
+class DecodeWeights(NamedTuple):
+    """What a Llama decode step reads, taken from the model's own modules (no copies)."""
+
+    embed: torch.Tensor
+    layers: list[DecodeLayerWeights]
+    norm: torch.Tensor
+    lm_head: tuple[torch.Tensor, torch.Tensor | None]
+    rotary: Any  # the model's rotary embedding: rotary(x, position_ids) -> (cos, sin), each [B, q, head_dim]
+    eps: float
+    scaling: float
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+
+def _linear(module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return module.weight, module.bias
+
+
+def decode_weights(model) -> DecodeWeights | None:
+    """The tensors of a Llama-architecture causal LM's decode step, or None when the model is not one kvscope's own
+    step reproduces (another architecture, another activation or norm): the caller then decodes with the model's
+    forward."""
+    c = model.config
+    base = base_model(model)
+    layers = list(getattr(base, "layers", []))
+    if getattr(c, "model_type", None) != "llama" or getattr(c, "hidden_act", "silu") != "silu" or not layers:
+        return None
+    if not all(hasattr(x, "self_attn") and hasattr(x, "mlp") and hasattr(x.mlp, "gate_proj") for x in layers):
+        return None
+    first = layers[0].self_attn
+    out = []
+    for x in layers:
+        a, m = x.self_attn, x.mlp
+        out.append(DecodeLayerWeights(x.input_layernorm.weight, _linear(a.q_proj), _linear(a.k_proj),
+                                      _linear(a.v_proj), _linear(a.o_proj), x.post_attention_layernorm.weight,
+                                      _linear(m.gate_proj), _linear(m.up_proj), _linear(m.down_proj)))
+    heads, kv_heads, head_dim = attention_heads(model)[1:]
+    return DecodeWeights(base.embed_tokens.weight, out, base.norm.weight, _linear(model.lm_head), base.rotary_emb,
+                         float(getattr(c, "rms_norm_eps", 1e-6)), float(first.scaling), heads, kv_heads, head_dim)

@@ -89,10 +89,10 @@ def bounded(monkeypatch):
         before = self.store.nbytes
         out = original(self, *args)
         held = int(self.state.valid.sum(-1).max())
-        assert held <= self.owner.budget_tokens, (held, self.owner.budget_tokens)
+        assert held <= self.settings.budget_tokens, (held, self.settings.budget_tokens)
         assert self.store.nbytes == before
-        budget = self.owner.budget_tokens
-        assert self.store.keys.shape[2] == budget + self.room <= budget + self.owner.chunk_size
+        budget = self.settings.budget_tokens
+        assert self.store.keys.shape[2] == budget + self.room <= budget + self.settings.chunk_size
         seen["checks"] += 1
         return out
 
@@ -186,7 +186,7 @@ def test_full_policy_overflow_is_an_error(tiny):
         generate(tiny, ids, cache, attention_mask=mask, max_new_tokens=2)
     assert not cache.layers[0].is_initialized  # refused before any work
     # with the check off (the doctor watches the overflow happen), the layer refuses mid-prefill
-    with pytest.raises(CacheFullError, match="needs 24 KV tokens but the budget is 16"):
+    with pytest.raises(CacheFullError, match="needs 30 KV tokens but the budget is 16"):  # no room above a full budget
         generate(tiny, ids, cache, attention_mask=mask, max_new_tokens=2, check_fit=False)
     assert isinstance(CacheFullError("x"), ValueError)
 
@@ -273,3 +273,46 @@ def test_observation_in_blocks_scores_like_one_block(tiny, monkeypatch, policy, 
         for a, b, va, vb in zip(one, many, one_valid, many_valid):
             assert torch.equal(va, vb)
             torch.testing.assert_close(a[va], b[vb], rtol=1e-5, atol=1e-7)
+
+
+def test_one_allocation_for_every_layer(tiny):
+    cache = BudgetedCache(tiny, "lru", budget_tokens=20, chunk_size=8)
+    ids, mask = prompt(batch=2, length=30)
+    generate(tiny, ids, cache, attention_mask=mask, max_new_tokens=3, chunk_size=8)
+    arena = cache.settings.arena
+    storages = {t.untyped_storage().data_ptr() for layer in cache.layers
+                for t in [*layer.store.tensors().values(), layer.state.valid, layer.state.position,
+                          layer.state.score, layer.state.newest, layer.queue]}
+    assert storages == {arena.buffer.untyped_storage().data_ptr()}
+    assert arena.nbytes == cache.allocation_bytes(2, torch.float32, 8)
+    assert all(layer.capacity == 20 + 8 for layer in cache.layers)
+
+
+def test_a_policy_that_never_evicts_has_no_room_above_its_budget(tiny):
+    cache = BudgetedCache(tiny, "full", budget_tokens=50, chunk_size=8)
+    ids, mask = prompt(batch=1, length=30, pad=0)
+    generate(tiny, ids, cache, attention_mask=mask, max_new_tokens=3, chunk_size=8)
+    assert all(layer.capacity == 50 for layer in cache.layers)
+
+
+def test_deleting_a_cache_frees_it_at_once_and_unhooks_the_model():
+    import gc
+    import weakref
+
+    model = build_tiny()
+    gc.disable()  # nothing may depend on the cycle collector
+    try:
+        cache = BudgetedCache(model, "lru", budget_tokens=16)
+        other = BudgetedCache(model, "full", budget_tokens=64)
+        generate(model, prompt(batch=1, length=20, pad=0)[0], cache, max_new_tokens=2)
+        assert _compat.forward_hooks_held(model) == 2
+        buffer = weakref.ref(cache.settings.arena.buffer)
+        ref = weakref.ref(cache)
+        del cache
+        assert ref() is None and buffer() is None
+        assert _compat.forward_hooks_held(model) == 1
+        del other
+        assert _compat.forward_hooks_held(model) == 0
+        assert not model.model._forward_pre_hooks and not model.model._forward_hooks
+    finally:
+        gc.enable()

@@ -105,22 +105,27 @@ def _kvscope_decode_split(q_ptr, valid_ptr, own_ptr, a0, a1, a2, a3, a4, st, par
     for start in range(lo, hi, BLOCK_N):
         s = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
         rows = s < hi
-        m = rows[:, None] & (d < D)[None, :]
         valid = tl.load(valid_ptr + b * vsb + h * vsh + s, mask=rows, other=0).to(tl.int1)
         seen = rows & (valid | (s == own))
-        k = _tile(0, b, h, s, rows, d, m, a0, a1, a2, a3, a4, full, st, KIND, GROUP, R).to(dtype)
-        qk = _dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
-        qk = tl.where(seen[None, :], qk, float("-inf"))
-        if SCORES:  # the logits (log2 units) of every query head, for a policy that reads attention
-            tl.store(score_ptr + (bh * group + g)[:, None] * ssr + s[None, :], qk, mask=gm[:, None] & rows[None, :])
-        m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: no NaN
-        p = tl.exp2(qk - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        v = _tile(1, b, h, s, rows, d, m, a0, a1, a2, a3, a4, full, st, KIND, GROUP, R).to(dtype)
-        acc = acc * alpha[:, None] + _dot(p.to(dtype), v)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+        if tl.max(seen.to(tl.int32), axis=0) > 0:  # a tile with nothing visible costs no key or value load
+            m = rows[:, None] & (d < D)[None, :]
+            k = _tile(0, b, h, s, rows, d, m, a0, a1, a2, a3, a4, full, st, KIND, GROUP, R).to(dtype)
+            qk = _dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
+            qk = tl.where(seen[None, :], qk, float("-inf"))
+            if SCORES:  # the logits (log2 units) of every query head, for a policy that reads attention
+                tl.store(score_ptr + (bh * group + g)[:, None] * ssr + s[None, :], qk,
+                         mask=gm[:, None] & rows[None, :])
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: no NaN
+            p = tl.exp2(qk - m_use[:, None])
+            alpha = tl.exp2(m_i - m_use)
+            v = _tile(1, b, h, s, rows, d, m, a0, a1, a2, a3, a4, full, st, KIND, GROUP, R).to(dtype)
+            acc = acc * alpha[:, None] + _dot(p.to(dtype), v)
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            m_i = m_new
+        elif SCORES:
+            tl.store(score_ptr + (bh * group + g)[:, None] * ssr + s[None, :],
+                     tl.full((BLOCK_G, BLOCK_N), float("-inf"), tl.float32), mask=gm[:, None] & rows[None, :])
     row = (bh * splits + split) * group + g  # only the group's real query heads are kept
     tl.store(part_ptr + row[:, None] * D + d[None, :], acc, mask=gm[:, None])
     tl.store(stat_ptr + row * 2, m_i, mask=gm)
@@ -160,14 +165,8 @@ def _kvscope_decode_combine(part_ptr, stat_ptr, out_ptr, lse_ptr, splits, heads,
 def _store_tensors(store) -> tuple[int, list[torch.Tensor], int]:
     """(kind, its tensors, `full`) of a store; the tensors are looked up at every call because offload and swap
     point a store at other buffers (of the same shape and strides)."""
-    from kvscope.cache.quant import Fp8Store, Int4Store, Int8Store
-
-    if isinstance(store, Int4Store):
-        return INT4, [store.packed, store.key_params, store.tail_params, store.value_params, store.residual], \
-            store.groups * INT4_GROUP
-    if isinstance(store, (Fp8Store, Int8Store)):
-        return (FP8 if isinstance(store, Fp8Store) else INT8), [store.data, store.params], 0
-    return DENSE, [store.keys, store.values], 0
+    tensors, full = store.kernel_tensors()
+    return store.KERNEL, tensors, full
 
 
 def _strides(kind: int, tensors: list[torch.Tensor]) -> list[int]:

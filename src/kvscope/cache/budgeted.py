@@ -14,18 +14,20 @@ is therefore processed in chunks inside each layer, and storage stays at budget 
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
 
 from kvscope import _compat
-from kvscope.cache.layer import BudgetedLayer, CacheFullError
+from kvscope.cache.layer import BudgetedLayer, CacheFullError, evicting_policies
 from kvscope.cache.offload import LayerOffloader, SwapReport, require_cuda_for_offload, swap
+from kvscope.cache.settings import CacheSettings
 from kvscope.cache.stats import CacheStats, Collector
-from kvscope.cache.store import make_store
 from kvscope.errors import usage
 from kvscope.kvformats import kv_format
-from kvscope.policies import available, get
+from kvscope.planner.sizes import format_bytes
+from kvscope.policies import get
 
 Cache, _ = _compat.cache_base_classes()
 DEFAULT_CHUNK = 512
@@ -63,37 +65,43 @@ class BudgetedCache(Cache):
                  kv_dtype: str | None = None, chunk_size: int = DEFAULT_CHUNK, collector: Collector | None = None,
                  evict_batch: int = 1, offload: bool = False, **knobs):
         self.num_layers, self.query_heads, self.kv_heads, self.head_dim = _compat.attention_heads(model)
-        self.policy = get(policy, **knobs)
-        self.kv_dtype = kv_format(kv_dtype).name if kv_dtype is not None else None
+        policy = get(policy, **knobs)
+        kv_dtype = kv_format(kv_dtype).name if kv_dtype is not None else None
         _check_int("chunk_size", chunk_size, "chunk_size")
-        self.chunk_size = chunk_size
-        self.collector = collector
-        self.budget_bytes = None
         if (budget_tokens is None) == (budget_bytes is None):
             raise usage("give exactly one of budget_tokens and budget_bytes", fix="--budget")
         if budget_tokens is not None:
             _check_int("budget_tokens", budget_tokens, "--budget")
-            self.budget_tokens = budget_tokens
         else:
             _check_int("budget_bytes", budget_bytes, "--budget")
-            self.budget_bytes = budget_bytes
-            self.budget_tokens = self.tokens_for_bytes(budget_bytes, batch=1)
-        self.policy.check_budget(self.budget_tokens)
+        self.settings = CacheSettings(policy, budget_tokens or 0, kv_dtype, chunk_size, evict_batch, collector,
+                                      budget_bytes=budget_bytes)
+        if budget_bytes is not None:
+            self.settings.budget_tokens = self.tokens_for_bytes(budget_bytes, batch=1)
+        policy.check_budget(self.budget_tokens)
         _check_int("evict_batch", evict_batch, "evict_batch")
-        if self.budget_tokens - evict_batch + 1 < self.policy.min_budget():
-            raise usage(f"evict_batch {evict_batch} would cut below the minimum of policy {self.policy.name!r}",
-                        expected=f"budget - evict_batch + 1 >= {self.policy.min_budget()}", fix="evict_batch")
-        self.evict_batch = evict_batch
+        if self.budget_tokens - evict_batch + 1 < policy.min_budget():
+            raise usage(f"evict_batch {evict_batch} would cut below the minimum of policy {policy.name!r}",
+                        expected=f"budget - evict_batch + 1 >= {policy.min_budget()}", fix="evict_batch")
         self.home_device = next(model.parameters()).device
-        self.offloader = None
         if offload:
             require_cuda_for_offload(self.home_device)
-            self.offloader = LayerOffloader(self.num_layers)
+            self.settings.offloader = LayerOffloader(self.num_layers)
         self.forward_info: ForwardInfo | None = None
-        self.last_seen_attention = None
-        super().__init__(layers=[BudgetedLayer(self, i) for i in range(self.num_layers)])
+        super().__init__(layers=[BudgetedLayer(self.settings, i, self.num_layers) for i in range(self.num_layers)])
         _compat.register_attention(budgeted_attention)
-        _compat.install_forward_hooks(model, _before_forward, _after_forward)
+        # the model's hooks live as long as some kvscope cache does (no cycle holds this one: see settings.py)
+        weakref.finalize(self, _compat.hold_forward_hooks(model, _before_forward, _after_forward))
+
+    # the settings every layer shares, read as the cache's own attributes
+    policy = property(lambda self: self.settings.policy)
+    budget_tokens = property(lambda self: self.settings.budget_tokens)
+    budget_bytes = property(lambda self: self.settings.budget_bytes)
+    kv_dtype = property(lambda self: self.settings.kv_dtype)
+    chunk_size = property(lambda self: self.settings.chunk_size)
+    evict_batch = property(lambda self: self.settings.evict_batch)
+    collector = property(lambda self: self.settings.collector)
+    offloader = property(lambda self: self.settings.offloader)
 
     # --- sizing ----------------------------------------------------------------------------------------------------
     def bytes_per_token(self, dense_bytes: int = 2) -> int:
@@ -110,11 +118,29 @@ class BudgetedCache(Cache):
                         f"{batch} sequence(s))", fix="--budget")
         return tokens
 
-    def make_store(self, batch, heads, slots, head_dim, compute_dtype, device):
-        return make_store(self.kv_dtype, batch, heads, slots, head_dim, compute_dtype, device)
+    def allocation_bytes(self, batch: int, dtype: torch.dtype, first_forward: int) -> int:
+        """Bytes the one allocation of this cache takes for `batch` rows (what `allocate` would take)."""
+        return self.settings.bytes_for(self.num_layers, batch, self.kv_heads, self.head_dim, dtype, first_forward)
+
+    def allocate(self, batch: int, first_forward: int, dtype: torch.dtype | None = None, device=None) -> None:
+        """Allocate every layer now, before any activation exists (kvscope's runtime does this before prefill;
+        otherwise the first forward does it), after checking the device has room for it."""
+        if self.layers[0].is_initialized or self.settings.offloader is not None:
+            return
+        device = torch.device(device or self.home_device)
+        dtype = dtype or torch.float32
+        need = self.allocation_bytes(batch, dtype, first_forward)
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            if need > free:
+                raise usage(f"the KV cache needs {format_bytes(need)} for {batch} sequence(s) of {self.budget_tokens} "
+                            f"tokens in {self.num_layers} layers, but the GPU has {format_bytes(free)} free",
+                            expected=f"a budget of at most about {self.budget_tokens * free // need} tokens, or a "
+                            "smaller batch", fix="budget_tokens (--budget), the batch, or kv_dtype (--kv-dtype)")
+        self.settings.allocate(self.num_layers, batch, self.kv_heads, self.head_dim, dtype, device, first_forward)
 
     def evicting_policies(self) -> list[str]:
-        return [p for p in available() if p != "full"]
+        return evicting_policies()
 
     # --- forward bracketing ----------------------------------------------------------------------------------------
     def begin_forward(self, kwargs: dict, dtype: torch.dtype) -> None:
@@ -125,7 +151,7 @@ class BudgetedCache(Cache):
         device = ref.device
         if self.budget_bytes is not None and not self.layers[0].is_initialized:
             dense = torch.tensor([], dtype=dtype).element_size()
-            self.budget_tokens = self.tokens_for_bytes(self.budget_bytes, batch, dense)
+            self.settings.budget_tokens = self.tokens_for_bytes(self.budget_bytes, batch, dense)
             self.policy.check_budget(self.budget_tokens)
         seen = self.get_seq_length()
         positions = kwargs.get("position_ids")
@@ -205,14 +231,15 @@ class BudgetedCache(Cache):
 
     @property
     def gpu_resident_bytes(self) -> int:
-        """KV bytes held on the GPU: everything, or the two staging buffers when offloading."""
+        """Bytes held on the GPU: the whole allocation, or the two staging buffers when offloading."""
         if self.offloader is not None:
             return self.offloader.bytes_resident()
-        return sum(layer.store.nbytes for layer in self.layers
-                   if layer.is_initialized and layer.device.type == "cuda")
+        arena = self.settings.arena
+        return arena.nbytes if arena is not None and arena.buffer.is_cuda else 0
 
     @property
     def allocated_bytes(self) -> int:
+        """KV storage bytes (scales included) of every layer; `allocation_bytes` adds the slot state."""
         return sum(layer.store.nbytes for layer in self.layers if layer.is_initialized)
 
 
@@ -228,14 +255,14 @@ def _before_forward(module, kwargs: dict) -> None:
         return
     dtype = next(module.parameters()).dtype
     cache.begin_forward(kwargs, dtype)
-    cache.last_seen_attention = _compat.swap_attention_implementation(module, _compat.KVSCOPE_ATTENTION)
+    cache.settings.last_seen_attention = _compat.swap_attention_implementation(module, _compat.KVSCOPE_ATTENTION)
     _ACTIVE.append(cache)
 
 
 def _after_forward(module) -> None:
     cache = _ACTIVE.pop() if _ACTIVE else None
     if cache is not None:
-        _compat.swap_attention_implementation(module, cache.last_seen_attention)
+        _compat.swap_attention_implementation(module, cache.settings.last_seen_attention)
         cache.forward_info = None
         for layer in cache.layers:
             layer.pending = None
@@ -248,7 +275,7 @@ def budgeted_attention(module, query, key, value, attention_mask, scaling=None, 
         return _compat.sdpa_attention(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = cache.layers[_compat.layer_index(module)].attend(query, scale)
+    out = cache.layers[_compat.layer_index(module)].attend(query, scale, cache.forward_info)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -26,14 +26,14 @@ def available(t: torch.Tensor) -> bool:
     return USE_TRITON and t.is_cuda and not _STATE["broken"] and t.device.index == torch.cuda.current_device()
 
 
-def run(t: torch.Tensor, kernel: str, *args) -> tuple[bool, object]:
-    """(True, result) when `kernel` ("module.function" under kvscope.cache) ran for storage `t`; (False, None) means:
-    do it eagerly."""
+def run(t: torch.Tensor, kernel: str, *args, module: str = "cache") -> tuple[bool, object]:
+    """(True, result) when `kernel` ("module.function" under kvscope.<module>) ran for tensors on `t`'s device;
+    (False, None) means: do it eagerly."""
     if not available(t):
         return False, None
-    module, function = kernel.rsplit(".", 1)
+    name, function = kernel.rsplit(".", 1)
     try:
-        result = getattr(importlib.import_module(f"kvscope.cache.{module}"), function)(*args)
+        result = getattr(importlib.import_module(f"kvscope.{module}.{name}"), function)(*args)
     except torch.OutOfMemoryError:
         raise  # a real OOM, for the caller (and the doctor) to see: the eager path would need more memory, not less
     except Exception as exc:  # noqa: BLE001 - fall back to the eager path, whatever broke

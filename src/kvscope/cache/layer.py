@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from kvscope._compat import cache_base_classes
 from kvscope.cache import fused
 from kvscope.cache.stats import EvictionEvent, LayerCounters, LayerStats
+from kvscope.cache.store import make_store
 from kvscope.errors import KvscopeError, usage
 from kvscope.kvformats import attention_block_rows
 from kvscope.policies.base import Observation, SlotState, select_evictions
@@ -29,31 +30,48 @@ class CacheFullError(KvscopeError, ValueError):
     """The `full` policy's budget was outgrown."""
 
 
+def evicting_policies() -> list[str]:
+    from kvscope.policies import available
+
+    return [p for p in available() if p != "full"]
+
+
 class BudgetedLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
     is_sliding = False
 
-    def __init__(self, owner, index: int):
-        self.owner, self.index = owner, index
+    def __init__(self, settings, index: int, num_layers: int):
+        # `settings` is shared by the layers of one cache; a layer never points back at the cache (see settings.py)
+        self.settings, self.index, self.num_layers = settings, index, num_layers
         self.keys = self.values = None
         self.is_initialized = False
         self.seen = 0
         self.pending: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.store = self.state = self.queue = self.slot_out = None
 
     # --- transformers' per-layer API -------------------------------------------------------------------------------
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        o = self.owner
-        batch, heads, _, head_dim = key_states.shape
+        s = self.settings
+        batch, heads, n, head_dim = key_states.shape
         self.device = key_states.device
-        # room for one chunk on top of the budget; a first forward shorter than a chunk (a short prompt) needs less,
-        # and a later, longer forward is then processed in pieces of `room` tokens
-        self.room = min(o.chunk_size, key_states.shape[2])
-        self.capacity = o.budget_tokens + self.room
-        self.store = o.make_store(batch, heads, self.capacity, head_dim, key_states.dtype, self.device)
-        if o.offloader is not None:
-            o.offloader.adopt(self.index, self.store)
-        self.state = SlotState.empty(batch, heads, self.capacity, self.device)
+        # room for one chunk on top of the budget (evicting policies only); a first forward shorter than a chunk (a
+        # short prompt) needs less, and a later, longer forward is then processed in pieces of `room` tokens
+        self.room = s.room(n)
+        self.capacity = s.budget_tokens + self.room
+        if s.offloader is not None:  # offload: pinned per-layer masters and two GPU staging buffers, no arena
+            self.store = make_store(s.kv_dtype, batch, heads, self.capacity, head_dim, key_states.dtype, self.device)
+            s.offloader.adopt(self.index, self.store)
+            self.state = SlotState.empty(batch, heads, self.capacity, self.device)
+        else:
+            if s.arena is None:  # the first layer to see a forward allocates every layer at once
+                s.allocate(self.num_layers, batch, heads, head_dim, key_states.dtype, self.device, n)
+            views = s.arena.take(f"{self.index}.")
+            store = {name[len("store."):]: t for name, t in views.items() if name.startswith("store.")}
+            self.store = make_store(s.kv_dtype, batch, heads, self.capacity, head_dim, key_states.dtype, self.device,
+                                    store)
+            views["newest"].fill_(-1)
+            self._point(views)
         self.counters = LayerCounters(self.device)
         self.fill = 0  # slots [0, fill) have been written; while `contiguous`, new tokens go to [fill, fill + n)
         self.contiguous = True
@@ -64,13 +82,23 @@ class BudgetedLayer(CacheLayerMixin):
                         and head_dim & (head_dim - 1) == 0)
         self.is_initialized = True
 
+    def _point(self, views: dict[str, torch.Tensor]) -> None:
+        self.state = SlotState(views["valid"], views["position"], views["score"], views["newest"])
+        self.queue, self.slot_out = views["queue"], views["slot_out"]
+
+    def rebind(self, views: dict[str, torch.Tensor]) -> None:
+        """Point the layer at its views of a moved allocation (a swap), keeping every value."""
+        self.store.bind({name[len("store."):]: t for name, t in views.items() if name.startswith("store.")})
+        self._point(views)
+        self.device = views["valid"].device
+
     def update(self, key_states, value_states, *args, **kwargs):
         # Stash only: the attention function (kvscope's, installed for the forward) consumes them chunk by chunk.
         if self.pending is not None:
             raise KvscopeError(
                 f"layer {self.index}: keys were stored but never attended; BudgetedCache needs its own attention "
-                f"function, but the model used {self.owner.last_seen_attention!r}; pass the cache to generate() or "
-                "forward() as past_key_values and do not change attn_implementation during the run")
+                f"function, but the model used {self.settings.last_seen_attention!r}; pass the cache to generate() "
+                "or forward() as past_key_values and do not change attn_implementation during the run")
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         self.pending = (key_states, value_states)
@@ -88,7 +116,7 @@ class BudgetedLayer(CacheLayerMixin):
     def reset(self) -> None:
         # storage is rebuilt on the next update (batch size or device may differ)
         self.is_initialized = False
-        self.store = self.state = None
+        self.store = self.state = self.queue = self.slot_out = None
         self.seen, self.pending = 0, None
 
     def rewind(self, position: int) -> None:
@@ -101,20 +129,28 @@ class BudgetedLayer(CacheLayerMixin):
         self.seen = min(self.seen, position)
         self.contiguous, self.free = False, None  # freed slots are reused through the free-slot queue
 
+    def advanced(self, steps: int) -> None:
+        """The graph-safe decode (kvscope.cache.static) inserted `steps` tokens per row outside the eager path: bring
+        the host-side bookkeeping up to date (slots come from the free-slot queue from now on)."""
+        self.seen += steps
+        self.upper += steps
+        self.contiguous, self.free = False, None
+
     def reorder_cache(self, beam_idx):
         raise usage("BudgetedCache does not support beam search", fix="num_beams=1")
 
     # --- attention -------------------------------------------------------------------------------------------------
-    def attend(self, query: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Attention output [B, Hq, q, D] for this forward's queries; inserts and evicts chunk by chunk."""
+    def attend(self, query: torch.Tensor, scaling: float, info) -> torch.Tensor:
+        """Attention output [B, Hq, q, D] for this forward's queries (`info`: their true positions and padding);
+        inserts and evicts chunk by chunk."""
         if self.pending is None:
             raise KvscopeError(f"layer {self.index}: attention ran before the cache received its keys")
         keys, values = self.pending
         self.pending = None
-        info = self.owner.forward_info
         n = keys.shape[2]
-        step = self.room
-        offloader = self.owner.offloader
+        # pieces of `room`, evicting between them; a policy that never evicts takes the forward whole
+        step = self.room or n
+        offloader = self.settings.offloader
         if offloader is not None:
             offloader.activate(self.index, self.store)
         self.written = []  # (start, end) spans or scattered slot tensors, for the offload write-back
@@ -127,8 +163,10 @@ class BudgetedLayer(CacheLayerMixin):
         return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
     def _chunk(self, query, keys, values, positions, real, scaling):
-        st, policy = self.state, self.owner.policy
+        st, policy = self.state, self.settings.policy
         b, h, n, _ = keys.shape
+        if not policy.evicts:
+            self._check_room(n)
         slots, upto = self._take_slots(n)
         fuse = n == 1 and self.fusable
         # what the chunk's queries may see besides the chunk itself (a one-token chunk needs no copy: see _decode)
@@ -157,9 +195,22 @@ class BudgetedLayer(CacheLayerMixin):
             if rows:
                 self._observe(query, k, before, slots, real, positions, rows if rows > 0 else n, scaling)
         self.upper += n
-        if self.upper > self.owner.budget_tokens:
+        if self.upper > self.settings.budget_tokens and policy.evicts:
             self._evict()
         return out
+
+    def _check_room(self, n: int) -> None:
+        """A policy that never evicts has no slots beyond its budget: refuse a chunk that would not fit."""
+        budget = self.settings.budget_tokens
+        if self.upper + n <= budget:
+            return
+        held = int(self.state.valid.sum(-1).max())
+        self.upper = held
+        if held + n > budget:
+            raise CacheFullError(
+                f"layer {self.index}: the sequence needs {held + n} KV tokens but the budget is {budget} "
+                f"(policy 'full' never evicts); expected a budget of at least the prompt plus new tokens; "
+                f"change --budget or pick an evicting policy ({', '.join(evicting_policies())})")
 
     def _decode(self, query, slots, upto: int, scaling: float, positions=None) -> torch.Tensor:
         """Attention of a one-token chunk, fused (kvscope.cache.attention_triton) when the kernel can run; with
@@ -183,7 +234,7 @@ class BudgetedLayer(CacheLayerMixin):
                 weights = attention_weights(query, k, mask, scaling)
         if observe:
             weights = F.pad(weights, (0, self.capacity - weights.shape[-1]))
-            self.owner.policy.observe(self.state, Observation(weights, positions))
+            self.settings.policy.observe(self.state, Observation(weights, positions))
         return out
 
     def _take_slots(self, n: int) -> tuple[torch.Tensor, int]:
@@ -196,9 +247,10 @@ class BudgetedLayer(CacheLayerMixin):
         self.fill = self.capacity
         if self.free is None or self.free_next + n > self.free.shape[-1]:
             # free slots first, lowest index first: at least `room` are free, because a row never keeps more than
-            # `budget` tokens. Sorting once per eviction (not per step) keeps decode cheap.
+            # `budget` tokens (a policy that never evicts, with no room, checked `n` fits: _check_room). Sorting once
+            # per eviction (not per step) keeps decode cheap.
             order = torch.argsort(self.state.valid.to(torch.int8), dim=-1, stable=True)
-            self.free, self.free_next = order[:, :, :self.room].contiguous(), 0
+            self.free, self.free_next = order[:, :, :max(self.room, n)].contiguous(), 0
         slots = self.free[:, :, self.free_next:self.free_next + n]
         self.free_next += n
         return slots, self.capacity
@@ -225,26 +277,17 @@ class BudgetedLayer(CacheLayerMixin):
             mask = self._mask(before, slots, real, start, end)
             w = attention_weights(query[:, :, start:end], keys, mask, scaling)
             w = F.pad(w, (0, self.capacity - w.shape[-1]))
-            self.owner.policy.observe(self.state, Observation(w, positions[:, start:end], rows=rows,
+            self.settings.policy.observe(self.state, Observation(w, positions[:, start:end], rows=rows,
                                                               first=start == n - rows))
 
     def _evict(self) -> None:
-        st, o = self.state, self.owner
-        if not o.policy.evicts:
-            held = int(st.valid.sum(-1).max())
-            if held > o.budget_tokens:
-                raise CacheFullError(
-                    f"layer {self.index}: the sequence needs {held} KV tokens but the budget is {o.budget_tokens} "
-                    f"(policy 'full' never evicts); expected a budget of at least the prompt plus new tokens; "
-                    f"change --budget or pick an evicting policy ({', '.join(o.evicting_policies())})")
-            self.upper = held
-            return
-        keep = o.budget_tokens - o.evict_batch + 1  # evict a few more than needed: the next evictions are skipped
+        st, s = self.state, self.settings
+        keep = s.budget_tokens - s.evict_batch + 1  # evict a few more than needed: the next evictions are skipped
         # the policy scores for what stays (`keep`, not the budget): a part it protects that grows with the budget
         # (h2o's recent share) must fit in `keep`, or the row would hold more than `upper` says
-        evict = select_evictions(o.policy.keep_scores(st, keep), st, keep)
+        evict = select_evictions(s.policy.keep_scores(st, keep), st, keep)
         self.counters.record(evict, st.position, st.newest)
-        if o.collector is not None:
+        if s.collector is not None:
             self._emit(evict)
         st.valid &= ~evict
         self.upper = keep
@@ -253,7 +296,7 @@ class BudgetedLayer(CacheLayerMixin):
 
     def _emit(self, evict: torch.Tensor) -> None:
         positions = torch.unique(self.state.position[evict]).tolist()
-        self.owner.collector(EvictionEvent(layer=self.index, position=int(self.state.newest.max()),
+        self.settings.collector(EvictionEvent(layer=self.index, position=int(self.state.newest.max()),
                                            evicted_entries=int(evict.sum()), evicted_positions=positions))
 
     # --- monitoring ------------------------------------------------------------------------------------------------

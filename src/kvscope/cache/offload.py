@@ -139,45 +139,27 @@ class SwapReport:
         return self.bytes / self.seconds / 1e9 if self.seconds > 0 and self.bytes else None
 
 
-def move_layer(layer, device, pin: bool) -> int:
-    """Move a layer's store and slot state to `device`; return the bytes moved."""
-    moved = 0
-    if not layer.is_initialized:
-        return 0
-    tensors = _tensors(layer.store)
-    new = {}
-    for name, t in tensors.items():
-        if pin:
-            dst = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            dst.copy_(t, non_blocking=True)
-        else:
-            dst = t.to(device, non_blocking=True)
-        new[name] = dst
-        moved += t.nbytes
-    _set_tensors(layer.store, new)
-    st = layer.state
-    for field in ("valid", "position", "score", "newest"):
-        t = getattr(st, field)
-        setattr(st, field, t.to(device, non_blocking=True))
-        moved += t.nbytes
-    layer.counters = layer.counters.moved_to(device)
-    layer.device = torch.device(device)
-    return moved
-
-
 def swap(cache, direction: str) -> SwapReport:
     first = next((l for l in cache.layers if l.is_initialized), None)
     if first is None:
         return SwapReport(direction, 0, 0.0, "the cache is empty: nothing to move")
     if not torch.cuda.is_available():
         return SwapReport(direction, 0, 0.0, "no CUDA device: the cache already lives in CPU memory, swap is a no-op")
-    if cache.offloader is not None:
+    settings = cache.settings
+    if settings.offloader is not None:
         raise usage("swap of an offloaded cache is not supported (its KV is already in CPU memory)", fix="offload")
-    target = "cpu" if direction == "out" else cache.home_device
-    if torch.device(first.device).type == torch.device(target).type:
+    target = torch.device("cpu" if direction == "out" else cache.home_device)
+    if torch.device(first.device).type == target.type:
         return SwapReport(direction, 0, 0.0, f"already on {target}")
     torch.cuda.synchronize()
     start = time.perf_counter()
-    moved = sum(move_layer(layer, target, pin=(direction == "out")) for layer in cache.layers)
+    # the whole allocation moves as one copy; the captured decode steps point at the old one and are dropped
+    settings.arena = settings.arena.moved(target, pin=direction == "out")
+    settings.queue_ptr = settings.arena.views["queue_ptr"]
+    settings.graphs.clear()
+    for layer in cache.layers:
+        if layer.is_initialized:
+            layer.rebind(settings.arena.take(f"{layer.index}."))
+            layer.counters = layer.counters.moved_to(target)
     torch.cuda.synchronize()
-    return SwapReport(direction, moved, time.perf_counter() - start)
+    return SwapReport(direction, settings.arena.nbytes, time.perf_counter() - start)

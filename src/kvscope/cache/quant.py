@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from kvscope.cache import fused
+from kvscope.cache.store import allocate
 from kvscope.errors import usage
 from kvscope.kvformats import INT4_GROUP, INT4_RESIDUAL
 
@@ -38,12 +39,6 @@ INT4_SPAN_MIN = 15 * 2.0**-14
 FP8_SCALE_MIN = 2.0**-14
 
 
-def quantized_store(name: str, batch: int, heads: int, slots: int, head_dim: int, compute_dtype: torch.dtype, device):
-    """The store of a quantized KV format ('fp8', 'int8' or 'int4')."""
-    cls = {"fp8": Fp8Store, "int8": Int8Store, "int4": Int4Store}[name]
-    return cls(batch, heads, slots, head_dim, compute_dtype, device)
-
-
 def _fast(t: torch.Tensor, kernel: str, *args) -> tuple[bool, object]:
     """(True, result) when Triton kernel `kernel` of kvscope.cache.quant_triton ran for storage `t`."""
     return fused.run(t, f"quant_triton.{kernel}", *args)
@@ -53,6 +48,11 @@ class _Store:
     def tensors(self) -> dict[str, torch.Tensor]:
         """Every tensor the store owns, by attribute name (for swap and byte accounting)."""
         return {name: getattr(self, name) for name in self.TENSORS}
+
+    def bind(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Point the store at other buffers of the same shapes (offload staging, a swapped-in arena)."""
+        for name in self.TENSORS:
+            setattr(self, name, tensors[name])
 
     @property
     def nbytes(self) -> int:
@@ -72,10 +72,18 @@ class _PerTokenStore(_Store):
     CODE_DTYPE: torch.dtype
     PARAMS: int  # fp16 parameters per (token, head): fp8 a scale, int8 a scale and a zero point
 
-    def __init__(self, batch, heads, slots, head_dim, compute_dtype, device):
-        self.data = torch.zeros(batch, heads, slots, 2, head_dim, dtype=self.CODE_DTYPE, device=device)
-        self.params = torch.zeros(batch, heads, slots, 2, self.PARAMS, dtype=torch.float16, device=device)
+    @classmethod
+    def layout(cls, batch, heads, slots, head_dim, compute_dtype):
+        return [("data", (batch, heads, slots, 2, head_dim), cls.CODE_DTYPE),
+                ("params", (batch, heads, slots, 2, cls.PARAMS), torch.float16)]
+
+    def __init__(self, batch, heads, slots, head_dim, compute_dtype, device, tensors=None):
+        t = tensors or allocate(self.layout(batch, heads, slots, head_dim, compute_dtype), device)
+        self.data, self.params = t["data"], t["params"]
         self.params[..., 0] = 1.0  # never-written slots read as finite zeros whatever the format
+
+    def kernel_tensors(self) -> tuple[list[torch.Tensor], int]:
+        return [self.data, self.params], 0
 
     def write(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         self._write(slots, 0, keys, values)
@@ -113,6 +121,7 @@ class Int8Store(_PerTokenStore):
     CODE_DTYPE = torch.uint8
     PARAMS = 2  # scale, zero point
     FP8 = False
+    KERNEL = 2
 
     @staticmethod
     def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,6 +145,7 @@ class Fp8Store(_PerTokenStore):
     CODE_DTYPE = torch.float8_e4m3fn
     PARAMS = 1  # scale
     FP8 = True
+    KERNEL = 1
 
     @staticmethod
     def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,17 +218,23 @@ class Int4Store(_Store):
     """
 
     TENSORS = ("packed", "key_params", "tail_params", "value_params", "residual")
+    KERNEL = 3
 
-    def __init__(self, batch, heads, slots, head_dim, compute_dtype, device):
+    @staticmethod
+    def layout(batch, heads, slots, head_dim, compute_dtype):
         check_int4_head_dim(head_dim)
         b, h, s, d = batch, heads, slots, head_dim
-        self.groups, tail, cg = s // INT4_GROUP, s % INT4_GROUP, d // INT4_GROUP
-        self.packed = torch.zeros(2, b, h, s, d // 2, dtype=torch.uint8, device=device)
-        self.key_params = torch.zeros(b, h, self.groups, 2, d, dtype=torch.float16, device=device)
-        self.tail_params = torch.zeros(b, h, tail, 2, cg, dtype=torch.float16, device=device)
-        self.value_params = torch.zeros(b, h, s, 2, cg, dtype=torch.float16, device=device)
+        groups, tail, cg = s // INT4_GROUP, s % INT4_GROUP, d // INT4_GROUP
+        return [("packed", (2, b, h, s, d // 2), torch.uint8), ("key_params", (b, h, groups, 2, d), torch.float16),
+                ("tail_params", (b, h, tail, 2, cg), torch.float16), ("value_params", (b, h, s, 2, cg), torch.float16),
+                ("residual", (2, b, h, R, d), compute_dtype)]
+
+    def __init__(self, batch, heads, slots, head_dim, compute_dtype, device, tensors=None):
+        t = tensors or allocate(self.layout(batch, heads, slots, head_dim, compute_dtype), device)
+        self.groups = slots // INT4_GROUP
+        for name in self.TENSORS:
+            setattr(self, name, t[name])
         self.value_params[:, :, :, 0, 0] = EMPTY
-        self.residual = torch.zeros(2, b, h, R, d, dtype=compute_dtype, device=device)
         self.head = 0  # ring entry the next token goes to
         self.count = 0  # ring entries in use, the oldest being (head - count) % R (some may be orphaned)
         self.flushed = False  # a flush ran since offload last copied this store back (see offload_plan)
@@ -232,6 +248,10 @@ class Int4Store(_Store):
             self.flushed = False
             return dict.fromkeys(self.TENSORS)
         return {"residual": None, "value_params": 2}
+
+    def kernel_tensors(self) -> tuple[list[torch.Tensor], int]:
+        return [self.packed, self.key_params, self.tail_params, self.value_params, self.residual], \
+            self.groups * INT4_GROUP
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
@@ -413,3 +433,6 @@ def _ring_markers(device) -> torch.Tensor:
     if key not in _MARKERS:
         _MARKERS[key] = (-1.0 - torch.arange(2 * R, device=device) % R).half()
     return _MARKERS[key]
+
+
+QUANTIZED = {"fp8": Fp8Store, "int8": Int8Store, "int4": Int4Store}

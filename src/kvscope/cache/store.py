@@ -12,12 +12,30 @@ import torch
 from kvscope.kvformats import kv_format
 
 
+def allocate(layout: list[tuple[str, tuple[int, ...], torch.dtype]], device) -> dict[str, torch.Tensor]:
+    """Zeroed tensors for a store's `layout` (when no arena provides them)."""
+    return {name: torch.zeros(shape, dtype=dtype, device=device) for name, shape, dtype in layout}
+
+
 class DenseStore:
     """Keys and values at full precision in [batch, kv_heads, slots, head_dim] buffers."""
 
-    def __init__(self, batch: int, heads: int, slots: int, head_dim: int, dtype: torch.dtype, device):
-        self.keys = torch.zeros(batch, heads, slots, head_dim, dtype=dtype, device=device)
-        self.values = torch.zeros_like(self.keys)
+    TENSORS = ("keys", "values")
+    KERNEL = 0  # the fused decode attention's format id (kvscope.cache.attention_triton)
+
+    @staticmethod
+    def layout(batch: int, heads: int, slots: int, head_dim: int, dtype: torch.dtype):
+        shape = (batch, heads, slots, head_dim)
+        return [("keys", shape, dtype), ("values", shape, dtype)]
+
+    def __init__(self, batch: int, heads: int, slots: int, head_dim: int, dtype: torch.dtype, device,
+                 tensors: dict[str, torch.Tensor] | None = None):
+        t = tensors or allocate(self.layout(batch, heads, slots, head_dim, dtype), device)
+        self.keys, self.values = t["keys"], t["values"]
+
+    def kernel_tensors(self) -> tuple[list[torch.Tensor], int]:
+        """(the tensors the fused kernels read, in their order; `full` key-group slots, int4 only)."""
+        return [self.keys, self.values], 0
 
     @property
     def nbytes(self) -> int:
@@ -43,18 +61,36 @@ class DenseStore:
         """Every tensor the store owns (for swap and byte accounting)."""
         return {"keys": self.keys, "values": self.values}
 
+    def bind(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Point the store at other buffers of the same shapes (offload staging, a swapped-in arena)."""
+        for name in self.TENSORS:
+            setattr(self, name, tensors[name])
+
 
 DENSE_TORCH = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def make_store(kv_dtype: str | None, batch: int, heads: int, slots: int, head_dim: int, compute_dtype: torch.dtype,
-               device):
-    """The store for a KV format name (None = the model's own dtype)."""
+def store_class(kv_dtype: str | None, compute_dtype: torch.dtype):
+    """(the store class of a KV format name (None = the model's own dtype), the dtype it is built with)."""
     if kv_dtype is None:
-        return DenseStore(batch, heads, slots, head_dim, compute_dtype, device)
+        return DenseStore, compute_dtype
     fmt = kv_format(kv_dtype)
     if not fmt.quantized:
-        return DenseStore(batch, heads, slots, head_dim, DENSE_TORCH[fmt.name], device)
-    from kvscope.cache.quant import quantized_store
+        return DenseStore, DENSE_TORCH[fmt.name]
+    from kvscope.cache.quant import QUANTIZED
 
-    return quantized_store(fmt.name, batch, heads, slots, head_dim, compute_dtype, device)
+    return QUANTIZED[fmt.name], compute_dtype
+
+
+def store_layout(kv_dtype: str | None, batch: int, heads: int, slots: int, head_dim: int,
+                 compute_dtype: torch.dtype):
+    cls, dtype = store_class(kv_dtype, compute_dtype)
+    return cls.layout(batch, heads, slots, head_dim, dtype)
+
+
+def make_store(kv_dtype: str | None, batch: int, heads: int, slots: int, head_dim: int, compute_dtype: torch.dtype,
+               device, tensors: dict[str, torch.Tensor] | None = None):
+    """The store for a KV format name (None = the model's own dtype), on `tensors` (zeroed, from an arena) when
+    given, else on its own new buffers."""
+    cls, dtype = store_class(kv_dtype, compute_dtype)
+    return cls(batch, heads, slots, head_dim, dtype, device, tensors)

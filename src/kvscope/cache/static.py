@@ -1,0 +1,80 @@
+"""The graph-safe decode step of one `BudgetedLayer`: fixed shapes, no host synchronisation, no host state.
+
+kvscope.runtime.step drives these once per layer and token; on CUDA the whole step is captured in a CUDA graph and
+replayed, so nothing here may depend on a value the host would have to read, and nothing may allocate a new shape:
+
+- the new token's slot comes from the layer's free-slot queue (`queue` [B, H, F], refilled from the slot state by
+  `refill`), at an index `ptr` (a device scalar the step advances);
+- attention reads all `capacity` slots (invalid ones are masked, and the fused kernel skips tiles with no visible
+  slot), so the shapes never change as the cache fills;
+- eviction (`evict`) and refills are separate captured steps that the host runs when its own counters say so, at the
+  same points the eager path evicts (after the insert that takes a row over its budget), so both paths keep the same
+  tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvscope.cache import fused
+from kvscope.policies.base import Observation, select_evictions
+
+
+def insert(layer, key: torch.Tensor, value: torch.Tensor, position: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
+    """Write one token per row (key/value [B, H, 1, D], true positions [B]) into the slot the queue gives at `ptr`;
+    mark it valid with its position. Returns the slots [B, H, 1]."""
+    st, store = layer.state, layer.store
+    ran, slot = fused.run(st.valid, "static_triton.insert", layer, key, value, position, ptr)
+    if not ran:
+        b, h = st.valid.shape[:2]
+        slot = layer.queue.gather(-1, ptr.view(1, 1, 1).expand(b, h, 1))
+        store.write(slot, key, value)
+        pos = position[:, None, None].expand(b, h, 1)
+        st.position.scatter_(-1, slot, pos)
+        st.valid.scatter_(-1, slot, True)
+        torch.maximum(st.newest, pos, out=st.newest)
+    layer.settings.policy.on_insert(st, slot, key)
+    return slot
+
+
+def attend(layer, query: torch.Tensor, slot: torch.Tensor, position: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Attention [B, Hq, 1, D] of one query per row over every slot; a policy that reads attention observes it."""
+    from kvscope.cache.layer import attention_weights, grouped_attention
+
+    st, policy = layer.state, layer.settings.policy
+    observe = policy.query_rows() != 0
+    own = slot[:, :, 0]
+    ran, out = (False, None)
+    if layer.fusable:
+        ran, out = fused.run(st.valid, "attention_triton.decode_attention", layer.store, query, st.valid, own,
+                             layer.capacity, scaling, observe)
+    weights = None
+    if ran and observe:
+        out, weights = out
+    elif not ran:
+        k, v = layer.store.read(layer.capacity, query.dtype)
+        mask = st.valid[:, :, None, :]  # the token's own slot is valid already
+        out = grouped_attention(query, k, v, mask, scaling)
+        if observe:
+            weights = attention_weights(query, k, mask, scaling)
+    if observe:
+        policy.observe(st, Observation(F.pad(weights, (0, layer.capacity - weights.shape[-1])), position[:, None]))
+    return out
+
+
+def evict(layer) -> None:
+    """Evict every row down to `budget - evict_batch + 1` tokens (what `BudgetedLayer._evict` does, without the host
+    reads), then refill the queue."""
+    s, st = layer.settings, layer.state
+    keep = s.budget_tokens - s.evict_batch + 1
+    chosen = select_evictions(s.policy.keep_scores(st, keep), st, keep)
+    layer.counters.record(chosen, st.position, st.newest)
+    st.valid &= ~chosen
+    refill(layer)
+
+
+def refill(layer) -> None:
+    """The queue takes the first free slots of each row, lowest index first (as the eager path's free list)."""
+    order = torch.argsort(layer.state.valid.to(torch.int8), dim=-1, stable=True)
+    layer.queue.copy_(order[:, :, :layer.queue.shape[-1]])
