@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from kvscope.cli import output
 from kvscope.engines.advice import ENGINES
+from kvscope.kvformats import KV_FORMATS
 from kvscope.planner.gpus import GPUS
 
 HELP = "vLLM / SGLang flags from the planner, with the numbers; --from-log checks a start-up log"
@@ -28,7 +29,7 @@ def add_arguments(p) -> None:
     p.add_argument("--concurrency", type=int, default=None,
                    help="requests of --max-model-len tokens that must fit at once (vLLM --max-num-seqs, SGLang "
                    "--max-running-requests)")
-    p.add_argument("--kv-dtype", choices=("bf16", "fp16", "fp8"), default=None, help="KV cache storage "
+    p.add_argument("--kv-dtype", choices=list(KV_FORMATS), default=None, help="KV cache storage "
                    "(vLLM --kv-cache-dtype fp8, SGLang fp8_e4m3; default: the model dtype)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (memory is per GPU)")
     p.add_argument("--dtype", default="bf16", choices=("bf16", "fp16"), help="weights (default bf16)")

@@ -99,18 +99,26 @@ def _secs(v) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def _k(v) -> str:
+    """Token counts compactly: 471,240 -> 471k."""
+    if v is None:
+        return "-"
+    return f"{v / 1e6:.2f}M" if v >= 1e6 else f"{v / 1e3:.0f}k" if v >= 1e4 else f"{v:,.0f}"
+
+
 def records_table(records, metrics, title: str):
+    from rich import box
     from rich.table import Table
 
-    t = Table(title=title, title_justify="left")
-    for col in ("t (s)", "KV use", "KV tokens used / pool", "running", "waiting", f"{metrics.preempt_label}/min",
-                "prefix hit", "TTFT p50 (s)", "TTFT p95 (s)"):
-        t.add_column(col, justify="right")
+    t = Table(title=title + "; TTFT in seconds", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    short = {"preemptions": "preempt", "retractions": "retract", "swaps out + drops": "swap out"}
+    for col in ("t s", "KV use", "used/pool", "run", "wait", f"{short[metrics.preempt_label]}/min", "hit",
+                "TTFT p50", "p95"):
+        t.add_column(col, justify="right", no_wrap=True)
     for r in records:
-        tokens = "-" if r.kv_used_tokens is None else f"{r.kv_used_tokens:,.0f} / {_num(r.kv_capacity_tokens)}"
-        t.add_row(f"{r.t_s:.1f}", _pct(r.kv_usage), tokens, _num(r.running), _num(r.waiting),
-                  _num(r.preemptions_per_min, "{:.1f}"), _pct(r.prefix_hit_rate), _secs(r.ttft_p50_s),
-                  _secs(r.ttft_p95_s))
+        t.add_row(f"{r.t_s:.1f}", _pct(r.kv_usage), f"{_k(r.kv_used_tokens)}/{_k(r.kv_capacity_tokens)}",
+                  _num(r.running), _num(r.waiting), _num(r.preemptions_per_min, "{:.1f}"), _pct(r.prefix_hit_rate),
+                  _secs(r.ttft_p50_s), _secs(r.ttft_p95_s))
     return t
 
 
@@ -130,5 +138,8 @@ def render_summary(s: dict) -> None:
     output.stdout.print(output.kv_table("Summary", rows))
     if not s["findings"]:
         output.stdout.print("No findings: no sustained KV pressure, storm, queueing or low hit rate in this window.")
+    from rich.markup import escape
+
     for f in s["findings"]:
-        output.stdout.print(f"[bold]{f['title']}[/bold]: {f['detail']}.\n  fix: {f['fix']}.", highlight=False)
+        output.stdout.print(f"[bold]{escape(f['title'])}[/bold]: {escape(f['detail'])}.\n  fix: {escape(f['fix'])}.",
+                            highlight=False)

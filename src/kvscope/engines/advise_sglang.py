@@ -53,6 +53,11 @@ def activation_estimate(spec: ModelSpec, cfg: sm.SglangConfig, p: sm.SglangPredi
     return p.chunked_prefill_size * prefill_bytes_per_token(spec, cfg.dtype, cfg.tp_size) + graphs
 
 
+def headroom_holds(spec: ModelSpec, cfg: sm.SglangConfig, dev: Device) -> bool:
+    q = sm.predict(spec, cfg, dev)
+    return q.headroom_bytes >= activation_estimate(spec, cfg, q)
+
+
 def rows(p: sm.SglangPrediction, cfg: sm.SglangConfig, spec: ModelSpec, given: bool) -> list[Row]:
     how = ("--mem-fraction-static as given" if given else
            f"round((nvidia-smi {p.smi_total_mib:,.0f} MiB - reserved {p.reserved_mib:,.0f} MiB) / total, 3)"
@@ -83,9 +88,10 @@ def fixes(spec: ModelSpec, cfg: sm.SglangConfig, dev: Device, p: sm.SglangPredic
                        q.max_total_num_tokens >= requests * q.context_len))
 
     fraction = sm.fraction_for(spec, cfg, dev, needed * p.cell_bytes)
-    if p.mem_fraction_static < fraction <= FRACTION_CEILING:
-        add(f"raise the static fraction to {fraction:g}", f"--mem-fraction-static {fraction:g}",
-            replace(cfg, mem_fraction_static=fraction))
+    raised = replace(cfg, mem_fraction_static=fraction)
+    # only while the smaller headroom still holds a prefill chunk and the CUDA graphs
+    if p.mem_fraction_static < fraction <= FRACTION_CEILING and headroom_holds(spec, raised, dev):
+        add(f"raise the static fraction to {fraction:g}", f"--mem-fraction-static {fraction:g}", raised)
     if cfg.kv_cache_dtype not in ("fp8_e4m3", "fp8_e5m2"):
         add("store the KV cache as fp8 (half the bytes per token)", "--kv-cache-dtype fp8_e4m3",
             replace(cfg, kv_cache_dtype="fp8_e4m3"))

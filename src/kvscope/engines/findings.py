@@ -83,6 +83,10 @@ def _minutes(records: list[Record]) -> float:
     return sum(r.interval_s for r in records) / 60.0
 
 
+def _span(minutes: float) -> str:
+    return f"{minutes * 60:.0f} s" if minutes < 1 else f"{minutes:.1f} min"
+
+
 def kv_pressure(records: list[Record], m: MetricSet) -> Finding | None:
     usage = _known(records, "kv_usage")
     high = [u for u in usage if u >= PRESSURE_USAGE]
@@ -105,7 +109,7 @@ def storm(records: list[Record], m: MetricSet) -> Finding | None:
         return None
     peak = max(_known(records, "preemptions_per_min"))
     usage = _mean(_known(records, "kv_usage"))
-    detail = f"{total:.0f} {m.preempt_label} in {minutes:.1f} min ({total / minutes:.1f}/min, peak {peak:.1f}/min)"
+    detail = f"{total:.0f} {m.preempt_label} in {_span(minutes)} ({total / minutes:.1f}/min, peak {peak:.1f}/min)"
     if usage is not None:
         detail += f" while KV usage averaged {usage:.1%}"
     name = {"vllm": "preemption storm", "sglang": "retraction storm"}.get(m.engine, "session swap storm")
@@ -188,7 +192,7 @@ def kvscope_events(records: list[Record], m: MetricSet) -> list[Finding]:
     for code, attr, title in events:
         total = sum(_known(records, attr))
         if m.engine == "kvscope" and total > 0:
-            out.append(Finding(code, title, f"{total:.0f} {title} in {_minutes(records):.1f} min",
+            out.append(Finding(code, title, f"{total:.0f} {title} in {_span(_minutes(records))}",
                                FIXES[(code, "kvscope")], {"events": total}))
     return out
 
