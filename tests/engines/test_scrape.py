@@ -26,7 +26,7 @@ def test_vllm_values_summed_over_label_sets():
     assert snap.gauge(m.running) == 3 and snap.gauge(m.waiting) == 2
     assert snap.counter(m.preemptions) == 7  # exposed as vllm:num_preemptions_total
     assert snap.counter(m.prefix_hits) == 40 and snap.counter(m.prefix_queries) == 100
-    info = snap.info_labels(m.info)
+    (info,) = snap.info_labels(m.info)
     assert info["block_size"] == "16" and int(info["num_gpu_blocks"]) == 476_000 // 16
 
 

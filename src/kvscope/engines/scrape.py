@@ -70,13 +70,13 @@ class Snapshot:
     def families(self) -> set[str]:
         return set(self.types)
 
+    def _series(self, name: str) -> list[tuple[dict[str, str], float]]:
+        """Samples of `name` less those that would count a quantity twice (SKIP_LABELS)."""
+        return [(labels, value) for labels, value in self.samples.get(name, [])
+                if not any(k in labels and skip(labels[k]) for k, skip in SKIP_LABELS.items())]
+
     def _values(self, name: str) -> list[float]:
-        out = []
-        for labels, value in self.samples.get(name, []):
-            if any(k in labels and skip(labels[k]) for k, skip in SKIP_LABELS.items()):
-                continue
-            out.append(value)
-        return out
+        return [value for _, value in self._series(name)]
 
     def first(self, names: Iterable[str]) -> str | None:
         return next((n for n in names if n in self.types), None)
@@ -112,7 +112,7 @@ class Snapshot:
         if name is None:
             return None
         buckets: dict[float, float] = {}
-        for labels, value in self.samples.get(name + "_bucket", []):
+        for labels, value in self._series(name + "_bucket"):
             le = float(labels.get("le", "inf"))
             buckets[le] = buckets.get(le, 0.0) + value
         if not buckets:
@@ -120,11 +120,10 @@ class Snapshot:
         return Histogram(tuple(sorted(buckets.items())), sum(self._values(name + "_sum")),
                          sum(self._values(name + "_count")))
 
-    def info_labels(self, names: Iterable[str]) -> dict[str, str]:
-        """Labels of the first series of an info-style gauge (vLLM's cache_config_info)."""
+    def info_labels(self, names: Iterable[str]) -> list[dict[str, str]]:
+        """Labels of every series of an info-style gauge (vLLM's cache_config_info: one per data-parallel engine)."""
         name = self.first(names)
-        series = self.samples.get(name, []) if name else []
-        return dict(series[0][0]) if series else {}
+        return [dict(labels) for labels, _ in self.samples.get(name, [])] if name else []
 
 
 def parse(text: str, *, source: str = "the response") -> Snapshot:

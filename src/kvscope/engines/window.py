@@ -79,11 +79,12 @@ def _preemptions(cur: Snapshot, prev: Snapshot, m: MetricSet) -> float | None:
 def _capacity(cur: Snapshot, m: MetricSet) -> float | None:
     if m.capacity_tokens:
         return cur.gauge(m.capacity_tokens)
-    info = cur.info_labels(m.info)  # vLLM: cache_config_info carries num_gpu_blocks and block_size as labels
+    # vLLM: cache_config_info carries num_gpu_blocks and block_size as labels, one series per data-parallel engine
     try:
-        return float(info["num_gpu_blocks"]) * float(info["block_size"])
+        total = sum(float(i["num_gpu_blocks"]) * float(i["block_size"]) for i in cur.info_labels(m.info))
     except (KeyError, ValueError):
         return None
+    return total or None
 
 
 def _used(cur: Snapshot, m: MetricSet, usage: float | None, capacity: float | None) -> float | None:
