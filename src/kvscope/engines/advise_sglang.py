@@ -29,10 +29,9 @@ def config_from(req: Request, spec: ModelSpec) -> sm.SglangConfig:
     if req.memory_fraction is not None and not 0 < req.memory_fraction < 1:
         raise usage(f"--mem-fraction-static {req.memory_fraction} is not a fraction of the GPU",
                     expected="0 < --mem-fraction-static < 1", fix="--mem-fraction-static")
-    for total in (spec.num_heads, spec.vocab_size):
-        if total % req.tp:
-            raise usage(f"SGLang refuses it: {total} is not divisible by {req.tp} (tensor-parallel layers split the "
-                        "heads and the vocabulary evenly)", expected=f"a divisor of {spec.num_heads}", fix="--tp")
+    if spec.num_heads % req.tp:
+        raise usage(f"SGLang refuses it: {spec.num_heads} is not divisible by {req.tp} (its tensor-parallel attention "
+                    "splits the heads evenly)", expected=f"a divisor of {spec.num_heads}", fix="--tp")
     derived = spec.max_position_embeddings
     if req.max_model_len is not None and req.max_model_len > derived:
         raise usage(f"SGLang refuses it: User-specified context_length ({req.max_model_len}) is greater than the "
