@@ -113,3 +113,57 @@ def attention_block_rows(batch: int, heads: int, kv_heads: int, slots: int, elem
     padded = -(-slots // 16) * 16
     per_row = batch * (kv_heads * slots + heads * slots + heads * padded * elem_bytes)
     return max(1, ATTENTION_BLOCK_BYTES // per_row)
+
+
+# --- the exact layout of a BudgetedCache's one allocation (kvscope.cache.arena), in pure Python -----------------------
+# The cache builds its tensors from these lists and the planner prices them, so the two agree to the byte.
+
+ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "uint8": 1, "bool": 1, "int64": 8}
+ALIGN = 256  # every tensor of the allocation starts at a multiple of this many bytes
+QUEUE_MIN = 64  # free-slot queue entries of a cache with no room above its budget (refilled every QUEUE_MIN steps)
+
+Layout = list[tuple[str, tuple[int, ...], str]]  # (name, shape, element type)
+
+
+def store_layout(kv: str, batch: int, heads: int, slots: int, head_dim: int, dense: str) -> Layout:
+    """The tensors of one layer's store in format `kv` (a KV_FORMATS name; `dense` is the compute dtype)."""
+    b, h, s, d = batch, heads, slots, head_dim
+    if kv in DTYPE_BYTES:
+        return [("keys", (b, h, s, d), kv), ("values", (b, h, s, d), kv)]
+    if kv in ("fp8", "int8"):
+        params = 1 if kv == "fp8" else 2  # fp8: a scale; int8: a scale and a zero point
+        return [("data", (b, h, s, 2, d), "fp8" if kv == "fp8" else "uint8"), ("params", (b, h, s, 2, params), "fp16")]
+    if kv == "int4":
+        groups, tail, cg = s // INT4_GROUP, s % INT4_GROUP, d // INT4_GROUP
+        return [("packed", (2, b, h, s, d // 2), "uint8"), ("key_params", (b, h, groups, 2, d), "fp16"),
+                ("tail_params", (b, h, tail, 2, cg), "fp16"), ("value_params", (b, h, s, 2, cg), "fp16"),
+                ("residual", (2, b, h, INT4_RESIDUAL, d), dense)]
+    raise AssertionError(kv)
+
+
+def cache_layout(layers: int, batch: int, heads: int, head_dim: int, kv: str, dense: str, budget: int,
+                 room: int) -> Layout:
+    """Every tensor of a cache's one allocation: per layer its store, its slot state (valid, true position, the
+    policy's score, the newest position of each row) and its free-slot queue; one queue pointer."""
+    slots = budget + room
+    rows = (batch, heads)
+    queue = min(slots, room if room else QUEUE_MIN)
+    out: Layout = []
+    for i in range(layers):
+        p = f"{i}."
+        out += [(p + "store." + n, shape, t) for n, shape, t in store_layout(kv, batch, heads, slots, head_dim, dense)]
+        out += [(p + "valid", (*rows, slots), "bool"), (p + "position", (*rows, slots), "int64"),
+                (p + "score", (*rows, slots), "fp32"), (p + "newest", (*rows, 1), "int64"),
+                (p + "queue", (*rows, queue), "int64"), (p + "slot_out", (*rows, 1), "int64")]
+    return out + [("queue_ptr", (), "int64")]
+
+
+def layout_bytes(layout: Layout) -> int:
+    """Bytes of an allocation holding `layout`, each tensor rounded up to ALIGN."""
+    total = 0
+    for _, shape, t in layout:
+        n = ELEMENT_BYTES[t]
+        for dim in shape:
+            n *= dim
+        total += -(-n // ALIGN) * ALIGN
+    return max(total, 1)

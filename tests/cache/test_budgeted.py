@@ -316,3 +316,19 @@ def test_deleting_a_cache_frees_it_at_once_and_unhooks_the_model():
         assert not model.model._forward_pre_hooks and not model.model._forward_hooks
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "fp8"])
+@pytest.mark.parametrize("policy,budget", [("full", 60), ("lru", 20), ("snapkv", 40)])
+def test_the_planner_prices_the_allocation_to_the_byte(tiny, policy, budget, kv_dtype):
+    from kvscope.models.spec import ModelSpec
+    from kvscope.planner.memory import kvscope_cache_bytes
+    from kvscope.planner.workload import Workload
+    from tests.conftest import TINY
+
+    cache = BudgetedCache(tiny, policy, budget_tokens=budget, kv_dtype=kv_dtype, chunk_size=8)
+    ids, mask = prompt(batch=2, length=30)
+    generate(tiny, ids, cache, attention_mask=mask, max_new_tokens=3, chunk_size=8)
+    w = Workload(batch=2, context=30, new_tokens=3, dtype="fp32", kv_dtype=kv_dtype, runtime="kvscope",
+                 budget_tokens=budget, chunk_size=8, policy=policy)
+    assert cache.settings.arena.nbytes == kvscope_cache_bytes(ModelSpec.from_hf_config(TINY), w)

@@ -4,7 +4,6 @@ from kvscope.errors import UsageError
 from kvscope.models.spec import ModelSpec
 from kvscope.planner import Workload, estimate, memory, plan, plan_model
 from kvscope.planner.gpus import GPUS, gpu
-from kvscope.planner.memory import SLOT_STATE_BYTES
 from kvscope.planner.search import largest, largest_from, max_batch, max_context
 from kvscope.planner.sizes import format_bytes, parse_size
 
@@ -112,7 +111,10 @@ def test_kvscope_runtime_with_budget_holds_less():
     w = Workload(batch=16, context=8000, new_tokens=64, runtime="kvscope")
     full = plan(SPEC, w)
     capped = plan(SPEC, w.with_(budget_tokens=2048))
-    assert capped.kv_bytes == 16 * (2048 + 512) * (131072 + 32 * 8 * SLOT_STATE_BYTES)
+    # per layer: keys and values 16 x 8 heads x 2560 slots x 128 x 2 B each; valid, position, score (1 + 8 + 4 B per
+    # slot); newest and the insert's slot (8 B per row); a 512-entry free-slot queue (8 B each); one queue pointer
+    per_layer = 2 * 16 * 8 * 2560 * 128 * 2 + 16 * 8 * 2560 * (1 + 8 + 4) + 2 * 16 * 8 * 8 + 16 * 8 * 512 * 8
+    assert capped.kv_bytes == 32 * per_layer + 256 == 5_521_867_008
     assert capped.peak_bytes < full.peak_bytes
     int4 = plan(SPEC, w.with_(kv_dtype="int4"))
     assert int4.kv_bytes_per_token == SPEC.kv_bytes_per_token("int4")

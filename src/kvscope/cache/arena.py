@@ -12,37 +12,22 @@ zeroed once: stores and slot state then only write what is not zero.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import torch
 
-ALIGN = 256
+from kvscope.kvformats import ALIGN, ELEMENT_BYTES, Layout, layout_bytes
 
-Spec = tuple[str, tuple[int, ...], torch.dtype]  # (name, shape, dtype)
-
-
-def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n * torch.empty((), dtype=dtype).element_size()
-
-
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
-def plan_bytes(specs: Iterable[Spec]) -> int:
-    """Bytes of an arena holding `specs` (each rounded up to ALIGN)."""
-    return sum(_aligned(_nbytes(shape, dtype)) for _, shape, dtype in specs)
+TORCH_TYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn,
+               "uint8": torch.uint8, "bool": torch.bool, "int64": torch.long}
+TYPE_NAMES = {v: k for k, v in TORCH_TYPES.items()}
 
 
 class Arena:
-    """Allocates `specs` as views of one zeroed uint8 buffer on `device`; `pin` for pinned host memory."""
+    """Allocates the tensors of `specs` (kvscope.kvformats.cache_layout) as views of one zeroed uint8 buffer on
+    `device`; `pin` for pinned host memory."""
 
-    def __init__(self, specs: list[Spec], device, pin: bool = False, source: torch.Tensor | None = None):
+    def __init__(self, specs: Layout, device, pin: bool = False, source: torch.Tensor | None = None):
         self.specs = specs
-        total = max(plan_bytes(specs), 1)
+        total = layout_bytes(specs)
         if source is not None:  # a copy of another arena's bytes (a swap)
             self.buffer = torch.empty(total, dtype=torch.uint8, device=device, pin_memory=pin)
             self.buffer.copy_(source, non_blocking=True)
@@ -50,10 +35,12 @@ class Arena:
             self.buffer = torch.zeros(total, dtype=torch.uint8, device=device, pin_memory=pin)
         self.views: dict[str, torch.Tensor] = {}
         offset = 0
-        for name, shape, dtype in specs:
-            n = _nbytes(shape, dtype)
-            self.views[name] = self.buffer[offset:offset + n].view(dtype).view(shape)
-            offset += _aligned(n)
+        for name, shape, kind in specs:
+            n = ELEMENT_BYTES[kind]
+            for dim in shape:
+                n *= dim
+            self.views[name] = self.buffer[offset:offset + n].view(TORCH_TYPES[kind]).view(shape)
+            offset += -(-n // ALIGN) * ALIGN
 
     def moved(self, device, pin: bool = False) -> Arena:
         """The same tensors, bit for bit, in a new allocation on `device` (pinned host memory with `pin`)."""

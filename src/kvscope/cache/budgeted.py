@@ -27,10 +27,10 @@ from kvscope.cache.stats import CacheStats, Collector
 from kvscope.errors import usage
 from kvscope.kvformats import kv_format
 from kvscope.planner.sizes import format_bytes
+from kvscope.planner.workload import DEFAULT_CHUNK
 from kvscope.policies import get
 
 Cache, _ = _compat.cache_base_classes()
-DEFAULT_CHUNK = 512
 
 
 @dataclass
@@ -88,6 +88,7 @@ class BudgetedCache(Cache):
             require_cuda_for_offload(self.home_device)
             self.settings.offloader = LayerOffloader(self.num_layers)
         self.forward_info: ForwardInfo | None = None
+        self.decode_graphs: dict = {}  # kvscope.runtime.decoders.GraphDecoder's captured steps, by batch size
         super().__init__(layers=[BudgetedLayer(self.settings, i, self.num_layers) for i in range(self.num_layers)])
         _compat.register_attention(budgeted_attention)
         # the model's hooks live as long as some kvscope cache does (no cycle holds this one: see settings.py)
@@ -129,15 +130,21 @@ class BudgetedCache(Cache):
             return
         device = torch.device(device or self.home_device)
         dtype = dtype or torch.float32
+        if self.budget_bytes is not None:
+            dense = torch.tensor([], dtype=dtype).element_size()
+            self.settings.budget_tokens = self.tokens_for_bytes(self.budget_bytes, batch, dense)
+            self.policy.check_budget(self.budget_tokens)
         need = self.allocation_bytes(batch, dtype, first_forward)
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
+            free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # cached, reusable
             if need > free:
                 raise usage(f"the KV cache needs {format_bytes(need)} for {batch} sequence(s) of {self.budget_tokens} "
                             f"tokens in {self.num_layers} layers, but the GPU has {format_bytes(free)} free",
                             expected=f"a budget of at most about {self.budget_tokens * free // need} tokens, or a "
                             "smaller batch", fix="budget_tokens (--budget), the batch, or kv_dtype (--kv-dtype)")
         self.settings.allocate(self.num_layers, batch, self.kv_heads, self.head_dim, dtype, device, first_forward)
+        self.settings.fresh = True
 
     def evicting_policies(self) -> list[str]:
         return evicting_policies()

@@ -64,7 +64,7 @@ class BudgetedLayer(CacheLayerMixin):
             s.offloader.adopt(self.index, self.store)
             self.state = SlotState.empty(batch, heads, self.capacity, self.device)
         else:
-            if s.arena is None:  # the first layer to see a forward allocates every layer at once
+            if self.index == 0 or s.arena is None:  # the first layer to see a forward allocates every layer at once
                 s.allocate(self.num_layers, batch, heads, head_dim, key_states.dtype, self.device, n)
             views = s.arena.take(f"{self.index}.")
             store = {name[len("store."):]: t for name, t in views.items() if name.startswith("store.")}

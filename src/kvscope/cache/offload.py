@@ -156,7 +156,7 @@ def swap(cache, direction: str) -> SwapReport:
     # the whole allocation moves as one copy; the captured decode steps point at the old one and are dropped
     settings.arena = settings.arena.moved(target, pin=direction == "out")
     settings.queue_ptr = settings.arena.views["queue_ptr"]
-    settings.graphs.clear()
+    cache.decode_graphs.clear()
     for layer in cache.layers:
         if layer.is_initialized:
             layer.rebind(settings.arena.take(f"{layer.index}."))

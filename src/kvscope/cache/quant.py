@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from kvscope.cache import fused
-from kvscope.cache.store import allocate
+from kvscope.cache.store import allocate, layout_of
 from kvscope.errors import usage
 from kvscope.kvformats import INT4_GROUP, INT4_RESIDUAL
 
@@ -72,13 +72,8 @@ class _PerTokenStore(_Store):
     CODE_DTYPE: torch.dtype
     PARAMS: int  # fp16 parameters per (token, head): fp8 a scale, int8 a scale and a zero point
 
-    @classmethod
-    def layout(cls, batch, heads, slots, head_dim, compute_dtype):
-        return [("data", (batch, heads, slots, 2, head_dim), cls.CODE_DTYPE),
-                ("params", (batch, heads, slots, 2, cls.PARAMS), torch.float16)]
-
     def __init__(self, batch, heads, slots, head_dim, compute_dtype, device, tensors=None):
-        t = tensors or allocate(self.layout(batch, heads, slots, head_dim, compute_dtype), device)
+        t = tensors or allocate(layout_of(self.NAME, batch, heads, slots, head_dim, compute_dtype), device)
         self.data, self.params = t["data"], t["params"]
         self.params[..., 0] = 1.0  # never-written slots read as finite zeros whatever the format
 
@@ -122,6 +117,7 @@ class Int8Store(_PerTokenStore):
     PARAMS = 2  # scale, zero point
     FP8 = False
     KERNEL = 2
+    NAME = "int8"
 
     @staticmethod
     def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,6 +142,7 @@ class Fp8Store(_PerTokenStore):
     PARAMS = 1  # scale
     FP8 = True
     KERNEL = 1
+    NAME = "fp8"
 
     @staticmethod
     def quantize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -219,18 +216,11 @@ class Int4Store(_Store):
 
     TENSORS = ("packed", "key_params", "tail_params", "value_params", "residual")
     KERNEL = 3
-
-    @staticmethod
-    def layout(batch, heads, slots, head_dim, compute_dtype):
-        check_int4_head_dim(head_dim)
-        b, h, s, d = batch, heads, slots, head_dim
-        groups, tail, cg = s // INT4_GROUP, s % INT4_GROUP, d // INT4_GROUP
-        return [("packed", (2, b, h, s, d // 2), torch.uint8), ("key_params", (b, h, groups, 2, d), torch.float16),
-                ("tail_params", (b, h, tail, 2, cg), torch.float16), ("value_params", (b, h, s, 2, cg), torch.float16),
-                ("residual", (2, b, h, R, d), compute_dtype)]
+    GRAPH_SAFE = False  # the ring position (head, count) and the flush schedule live on the host
 
     def __init__(self, batch, heads, slots, head_dim, compute_dtype, device, tensors=None):
-        t = tensors or allocate(self.layout(batch, heads, slots, head_dim, compute_dtype), device)
+        check_int4_head_dim(head_dim)
+        t = tensors or allocate(layout_of("int4", batch, heads, slots, head_dim, compute_dtype), device)
         self.groups = slots // INT4_GROUP
         for name in self.TENSORS:
             setattr(self, name, t[name])

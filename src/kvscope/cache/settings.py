@@ -11,11 +11,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvscope.cache.arena import Arena, Spec, plan_bytes
-from kvscope.cache.store import store_layout
+from kvscope.cache.arena import TYPE_NAMES, Arena
+from kvscope.kvformats import Layout, cache_layout, layout_bytes
 from kvscope.policies.base import Policy
-
-QUEUE_MIN = 64  # free-slot queue entries of a non-evicting cache's graph-safe decode (refilled every QUEUE_MIN steps)
 
 
 @dataclass
@@ -31,43 +29,38 @@ class CacheSettings:
     last_seen_attention: str | None = None
     arena: Arena | None = field(default=None, repr=False)
     queue_ptr: torch.Tensor | None = field(default=None, repr=False)  # device scalar: next queue entry to take
-    graphs: dict = field(default_factory=dict, repr=False)  # captured decode steps (kvscope.runtime.graphs)
+    version: int = 0  # +1 at every new allocation: what was captured over an older one is stale
+    fresh: bool = False  # allocated (zeroed) and not used yet
 
     def room(self, first_forward: int) -> int:
         """Slots per row above the budget. An evicting policy needs room for a chunk before it evicts (one chunk, or
         the first forward if shorter); a policy that never evicts needs none: the budget is all it may hold."""
         return min(self.chunk_size, first_forward) if self.policy.evicts else 0
 
-    def queue_length(self, capacity: int, room: int) -> int:
-        """Entries of each row's free-slot queue: the eager path's free list holds `room` slots; a non-evicting cache
-        (no room) refills a fixed-size queue instead."""
-        return min(capacity, room if room else QUEUE_MIN)
-
-    def layer_specs(self, index: int, batch: int, heads: int, head_dim: int, dtype: torch.dtype,
-                    first_forward: int) -> list[Spec]:
-        room = self.room(first_forward)
-        slots = self.budget_tokens + room
-        rows = (batch, heads)
-        p = f"{index}."
-        specs = [(p + "store." + name, shape, dt)
-                 for name, shape, dt in store_layout(self.kv_dtype, batch, heads, slots, head_dim, dtype)]
-        return specs + [(p + "valid", (*rows, slots), torch.bool), (p + "position", (*rows, slots), torch.long),
-                        (p + "score", (*rows, slots), torch.float32), (p + "newest", (*rows, 1), torch.long),
-                        (p + "queue", (*rows, self.queue_length(slots, room)), torch.long),
-                        (p + "slot_out", (*rows, 1), torch.long)]
-
     def specs(self, layers: int, batch: int, heads: int, head_dim: int, dtype: torch.dtype,
-              first_forward: int) -> list[Spec]:
-        return [s for i in range(layers) for s in self.layer_specs(i, batch, heads, head_dim, dtype, first_forward)] \
-            + [("queue_ptr", (), torch.long)]
+              first_forward: int) -> Layout:
+        dense = TYPE_NAMES[dtype]
+        return cache_layout(layers, batch, heads, head_dim, self.kv_dtype or dense, dense, self.budget_tokens,
+                            self.room(first_forward))
 
     def allocate(self, layers: int, batch: int, heads: int, head_dim: int, dtype: torch.dtype, device,
                  first_forward: int) -> Arena:
-        """Every layer's storage and slot state in one zeroed allocation (see kvscope.cache.arena)."""
-        self.arena = Arena(self.specs(layers, batch, heads, head_dim, dtype, first_forward), device)
+        """Every layer's storage and slot state in one zeroed allocation (see kvscope.cache.arena). A cache reset and
+        used again with the same shapes keeps its allocation (zeroed again), so what was captured over it stays
+        valid."""
+        specs = self.specs(layers, batch, heads, head_dim, dtype, first_forward)
+        if self.arena is not None and self.arena.specs == specs and self.arena.buffer.device == torch.device(device):
+            if not self.fresh:
+                self.arena.buffer.zero_()
+            self.fresh = False
+            return self.arena
+        self.arena = None  # the old one goes before the new one is made
+        self.arena = Arena(specs, device)
         self.queue_ptr = self.arena.views["queue_ptr"]
+        self.version += 1
+        self.fresh = False
         return self.arena
 
     def bytes_for(self, layers: int, batch: int, heads: int, head_dim: int, dtype: torch.dtype,
                   first_forward: int) -> int:
-        return plan_bytes(self.specs(layers, batch, heads, head_dim, dtype, first_forward))
+        return layout_bytes(self.specs(layers, batch, heads, head_dim, dtype, first_forward))

@@ -10,11 +10,20 @@ from __future__ import annotations
 import torch
 
 from kvscope.kvformats import kv_format
+from kvscope.kvformats import store_layout as formats_layout
 
 
-def allocate(layout: list[tuple[str, tuple[int, ...], torch.dtype]], device) -> dict[str, torch.Tensor]:
-    """Zeroed tensors for a store's `layout` (when no arena provides them)."""
-    return {name: torch.zeros(shape, dtype=dtype, device=device) for name, shape, dtype in layout}
+def allocate(layout, device) -> dict[str, torch.Tensor]:
+    """Zeroed tensors for a store's `layout` (kvscope.kvformats.store_layout), when no arena provides them."""
+    from kvscope.cache.arena import TORCH_TYPES
+
+    return {name: torch.zeros(shape, dtype=TORCH_TYPES[kind], device=device) for name, shape, kind in layout}
+
+
+def layout_of(kv: str, batch: int, heads: int, slots: int, head_dim: int, dtype: torch.dtype):
+    from kvscope.cache.arena import TYPE_NAMES
+
+    return formats_layout(kv, batch, heads, slots, head_dim, TYPE_NAMES[dtype])
 
 
 class DenseStore:
@@ -23,14 +32,12 @@ class DenseStore:
     TENSORS = ("keys", "values")
     KERNEL = 0  # the fused decode attention's format id (kvscope.cache.attention_triton)
 
-    @staticmethod
-    def layout(batch: int, heads: int, slots: int, head_dim: int, dtype: torch.dtype):
-        shape = (batch, heads, slots, head_dim)
-        return [("keys", shape, dtype), ("values", shape, dtype)]
-
     def __init__(self, batch: int, heads: int, slots: int, head_dim: int, dtype: torch.dtype, device,
                  tensors: dict[str, torch.Tensor] | None = None):
-        t = tensors or allocate(self.layout(batch, heads, slots, head_dim, dtype), device)
+        from kvscope.cache.arena import TYPE_NAMES
+
+        name = TYPE_NAMES[dtype]
+        t = tensors or allocate(layout_of(name, batch, heads, slots, head_dim, dtype), device)
         self.keys, self.values = t["keys"], t["values"]
 
     def kernel_tensors(self) -> tuple[list[torch.Tensor], int]:
@@ -80,12 +87,6 @@ def store_class(kv_dtype: str | None, compute_dtype: torch.dtype):
     from kvscope.cache.quant import QUANTIZED
 
     return QUANTIZED[fmt.name], compute_dtype
-
-
-def store_layout(kv_dtype: str | None, batch: int, heads: int, slots: int, head_dim: int,
-                 compute_dtype: torch.dtype):
-    cls, dtype = store_class(kv_dtype, compute_dtype)
-    return cls.layout(batch, heads, slots, head_dim, dtype)
 
 
 def make_store(kv_dtype: str | None, batch: int, heads: int, slots: int, head_dim: int, compute_dtype: torch.dtype,

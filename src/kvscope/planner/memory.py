@@ -22,9 +22,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from kvscope.kvformats import DTYPE_BYTES, attention_block_rows
+from kvscope.kvformats import DTYPE_BYTES, attention_block_rows, cache_layout, layout_bytes
 from kvscope.models.spec import ModelSpec
-from kvscope.planner.workload import Workload
+from kvscope.planner.workload import Workload, prefill_chunk
 
 # Measured on the H100 80GB, torch 2.11 + CUDA 13 (benchmarks/planner_accuracy.py, docs/benchmarks.md):
 # - memory outside PyTorch's counters once the CUDA context and the cuBLAS/cuDNN modules are loaded;
@@ -84,24 +84,35 @@ def logits_bytes(spec: ModelSpec, batch: int, dtype: str) -> int:
 def kv_cache_tokens(w: Workload) -> int:
     """Tokens per sequence the cache holds at its largest (kvscope allocates this once; HF grows to it).
 
-    kvscope's cache is sized to its budget (the whole sequence without one) plus room for one prefill chunk."""
+    kvscope's cache is sized to its budget (the whole sequence without one) plus, for an evicting policy, room for one
+    prefill chunk."""
     if w.runtime == "hf":
         return w.total_tokens - 1  # the last generated token is never fed back
-    return (w.budget_tokens or w.total_tokens) + min(w.chunk_size, w.context)
+    return (w.budget_tokens or w.total_tokens) + kvscope_room(w)
 
 
-# per (sequence, KV head, slot) of kvscope's cache, besides the KV itself: valid (bool), true position (int64) and
-# the policy's score (fp32)
-SLOT_STATE_BYTES = 1 + 8 + 4
+def kvscope_chunk(w: Workload) -> int:
+    """Prompt tokens per sequence in each prefill forward of kvscope's runtime (kvscope.runtime.generate)."""
+    return min(prefill_chunk(w.batch, w.chunk_size), w.context)
+
+
+def kvscope_room(w: Workload) -> int:
+    return kvscope_chunk(w) if w.evicts else 0
+
+
+def kvscope_cache_bytes(spec: ModelSpec, w: Workload) -> int:
+    """The one allocation of kvscope's cache, to the byte: every layer's store, slot state and free-slot queue
+    (kvscope.kvformats.cache_layout, the list the cache allocates from)."""
+    layout = cache_layout(spec.num_layers, w.batch, spec.kv_heads_per_gpu(w.tp), spec.head_dim, w.kv_dtype, w.dtype,
+                          w.budget_tokens or w.total_tokens, kvscope_room(w))
+    return layout_bytes(layout)
 
 
 def kv_bytes(spec: ModelSpec, w: Workload) -> int:
-    per_token = spec.kv_bytes_per_token(w.kv_dtype, w.tp)
-    tokens = kv_cache_tokens(w)
-    state = 0
     if w.runtime == "kvscope":
-        state = tokens * spec.num_layers * spec.kv_heads_per_gpu(w.tp) * SLOT_STATE_BYTES
-    return w.batch * (tokens * per_token + state + spec.kv_fixed_bytes(w.kv_dtype, w.dtype, w.tp))
+        return kvscope_cache_bytes(spec, w)
+    per_token = spec.kv_bytes_per_token(w.kv_dtype, w.tp)
+    return w.batch * (kv_cache_tokens(w) * per_token + spec.kv_fixed_bytes(w.kv_dtype, w.dtype, w.tp))
 
 
 def hf_phases(spec: ModelSpec, w: Workload, weights: int) -> list[Phase]:
@@ -139,15 +150,27 @@ def attention_temporaries(spec: ModelSpec, w: Workload, queries: int, slots: int
     return masks + dequant
 
 
+def decode_step_temporaries(spec: ModelSpec, w: Workload, slots: int) -> int:
+    """What kvscope's decode step holds besides the cache (kvscope.runtime.step, captured in a CUDA graph): one
+    layer's activations for B tokens, the fused attention's partial results (fp32, one row per query head and split of
+    64 slots), the logits [B, V] in the model dtype, and the free-slot refill's sort of one layer's slots (int64)."""
+    heads = max(1, spec.num_heads // w.tp)
+    splits = -(-slots // 64)
+    attention = w.batch * heads * splits * (spec.head_dim + 2) * 4
+    refill = 2 * w.batch * spec.kv_heads_per_gpu(w.tp) * slots * 8
+    return w.batch * decode_bytes_per_sequence(spec, w.dtype, w.tp) + attention + refill
+
+
 def kvscope_phases(spec: ModelSpec, w: Workload, weights: int) -> list[Phase]:
-    """Peaks of kvscope's runtime: one preallocated cache, chunked prefill with logits of the last position only."""
+    """Peaks of kvscope's runtime: one preallocated cache, chunked prefill with logits of the last position only (a
+    large batch in shorter chunks: kvscope.planner.workload.prefill_chunk), a decode step captured in a CUDA graph."""
     cache = kv_bytes(spec, w)
     slots = kv_cache_tokens(w)
-    chunk = min(w.chunk_size, w.context)
+    chunk = kvscope_chunk(w)
     s = DTYPE_BYTES[w.dtype]
     prefill = w.batch * chunk * prefill_bytes_per_token(spec, w.dtype, w.tp) + attention_temporaries(spec, w, chunk,
                                                                                                       slots)
-    decode = w.batch * decode_bytes_per_sequence(spec, w.dtype, w.tp) + attention_temporaries(spec, w, 1, slots)
+    decode = decode_step_temporaries(spec, w, slots) + attention_temporaries(spec, w, 1, slots)
     logits = w.batch * spec.vocab_size * s  # the head's output for the last position; argmax needs no fp32 copy
     return [Phase("prefill", weights, cache, prefill, logits), Phase("decode", weights, cache, decode, logits)]
 

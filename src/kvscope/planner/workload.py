@@ -9,7 +9,15 @@ from kvscope.errors import require_positive, usage
 from kvscope.kvformats import dense_dtype, kv_format
 
 RUNTIMES = ("hf", "kvscope")
-DEFAULT_CHUNK = 512
+DEFAULT_CHUNK = 512  # prefill chunk of kvscope's runtime, tokens per sequence
+# the most prompt tokens one prefill forward of kvscope's runtime holds (all sequences together): a large batch
+# prefills in shorter chunks, so prefill activations stay bounded whatever the batch
+PREFILL_TOKENS = 8192
+
+
+def prefill_chunk(batch: int, chunk_size: int = DEFAULT_CHUNK, prefill_tokens: int = PREFILL_TOKENS) -> int:
+    """Tokens per sequence of each prefill forward: `chunk_size`, shortened so batch x chunk <= prefill_tokens."""
+    return max(1, min(chunk_size, prefill_tokens // batch))
 
 
 @dataclass(frozen=True)
@@ -17,7 +25,8 @@ class Workload:
     """One generation job; `context` is the prompt length in tokens.
 
     `budget_tokens` (kvscope runtime) caps the KV cache per sequence and layer; the cache is allocated once at its
-    budget plus one prefill chunk of `chunk_size` tokens.
+    budget plus, for an evicting `policy`, room for one prefill chunk. `policy` None means: `full` without a budget,
+    an evicting policy with one.
     """
 
     batch: int = 1
@@ -29,6 +38,7 @@ class Workload:
     runtime: str = "hf"
     budget_tokens: int | None = None
     chunk_size: int = DEFAULT_CHUNK
+    policy: str | None = None
 
     def __post_init__(self) -> None:
         require_positive("batch", self.batch, option="--batch")
@@ -55,6 +65,11 @@ class Workload:
         if self.runtime == "hf" and self.budget_tokens is not None:
             raise usage("a KV budget needs kvscope's cache", expected="--runtime kvscope with --budget",
                         fix="--runtime kvscope")
+
+    @property
+    def evicts(self) -> bool:
+        """Whether kvscope's cache may evict (and so keeps room for a chunk above its budget)."""
+        return self.policy != "full" if self.policy is not None else self.budget_tokens is not None
 
     @property
     def total_tokens(self) -> int:

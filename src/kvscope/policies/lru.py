@@ -55,7 +55,7 @@ class LRU(Policy):
             used = used | torch.zeros_like(used).scatter(-1, top, True)
         used = used & state.valid[:, :, None, :]
         when = obs.query_position.to(torch.float32)[:, None, :, None]  # [B, 1, Q, 1]
-        last = torch.where(used, when, torch.tensor(-1.0, device=w.device)).amax(dim=2)
+        last = torch.where(used, when, -1.0).amax(dim=2)  # a scalar, not a host tensor: graph-capturable
         torch.maximum(state.score, last, out=state.score)
 
     def keep_scores(self, state: SlotState, budget: int) -> torch.Tensor:

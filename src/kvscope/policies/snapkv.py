@@ -4,8 +4,12 @@ Li et al. 2024, "SnapKV: LLM Knows What You are Looking for Before Generation" (
 window is the last `window` queries of each prefill chunk (for a one-chunk prompt: the end of the prompt, as in the
 paper); their attention is averaged over the window and smoothed with a 1-D pool of `kernel` positions, in position
 order. The window itself is always kept. The paper compresses once after prefill; under a hard budget we must also
-evict while decoding, so decode steps fold each new query's pooled attention into the score as a moving average over
+evict while decoding, so decode steps fold each new query's attention into the score as a moving average over
 `window` steps.
+
+The score holds the attention before pooling; the pool runs when the cache evicts (`keep_scores`). The pool is linear
+and an observation's slots do not change before the eviction that follows it, so a prompt is scored exactly as the
+paper scores it, and a decode step costs a few element-wise ops instead of a sort of every slot by position.
 """
 
 from __future__ import annotations
@@ -43,9 +47,9 @@ class SnapKV(Policy):
         return f"the {self.window}-token observation window + 1"
 
     def observe(self, state: SlotState, obs: Observation) -> None:
-        # this block's share of the mean over the observation's rows (the pool is linear and the slots do not change
-        # between blocks, so a window observed in several blocks sums to the mean over all of them)
-        share = pool_in_position_order(obs.weights.sum(dim=2), state, self.kernel) / obs.total_rows
+        # this block's share of the mean over the observation's rows (a window observed in several blocks sums to the
+        # mean over all of them)
+        share = obs.weights.sum(dim=2) / obs.total_rows
         if obs.total_rows == 1:  # a decode step: a moving average over `window` steps
             rate = 1.0 / self.window
             state.score.mul_(1 - rate).add_(share, alpha=rate)
@@ -55,4 +59,5 @@ class SnapKV(Policy):
             state.score.add_(share)
 
     def keep_scores(self, state: SlotState, budget: int) -> torch.Tensor:
-        return state.score.masked_fill(recent_mask(state, self.window), KEEP)
+        pooled = pool_in_position_order(state.score, state, self.kernel)
+        return pooled.masked_fill(recent_mask(state, self.window), KEEP)

@@ -23,12 +23,13 @@ import torch
 
 from kvscope import _compat
 from kvscope.errors import usage
+from kvscope.planner.workload import DEFAULT_CHUNK, PREFILL_TOKENS, prefill_chunk
+from kvscope.runtime.decoders import make_decoder
 from kvscope.runtime.sampling import Sampling
 from kvscope.runtime.stops import StopRule, Stops
 
 PhaseCallback = Callable[[str, int, int], None]  # (phase, done, total)
 TokenCallback = Callable[[int, list[int]], bool | None]  # (step, one id per row, done rows too) -> True to stop
-DEFAULT_CHUNK = 512
 
 
 @dataclass
@@ -67,13 +68,17 @@ def generate(model, input_ids: torch.Tensor, cache, *, attention_mask: torch.Ten
              max_new_tokens: int = 32, chunk_size: int = DEFAULT_CHUNK, eos_token_id: int | list[int] | None = None,
              stop_strings: list[str] | None = None, tokenizer=None, sampling: Sampling | None = None,
              on_phase: PhaseCallback | None = None, on_token: TokenCallback | None = None,
-             keep_first_logits: bool = False, check_fit: bool = True) -> Generation:
+             keep_first_logits: bool = False, check_fit: bool = True, decode: str = "auto",
+             prefill_tokens: int = PREFILL_TOKENS) -> Generation:
     """Generate up to `max_new_tokens` per row after `input_ids` [B, n] (left-padded when `attention_mask` says so).
 
     `cache` is any transformers Cache (a `BudgetedCache` normally); when it already holds tokens, `input_ids` are the
     tokens added since, and generation continues from there. `sampling` is greedy by default. `check_fit` refuses,
     before any work, a request that a non-evicting `BudgetedCache` cannot hold (the doctor turns it off to watch the
-    overflow happen).
+    overflow happen). The prompt goes in chunks of `chunk_size` tokens per sequence, shorter for a large batch so that
+    one forward holds at most `prefill_tokens` tokens. `decode`: "auto" (on CUDA, kvscope's own step captured in CUDA
+    graphs when the model and cache allow it; the model's forward otherwise), "graph", "static" or "forward"
+    (kvscope.runtime.decoders).
 
     >>> gen = generate(model, ids, BudgetedCache(model, "lru", budget_tokens=256), max_new_tokens=16)  # doctest: +SKIP
     """
@@ -91,6 +96,9 @@ def generate(model, input_ids: torch.Tensor, cache, *, attention_mask: torch.Ten
     mask = (attention_mask if attention_mask is not None else torch.ones_like(ids)).to(device)
     if check_fit and hasattr(cache, "check_request"):
         cache.check_request(int(mask.sum(-1).max()), max_new_tokens)
+    chunk_size = prefill_chunk(ids.shape[0], chunk_size, prefill_tokens)
+    if hasattr(cache, "allocate"):  # the whole cache, before any activation exists (kvscope.cache.arena)
+        cache.allocate(ids.shape[0], min(chunk_size, ids.shape[1]), next(model.parameters()).dtype, device)
     positions = positions_from_mask(mask) + _next_positions(cache, ids.shape[0], device)[:, None]
     key = _compat.cache_keyword(model)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -118,26 +126,25 @@ def generate(model, input_ids: torch.Tensor, cache, *, attention_mask: torch.Ten
     stops = Stops(ids.shape[0], rule)
     watch = rule.active or on_token is not None
     host = _HostTokens(max_new_tokens, ids.shape[0], device) if watch else None
-    tokens, pos = [], positions[:, -1:] + 1
-    grow = None if budgeted else mask
+    tokens = []
+    decoder = make_decoder(model, cache, positions[:, -1:] + 1, None if budgeted else mask, decode)
     stopped = False
     start = time.perf_counter()
-    for step in range(max_new_tokens):
-        tokens.append(nxt)
-        if host is not None:
-            host.put(step, nxt)
-            if step and _read(host, step - 1, stops, on_token):
-                stopped = True
+    try:
+        for step in range(max_new_tokens):
+            tokens.append(nxt)
+            if host is not None:
+                host.put(step, nxt)
+                if step and _read(host, step - 1, stops, on_token):
+                    stopped = True
+                    break
+            if step == max_new_tokens - 1:
                 break
-        if step == max_new_tokens - 1:
-            break
-        if grow is not None:
-            grow = torch.cat([grow, torch.ones_like(grow[:, :1])], dim=1)
-        out = model(input_ids=nxt[:, None], attention_mask=grow, position_ids=pos, use_cache=True, logits_to_keep=1,
-                    **{key: cache})
-        nxt, pos = pick(out.logits[:, -1]), pos + 1
-        if on_phase:
-            on_phase("decode", step + 1, max_new_tokens)
+            nxt = pick(decoder.step(nxt))
+            if on_phase:
+                on_phase("decode", step + 1, max_new_tokens)
+    finally:
+        decoder.finish()
     if host is not None and not stopped:  # the last step is still unread
         _read(host, len(tokens) - 1, stops, on_token)
     sync()

@@ -1,0 +1,265 @@
+"""kvscope's runtime on a GPU against plain transformers in the same process: decode speed against the memory-bandwidth
+limit, eviction policies against a full cache of the same size, capacity (tokens in flight before OOM), the planner
+against measured peaks, and the cost of monitoring.
+
+    python -m benchmarks.runtime --out out/runtime                     # every part; needs CUDA
+    python -m benchmarks.runtime --parts decode,policies --out out/runtime
+    python -m benchmarks.runtime --render out/runtime                  # rewrite the docs sections from saved JSON
+
+Each part saves `<out>/runtime-<part>.json` as soon as it ends (a timeout loses only the part running) and the
+render step writes the sections `runtime-<part>` of docs/benchmarks.md from those files. Ratios are measured side by
+side in one process; memory is measured from a clean allocator (gc.collect, empty_cache) whose baseline is recorded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.common import commit, device_line
+from kvscope.cache import BudgetedCache
+from kvscope.models import load
+from kvscope.monitor import Monitor
+from kvscope.planner import Workload, plan, search
+from kvscope.runtime import generate
+
+PARTS = ("decode", "policies", "capacity", "monitor")
+GIB = 1024**3
+
+
+def clean() -> int:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy rate in bytes/s (bytes read + bytes written), median of 10 copies of 4 GiB."""
+    a = torch.empty(2 * GIB, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    b.copy_(a)
+    times = []
+    for _ in range(10):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        b.copy_(a)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    del a, b
+    clean()
+    return 2 * 2 * GIB / statistics.median(times)
+
+
+def plain_decode_tps(model, ids, new: int) -> float:
+    """Plain generate(): (time for 1 + new tokens - time for 1 token) / new."""
+    def timed(n):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t
+    timed(2)
+    return new / (timed(1 + new) - timed(1))
+
+
+def kvscope_decode(model, ids, new: int, policy: str = "full", budget: int | None = None, decode: str = "auto",
+                   monitor: Monitor | None = None, **knobs) -> dict:
+    """Prefill `ids` and capture the decode graphs with a short generation, then time a continuation of `new` steps
+    (replays only). Returns tok/s, prefill seconds and the measured vs planned peak."""
+    base = clean()
+    n = ids.shape[1]
+    cache = BudgetedCache(model, policy, budget_tokens=budget or n + new + 8, **knobs)
+    first = generate(model, ids, cache, max_new_tokens=4, decode=decode)
+    nxt = first.sequences[:, -1:]
+    on_phase = _doctor_marks(monitor, cache) if monitor is not None else None
+    gen = generate(model, nxt, cache, max_new_tokens=new, decode=decode, on_phase=on_phase)
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    row = {"decode_tps": gen.decode_tokens_per_second, "prefill_s": first.prefill_seconds,
+           "peak_over_base": peak, "base": base, "cache_bytes": cache.settings.arena.nbytes,
+           "evicted": cache.stats().evicted_tokens}
+    del cache, first, gen
+    clean()
+    return row
+
+
+def _doctor_marks(monitor: Monitor, cache):
+    """What the doctor does while decoding: phase marks, and a KV snapshot on the timeline every 8 steps."""
+    def on_phase(phase, done, total):
+        if done in (1, total):
+            monitor.mark(phase, f"{done}/{total}")
+        if done % 8 == 0:
+            monitor.record_kv(cache.stats())
+    return on_phase
+
+
+def part_decode(model, spec, args) -> dict:
+    bw = copy_bandwidth()
+    weights = spec.weights_bytes("bf16")
+    limit = bw / weights
+    rows = []
+    for batch, context in ((1, 1024), (1, 8192), (1, 32768), (8, 1024), (32, 1024)):
+        ids = torch.randint(10, spec.vocab_size, (batch, context), device="cuda")
+        ours = kvscope_decode(model, ids, args.new)
+        eager = kvscope_decode(model, ids, args.new // 4, decode="forward") if context == 1024 else None
+        plain = plain_decode_tps(model, ids, args.plain_new)
+        kv_read = batch * (context + args.new) * spec.kv_bytes_per_token("bf16")
+        tps = ours["decode_tps"]
+        rows.append({"batch": batch, "context": context, "plain_tps": round(plain, 1), "kvscope_tps": round(tps, 1),
+                     "eager_tps": round(eager["decode_tps"], 1) if eager else None,
+                     "gbps": round((weights + kv_read) * tps / batch / 1e9, 0),
+                     "limit_pct": round(100 * tps / batch / limit, 1) if batch == 1 else None,
+                     "speedup": round(tps / plain, 1), "prefill_s": round(ours["prefill_s"], 2)})
+        print("decode", rows[-1], flush=True)
+    return {"copy_bandwidth_tbps": round(bw / 1e12, 3), "weights_bytes": weights, "limit_tps": round(limit, 1),
+            "new": args.new, "rows": rows}
+
+
+def part_policies(model, spec, args) -> dict:
+    """Decode at budget 2048 after a 32k prompt (evict_batch 32) against a full cache holding 2048 tokens."""
+    rows = []
+    full_ids = torch.randint(10, spec.vocab_size, (1, 2048 - args.new - 16), device="cuda")
+    ref = kvscope_decode(model, full_ids, args.new)
+    rows.append({"policy": "full (2048-token cache)", "decode_tps": round(ref["decode_tps"], 1), "vs_full": 1.0,
+                 "prefill_s": round(ref["prefill_s"], 2)})
+    ids = torch.randint(10, spec.vocab_size, (1, 32768), device="cuda")
+    for policy in args.policies.split(","):
+        r = kvscope_decode(model, ids, args.new, policy=policy, budget=2048, evict_batch=32)
+        rows.append({"policy": policy, "decode_tps": round(r["decode_tps"], 1),
+                     "vs_full": round(r["decode_tps"] / ref["decode_tps"], 3), "prefill_s": round(r["prefill_s"], 2),
+                     "evicted": r["evicted"]})
+        print("policies", rows[-1], flush=True)
+    return {"new": args.new, "rows": rows}
+
+
+def _oom_probe(run) -> tuple[bool, int | None, str]:
+    base = clean()
+    try:
+        run()
+        torch.cuda.synchronize()
+        return True, torch.cuda.max_memory_allocated() - base, ""
+    except torch.OutOfMemoryError as exc:
+        return False, None, str(exc).split("\n")[0][:160]
+    finally:
+        clean()
+
+
+class _OutOfProbes(Exception):
+    pass
+
+
+def part_capacity(model, spec, args) -> dict:
+    total = torch.cuda.get_device_properties(0).total_memory
+    free, _ = torch.cuda.mem_get_info()
+    outside = total - free - torch.cuda.memory_reserved()  # CUDA context and libraries, outside PyTorch's counters
+    weights = spec.weights_bytes("bf16")
+    out = {"total_bytes": total, "outside_bytes": outside, "weights_bytes": weights, "context": 4096, "new": 16,
+           "runs": []}
+    for runtime, kv in [("kvscope", k) for k in args.kv_dtypes.split(",")] + [("hf", "bf16")]:
+        out["runs"].append(_largest_batch(model, spec, runtime, kv, total, weights, outside, args))
+        _save(args, "capacity", out)
+    return out
+
+
+def _largest_batch(model, spec, runtime: str, kv: str, total: int, weights: int, outside: int, args) -> dict:
+    context, new = 4096, 16
+    w = Workload(batch=1, context=context, new_tokens=new, runtime=runtime, kv_dtype=kv,
+                 policy="full" if runtime == "kvscope" else None)
+    predicted = search.max_batch(spec, w, total)
+    probes: list[dict] = []
+
+    def ok(b: int) -> bool:
+        if len(probes) >= args.max_probes:  # bounded device time: report the bracket found so far
+            raise _OutOfProbes
+        ids = torch.randint(10, spec.vocab_size, (b, context), device="cuda")
+        t = time.perf_counter()
+        good, peak, error = _oom_probe(lambda: _one_run(model, ids, runtime, kv, context, new))
+        planned = plan(spec, w.with_(batch=b), gpu_memory=total, advice=False)
+        probes.append({"batch": b, "ok": good, "peak": peak, "planned_peak": planned.peak_bytes,
+                       "planned_fits": planned.fits, "seconds": round(time.perf_counter() - t, 1), "error": error})
+        print("capacity", runtime, kv, probes[-1], flush=True)
+        return good
+
+    try:
+        best, exact = search.largest_from(ok, predicted, 1, 4 * predicted), True
+    except _OutOfProbes:
+        best, exact = max((p["batch"] for p in probes if p["ok"]), default=0), False
+    ideal = (total - weights - outside) / spec.kv_bytes_per_token(kv)
+    return {"runtime": runtime, "kv_dtype": kv, "predicted": predicted, "measured": best,
+            "tokens_in_flight": best * (context + new), "share_of_ideal": round(best * (context + new) / ideal, 4),
+            "ideal_tokens": int(ideal), "exact": exact, "probes": probes}
+
+
+def _one_run(model, ids, runtime: str, kv: str, context: int, new: int) -> None:
+    if runtime == "hf":
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
+                           do_sample=False, pad_token_id=0)
+        return
+    cache = BudgetedCache(model, "full", budget_tokens=context + new, kv_dtype=kv)
+    generate(model, ids, cache, max_new_tokens=new)
+
+
+def part_monitor(model, spec, args) -> dict:
+    ids = torch.randint(10, spec.vocab_size, (1, 8192), device="cuda")
+    samples = {"off": [], "on": []}
+    for _ in range(args.rounds):
+        samples["off"].append(kvscope_decode(model, ids, args.new)["decode_tps"])
+        with Monitor(device=0) as monitor:
+            samples["on"].append(kvscope_decode(model, ids, args.new, monitor=monitor)["decode_tps"])
+        print("monitor", samples, flush=True)
+    off, on = statistics.median(samples["off"]), statistics.median(samples["on"])
+    return {"samples": samples, "median_off": off, "median_on": on, "slowdown": round(1 - on / off, 4)}
+
+
+def _save(args, part: str, data: dict) -> None:
+    path = Path(args.out) / f"runtime-{part}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"device": device_line(), "date": time.strftime("%Y-%m-%d"), "commit": commit(), "command": args.command}
+    path.write_text(json.dumps({"meta": meta, **data}, indent=1, default=str))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated: " + ", ".join(PARTS))
+    p.add_argument("--out", default="out/runtime", help="directory for the JSON of each part")
+    p.add_argument("--render", metavar="DIR", help="only write the docs sections from the JSON in DIR")
+    p.add_argument("--model", default="llama-3.1-8b", help="catalogue shape (random bf16 weights)")
+    p.add_argument("--new", type=int, default=128, help="decode steps timed per kvscope run")
+    p.add_argument("--plain-new", type=int, default=32, help="decode steps timed per plain generate() run")
+    p.add_argument("--policies", default="lru,snapkv,streaming_llm,h2o,tova,sliding_window")
+    p.add_argument("--kv-dtypes", default="bf16", help="KV dtypes for the capacity part (bf16,int8,int4)")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--max-probes", type=int, default=5, help="capacity runs per runtime and KV dtype at most")
+    args = p.parse_args(argv)
+    import sys
+
+    args.command = "python -m benchmarks.runtime " + " ".join(sys.argv[1:])
+    if args.render:
+        from benchmarks.runtime_render import render
+
+        render(Path(args.render))
+        return 0
+    if not torch.cuda.is_available():
+        p.error("needs a CUDA GPU")
+    model, _, spec = load(args.model, random_weights=True, device="cuda", dtype="bf16")
+    for part in args.parts.split(","):
+        if part not in PARTS:
+            p.error(f"unknown part {part!r}; expected some of {', '.join(PARTS)}")
+        data = globals()[f"part_{part}"](model, spec, args)
+        _save(args, part, data)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

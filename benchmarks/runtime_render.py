@@ -1,0 +1,78 @@
+"""docs/benchmarks.md sections `runtime-<part>` from the JSON that `python -m benchmarks.runtime` saved."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.common import table, write_section
+
+GIB = 1024**3
+
+
+def _head(title: str, meta: dict, data_path: str) -> str:
+    return (f"## {title}\n\n- device: {meta['device']}\n- date: {meta['date']}\n- commit: {meta['commit']}\n"
+            f"- command: `{meta['command']}`\n- data: `{data_path}` (rebuild this section with "
+            f"`python -m benchmarks.runtime --render {Path(data_path).parent}`)\n\n")
+
+
+def _decode(d: dict) -> str:
+    md = (f"Limit: {d['weights_bytes'] / 1e9:.2f} GB of weights read per token at the measured device-to-device copy "
+          f"rate of {d['copy_bandwidth_tbps']} TB/s = **{d['limit_tps']} tok/s** at batch 1. kvscope: kvscope's own "
+          f"decode step captured in CUDA graphs ({d['new']} steps timed after the capture); eager: kvscope's runtime "
+          "through the model's forward (the path before CUDA graphs); plain: `model.generate()` with its "
+          "DynamicCache. GB/s counts weights + KV read per step.\n\n")
+    return md + table(d["rows"], [("batch", "batch"), ("context", "context"), ("plain_tps", "plain generate() tok/s"),
+                                  ("eager_tps", "kvscope eager tok/s"), ("kvscope_tps", "kvscope graphs tok/s"),
+                                  ("speedup", "vs plain"), ("gbps", "achieved GB/s"),
+                                  ("limit_pct", "% of the limit (batch 1)"), ("prefill_s", "prefill s")])
+
+
+def _policies(d: dict) -> str:
+    md = (f"32,768-token prompt, budget 2048 tokens, `evict_batch=32`, {d['new']} decode steps timed after the capture, "
+          "against a `full` cache holding 2048 tokens.\n\n")
+    return md + table(d["rows"], [("policy", "policy"), ("decode_tps", "decode tok/s"), ("vs_full", "vs full 2048"),
+                                  ("prefill_s", "prefill s"), ("evicted", "evicted tokens")])
+
+
+def _capacity(d: dict) -> str:
+    md = (f"4,096-token prompts + {d['new']} new tokens. GPU {d['total_bytes']:,} bytes, weights "
+          f"{d['weights_bytes']:,}, outside PyTorch (CUDA context) {d['outside_bytes']:,}; ideal = (GPU - weights - "
+          "context) / KV bytes per token. Each probe is a real run; `exact` means the search bracketed the largest "
+          "batch (it ran and the next one did not).\n\n")
+    rows = [{**r, "share": f"{100 * r['share_of_ideal']:.1f}%"} for r in d["runs"]]
+    md += table(rows, [("runtime", "runtime"), ("kv_dtype", "KV"), ("measured", "largest batch"),
+                       ("predicted", "planner"), ("tokens_in_flight", "tokens in flight"), ("share", "of ideal"),
+                       ("exact", "exact")])
+    probes = [{"runtime": r["runtime"], "kv": r["kv_dtype"], **p, "err": _err(p)} for r in d["runs"]
+              for p in r["probes"]]
+    md += "\nProbes (peak = `max_memory_allocated` over the baseline; planned = `kvscope plan` peak):\n\n"
+    return md + table(probes, [("runtime", "runtime"), ("kv", "KV"), ("batch", "batch"), ("ok", "ran"),
+                               ("peak", "peak bytes"), ("planned_peak", "planned bytes"), ("err", "planner error"),
+                               ("planned_fits", "planner: fits"), ("seconds", "s")])
+
+
+def _err(p: dict) -> str:
+    return "" if not p.get("peak") else f"{(p['planned_peak'] - p['peak']) / p['peak']:+.2%}"
+
+
+def _monitor(d: dict) -> str:
+    return (f"Decode tok/s at batch 1 after an 8,192-token prompt, with and without a running `Monitor` (50 ms "
+            "samples, phase marks and a KV snapshot every 8 steps, as the doctor does), interleaved rounds: "
+            f"off {d['samples']['off']}, on {d['samples']['on']}; medians {d['median_off']:.1f} vs "
+            f"{d['median_on']:.1f} tok/s, **{100 * d['slowdown']:.1f}% slower** with monitoring.\n")
+
+
+TITLES = {"decode": ("Runtime decode speed: `llama-3.1-8b` shape, random bf16 weights", _decode),
+          "policies": ("Runtime: eviction policies at budget 2048 after a 32k prompt", _policies),
+          "capacity": ("Runtime capacity: tokens in flight before OOM, `llama-3.1-8b`", _capacity),
+          "monitor": ("Runtime: cost of monitoring on decode", _monitor)}
+
+
+def render(directory: Path) -> None:
+    for part, (title, body) in TITLES.items():
+        path = directory / f"runtime-{part}.json"
+        if not path.exists():
+            continue
+        d = json.loads(path.read_text())
+        write_section(f"runtime-{part}", _head(title, d["meta"], f"docs/data/runtime-{part}.json") + body(d))

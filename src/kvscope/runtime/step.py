@@ -1,0 +1,58 @@
+"""kvscope's own Llama decode step: one token per row through every layer, on fixed shapes, with no host reads.
+
+Why not the model's forward: transformers' forward runs about 40 launches per layer (six for each RMSNorm, ten for
+RoPE) and Python logic per step (mask and position bookkeeping, the cache hooks). This step reads the same weights
+from the model's own modules (`_compat.decode_weights`, no copy) and does the same arithmetic in about 13 launches
+per layer: three for RMSNorm, RoPE and the KV insert (kvscope.runtime.kernels, kvscope.cache.static), two for the
+fused decode attention, the rest are the model's matrix products. Every input lives in a fixed device buffer
+(`tokens`, `positions`, the cache's queue pointer), so on CUDA the whole step is captured once in a CUDA graph and
+replayed (kvscope.runtime.graphs); on the CPU it runs as is.
+
+Shapes in comments: B rows, Hq query heads, H KV heads, D head_dim, N hidden, I intermediate, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kvscope.cache import static
+from kvscope.runtime.kernels import add_rmsnorm, rotate, silu_mul
+
+
+def _linear(x: torch.Tensor, wb) -> torch.Tensor:
+    return F.linear(x, wb[0], wb[1])
+
+
+class DecodeStep:
+    """The decode step of `weights` (a `_compat.DecodeWeights`) over the layers of one `BudgetedCache`."""
+
+    def __init__(self, weights, cache, batch: int, device):
+        self.w = weights
+        self.layers = cache.layers
+        self.ptr = cache.settings.queue_ptr
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=device)  # this step's input ids [B]
+        self.positions = torch.zeros(batch, dtype=torch.long, device=device)  # their true positions [B]
+
+    def __call__(self) -> torch.Tensor:
+        """Logits [B, V] of the next token; inserts this step's tokens and advances positions and the queue."""
+        w = self.w
+        b = self.tokens.shape[0]
+        residual = F.embedding(self.tokens, w.embed)[:, None, :]  # [B, 1, N]
+        cos, sin = w.rotary(residual, self.positions[:, None])  # [B, 1, D]
+        delta = None
+        for layer, lw in zip(self.layers, w.layers):
+            x = add_rmsnorm(residual, delta, lw.input_norm, w.eps)
+            q = _linear(x, lw.q).view(b, 1, w.heads, w.head_dim).transpose(1, 2)  # [B, Hq, 1, D]
+            k = _linear(x, lw.k).view(b, 1, w.kv_heads, w.head_dim).transpose(1, 2)  # [B, H, 1, D]
+            v = _linear(x, lw.v).view(b, 1, w.kv_heads, w.head_dim).transpose(1, 2)
+            q, k = rotate(q, k, cos, sin)
+            slot = static.insert(layer, k, v, self.positions, self.ptr)
+            attn = static.attend(layer, q, slot, self.positions, w.scaling)  # [B, Hq, 1, D]
+            o = _linear(attn.transpose(1, 2).reshape(b, 1, w.heads * w.head_dim), lw.o)
+            x = add_rmsnorm(residual, o, lw.post_norm, w.eps)
+            delta = _linear(silu_mul(_linear(x, lw.gate), _linear(x, lw.up)), lw.down)
+        x = add_rmsnorm(residual, delta, w.norm, w.eps)
+        self.positions.add_(1)
+        self.ptr.add_(1)
+        return _linear(x[:, 0], w.lm_head)  # [B, V]

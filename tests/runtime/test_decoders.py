@@ -1,0 +1,102 @@
+"""kvscope's own decode step against the model's forward: the same tokens, the same kept tokens, for every policy."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from kvscope import policies
+from kvscope.cache import BudgetedCache
+from kvscope.runtime import generate
+from kvscope.runtime.step import DecodeStep
+from tests.conftest import TINY, build_tiny
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny()
+
+
+def batch(length=24, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 256, (2, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    ids[0, :5] = 0
+    return ids, mask
+
+
+def kept(cache) -> list[list[list[int]]]:
+    """Per layer and row: the sorted true positions held by KV head 0."""
+    return [[sorted(layer.state.position[r, 0][layer.state.valid[r, 0]].tolist()) for r in range(2)]
+            for layer in cache.layers]
+
+
+def both(model, policy, kv_dtype=None, budget=16, evict_batch=1, new=14):
+    ids, mask = batch()
+    out = {}
+    for mode in ("forward", "static"):
+        cache = BudgetedCache(model, policy, budget_tokens=budget, kv_dtype=kv_dtype, chunk_size=8,
+                              evict_batch=evict_batch)
+        gen = generate(model, ids, cache, attention_mask=mask, max_new_tokens=new, chunk_size=8, decode=mode)
+        out[mode] = (gen.sequences.tolist(), kept(cache), cache.stats().evicted_tokens, cache.get_seq_length())
+    return out
+
+
+@pytest.mark.parametrize("policy", policies.available())
+def test_static_step_keeps_what_the_forward_keeps(tiny, policy, monkeypatch):
+    calls = []
+    original = DecodeStep.__call__
+    monkeypatch.setattr(DecodeStep, "__call__", lambda self: calls.append(1) or original(self))
+    budget = 40 if policy == "full" else max(16, policies.get(policy).min_budget() + 2)
+    out = both(tiny, policy, budget=budget)
+    assert out["static"] == out["forward"]
+    assert len(calls) == 13  # the static run really ran kvscope's step: 14 new tokens, 13 decode steps
+    assert policy == "full" or out["static"][2] > 0  # and evicted
+
+
+@pytest.mark.parametrize("kv_dtype", ["int8", "fp8", "bf16"])
+@pytest.mark.parametrize("policy", ["lru", "h2o", "streaming_llm"])
+def test_static_step_with_quantized_stores_and_evict_batch(tiny, kv_dtype, policy):
+    out = both(tiny, policy, kv_dtype=kv_dtype, budget=14, evict_batch=3)
+    assert out["static"] == out["forward"]
+
+
+def test_static_step_continues_and_hands_back_to_the_eager_path(tiny):
+    ids, mask = batch(seed=3)
+    more = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(4))
+    results = []
+    for mode in ("forward", "static"):
+        cache = BudgetedCache(tiny, "lru", budget_tokens=20, chunk_size=8)
+        first = generate(tiny, ids, cache, attention_mask=mask, max_new_tokens=9, decode=mode)
+        second = generate(tiny, more, cache, max_new_tokens=9, decode=mode)  # eager prefill after a static decode
+        results.append((first.sequences.tolist(), second.sequences.tolist(), kept(cache)))
+    assert results[0] == results[1]
+
+
+def test_static_step_matches_plain_generate_on_the_embedded_model(smollm):
+    model, tok, _ = smollm
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    ref = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)[0, ids.shape[1]:].tolist()
+    for mode in ("forward", "static"):
+        cache = BudgetedCache(model, "full", budget_tokens=64)
+        assert generate(model, ids, cache, max_new_tokens=16, decode=mode).sequences[0].tolist() == ref
+
+
+def test_int4_decodes_through_the_forward_with_a_warning():
+    ids, mask = batch()
+    cfg_model = build_tiny({**TINY, "head_dim": 64, "hidden_size": 256})  # int4 packs 64-channel groups
+    cache = BudgetedCache(cfg_model, "lru", budget_tokens=16, kv_dtype="int4", chunk_size=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        generate(cfg_model, ids, cache, attention_mask=mask, max_new_tokens=4, decode="static")
+    assert any("ring position" in str(w.message) for w in caught)
+
+
+def test_unknown_decode_mode(tiny):
+    from kvscope.errors import UsageError
+
+    with pytest.raises(UsageError, match="decode mode"):
+        generate(tiny, batch()[0], BudgetedCache(tiny, "lru", budget_tokens=16), max_new_tokens=2, decode="fast")

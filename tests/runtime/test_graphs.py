@@ -1,0 +1,118 @@
+"""CUDA-graph decode (kvscope.runtime.decoders.GraphDecoder) against kvscope's step run eagerly and the model's
+forward: the same tokens and the same kept tokens, graphs reused across generations, memory freed on `del`."""
+
+from __future__ import annotations
+
+import gc
+import warnings
+
+import pytest
+import torch
+
+from kvscope import policies
+from kvscope.cache import BudgetedCache
+from kvscope.runtime import generate
+from tests.conftest import TINY, build_tiny
+
+pytestmark = pytest.mark.gpu
+
+SHAPE = {**TINY, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 3, "num_attention_heads": 8,
+         "num_key_value_heads": 2, "head_dim": 64, "vocab_size": 512}
+
+
+@pytest.fixture(scope="module")
+def models():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    return {dtype: build_tiny(SHAPE, dtype=dtype).cuda() for dtype in (torch.float32, torch.bfloat16)}
+
+
+def batch(length=40, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 512, (2, length), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :7] = 0
+    ids[0, :7] = 0
+    return ids.cuda(), mask.cuda()
+
+
+def kept(cache):
+    return [[sorted(layer.state.position[r, h][layer.state.valid[r, h]].tolist()) for r in range(2) for h in range(2)]
+            for layer in cache.layers]
+
+
+def run(model, mode, policy, kv_dtype=None, budget=24, evict_batch=1, new=40, cache=None):
+    ids, mask = batch()
+    cache = cache or BudgetedCache(model, policy, budget_tokens=budget, kv_dtype=kv_dtype, chunk_size=16,
+                                   evict_batch=evict_batch)
+    gen = generate(model, ids, cache, attention_mask=mask, max_new_tokens=new, chunk_size=16, decode=mode)
+    return gen.sequences.tolist(), kept(cache), cache.stats().evicted_tokens
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "fp8"])
+@pytest.mark.parametrize("policy", policies.available())
+def test_graph_equals_static_bit_for_bit_and_forward_in_fp32(models, policy, kv_dtype):
+    budget = 80 if policy == "full" else max(24, policies.get(policy).min_budget() + 4)
+    for dtype, model in models.items():
+        graph = run(model, "graph", policy, kv_dtype, budget)
+        assert graph == run(model, "static", policy, kv_dtype, budget)
+        if dtype == torch.float32:
+            assert graph == run(model, "forward", policy, kv_dtype, budget)
+        assert policy == "full" or graph[2] > 0
+
+
+@pytest.mark.parametrize("policy", ["lru", "snapkv", "streaming_llm"])
+def test_evict_batch_in_graphs(models, policy):
+    model = models[torch.float32]
+    budget = max(40, policies.get(policy).min_budget() + 12)
+    assert run(model, "graph", policy, budget=budget, evict_batch=8) == \
+        run(model, "forward", policy, budget=budget, evict_batch=8)
+
+
+def test_graphs_are_reused_by_the_next_generation_with_the_same_cache(models):
+    model = models[torch.bfloat16]
+    cache = BudgetedCache(model, "lru", budget_tokens=24, chunk_size=16)
+    first = run(model, "graph", "lru", cache=cache)
+    graph = cache.decode_graphs[2]["step"].graph
+    assert graph is not None
+    cache.reset()
+    again = run(model, "graph", "lru", cache=cache)
+    assert cache.decode_graphs[2]["step"].graph is graph  # replayed, not captured again
+    assert again == first
+
+
+def test_deleting_a_cache_frees_its_gpu_memory_at_once(models):
+    model = models[torch.bfloat16]
+    gc.collect()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    gc.disable()
+    try:
+        cache = BudgetedCache(model, "lru", budget_tokens=2048, chunk_size=16)
+        run(model, "graph", "lru", cache=cache, new=8)
+        assert torch.cuda.memory_allocated() > before + cache.settings.arena.nbytes // 2
+        del cache
+        assert torch.cuda.memory_allocated() == before
+    finally:
+        gc.enable()
+
+
+def test_int4_falls_back_to_the_forward_with_one_warning(models):
+    model = models[torch.bfloat16]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = run(model, "auto", "lru", kv_dtype="int4", budget=130, new=6)
+    assert any("ring position" in str(w.message) for w in caught)
+    assert len(out[0][0]) == 6
+
+
+def test_continuing_after_graph_decode(models):
+    model = models[torch.float32]
+    more = torch.randint(3, 512, (2, 9), generator=torch.Generator().manual_seed(1)).cuda()
+    results = []
+    for mode in ("graph", "forward"):
+        cache = BudgetedCache(model, "h2o", budget_tokens=30, chunk_size=16)
+        a = run(model, mode, "h2o", cache=cache, new=20)
+        b = generate(model, more, cache, max_new_tokens=20, decode=mode).sequences.tolist()
+        results.append((a, b, kept(cache)))
+    assert results[0] == results[1]
