@@ -29,8 +29,8 @@ def _decode(d: dict) -> str:
 
 
 def _policies(d: dict) -> str:
-    md = (f"32,768-token prompt, budget 2048 tokens, `evict_batch=32`, {d['new']} decode steps timed after the capture, "
-          "against a `full` cache holding 2048 tokens.\n\n")
+    md = (f"32,768-token prompt, budget 2048 tokens, `evict_batch=32`, {d['new']} decode steps timed after the "
+          "capture, against a `full` cache holding 2048 tokens.\n\n")
     return md + table(d["rows"], [("policy", "policy"), ("decode_tps", "decode tok/s"), ("vs_full", "vs full 2048"),
                                   ("prefill_s", "prefill s"), ("evicted", "evicted tokens")])
 
