@@ -29,7 +29,7 @@ from kvscope.monitor import Monitor
 from kvscope.planner import Workload, plan, search
 from kvscope.runtime import generate
 
-PARTS = ("decode", "policies", "capacity", "monitor")
+PARTS = ("decode", "policies", "capacity", "monitor", "profile")
 GIB = 1024**3
 
 
@@ -114,12 +114,13 @@ def part_decode(model, spec, args) -> dict:
         eager = kvscope_decode(model, ids, args.new // 4, decode="forward") if context == 1024 else None
         plain = plain_decode_tps(model, ids, args.plain_new)
         kv_read = batch * (context + args.new) * spec.kv_bytes_per_token("bf16")
-        tps = ours["decode_tps"]
-        rows.append({"batch": batch, "context": context, "plain_tps": round(plain, 1), "kvscope_tps": round(tps, 1),
+        steps = ours["decode_tps"]  # decode steps per second: tokens per second per sequence
+        rows.append({"batch": batch, "context": context, "plain_tps": round(plain, 1), "kvscope_tps": round(steps, 1),
+                     "total_tps": round(steps * batch, 0),
                      "eager_tps": round(eager["decode_tps"], 1) if eager else None,
-                     "gbps": round((weights + kv_read) * tps / batch / 1e9, 0),
-                     "limit_pct": round(100 * tps / batch / limit, 1) if batch == 1 else None,
-                     "speedup": round(tps / plain, 1), "prefill_s": round(ours["prefill_s"], 2)})
+                     "gbps": round((weights + kv_read) * steps / 1e9, 0),
+                     "limit_pct": round(100 * steps / limit, 1) if batch == 1 else None,
+                     "speedup": round(steps / plain, 1), "prefill_s": round(ours["prefill_s"], 2)})
         print("decode", rows[-1], flush=True)
     return {"copy_bandwidth_tbps": round(bw / 1e12, 3), "weights_bytes": weights, "limit_tps": round(limit, 1),
             "new": args.new, "rows": rows}
@@ -220,6 +221,27 @@ def part_monitor(model, spec, args) -> dict:
         print("monitor", samples, flush=True)
     off, on = statistics.median(samples["off"]), statistics.median(samples["on"])
     return {"samples": samples, "median_off": off, "median_on": on, "slowdown": round(1 - on / off, 4)}
+
+
+def part_profile(model, spec, args) -> dict:
+    """Where a batch-1 decode step's GPU time goes (1k context): torch.profiler over 32 graph replays."""
+    ids = torch.randint(10, spec.vocab_size, (1, 1024), device="cuda")
+    cache = BudgetedCache(model, "full", budget_tokens=1024 + 64 + 8)
+    first = generate(model, ids, cache, max_new_tokens=4)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        gen = generate(model, first.sequences[:, -1:], cache, max_new_tokens=33)
+        torch.cuda.synchronize()
+    rows = []
+    for e in prof.key_averages():
+        if e.device_time_total > 0:
+            rows.append({"kernel": e.key[:90], "calls": e.count, "total_us": round(e.device_time_total, 1),
+                         "per_call_us": round(e.device_time_total / max(1, e.count), 2)})
+    rows.sort(key=lambda r: -r["total_us"])
+    total = sum(r["total_us"] for r in rows)
+    del cache
+    clean()
+    return {"steps": 32, "gpu_us_per_step": round(total / 32, 1), "decode_tps": gen.decode_tokens_per_second,
+            "kernels": rows[:40]}
 
 
 def _save(args, part: str, data: dict) -> None:

@@ -22,9 +22,11 @@ def _decode(d: dict) -> str:
           f"decode step captured in CUDA graphs ({d['new']} steps timed after the capture); eager: kvscope's runtime "
           "through the model's forward (the path before CUDA graphs); plain: `model.generate()` with its "
           "DynamicCache. GB/s counts weights + KV read per step.\n\n")
+    md += "Tokens/s are per sequence (decode steps per second); total = per sequence x batch.\n\n"
     return md + table(d["rows"], [("batch", "batch"), ("context", "context"), ("plain_tps", "plain generate() tok/s"),
                                   ("eager_tps", "kvscope eager tok/s"), ("kvscope_tps", "kvscope graphs tok/s"),
-                                  ("speedup", "vs plain"), ("gbps", "achieved GB/s"),
+                                  ("total_tps", "kvscope total tok/s"), ("speedup", "vs plain"),
+                                  ("gbps", "achieved GB/s"),
                                   ("limit_pct", "% of the limit (batch 1)"), ("prefill_s", "prefill s")])
 
 
@@ -63,10 +65,18 @@ def _monitor(d: dict) -> str:
             f"{d['median_on']:.1f} tok/s, **{100 * d['slowdown']:.1f}% slower** with monitoring.\n")
 
 
+def _profile(d: dict) -> str:
+    md = (f"GPU time per decode step {d['gpu_us_per_step']} us over {d['steps']} replays (batch 1, 1k context, "
+          "torch.profiler, CUDA activity), the kernels by total time:\n\n")
+    return md + table(d["kernels"], [("kernel", "kernel"), ("calls", "calls"), ("total_us", "total us"),
+                                     ("per_call_us", "us per call")])
+
+
 TITLES = {"decode": ("Runtime decode speed: `llama-3.1-8b` shape, random bf16 weights", _decode),
           "policies": ("Runtime: eviction policies at budget 2048 after a 32k prompt", _policies),
           "capacity": ("Runtime capacity: tokens in flight before OOM, `llama-3.1-8b`", _capacity),
-          "monitor": ("Runtime: cost of monitoring on decode", _monitor)}
+          "monitor": ("Runtime: cost of monitoring on decode", _monitor),
+          "profile": ("Runtime: where a decode step's GPU time goes", _profile)}
 
 
 def render(directory: Path) -> None:

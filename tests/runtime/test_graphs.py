@@ -116,3 +116,32 @@ def test_continuing_after_graph_decode(models):
         b = generate(model, more, cache, max_new_tokens=20, decode=mode).sequences.tolist()
         results.append((a, b, kept(cache)))
     assert results[0] == results[1]
+
+
+def test_a_cache_larger_than_the_gpu_is_refused_before_any_work(models):
+    from kvscope.errors import UsageError
+
+    model = models[torch.bfloat16]
+    total = torch.cuda.get_device_properties(0).total_memory
+    per_token = 3 * 2 * 2 * 64 * 2  # layers x (K, V) x KV heads x head_dim x bf16
+    budget = 2 * total // (2 * per_token)  # twice the GPU for 2 rows
+    cache = BudgetedCache(model, "lru", budget_tokens=budget, chunk_size=16)
+    before = torch.cuda.memory_allocated()
+    with pytest.raises(UsageError, match=r"the KV cache needs .* GPU has .* free"):
+        run(model, "graph", "lru", cache=cache, new=4)
+    assert torch.cuda.memory_allocated() == before and not cache.layers[0].is_initialized
+
+
+def test_a_failed_capture_falls_back_to_eager_with_one_warning(models, monkeypatch):
+    model = models[torch.float32]
+    expected = run(model, "forward", "h2o")
+
+    class Broken:
+        def __init__(self, *a, **k):
+            raise RuntimeError("capture not permitted here")
+
+    monkeypatch.setattr(torch.cuda, "graph", Broken)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert run(model, "graph", "h2o") == expected
+    assert sum("capture failed" in str(w.message) for w in caught) == 1

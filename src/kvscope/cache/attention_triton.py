@@ -31,6 +31,9 @@ from kvscope.cache.quant_triton import _jit, int4_tile, pertoken_tile
 from kvscope.kvformats import INT4_GROUP, INT4_RESIDUAL
 
 COMBINE_BLOCK = 64  # splits merged at once by the second kernel
+PROGRAMS_PER_SM = 4  # split-kernel programs per multiprocessor that long contexts are divided into
+MAX_SPLIT = 2048  # slots per program at most
+WEIGHTS_BLOCK = 256  # slots per program of the observed-weights kernel
 DENSE, FP8, INT8, INT4 = 0, 1, 2, 3
 # Per format: slots per program of the first kernel (SPLIT, a multiple of BLOCK_N), slots per tile, warps. Chosen from
 # benchmarks/decode_kernel.py on an H100 (docs/benchmarks.md, section decode-kernel): 4 warps suit bf16, but make the
@@ -102,13 +105,17 @@ def _kvscope_decode_split(q_ptr, valid_ptr, own_ptr, a0, a1, a2, a3, a4, st, par
     acc = tl.zeros((BLOCK_G, D), tl.float32)
     lo = split * SPLIT
     hi = tl.minimum(lo + SPLIT, upto)
-    for start in range(lo, hi, BLOCK_N):
-        s = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
-        rows = s < hi
-        valid = tl.load(valid_ptr + b * vsb + h * vsh + s, mask=rows, other=0).to(tl.int1)
-        seen = rows & (valid | (s == own))
-        if tl.max(seen.to(tl.int32), axis=0) > 0:  # a tile with nothing visible costs no key or value load
+    # a split with no visible slot (the unwritten tail of a cache, a fully evicted range) loads no key or value
+    span = lo + tl.arange(0, SPLIT)
+    inside = span < hi
+    vis = tl.load(valid_ptr + b * vsb + h * vsh + span, mask=inside, other=0).to(tl.int1) | (span == own)
+    if tl.max((vis & inside).to(tl.int32), axis=0) > 0:
+        for start in range(lo, hi, BLOCK_N):
+            s = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
+            rows = s < hi
             m = rows[:, None] & (d < D)[None, :]
+            valid = tl.load(valid_ptr + b * vsb + h * vsh + s, mask=rows, other=0).to(tl.int1)
+            seen = rows & (valid | (s == own))
             k = _tile(0, b, h, s, rows, d, m, a0, a1, a2, a3, a4, full, st, KIND, GROUP, R).to(dtype)
             qk = _dot(q, tl.trans(k)) * qk_scale  # [BLOCK_G, BLOCK_N], log2 units
             qk = tl.where(seen[None, :], qk, float("-inf"))
@@ -123,9 +130,11 @@ def _kvscope_decode_split(q_ptr, valid_ptr, own_ptr, a0, a1, a2, a3, a4, st, par
             acc = acc * alpha[:, None] + _dot(p.to(dtype), v)
             l_i = l_i * alpha + tl.sum(p, axis=1)
             m_i = m_new
-        elif SCORES:
+    elif SCORES:
+        for start in range(lo, hi, BLOCK_N):
+            s = (start + tl.arange(0, BLOCK_N)).to(tl.int64)
             tl.store(score_ptr + (bh * group + g)[:, None] * ssr + s[None, :],
-                     tl.full((BLOCK_G, BLOCK_N), float("-inf"), tl.float32), mask=gm[:, None] & rows[None, :])
+                     tl.full((BLOCK_G, BLOCK_N), float("-inf"), tl.float32), mask=gm[:, None] & (s < hi)[None, :])
     row = (bh * splits + split) * group + g  # only the group's real query heads are kept
     tl.store(part_ptr + row[:, None] * D + d[None, :], acc, mask=gm[:, None])
     tl.store(stat_ptr + row * 2, m_i, mask=gm)
@@ -187,6 +196,25 @@ def _store_args(store) -> tuple[int, list[torch.Tensor], torch.Tensor, int]:
     return kind, tensors + [tensors[0]] * (5 - len(tensors)), st, full
 
 
+def split_size(kind: int, upto: int, rows: int) -> int:
+    """Slots per program of the split kernel: the format's tuned size, larger at long contexts so that about
+    `PROGRAMS_PER_SM` programs per multiprocessor share the work (fewer splits to merge, longer loops to pipeline)."""
+    tune = TUNING[kind]
+    target = max(1, (PROGRAMS_PER_SM * _multiprocessors()) // max(1, rows))
+    size = triton.next_power_of_2(max(1, triton.cdiv(upto, target)))
+    return int(min(MAX_SPLIT, max(tune["SPLIT"], size)))
+
+
+_SMS: dict = {}
+
+
+def _multiprocessors() -> int:
+    if "n" not in _SMS:
+        _SMS["n"] = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count \
+            if torch.cuda.is_available() else 132
+    return _SMS["n"]
+
+
 def decode_attention(store, query: torch.Tensor, valid: torch.Tensor, own: torch.Tensor, upto: int,
                      scaling: float, weights: bool = False):
     """Attention output [B, Hq, 1, D] of one query per row over slots [0, upto) of `store`.
@@ -201,7 +229,8 @@ def decode_attention(store, query: torch.Tensor, valid: torch.Tensor, own: torch
     kind, (a0, a1, a2, a3, a4), st, full = _store_args(store)
     block_g = max(16, triton.next_power_of_2(group))  # tl.dot needs 16 rows: the group is padded
     tune = TUNING[kind]
-    splits = triton.cdiv(upto, tune["SPLIT"])
+    split = split_size(kind, upto, b * heads)
+    splits = triton.cdiv(upto, split)
     part = torch.empty(b * heads * splits * group * d, dtype=torch.float32, device=query.device)
     stat = torch.empty(b * heads * splits * group * 2, dtype=torch.float32, device=query.device)
     out = torch.empty(b, hq, 1, d, dtype=query.dtype, device=query.device)
@@ -210,11 +239,30 @@ def decode_attention(store, query: torch.Tensor, valid: torch.Tensor, own: torch
     _kvscope_decode_split[(splits, b * heads)](
         query, valid, own, a0, a1, a2, a3, a4, st, part, stat, scores, upto, splits, heads, group, full,
         scaling * LOG2E, query.stride(0), query.stride(1), valid.stride(0), valid.stride(1), own.stride(0),
-        own.stride(1), upto, D=d, BLOCK_G=block_g, BLOCK_N=tune["BLOCK_N"], SPLIT=tune["SPLIT"], KIND=kind,
+        own.stride(1), upto, D=d, BLOCK_G=block_g, BLOCK_N=tune["BLOCK_N"], SPLIT=split, KIND=kind,
         GROUP=INT4_GROUP, R=INT4_RESIDUAL, SCORES=weights, num_warps=tune["NUM_WARPS"])
     _kvscope_decode_combine[(b * hq,)](part, stat, out, lse, splits, heads, group, hq, out.stride(0), out.stride(1),
                                        D=d, BLOCK_S=COMBINE_BLOCK, SCORES=weights)
     if not weights:
         return out
-    probs = torch.exp2(scores - lse[:, None])  # unseen slots: exp2(-inf) = 0
-    return out, probs.view(b, heads, group, 1, upto).mean(2)
+    mean = torch.empty(b, heads, 1, upto, dtype=torch.float32, device=query.device)
+    _kvscope_decode_weights[(b * heads, triton.cdiv(upto, WEIGHTS_BLOCK))](
+        scores, lse, mean, upto, group, GROUP_BLOCK=triton.next_power_of_2(group), BLOCK=WEIGHTS_BLOCK)
+    return out, mean
+
+
+@_jit("upto", "group")
+def _kvscope_decode_weights(score_ptr, lse_ptr, out_ptr, upto, group, GROUP_BLOCK: tl.constexpr,
+                            BLOCK: tl.constexpr):
+    """weights[b, h, 0, s] = mean over the group's query heads j of exp2(logit[j, s] - lse[j]) (one launch instead
+    of subtract, exp2 and mean)."""
+    bh = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    j = tl.arange(0, GROUP_BLOCK)
+    jm = j < group
+    rows = bh * group + j
+    lse = tl.load(lse_ptr + rows, mask=jm, other=0.0)
+    logits = tl.load(score_ptr + rows[:, None] * upto + s[None, :], mask=jm[:, None] & (s < upto)[None, :],
+                     other=float("-inf"))
+    w = tl.sum(tl.exp2(logits - lse[:, None]), axis=0) / group
+    tl.store(out_ptr + bh * upto + s, w, mask=s < upto)

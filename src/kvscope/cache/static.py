@@ -21,12 +21,21 @@ from kvscope.cache import fused
 from kvscope.policies.base import Observation, select_evictions
 
 
-def insert(layer, key: torch.Tensor, value: torch.Tensor, position: torch.Tensor, ptr: torch.Tensor) -> torch.Tensor:
+def insert(layer, key: torch.Tensor, value: torch.Tensor, position: torch.Tensor, ptr: torch.Tensor,
+           rope=None) -> torch.Tensor:
     """Write one token per row (key/value [B, H, 1, D], true positions [B]) into the slot the queue gives at `ptr`;
-    mark it valid with its position. Returns the slots [B, H, 1]."""
+    mark it valid with its position. Returns the slots [B, H, 1]. With `rope` = (query, cos, sin), the query and the
+    key are first rotated in place (the same launch on CUDA); `key` must then be a contiguous head layout."""
     st, store = layer.state, layer.store
-    ran, slot = fused.run(st.valid, "static_triton.insert", layer, key, value, position, ptr)
+    ran, slot = fused.run(st.valid, "static_triton.insert", layer, key, value, position, ptr, rope)
     if not ran:
+        if rope is not None:
+            from kvscope.runtime.kernels import rotate
+
+            q, cos, sin = rope
+            q_rot, k_rot = rotate(q, key, cos, sin)
+            q.copy_(q_rot)
+            key.copy_(k_rot)
         b, h = st.valid.shape[:2]
         slot = layer.queue.gather(-1, ptr.view(1, 1, 1).expand(b, h, 1))
         store.write(slot, key, value)

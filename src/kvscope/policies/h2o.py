@@ -28,7 +28,8 @@ class H2O(Policy):
         fraction(self.name, "recent_ratio", self.recent_ratio)
 
     def observe(self, state: SlotState, obs: Observation) -> None:
-        state.score.add_(obs.weights.sum(dim=2))
+        w = obs.weights
+        state.score.add_(w[:, :, 0] if w.shape[2] == 1 else w.sum(dim=2))  # one launch for a decode step
 
     def keep_scores(self, state: SlotState, budget: int) -> torch.Tensor:
         recent = int(budget * self.recent_ratio)

@@ -47,6 +47,8 @@ class LRU(Policy):
         state.score.scatter_(-1, slots, state.position.gather(-1, slots).to(torch.float32))
 
     def observe(self, state: SlotState, obs: Observation) -> None:
+        if obs.weights.shape[2] == 1 and self.top_k:
+            return self._observe_one(state, obs)
         w = obs.weights  # [B, H, Q, S]
         used = w > self.threshold
         k = min(self.top_k, w.shape[-1])
@@ -57,6 +59,21 @@ class LRU(Policy):
         when = obs.query_position.to(torch.float32)[:, None, :, None]  # [B, 1, Q, 1]
         last = torch.where(used, when, -1.0).amax(dim=2)  # a scalar, not a host tensor: graph-capturable
         torch.maximum(state.score, last, out=state.score)
+
+    def _observe_one(self, state: SlotState, obs: Observation) -> None:
+        """A decode step's query: "in the top k" is "at or above the k-th largest weight" (ties at it count too), so
+        the update is one `topk` and one fused launch (kvscope.cache.observe_triton) instead of a dozen ops."""
+        from kvscope.cache import fused
+
+        w = obs.weights[:, :, 0]  # [B, H, S]
+        kth = w.topk(min(self.top_k, w.shape[-1]), dim=-1).values[..., -1]  # [B, H]
+        position = obs.query_position[:, 0]  # [B]
+        if fused.run(state.score, "observe_triton.lru_decode", state.score, w, kth, state.valid, position,
+                     self.threshold)[0]:
+            return
+        used = ((w > self.threshold) | ((w >= kth[..., None]) & (w > 0))) & state.valid
+        when = position.to(torch.float32)[:, None, None]
+        torch.maximum(state.score, torch.where(used, when, -1.0), out=state.score)
 
     def keep_scores(self, state: SlotState, budget: int) -> torch.Tensor:
         if self.spread == 1:

@@ -49,11 +49,11 @@ class SnapKV(Policy):
     def observe(self, state: SlotState, obs: Observation) -> None:
         # this block's share of the mean over the observation's rows (a window observed in several blocks sums to the
         # mean over all of them)
+        if obs.total_rows == 1:  # a decode step: a moving average over `window` steps (one launch)
+            state.score.lerp_(obs.weights[:, :, 0], 1.0 / self.window)
+            return
         share = obs.weights.sum(dim=2) / obs.total_rows
-        if obs.total_rows == 1:  # a decode step: a moving average over `window` steps
-            rate = 1.0 / self.window
-            state.score.mul_(1 - rate).add_(share, alpha=rate)
-        elif obs.first:  # a prefill chunk's window
+        if obs.first:  # a prefill chunk's window
             state.score.copy_(share)
         else:
             state.score.add_(share)

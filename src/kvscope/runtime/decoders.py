@@ -130,11 +130,14 @@ class _Captured:
         self.graph = None
         self.out = None
         self.warm = False
+        self.broken = False  # a capture failed: run eagerly from now on
 
     def __call__(self):
         if self.graph is not None:
             self.graph.replay()
             return self.out
+        if self.broken:
+            return self.fn()
         current = torch.cuda.current_stream()
         self.stream.wait_stream(current)
         if not self.warm:
@@ -144,10 +147,18 @@ class _Captured:
             self.warm = True
             return out
         graph = torch.cuda.CUDAGraph()
-        for g in self.generators:
-            graph.register_generator_state(g)
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
-            self.out = self.fn()
+        try:
+            for g in self.generators:
+                graph.register_generator_state(g)
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+                self.out = self.fn()
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a capture that fails falls back to eager, once, with the reason
+            self.broken, self.out = True, None
+            current.wait_stream(self.stream)
+            _warn_once(f"kvscope: decoding without CUDA graphs: the capture failed ({type(exc).__name__}: {exc})")
+            return self.fn()  # a failed capture ran nothing: this step runs now
         current.wait_stream(self.stream)
         self.graph = graph
         graph.replay()

@@ -2,9 +2,9 @@
 
 Why not the model's forward: transformers' forward runs about 40 launches per layer (six for each RMSNorm, ten for
 RoPE) and Python logic per step (mask and position bookkeeping, the cache hooks). This step reads the same weights
-from the model's own modules (`_compat.decode_weights`, no copy) and does the same arithmetic in about 13 launches
-per layer: three for RMSNorm, RoPE and the KV insert (kvscope.runtime.kernels, kvscope.cache.static), two for the
-fused decode attention, the rest are the model's matrix products. Every input lives in a fixed device buffer
+from the model's own modules (`_compat.decode_weights`, no copy) and does the same arithmetic in about 12 launches
+per layer: two RMSNorms and the SiLU product (kvscope.runtime.kernels), RoPE with the KV insert (kvscope.cache.static),
+two for the fused decode attention; the rest are the model's matrix products. Every input lives in a fixed device buffer
 (`tokens`, `positions`, the cache's queue pointer), so on CUDA the whole step is captured once in a CUDA graph and
 replayed (kvscope.runtime.graphs); on the CPU it runs as is.
 
@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from kvscope.cache import static
-from kvscope.runtime.kernels import add_rmsnorm, rotate, silu_mul
+from kvscope.runtime.kernels import add_rmsnorm, silu_mul
 
 
 def _linear(x: torch.Tensor, wb) -> torch.Tensor:
@@ -46,8 +46,7 @@ class DecodeStep:
             q = _linear(x, lw.q).view(b, 1, w.heads, w.head_dim).transpose(1, 2)  # [B, Hq, 1, D]
             k = _linear(x, lw.k).view(b, 1, w.kv_heads, w.head_dim).transpose(1, 2)  # [B, H, 1, D]
             v = _linear(x, lw.v).view(b, 1, w.kv_heads, w.head_dim).transpose(1, 2)
-            q, k = rotate(q, k, cos, sin)
-            slot = static.insert(layer, k, v, self.positions, self.ptr)
+            slot = static.insert(layer, k, v, self.positions, self.ptr, rope=(q, cos, sin))  # RoPE in place
             attn = static.attend(layer, q, slot, self.positions, w.scaling)  # [B, Hq, 1, D]
             o = _linear(attn.transpose(1, 2).reshape(b, 1, w.heads * w.head_dim), lw.o)
             x = add_rmsnorm(residual, o, lw.post_norm, w.eps)
