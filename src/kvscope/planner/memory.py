@@ -86,8 +86,8 @@ def kv_cache_tokens(w: Workload) -> int:
 
     kvscope's cache is sized to its budget (the whole sequence without one) plus room for one prefill chunk."""
     if w.runtime == "hf":
-        return w.total_tokens - 1  # the last generated token is never fed back
-    return (w.budget_tokens or w.total_tokens) + min(w.chunk_size, w.context)
+        return w.kv_tokens
+    return (w.budget_tokens or w.kv_tokens) + min(w.chunk_size, w.context)
 
 
 # per (sequence, KV head, slot) of kvscope's cache, besides the KV itself: valid (bool), true position (int64) and
@@ -95,13 +95,19 @@ def kv_cache_tokens(w: Workload) -> int:
 SLOT_STATE_BYTES = 1 + 8 + 4
 
 
-def kv_bytes(spec: ModelSpec, w: Workload) -> int:
+def kv_store_bytes(spec: ModelSpec, w: Workload) -> int:
+    """Bytes the keys and values take at the cache's largest, whole batch and all layers: for kvscope's runtime what
+    `BudgetedCache.stats().bytes` reports (its stores: budget + one chunk of slots, int4's full-precision window)."""
     per_token = spec.kv_bytes_per_token(w.kv_dtype, w.tp)
-    tokens = kv_cache_tokens(w)
+    return w.batch * (kv_cache_tokens(w) * per_token + spec.kv_fixed_bytes(w.kv_dtype, w.dtype, w.tp))
+
+
+def kv_bytes(spec: ModelSpec, w: Workload) -> int:
+    """`kv_store_bytes` plus kvscope's per-slot state (validity, position, score): the cache's whole allocation."""
     state = 0
     if w.runtime == "kvscope":
-        state = tokens * spec.num_layers * spec.kv_heads_per_gpu(w.tp) * SLOT_STATE_BYTES
-    return w.batch * (tokens * per_token + state + spec.kv_fixed_bytes(w.kv_dtype, w.dtype, w.tp))
+        state = w.batch * kv_cache_tokens(w) * spec.num_layers * spec.kv_heads_per_gpu(w.tp) * SLOT_STATE_BYTES
+    return kv_store_bytes(spec, w) + state
 
 
 def hf_phases(spec: ModelSpec, w: Workload, weights: int) -> list[Phase]:
@@ -113,7 +119,7 @@ def hf_phases(spec: ModelSpec, w: Workload, weights: int) -> list[Phase]:
     phases = [Phase("prefill", weights, prompt * per_token_kv, prompt * prefill_bytes_per_token(spec, w.dtype, w.tp),
                     0, prefill_slack)]
     if w.new_tokens >= 2:
-        final = w.total_tokens - 1
+        final = w.kv_tokens
         one_tensor = w.batch * (final - 1) * spec.kv_heads_per_gpu(w.tp) * spec.head_dim * DTYPE_BYTES[w.kv_dtype]
         kv = w.batch * final * per_token_kv
         activations = w.batch * decode_bytes_per_sequence(spec, w.dtype, w.tp)

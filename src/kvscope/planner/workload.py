@@ -10,6 +10,9 @@ from kvscope.kvformats import dense_dtype, kv_format
 
 RUNTIMES = ("hf", "kvscope")
 DEFAULT_CHUNK = 512
+# Workload field -> the CLI option that sets it (messages name the option; Python callers read the field's name)
+_OPTIONS = {"batch": "--batch", "context": "--context", "new_tokens": "--new-tokens", "tp": "--tp",
+            "chunk_size": "--chunk-size", "budget_tokens": "--budget"}
 
 
 @dataclass(frozen=True)
@@ -38,9 +41,10 @@ class Workload:
         require_positive("prefill chunk size", self.chunk_size, option="--chunk-size")
         if self.budget_tokens is not None:
             require_positive("KV budget", self.budget_tokens, option="--budget")
-        for name in ("batch", "context", "new_tokens", "tp", "chunk_size"):
-            if not isinstance(getattr(self, name), int):
-                raise usage(f"{name} must be a whole number, got {getattr(self, name)!r}", fix=f"--{name}")
+        for name, option in _OPTIONS.items():
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise usage(f"{name} must be a whole number, got {value!r}", fix=option)
         object.__setattr__(self, "dtype", dense_dtype(self.dtype))
         kv = kv_format(self.kv_dtype or self.dtype).name
         object.__setattr__(self, "kv_dtype", kv)
@@ -58,8 +62,16 @@ class Workload:
 
     @property
     def total_tokens(self) -> int:
-        """Tokens per sequence at the end of generation."""
+        """Tokens per sequence at the end of generation (prompt + new), as the user counts them."""
         return self.context + self.new_tokens
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens the KV cache holds per sequence at its fullest, and positions the model sees: prompt + new - 1.
+
+        The one count kvscope uses everywhere (the doctor, the planner, the budget fixes, the position limit): the last
+        new token is sampled from the logits and never fed back, so it never enters the cache."""
+        return self.context + self.new_tokens - 1
 
     def with_(self, **changes: Any) -> Workload:
         return replace(self, **changes)
