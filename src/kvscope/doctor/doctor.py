@@ -22,7 +22,7 @@ from kvscope import __version__
 from kvscope.doctor.apply import apply_fix, best_fix, fix_figure, report_status
 from kvscope.doctor.diagnose import attribution, diagnose, fixes_for_budget, fixes_from_plan, workload_dict
 from kvscope.doctor.execute import execute
-from kvscope.errors import usage
+from kvscope.errors import does_not_fit, usage
 from kvscope.monitor import Monitor
 from kvscope.planner.memory import kv_bytes
 from kvscope.planner.plan import plan
@@ -153,9 +153,10 @@ def _capacity(gpu_memory, device, notes: list[str], w: Workload, spec) -> tuple[
 
     available = psutil.virtual_memory().available
     if w.runtime == "kvscope" and kv_bytes(spec, w) > available:  # a CPU allocation this size fails or swaps
-        raise usage(f"the KV cache for this workload would allocate {format_bytes(kv_bytes(spec, w))} (budget + one "
-                    f"prefill chunk, batch {w.batch}), but this machine has {format_bytes(available)} available",
-                    expected="a KV cache that fits in host memory", fix="--budget, --batch or --context")
+        raise does_not_fit(f"the KV cache for this workload would allocate {format_bytes(kv_bytes(spec, w))} "
+                           f"(budget + one prefill chunk, batch {w.batch}), but this machine has "
+                           f"{format_bytes(available)} available", expected="a KV cache that fits in host memory",
+                           fix="--budget, --batch or --context")
     notes.append("no CUDA device: the doctor measured process memory (RSS) and the KV budget instead of GPU "
                  "memory; GPU figures below are the planner's predictions")
     return (parse_size(gpu_memory) if gpu_memory else psutil.virtual_memory().total), False

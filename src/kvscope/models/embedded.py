@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import shutil
+import struct
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -169,7 +170,7 @@ def _convert(src: Path, target: Path) -> None:
         try:
             model = _compat.from_pretrained(str(src.parent), torch.float32, "cpu", gguf_file=src.name)
             tokenizer = _compat.tokenizer_from_pretrained(str(src.parent), gguf_file=src.name)
-        except Exception as exc:  # noqa: BLE001 - a GGUF transformers cannot read is the file's problem
+        except (ValueError, OSError, EOFError, IndexError, KeyError, struct.error) as exc:  # the file's problem
             raise usage(f"cannot read the GGUF file {src}: {type(exc).__name__}: {exc}",
                         expected="a complete Llama-architecture GGUF", fix="the MODEL argument") from None
         _compat.save_dequantized(model, tokenizer, str(tmp))
