@@ -15,7 +15,7 @@ def add_arguments(p) -> None:
                    help="what to maximise: batch (default; needs a GPU) or context (prompt length)")
     p.add_argument("--batch", type=int, default=1, help="sequences per batch, when the context is searched (default 1)")
     p.add_argument("--context", type=int, default=2048, help="prompt length in tokens, when the batch is searched "
-                   "(default 2048)")
+                   "(default 2048; unused with --dimension context)")
     common.add_new_tokens(p, 16)
     common.add_cache_arguments(p, default_policy="full")
     p.add_argument("--runtime", choices=RUNTIMES, default="hf",
@@ -29,6 +29,8 @@ def run(args) -> int:
     from kvscope.doctor.fit import fit
     from kvscope.errors import EXIT_DOES_NOT_FIT
 
+    if args.dimension == "context":
+        args.context = 1  # the search sets the prompt length; a --context given would only be checked in vain
     w = common.measured_workload(args)
     loaded = common.load_model(args)
 
