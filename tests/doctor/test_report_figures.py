@@ -93,20 +93,20 @@ def test_the_fix_figure_is_the_applied_fix_and_is_checked(capsys, tiny_model_dir
 
 
 def test_int4_same_bytes_counts_its_full_precision_window(capsys, tiny64_dir, tmp_path):
-    """int8 cannot hold the 2001 tokens in what a 400-token fp32 budget allocates; int4 can, once its 131,072-byte
-    window is counted as the planner counts it. The fixed run measures exactly the estimate."""
+    """int8 cannot hold the 1201 tokens in what a 260-token fp32 budget allocates (+ 64 slots of chunk room); int4
+    can, once its 131,072-byte window is counted as the planner counts it. The fixed run measures the estimate."""
     spec = ModelSpec.from_config_file(tiny64_dir)
-    w = Workload(batch=1, context=2000, new_tokens=2, dtype="fp32", runtime="kvscope", budget_tokens=400,
+    w = Workload(batch=1, context=1200, new_tokens=2, dtype="fp32", runtime="kvscope", budget_tokens=260,
                  chunk_size=64)
     fixes = fixes_for_budget(spec, w, "full")
-    assert fixes[0].option == "--kv-dtype int4 --budget 2001"
-    assert fixes[0].peak_bytes == kv_store_bytes(spec, fixes[0].workload) == (2001 + 64) * 144 + 131_072
-    assert fixes[0].peak_bytes <= kv_store_bytes(spec, w)
-    code, d, err = doctor(capsys, tiny64_dir, tmp_path / "r", "--batch", "1", "--context", "2000", "--new-tokens",
-                          "2", "--runtime", "kvscope", "--budget", "400", "--chunk-size", "64", "--fix")
+    assert fixes[0].option == "--kv-dtype int4 --budget 1201"
+    assert fixes[0].peak_bytes == kv_store_bytes(spec, fixes[0].workload) == (1201 + 64) * 144 + 131_072
+    assert fixes[0].peak_bytes <= kv_store_bytes(spec, w) < (1201 + 64) * 272  # int4 fits, int8 does not
+    code, d, err = doctor(capsys, tiny64_dir, tmp_path / "r", "--batch", "1", "--context", "1200", "--new-tokens",
+                          "2", "--runtime", "kvscope", "--budget", "260", "--chunk-size", "64", "--fix")
     assert code == 0, err
     fo = d["fix_outcome"]
-    assert fo["option"] == "--kv-dtype int4 --budget 2001" and fo["evicted_tokens"] == 0
+    assert fo["option"] == "--kv-dtype int4 --budget 1201" and fo["evicted_tokens"] == 0
     assert fo["kv_bytes"] == fixes[0].peak_bytes and fo["check"]["agrees"]
 
 
