@@ -141,6 +141,7 @@ def test_plan_refuses_cache_options_under_hf(capsys):
 def test_plan_policy_is_checked_against_the_budget(capsys):
     code, _, err = run(capsys, "plan", "llama-3-8b", "--runtime", "kvscope", "--budget", "16", "--policy", "snapkv")
     assert code == 2 and "below the minimum of policy 'snapkv'" in err
+    assert "change --budget or --policy-knob NAME=VALUE" in err  # was "the policy's knobs", with no option behind it
     code, _, err = run(capsys, "plan", "llama-3-8b", "--runtime", "kvscope", "--budget", "16", "--policy", "snapkv",
                        "--policy-knob", "window=8")
     assert code == 0, err
