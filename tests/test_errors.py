@@ -49,7 +49,8 @@ def test_the_cli_names_the_flag(capsys):
 
 def test_does_not_fit_is_its_own_error():
     err = does_not_fit("too big", fix="--budget")
-    assert isinstance(err, DoesNotFit) and not isinstance(err, UsageError) and str(err) == "too big; change budget_tokens"
+    assert isinstance(err, DoesNotFit) and not isinstance(err, UsageError)
+    assert str(err) == "too big; change budget_tokens" and err.cli_message() == "too big; change --budget"
 
 
 @pytest.mark.parametrize("argv, fragment", [
