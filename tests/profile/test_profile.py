@@ -146,6 +146,8 @@ def test_cli_table_kvscope_runtime(capsys, tiny_model_dir, tmp_path):
     (["--prompt", "hello"], "has no tokenizer"),
     (["--context", "8", "--nvtx"], "--nvtx"),
     (["--context", "8", "--policy", "lru"], "--runtime kvscope"),
+    (["--context", "8", "--kv-dtype", "int8"], "--kv-dtype configures kvscope's cache"),
+    (["--context", "8", "--chunk-size", "4"], "--chunk-size configures kvscope's cache"),
     (["--context", "8", "--runtime", "kvscope", "--policy", "nope"], "unknown policy 'nope'"),
     (["--context", "0"], "context must be a positive"),
     (["--context", "5000"], "supports 1024"),

@@ -98,13 +98,15 @@ def knobs(args) -> dict[str, object]:
     return out
 
 
-def check_runtime_options(args) -> None:
-    """Under `--runtime hf` (plain transformers generate()), options of kvscope's cache would be dropped silently."""
+def check_runtime_options(args, *, kv_dtype: bool = False) -> None:
+    """Under `--runtime hf` (plain transformers generate()), options of kvscope's cache would be dropped silently.
+    `kv_dtype`: refuse --kv-dtype too (commands without a Workload, whose own check explains it better)."""
     from kvscope.errors import usage
 
     if getattr(args, "runtime", "kvscope") != "hf":
         return
-    given = [flag for flag, dest in KVSCOPE_CACHE_OPTIONS if getattr(args, dest, None) is not None]
+    options = KVSCOPE_CACHE_OPTIONS + ((("--kv-dtype", "kv_dtype"),) if kv_dtype else ())
+    given = [flag for flag, dest in options if getattr(args, dest, None) is not None]
     if given:
         verb = "configures" if len(given) == 1 else "configure"
         raise usage(f"{', '.join(given)} {verb} kvscope's cache, but --runtime is hf (plain transformers generate() "
@@ -112,12 +114,12 @@ def check_runtime_options(args) -> None:
                     fix=f"--runtime kvscope, or drop {', '.join(given)}")
 
 
-def check_policy_args(args) -> None:
+def check_policy_args(args, *, kv_dtype: bool = False) -> None:
     """Validate the runtime, policy, knobs, budget and chunk before the (slow) model load, so bad input fails fast."""
     from kvscope.errors import UsageError, require_positive, usage
     from kvscope.policies import get
 
-    check_runtime_options(args)
+    check_runtime_options(args, kv_dtype=kv_dtype)
     try:
         policy = get(policy_name(args), **knobs(args))
     except UsageError as exc:

@@ -50,7 +50,7 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keeps kineto's start/stop lines off stderr (read when torch loads)
     _check_numbers(args)
-    common.check_policy_args(args)
+    common.check_policy_args(args, kv_dtype=True)  # no Workload here to refuse a KV dtype plain generate() ignores
     text = _prompt_text(args)
     from kvscope.models.loader import load, resolve_device
     from kvscope.report.write import check_out_dir
