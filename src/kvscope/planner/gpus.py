@@ -1,8 +1,8 @@
 """A catalogue of GPUs: memory that PyTorch sees, and memory bandwidth for speed ceilings.
 
 `memory_bytes` is the total a process can see (`torch.cuda.get_device_properties(0).total_memory`). The H100 and H200
-values were measured on this project's GPU machines; the others are the totals `nvidia-smi` lists for each card (MiB), which
-can run a few hundred MiB above what torch reports. `source` says which.
+values were measured on this project's GPU machines; the others are the totals `nvidia-smi` lists for each card
+(MiB), which can run a few hundred MiB above what torch reports. `source` says which.
 """
 
 from __future__ import annotations
