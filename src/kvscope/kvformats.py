@@ -158,12 +158,13 @@ def cache_layout(layers: int, batch: int, heads: int, head_dim: int, kv: str, de
     return out + [("queue_ptr", (), "int64")]
 
 
-def layout_bytes(layout: Layout) -> int:
-    """Bytes of an allocation holding `layout`, each tensor rounded up to ALIGN."""
+def layout_bytes(layout: Layout, align: bool = True) -> int:
+    """Bytes of an allocation holding `layout`, each tensor rounded up to ALIGN (`align=False`: the tensors' own
+    bytes, what their `nbytes` add up to)."""
     total = 0
     for _, shape, t in layout:
         n = ELEMENT_BYTES[t]
         for dim in shape:
             n *= dim
-        total += -(-n // ALIGN) * ALIGN
+        total += -(-n // ALIGN) * ALIGN if align else n
     return max(total, 1)

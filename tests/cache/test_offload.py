@@ -16,7 +16,7 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only behaviour")
 def test_offload_refused_without_cuda():
     model = build_tiny()
-    with pytest.raises(ValueError, match="KV offload needs a CUDA device.*drop --offload"):
+    with pytest.raises(ValueError, match="KV offload needs a CUDA device.*drop offload=True"):
         BudgetedCache(model, "lru", budget_tokens=16, offload=True)
 
 

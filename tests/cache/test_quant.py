@@ -52,7 +52,7 @@ def test_bytes_match_the_format(name, slots, head_dim, dtype):
 
 @pytest.mark.parametrize("head_dim", [16, 33, 80])
 def test_int4_refuses_a_head_dim_it_cannot_pack(head_dim):
-    with pytest.raises(UsageError, match=r"head_dim.*--kv-dtype to int8"):
+    with pytest.raises(UsageError, match=r"head_dim.*kv_dtype to int8"):
         make_store("int4", 1, 1, 64, head_dim, torch.float32, "cpu")
 
 

@@ -13,7 +13,7 @@ from tests.cli.test_cli import run
     (["--prompt", "hi", "--budget", "-4"], "--budget must be a positive number"),
     (["--prompt", "   "], "the prompt is empty"),
     (["--prompt-file", "/nonexistent/prompt.txt"], "prompt file not found: /nonexistent/prompt.txt"),
-    (["--prompt", "hi", "--max-new-tokens", "0"], "--max-new-tokens must be a positive number"),
+    (["--prompt", "hi", "--new-tokens", "0"], "--new-tokens must be a positive number"),
     (["--prompt", "hi", "--kv-dtype", "int3"], "invalid choice: 'int3'"),
 ])
 def test_run_bad_input_is_one_line_and_exit_2(capsys, argv, fragment):
@@ -30,13 +30,13 @@ def test_run_unknown_model(capsys):
 
 def test_run_random_weights_without_tokenizer_says_so(capsys):
     code, _, err = run(capsys, "run", "smollm2-135m", "--random-weights", "--prompt", "hi", "--device", "cpu")
-    assert code == 2 and "has no tokenizer" in err
+    assert code == 2 and "has no tokenizer" in err and "--context N" in err
 
 
 @pytest.mark.slow
 def test_run_json_on_embedded_model(capsys):
     code, out, err = run(capsys, "run", "smollm2-135m", "--prompt", "What is the capital of France?",
-                         "--policy", "streaming_llm", "--budget", "24", "--max-new-tokens", "12", "--format", "json",
+                         "--policy", "streaming_llm", "--budget", "24", "--new-tokens", "12", "--format", "json",
                          "--device", "cpu")
     assert code == 0, err
     d = json.loads(out)
@@ -50,7 +50,7 @@ def test_run_json_on_embedded_model(capsys):
 def test_run_table_without_budget_evicts_nothing(capsys, tmp_path):
     f = tmp_path / "p.txt"
     f.write_text("Name three colours.")
-    code, out, _ = run(capsys, "run", "smollm2-135m", "--prompt-file", str(f), "--max-new-tokens", "8",
+    code, out, _ = run(capsys, "run", "smollm2-135m", "--prompt-file", str(f), "--new-tokens", "8",
                        "--device", "cpu")
     assert code == 0
     assert "KV cache per layer" in out and "nothing evicted" in out

@@ -23,7 +23,7 @@ def test_doctor_diagnoses_budget_overflow_and_applies_the_fix(capsys, tiny_model
     assert code == 0, err
     d = json.loads(out)
     assert d["outcome"]["detail"] == "kv_budget_exceeded"
-    assert "needs 65 tokens per layer, the budget holds 24" in d["diagnosis"]["headline"]
+    assert "needs 65 KV tokens per layer, the budget holds 24" in d["diagnosis"]["headline"]
     assert [f["option"].split()[0] for f in d["fixes"]][-2:] == ["--policy", "--budget"]
     fo = d["fix_outcome"]
     assert fo["status"] == "ok"
@@ -60,9 +60,17 @@ def test_doctor_fix_with_nothing_to_fix_says_so(capsys, tiny_model_dir, tmp_path
     (["--out", "/proc/version"], "--out"),
     (["--gpu-memory", "lots"], "malformed size 'lots'"),
     (["--budget", "0", "--runtime", "kvscope"], "--budget must be a positive number"),
-    (["--policy", "nope"], "unknown policy 'nope'"),
+    (["--policy", "nope", "--runtime", "kvscope"], "unknown policy 'nope'"),
     (["--kv-dtype", "int8"], "plain transformers generate() keeps its KV cache in the model dtype"),
-    (["--budget", "8"], "a KV budget needs kvscope's cache"),
+    (["--budget", "8"], "--budget configures kvscope's cache, but --runtime is hf"),
+    (["--policy", "lru"], "--policy configures kvscope's cache, but --runtime is hf"),  # was dropped silently
+    (["--chunk-size", "64"], "--chunk-size configures kvscope's cache"),
+    (["--gpu-memory", "80"], "size '80' has no unit"),
+    (["--device", "tpu"], "unknown device 'tpu'"),
+    (["--device", "mps"], "unknown device 'mps'"),
+    (["--runtime", "kvscope", "--policy", "snapkv", "--policy-knob", "kernel=6"], "kernel must be odd"),
+    (["--runtime", "kvscope", "--policy", "snapkv", "--policy-knob", "windw=6"], "has no knob windw"),
+    (["--runtime", "kvscope", "--policy-knob", "oops"], "expected NAME=VALUE"),
 ])
 def test_doctor_bad_input(capsys, tiny_model_dir, tmp_path, extra, fragment):
     argv = ["doctor", str(tiny_model_dir), "--device", "cpu", "--batch", "1", "--context", "20", "--new-tokens", "2",

@@ -80,7 +80,7 @@ def test_non_llama_architecture(tmp_path):
 
 
 def test_catalogue_name_without_weights_suggests_random_weights():
-    with pytest.raises(UsageError, match="--random-weights"):
+    with pytest.raises(UsageError, match="random_weights=True"):
         load("llama-3-8b", device="cpu")
 
 
@@ -145,4 +145,4 @@ def test_no_half_written_conversion_left_behind(monkeypatch, tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         embedded.ensure_converted()
     models = Path(tmp_path) / "models"
-    assert list(models.iterdir()) == []
+    assert [p.name for p in models.iterdir()] == ["gguf-digests.json"]  # the GGUF's hash, remembered

@@ -46,7 +46,8 @@ def test_fits_is_monotone_in_batch_and_matches_max_batch():
 
 def test_max_context_capped_by_positions():
     w = Workload(batch=1, context=128, new_tokens=100)
-    assert max_context(SPEC, w, GPUS["H200"].memory_bytes) == 8192 - 100
+    # prompt + new - 1 positions: the last new token is never fed back
+    assert max_context(SPEC, w, GPUS["H200"].memory_bytes) == 8192 - 100 + 1
 
 
 def test_nothing_fits_gives_zero():
@@ -167,19 +168,23 @@ def test_plan_model_accepts_a_path(tmp_path):
     ({"kv_dtype": "int3"}, "unknown KV dtype 'int3'.*int4"),
     ({"dtype": "fp64"}, "unknown dtype"),
     ({"runtime": "vllm"}, "unknown runtime"),
-    ({"kv_dtype": "int8"}, "--runtime kvscope"),
-    ({"budget_tokens": 100}, "--runtime kvscope"),
+    ({"kv_dtype": "int8"}, "runtime='kvscope'"),
+    ({"budget_tokens": 100}, "runtime='kvscope'"),
+    ({"budget_tokens": 2.5, "runtime": "kvscope"}, "budget_tokens must be a whole number"),
 ])
 def test_bad_workloads(kwargs, fragment):
-    with pytest.raises(UsageError, match=fragment):
+    """Library errors name the Python parameter (the CLI's name the flag: tests/cli)."""
+    with pytest.raises(UsageError, match=fragment) as err:
         Workload(**kwargs)
+    assert "--" not in str(err.value)
 
 
 def test_context_beyond_positions_mentions_rope():
     with pytest.raises(UsageError, match="8192.*no scaling.*131072"):
         plan(SPEC, Workload(context=9000, new_tokens=1))
     with pytest.raises(UsageError, match="llama3 scaling factor 8"):
-        plan(ModelSpec.from_catalogue("llama-3.1-8b"), Workload(context=131072, new_tokens=1))
+        plan(ModelSpec.from_catalogue("llama-3.1-8b"), Workload(context=131072, new_tokens=2))
+    plan(ModelSpec.from_catalogue("llama-3.1-8b"), Workload(context=131072, new_tokens=1))  # 131072 positions: fits
 
 
 def test_sizes():
@@ -188,7 +193,7 @@ def test_sizes():
     assert parse_size("1.5TiB") == int(1.5 * 1024**4)
     assert parse_size("512mib") == 512 * 1024**2
     assert parse_size(1000) == 1000
-    for bad in ("24XB", "GiB", "-1GiB", "0GB", "", "1e9", True):
+    for bad in ("24XB", "GiB", "-1GiB", "0GB", "", "1e9", True, "80", " 1073741824 "):
         with pytest.raises(UsageError):
             parse_size(bad)
     assert format_bytes(16_060_522_496) == "14.96 GiB"
@@ -200,5 +205,5 @@ def test_gpu_catalogue():
     assert gpu("h100").name == "H100-80GB" and gpu("rtx 4090").name == "RTX-4090"
     with pytest.raises(UsageError, match="H100-80GB.*T4"):
         gpu("H900")
-    with pytest.raises(UsageError, match="both --gpu and --gpu-memory"):
+    with pytest.raises(UsageError, match="both gpu and gpu_memory"):
         plan(SPEC, Workload(), gpu="H200", gpu_memory="24GiB")

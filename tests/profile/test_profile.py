@@ -89,7 +89,7 @@ def test_failed_run_keeps_earlier_trace_and_removes_hooks(model, tmp_path, monke
 
 
 def test_library_refuses_bad_arguments(model, tmp_path):
-    with pytest.raises(UsageError, match="--nvtx"):
+    with pytest.raises(UsageError, match="nvtx=True"):
         profile_workload(model, prompt(), None, max_new_tokens=2, out_dir=tmp_path, nvtx=True)
     with pytest.raises(UsageError, match="prompt is empty"):
         profile_workload(model, torch.zeros(1, 0, dtype=torch.long), None, out_dir=tmp_path)
@@ -100,7 +100,7 @@ def test_library_refuses_bad_arguments(model, tmp_path):
 def test_out_dir_checks(tmp_path):
     (tmp_path / "file").write_text("x")
     for bad in (tmp_path / "file", tmp_path / "file" / "sub"):
-        with pytest.raises(UsageError, match="--out") as exc:
+        with pytest.raises(UsageError, match="change out") as exc:
             prepare_out_dir(bad)
         assert str(bad) in str(exc.value)
     (tmp_path / "ok" / "trace.json").mkdir(parents=True)
@@ -117,7 +117,7 @@ def run(capsys, *argv):
 
 def test_cli_json(capsys, tiny_model_dir, tmp_path):
     out_dir = tmp_path / "out"
-    code, out, err = run(capsys, "profile", tiny_model_dir, "--context", 10, "--batch", 2, "--max-new-tokens", 3,
+    code, out, err = run(capsys, "profile", tiny_model_dir, "--context", 10, "--batch", 2, "--new-tokens", 3,
                          "--out", out_dir, "--format", "json", "--no-warmup")
     assert code == 0, err
     d = json.loads(out)
@@ -131,12 +131,12 @@ def test_cli_json(capsys, tiny_model_dir, tmp_path):
 
 
 def test_cli_table_kvscope_runtime(capsys, tiny_model_dir, tmp_path):
-    code, out, err = run(capsys, "profile", tiny_model_dir, "--context", 12, "--max-new-tokens", 2, "--runtime",
-                         "kvscope", "--policy", "lru", "--budget", 8, "--chunk-size", 4, "--out", tmp_path)
+    code, out, err = run(capsys, "profile", tiny_model_dir, "--context", 12, "--new-tokens", 2, "--runtime",
+                         "kvscope", "--policy", "lru", "--budget", 8, "--chunk-size", 4, "--out", tmp_path / "p")
     assert code == 0, err
     assert "Time per decoder layer" in out and "Top operators by self time" in out and "self memory" in out
     assert "Chrome trace" in out and "prefill" in out and "decode" in out
-    assert (tmp_path / "tensorboard" / "tiny_kvscope_lru_8").is_dir()
+    assert (tmp_path / "p" / "tensorboard" / "tiny_kvscope_lru_8").is_dir()
 
 
 @pytest.mark.parametrize("extra, fragment", [
@@ -146,6 +146,8 @@ def test_cli_table_kvscope_runtime(capsys, tiny_model_dir, tmp_path):
     (["--prompt", "hello"], "has no tokenizer"),
     (["--context", "8", "--nvtx"], "--nvtx"),
     (["--context", "8", "--policy", "lru"], "--runtime kvscope"),
+    (["--context", "8", "--kv-dtype", "int8"], "--kv-dtype configures kvscope's cache"),
+    (["--context", "8", "--chunk-size", "4"], "--chunk-size configures kvscope's cache"),
     (["--context", "8", "--runtime", "kvscope", "--policy", "nope"], "unknown policy 'nope'"),
     (["--context", "0"], "context must be a positive"),
     (["--context", "5000"], "supports 1024"),

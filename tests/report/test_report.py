@@ -76,9 +76,9 @@ def oom_report() -> dict:
     oom_t = t[-1]
 
     stored_layers = oom_layer  # layers 0..13 cached the whole prompt; layer 14 failed in its MLP
-    kv_layers = [
-        {"layer": i, "stored_tokens": 64 * 8192 if i < stored_layers else 0, "evicted_tokens": 0,
-         "bytes": per_layer if i < stored_layers else 0, "capacity_tokens": 64 * (8192 + 128)}
+    kv_layers = [  # tokens per sequence (as the doctor records them), bytes for the whole batch
+        {"layer": i, "stored_tokens": 8192 if i < stored_layers else 0, "evicted_tokens": 0,
+         "bytes": per_layer if i < stored_layers else 0, "capacity_tokens": 8192 if i < stored_layers else 0}
         for i in range(32)
     ]
     peak_alloc = max(allocated)
@@ -123,6 +123,8 @@ def oom_report() -> dict:
             "peak_allocated_bytes": peak_alloc,
             "peak_reserved_bytes": peak_reserved,
             "seconds": oom_t,
+            "failed_at": oom_t,
+            "failed_in": "prefill",
         },
         "timeline": {"t": t, "allocated": allocated, "reserved": reserved, "nvml_used": nvml, "gpu_util": util,
                      "rss": rss, "cpu_percent": cpu},
@@ -142,17 +144,29 @@ def oom_report() -> dict:
                 "(28.00 GiB of KV at 131072 bytes per token), the weights took 14.96 GiB and the MLP of the "
                 "current layer needed about 25 GiB of activations for 524288 tokens at once.\n"
                 "The full run needs 165.91 GiB; the card has 79.18 GiB."),
+            "figures": [
+                {"label": "needed by the workload", "bytes": 178_141_863_936, "tokens": None,
+                 "detail": "planner: peak allocated + overhead"},
+                {"label": "available", "bytes": capacity, "tokens": None, "detail": ""},
+                {"label": "held at the failure", "bytes": peak_alloc, "tokens": None,
+                 "detail": "allocated by PyTorch in prefill; it asked for 14.00 GiB more"},
+                {"label": "short by", "bytes": 178_141_863_936 - capacity, "tokens": None, "detail": ""},
+                {"label": "needed by the applied fix", "bytes": 84_873_125_888, "tokens": None,
+                 "detail": "--batch 27: estimated peak allocated; measured 77.50 GiB, as estimated"},
+            ],
             "needed_bytes": 178_141_863_936,
             "available_bytes": capacity,
-            "estimate_bytes": 84_873_125_888,
+            "held_bytes": peak_alloc,
             "option": "--batch 27",
             "recommend_expandable_segments": False,
         },
         "fixes": [{"rank": r, "option": o, "change": c, "peak_bytes": p, "fits": True,
                    "message": f"{c}: needed 165.91 GiB, available 79.18 GiB; with {o} the estimate is "
                               f"{p / GIB:.2f} GiB (fits); {m}"} for r, o, c, p, m in fixes],
-        "fix_outcome": {"applied": "--batch 27", "status": "ok", "peak_allocated_bytes": 83_214_877_696,
-                        "seconds": 41.3},
+        "fix_outcome": {"applied": "reduce the batch to 27 (--batch 27)", "option": "--batch 27", "status": "ok",
+                        "peak_allocated_bytes": 83_214_877_696, "seconds": 41.3,
+                        "check": {"what": "peak allocated", "estimate_bytes": 83_050_000_000,
+                                  "measured_bytes": 83_214_877_696, "agrees": True, "problems": []}},
         "snapshot": SNAPSHOT_NAME,
         "notes": [
             "NVML used includes 560.00 MiB of CUDA context that PyTorch does not count.",
@@ -193,7 +207,7 @@ def cpu_report() -> dict:
         if s % 16 == 15:
             ev_t.append(round(prefill_end + (decode_end - prefill_end) * (s + 1) / new, 3))
             ev.append(evicted)
-    per_layer_evicted = batch * (context + new - budget)
+    per_layer_evicted = batch * (context + new - 1 - budget)  # the cache counts evictions over the whole batch
     return {
         "kvscope_version": "0.1.0",
         "created": "2026-11-22T15:20:45+00:00",
@@ -201,7 +215,8 @@ def cpu_report() -> dict:
                     "--policy h2o --budget 1024 --gpu-memory 2GiB"),
         "model": {"name": "smollm2-135m", "num_layers": layers, "dtype": "fp32"},
         "workload": {"batch": batch, "context": context, "new_tokens": new, "runtime": "kvscope", "kv_dtype": "fp32",
-                     "policy": "h2o", "budget_tokens": budget},
+                     "policy": "h2o", "budget_tokens": budget,
+                     "kv_budget_bytes": batch * (budget + 512) * per_token_layer * layers},
         "device": {"name": "cpu (x86_64, 2 cores)", "cuda": False, "total_bytes": None,
                    "capacity_bytes": 2 * GIB, "emulated": True},
         "prediction": {"weights_bytes": 538_060_032, "kv_bytes": 566_231_040, "activation_bytes": 171_966_464,
@@ -216,8 +231,8 @@ def cpu_report() -> dict:
             {"name": "prefill", "start": load_end, "end": prefill_end, "detail": "8 chunks of 512 tokens"},
             {"name": "decode", "start": prefill_end, "end": decode_end, "detail": "256 new tokens"},
         ],
-        "kv_layers": [{"layer": i, "stored_tokens": batch * budget, "evicted_tokens": per_layer_evicted,
-                       "bytes": batch * budget * per_token_layer, "capacity_tokens": batch * budget}
+        "kv_layers": [{"layer": i, "stored_tokens": budget, "evicted_tokens": per_layer_evicted,
+                       "bytes": batch * (budget + 512) * per_token_layer, "capacity_tokens": budget + 512}
                       for i in range(layers)],
         "evictions": {"t": ev_t, "evicted_tokens": ev},
         "attribution": {"weights": 538_060_032, "kv_cache": 377_487_360, "activations": 271_581_184,
@@ -225,9 +240,10 @@ def cpu_report() -> dict:
         "diagnosis": {
             "headline": "Fits: peak 1.17 GiB of an emulated 2.00 GiB with h2o keeping 1024 tokens per sequence",
             "explanation": "No CUDA device: the peak is kvscope's live-tensor count; RSS is shown for the process.",
-            "needed_bytes": 1_251_031_040,
+            "figures": [{"label": "peak process memory (RSS)", "bytes": 1_413_480_448, "tokens": None,
+                         "detail": "measured on the CPU"},
+                        {"label": "available", "bytes": 2 * GIB, "tokens": None, "detail": "--gpu-memory"}],
             "available_bytes": 2 * GIB,
-            "estimate_bytes": None,
             "option": None,
             "recommend_expandable_segments": False,
         },
@@ -434,7 +450,9 @@ def test_write_report_moves_snapshot_and_keeps_other_files(tmp_path, report):
     snap = tmp_path / "snap.pickle"
     snap.write_bytes(b"data")
     rep = dict(report, snapshot=None)
-    write_report(out, rep, snapshot_src=snap, move_snapshot=True)
+    with pytest.raises(ValueError, match="not empty"):  # never among the files of another run, unless forced
+        write_report(out, rep, snapshot_src=snap, move_snapshot=True)
+    write_report(out, rep, snapshot_src=snap, move_snapshot=True, force=True)
     assert not snap.exists()
     assert (out / SNAPSHOT_NAME).read_bytes() == b"data"
     assert (out / "keep.txt").read_text() == "mine"
@@ -472,7 +490,7 @@ def test_write_report_replaces_an_old_report(tmp_path, report):
     write_report(out, report)
     newer = copy.deepcopy(report)
     newer["diagnosis"]["headline"] = "second run"
-    write_report(out, newer)
+    write_report(out, newer, force=True)
     assert "second run" in (out / REPORT_HTML).read_text()
     assert json.loads((out / REPORT_JSON).read_text())["diagnosis"]["headline"] == "second run"
     assert sorted(p.name for p in out.iterdir()) == [REPORT_HTML, REPORT_JSON]
@@ -546,7 +564,7 @@ def test_failed_write_leaves_an_old_report_untouched(tmp_path, report, monkeypat
     new_snap.write_bytes(b"new snapshot")
     exc = _inject(monkeypatch, how)
     with pytest.raises(exc):
-        write_report(out, newer, snapshot_src=new_snap)
+        write_report(out, newer, snapshot_src=new_snap, force=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stats
     assert sorted(os.listdir(tmp_path)) == ["new.pickle", "old.pickle", "out"]
@@ -570,8 +588,8 @@ def test_a_file_as_out_dir_is_a_usage_error(tmp_path, report):
     for target in (f, f / "sub"):
         with pytest.raises(ValueError) as err:
             check_out_dir(target)
-        assert str(f) in str(err.value) and "--out" in str(err.value)
-        with pytest.raises(ValueError, match="--out"):
+        assert str(f) in str(err.value) and "--out" in err.value.cli_message()
+        with pytest.raises(ValueError, match="change out"):  # the library names its parameter
             write_report(target, report)
     assert f.read_text() == "not a dir"
 
@@ -590,7 +608,7 @@ def test_unwritable_out_dir_is_a_usage_error(tmp_path, report, monkeypatch):
         for target in (locked, locked / "new" / "deeper"):
             with pytest.raises(ValueError) as err:
                 check_out_dir(target)
-            message = str(err.value)
+            message = err.value.cli_message()
             assert str(target) in message and "not writable" in message and "--out" in message
         with pytest.raises(ValueError, match="not writable"):
             write_report(locked / "out", report)

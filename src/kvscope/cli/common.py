@@ -1,72 +1,191 @@
-"""Arguments and steps shared by the commands that load a model and run it."""
+"""Arguments and steps shared by the commands: one name, one meaning and one check per option across commands."""
 
 from __future__ import annotations
 
+import argparse
+import re
+from pathlib import Path
+
 from kvscope.cli import output
 from kvscope.kvformats import DTYPE_BYTES, KV_FORMATS
+from kvscope.planner.workload import DEFAULT_CHUNK
+
+# the names are listed here, not imported, so that building the parser never imports torch
+POLICIES = "full, h2o, knorm, lru, random, sliding_window, snapkv, streaming_llm, tova"
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
+# options that configure kvscope's own cache: plain transformers generate() has no use for them
+KVSCOPE_CACHE_OPTIONS = (("--policy", "policy"), ("--budget", "budget"), ("--chunk-size", "chunk_size"),
+                         ("--policy-knob", "policy_knob"))
 
 
-def add_model_arguments(p) -> None:
+def device_name(text: str) -> str:
+    """argparse type of `--device`: auto, cpu, cuda or cuda:N (checked against this machine before any loading)."""
+    if not _DEVICE.match(text.strip().lower()):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (expected auto, cpu, cuda or cuda:N)")
+    return text.strip().lower()
+
+
+def knob(text: str) -> tuple[str, object]:
+    """argparse type of `--policy-knob NAME=VALUE`; VALUE becomes an int, a float, a bool or stays text."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip() or not value.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. window=64), got {text!r}")
+    value = value.strip()
+    for convert in (int, float):
+        try:
+            return name.strip(), convert(value)
+        except ValueError:
+            pass
+    return name.strip(), {"true": True, "false": False}.get(value.lower(), value)
+
+
+def add_model_arguments(p, *, random_help: str = "catalogue shape with random weights (no tokenizer)") -> None:
     p.add_argument("model", metavar="MODEL",
                    help="smollm2-135m (embedded), a local model directory, a .gguf file, or a catalogue name with "
                    "--random-weights")
-    p.add_argument("--random-weights", action="store_true", help="catalogue shape with random weights")
-    p.add_argument("--device", default="auto", help="cpu, cuda or auto (default)")
+    p.add_argument("--random-weights", action="store_true", help=random_help)
+    add_device_argument(p)
     p.add_argument("--dtype", default=None, choices=list(DTYPE_BYTES),
-                   help="weights (default bf16 on GPU, fp32 on CPU)")
+                   help="weights and activations (default bf16 on CUDA, fp32 on the CPU)")
 
 
-def add_cache_arguments(p, *, default_policy: str = "lru") -> None:
-    # the names are listed here, not imported, so that building the parser never imports torch
-    p.add_argument("--policy", default=default_policy, help="eviction policy: full, h2o, knorm, lru, random, "
-                   "sliding_window, snapkv, streaming_llm, tova (`kvscope.policies.available()`)")
+def add_device_argument(p) -> None:
+    p.add_argument("--device", type=device_name, default="auto", metavar="DEVICE",
+                   help="auto (default: CUDA when there is one), cpu, cuda or cuda:N")
+
+
+def add_new_tokens(p, default: int, help_text: str = "tokens to generate") -> None:
+    p.add_argument("--new-tokens", type=int, default=default, help=f"{help_text} (default {default})")
+
+
+def add_cache_arguments(p, *, default_policy: str = "full", kv_help: str | None = None) -> None:
+    p.add_argument("--policy", default=None, help=f"eviction policy of kvscope's cache: {POLICIES} "
+                   f"(`kvscope.policies.available()`; default {default_policy})")
+    p.add_argument("--policy-knob", type=knob, action="append", default=None, metavar="NAME=VALUE",
+                   help="a knob of the policy, e.g. window=64 for snapkv (repeatable; see kvscope.policies.knobs)")
     p.add_argument("--budget", type=int, default=None, help="KV tokens kept per layer and sequence")
-    p.add_argument("--kv-dtype", default=None, choices=list(KV_FORMATS), help="KV storage (default: model dtype)")
-    p.add_argument("--chunk-size", type=int, default=512, help="prefill chunk, tokens (default 512)")
+    p.add_argument("--kv-dtype", default=None, choices=list(KV_FORMATS),
+                   help=kv_help or "KV storage of kvscope's cache (default: the model dtype)")
+    p.add_argument("--chunk-size", type=int, default=None, help=f"prefill chunk, tokens (default {DEFAULT_CHUNK})")
+    p.set_defaults(_default_policy=default_policy)
 
 
-def load_model(args):
-    from kvscope.models import load
+def add_out_arguments(p, *, default: str | None, what: str) -> None:
+    kw = {"default": default} if default else {"required": True}
+    p.add_argument("--out", metavar="DIR", help=f"output directory for {what}; must be empty or new unless --force"
+                   + (f" (default {default})" if default else ""), **kw)
+    p.add_argument("--force", action="store_true",
+                   help="write into a non-empty --out, replacing the files of an earlier kvscope run there")
 
-    with output.status(f"loading {args.model}"):
-        return load(args.model, random_weights=args.random_weights, dtype=args.dtype, device=args.device)
+
+def policy_name(args) -> str:
+    return args.policy or args._default_policy
 
 
-def check_policy_args(args) -> None:
-    """Validate policy and budget before the (slow) model load, so bad input fails fast."""
-    from kvscope.errors import require_positive
+def chunk_size(args) -> int:
+    return args.chunk_size if args.chunk_size is not None else DEFAULT_CHUNK
+
+
+def knobs(args) -> dict[str, object]:
+    """`--policy-knob` pairs as keyword arguments; a knob given twice is a usage error."""
+    from kvscope.errors import usage
+
+    out: dict[str, object] = {}
+    for name, value in args.policy_knob or []:
+        if name in out:
+            raise usage(f"--policy-knob {name} was given twice ({out[name]!r} and {value!r})", fix="--policy-knob")
+        out[name] = value
+    return out
+
+
+def check_runtime_options(args, *, kv_dtype: bool = False) -> None:
+    """Under `--runtime hf` (plain transformers generate()), options of kvscope's cache would be dropped silently.
+    `kv_dtype`: refuse --kv-dtype too (commands without a Workload, whose own check explains it better)."""
+    from kvscope.errors import usage
+
+    if getattr(args, "runtime", "kvscope") != "hf":
+        return
+    options = KVSCOPE_CACHE_OPTIONS + ((("--kv-dtype", "kv_dtype"),) if kv_dtype else ())
+    given = [flag for flag, dest in options if getattr(args, dest, None) is not None]
+    if given:
+        verb = "configures" if len(given) == 1 else "configure"
+        raise usage(f"{', '.join(given)} {verb} kvscope's cache, but --runtime is hf (plain transformers generate() "
+                    "with its own cache), which would ignore it", expected="--runtime kvscope with these options",
+                    fix=f"--runtime kvscope, or drop {', '.join(given)}")
+
+
+def check_policy_args(args, *, kv_dtype: bool = False) -> None:
+    """Validate the runtime, policy, knobs, budget and chunk before the (slow) model load, so bad input fails fast."""
+    from kvscope.errors import UsageError, require_positive, usage
     from kvscope.policies import get
 
-    policy = get(args.policy)
+    check_runtime_options(args, kv_dtype=kv_dtype)
+    try:
+        policy = get(policy_name(args), **knobs(args))
+    except UsageError as exc:
+        if not args.policy_knob:
+            raise
+        raise usage(f"{exc.cli_text} (knobs are set with --policy-knob NAME=VALUE)") from None
     if args.budget is not None:
         require_positive("--budget", args.budget, option="--budget")
         policy.check_budget(args.budget)
-    require_positive("--chunk-size", args.chunk_size, option="--chunk-size")
+    if args.chunk_size is not None:
+        require_positive("--chunk-size", args.chunk_size, option="--chunk-size")
+
+
+def check_device(args) -> str:
+    """The device `--device` resolves to on this machine; a usage error before anything loads if it is not here."""
+    from kvscope.models.loader import resolve_device
+
+    return resolve_device(args.device)
 
 
 def measured_workload(args):
     """Validate everything a measured run (doctor, fit) needs before loading the model; return its Workload.
 
     Sets `args.dtype` to the dtype the model will be loaded in (bf16 on CUDA, fp32 on the CPU by default)."""
+    from kvscope.errors import require_positive
     from kvscope.models.loader import spec_for
     from kvscope.planner.estimate import check_positions
     from kvscope.planner.sizes import parse_size
     from kvscope.planner.workload import Workload
 
+    for option, value in (("--batch", args.batch), ("--context", args.context), ("--new-tokens", args.new_tokens)):
+        require_positive(option, value, option=option)
     check_policy_args(args)
     if args.gpu_memory is not None:
         parse_size(args.gpu_memory)
-    args.dtype = args.dtype or ("bf16" if cuda_requested(args.device) else "fp32")
+    device = check_device(args)
+    args.dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
     w = Workload(batch=args.batch, context=args.context, new_tokens=args.new_tokens, dtype=args.dtype,
-                 kv_dtype=args.kv_dtype, runtime=args.runtime, budget_tokens=args.budget, chunk_size=args.chunk_size)
-    check_positions(spec_for(args.model), w)  # a context beyond the model's positions fails before loading
+                 kv_dtype=args.kv_dtype, runtime=args.runtime, budget_tokens=args.budget, chunk_size=chunk_size(args))
+    spec = spec_for(args.model)
+    check_positions(spec, w)  # a context beyond the model's positions fails before loading
+    check_kv_dtype(spec, w.kv_dtype)
     return w
 
 
-def cuda_requested(device: str) -> bool:
-    """Whether `--device` resolves to CUDA (auto picks CUDA when there is one)."""
-    import torch
+def check_kv_dtype(spec, kv_dtype: str | None) -> None:
+    from kvscope.errors import usage
+    from kvscope.kvformats import INT4_GROUP
 
-    if str(device).startswith("cuda"):
-        return True
-    return device == "auto" and torch.cuda.is_available()
+    if kv_dtype and not spec.supports_kv_dtype(kv_dtype):
+        raise usage(f"--kv-dtype {kv_dtype} cannot store {spec.name}'s KV: int4 packs channels in groups of "
+                    f"{INT4_GROUP} and its head_dim is {spec.head_dim}",
+                    expected=f"a head_dim that is a multiple of {INT4_GROUP} for int4", fix="--kv-dtype int8 or fp8")
+
+
+def load_model(args):
+    from kvscope.models import load
+
+    def notice(text: str) -> None:
+        output.stderr.print(f"note: {text}", markup=False, highlight=False)
+
+    with output.status(f"loading {args.model}"):
+        return load(args.model, random_weights=args.random_weights, dtype=args.dtype, device=args.device,
+                    on_notice=notice)
+
+
+def out_dir_state(path: str) -> bool:
+    """Whether `path` existed before this command (a command that made it may remove it again if it stays empty)."""
+    return Path(path).expanduser().exists()

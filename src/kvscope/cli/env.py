@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from kvscope.cli import output
 
-HELP = "print versions and devices for a bug report"
+HELP = "print versions and devices for a bug report; warns when transformers is outside the tested range"
 
 
 def add_arguments(p) -> None:
@@ -14,7 +14,10 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from kvscope.env import collect
 
-    output.emit(collect(), args.format, render)
+    d = collect()
+    output.emit(d, args.format, render)
+    for warning in d["warnings"]:
+        output.stderr.print(f"warning: {warning}", markup=False, highlight=False)
     return 0
 
 

@@ -1,5 +1,5 @@
 """Find by measurement the largest batch (or prompt length) that runs, starting from the planner's prediction and
-bisecting; report measured against predicted."""
+bisecting; report measured against predicted. Exit code 3 when not even the smallest value runs."""
 
 from __future__ import annotations
 
@@ -11,37 +11,49 @@ HELP = "measure the largest batch or context that runs, starting from the planne
 
 def add_arguments(p) -> None:
     common.add_model_arguments(p)
-    p.add_argument("--dimension", choices=("batch", "context"), default="batch", help="what to maximise")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--context", type=int, default=2048)
-    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--dimension", choices=("batch", "context"), default="batch",
+                   help="what to maximise: batch (default; needs a GPU) or context (prompt length)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per batch, when the context is searched (default 1)")
+    p.add_argument("--context", type=int, default=2048, help="prompt length in tokens, when the batch is searched "
+                   "(default 2048; unused with --dimension context)")
+    common.add_new_tokens(p, 16)
     common.add_cache_arguments(p, default_policy="full")
-    p.add_argument("--runtime", choices=RUNTIMES, default="hf")
-    p.add_argument("--gpu-memory", metavar="SIZE", help="emulate a GPU of this size on a larger one")
+    p.add_argument("--runtime", choices=RUNTIMES, default="hf",
+                   help="hf: plain transformers generate() (default); kvscope: chunked prefill into a BudgetedCache")
+    p.add_argument("--gpu-memory", metavar="SIZE", help="emulate a GPU of this size with its unit (e.g. 24GiB) on a "
+                   "larger one")
     output.add_format(p)
 
 
 def run(args) -> int:
     from kvscope.doctor.fit import fit
+    from kvscope.errors import EXIT_DOES_NOT_FIT
 
+    if args.dimension == "context":
+        args.context = 1  # the search sets the prompt length; a --context given would only be checked in vain
     w = common.measured_workload(args)
     loaded = common.load_model(args)
 
     def on_probe(p):
         output.stderr.print(f"  {args.dimension} {p.value}: {p.status} ({p.seconds} s)", highlight=False)
 
-    result = fit(loaded, w, dimension=args.dimension, policy=args.policy, gpu_memory=args.gpu_memory,
-                 on_probe=on_probe)
+    result = fit(loaded, w, dimension=args.dimension, policy=common.policy_name(args), knobs=common.knobs(args),
+                 gpu_memory=args.gpu_memory, on_probe=on_probe)
     output.emit(result.to_dict(), args.format, render)
-    return 0
+    return EXIT_DOES_NOT_FIT if result.measured == 0 else 0
 
 
 def render(d: dict) -> None:
     from rich.table import Table
 
     err = d["error"]
+    measured = d["measured"]
+    if d["ceiling_reached"]:
+        measured = f"at least {measured} (the top of the search: every probe up to it ran)"
+    elif measured == 0:
+        measured = f"none: even {d['dimension']} 1 did not run"
     output.stdout.print(output.kv_table(f"largest {d['dimension']}", [
-        ("measured", d["measured"]), ("predicted by the planner", d["predicted"]),
+        ("measured", measured), ("predicted by the planner", d["predicted"]),
         ("prediction error", "-" if err is None else f"{err:+.1%}"), ("runs", d["runs"])]))
     t = Table(title="probes, in order", title_justify="left")
     for col in (d["dimension"], "status", "peak allocated", "seconds"):

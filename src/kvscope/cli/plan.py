@@ -1,9 +1,10 @@
 """Predict the GPU memory of a generation before running it: weights, KV cache, activations, logits, overhead;
-whether it fits, the largest batch and context that do, and ranked fixes."""
+whether it fits, the largest batch and context that do, and ranked fixes, each as a command that runs as printed.
+With --check the exit code says whether it fits (0 fits, 3 does not)."""
 
 from __future__ import annotations
 
-from kvscope.cli import output
+from kvscope.cli import commands, common, output
 from kvscope.kvformats import DTYPE_BYTES, KV_FORMATS
 from kvscope.planner.gpus import GPUS
 from kvscope.planner.workload import DEFAULT_CHUNK, RUNTIMES
@@ -12,25 +13,35 @@ HELP = "predict memory, fit, max batch/context and fixes for a workload"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("model", metavar="MODEL", help="catalogue name (e.g. llama-3-8b) or local model path")
+    p.add_argument("model", metavar="MODEL", help="catalogue name (e.g. llama-3-8b), local model directory or .gguf "
+                   "(only its config is read)")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--gpu", help="GPU from the catalogue: " + ", ".join(GPUS) + " (default H100-80GB)")
-    target.add_argument("--gpu-memory", metavar="SIZE", help="GPU memory, e.g. 24GiB or 80GB")
+    target.add_argument("--gpu-memory", metavar="SIZE", help="GPU memory with its unit, e.g. 24GiB or 80GB")
     add_workload_arguments(p)
+    p.add_argument("--check", action="store_true", help="exit with code 3 when the workload does not fit (0 when it "
+                   "does), for scripts")
     output.add_format(p)
 
 
 def add_workload_arguments(p) -> None:
     p.add_argument("--batch", type=int, default=1, help="sequences per batch (default 1)")
     p.add_argument("--context", type=int, default=2048, help="prompt length in tokens (default 2048)")
-    p.add_argument("--new-tokens", type=int, default=128, help="tokens to generate (default 128)")
-    p.add_argument("--dtype", default="bf16", choices=list(DTYPE_BYTES), help="weights and activations")
+    common.add_new_tokens(p, 128)
+    p.add_argument("--dtype", default="bf16", choices=list(DTYPE_BYTES), help="weights and activations (default bf16)")
     p.add_argument("--kv-dtype", default=None, choices=list(KV_FORMATS), help="KV cache storage (default: --dtype)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (memory is per GPU)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree; memory is per GPU (default 1)")
     p.add_argument("--runtime", default="hf", choices=RUNTIMES,
-                   help="hf: plain transformers generate(); kvscope: chunked prefill into one preallocated cache")
+                   help="hf: plain transformers generate() (default); kvscope: chunked prefill into one preallocated "
+                   "cache")
     p.add_argument("--budget", type=int, default=None, help="KV budget in tokens per sequence (kvscope runtime)")
-    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="prefill chunk (kvscope runtime)")
+    p.add_argument("--policy", default=None, help=f"eviction policy that keeps the budget (kvscope runtime): "
+                   f"{common.POLICIES}; checked against the budget, it does not change the estimate")
+    p.add_argument("--policy-knob", type=common.knob, action="append", default=None, metavar="NAME=VALUE",
+                   help="a knob of the policy, e.g. window=64 (repeatable)")
+    p.add_argument("--chunk-size", type=int, default=None, help=f"prefill chunk (kvscope runtime, default "
+                   f"{DEFAULT_CHUNK})")
+    p.set_defaults(_default_policy="full")
 
 
 def workload_from(args):
@@ -38,16 +49,30 @@ def workload_from(args):
 
     return Workload(batch=args.batch, context=args.context, new_tokens=args.new_tokens, dtype=args.dtype,
                     kv_dtype=args.kv_dtype, tp=args.tp, runtime=args.runtime, budget_tokens=args.budget,
-                    chunk_size=args.chunk_size)
+                    chunk_size=common.chunk_size(args))
 
 
 def run(args) -> int:
+    from kvscope.errors import EXIT_DOES_NOT_FIT
     from kvscope.models.loader import spec_for
     from kvscope.planner.plan import plan
 
-    result = plan(spec_for(args.model), workload_from(args), gpu=args.gpu, gpu_memory=args.gpu_memory)
-    output.emit(result.to_dict(), args.format, render)
-    return 0
+    w = workload_from(args)
+    common.check_runtime_options(args)
+    if args.policy is not None or args.policy_knob:
+        common.check_policy_args(args)
+    result = plan(spec_for(args.model), w, gpu=args.gpu, gpu_memory=args.gpu_memory)
+    payload = result.to_dict()
+    for fix in payload["advice"]:
+        fix["command"] = fix_command(args, fix["changes"])
+    output.emit(payload, args.format, render)
+    return EXIT_DOES_NOT_FIT if args.check and not result.fits else 0
+
+
+def fix_command(args, changes: dict) -> str:
+    """The plan command with a fix applied: `gpu` replaces `--gpu-memory` (they exclude each other)."""
+    extra = {"gpu_memory": None} if "gpu" in changes else {}
+    return commands.render("plan", args, **commands.dests(changes), **extra)
 
 
 def render(d: dict) -> None:
@@ -79,3 +104,6 @@ def render(d: dict) -> None:
         for a in d["advice"]:
             t.add_row(str(a["rank"]), a["action"], a["option"], g(a["estimate_bytes"]), a["tradeoff"])
         output.stdout.print(t)
+        output.stdout.print("Each fix as a command:", markup=False)
+        for a in d["advice"]:
+            output.stdout.print(f"  {a['rank']}. {a['command']}", markup=False, highlight=False, soft_wrap=True)

@@ -8,10 +8,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from kvscope.cli import output
+from kvscope.cli import common, output
 from kvscope.errors import require_positive, usage
-from kvscope.kvformats import DTYPE_BYTES, KV_FORMATS
-from kvscope.planner.workload import DEFAULT_CHUNK, RUNTIMES
+from kvscope.kvformats import DTYPE_BYTES
+from kvscope.planner.workload import RUNTIMES
 
 HELP = "torch.profiler trace of a generation: per-layer and per-phase times, top operators, memory"
 DEFAULT_CONTEXT = 128
@@ -30,18 +30,12 @@ def add_arguments(p) -> None:
     prompt.add_argument("--context", type=int, help=f"N random token ids as the prompt (default {DEFAULT_CONTEXT} "
                         "when no prompt is given)")
     p.add_argument("--batch", type=int, default=1, help="sequences per batch, each with the same prompt (default 1)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate; end-of-sequence does not stop "
-                   "early (default 16)")
+    common.add_new_tokens(p, 16, "tokens to generate; end-of-sequence does not stop early")
     p.add_argument("--runtime", default="hf", choices=RUNTIMES,
                    help="hf: plain transformers generate() with its default cache (default); kvscope: chunked prefill "
                    "into a BudgetedCache")
-    p.add_argument("--policy", help="eviction policy of the kvscope runtime's cache (default full)")
-    p.add_argument("--budget", type=int, help="KV budget in tokens per sequence, kvscope runtime (default: prompt + "
-                   "new tokens, so nothing is evicted)")
-    p.add_argument("--kv-dtype", choices=list(KV_FORMATS), help="KV storage of the kvscope runtime's cache")
-    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK, help="prefill chunk, kvscope runtime "
-                   f"(default {DEFAULT_CHUNK})")
-    p.add_argument("--device", choices=("cpu", "cuda"), help="where to run (default: cuda when available)")
+    common.add_cache_arguments(p, default_policy="full", kv_help="KV storage of the kvscope runtime's cache")
+    common.add_device_argument(p)
     p.add_argument("--dtype", choices=list(DTYPE_BYTES), help="weights and activations (default bf16 on cuda, fp32 "
                    "on cpu)")
     p.add_argument("--nvtx", action="store_true", help="also emit NVTX ranges, for `nsys profile -t cuda,nvtx` "
@@ -49,56 +43,74 @@ def add_arguments(p) -> None:
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="run the workload briefly before profiling, so one-time start-up costs stay out (default on)")
     p.add_argument("--top", type=int, default=15, help="operators in each top list (default 15)")
-    p.add_argument("--out", metavar="DIR", required=True, help="output directory for trace.json and tensorboard/")
+    common.add_out_arguments(p, default=None, what="trace.json and tensorboard/")
     output.add_format(p)
 
 
 def run(args) -> int:
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keeps kineto's start/stop lines off stderr (read when torch loads)
     _check_numbers(args)
-    _check_runtime_options(args)
+    common.check_policy_args(args, kv_dtype=True)  # no Workload here to refuse a KV dtype plain generate() ignores
     text = _prompt_text(args)
     from kvscope.models.loader import load, resolve_device
-    from kvscope.profile.outputs import prepare_out_dir
+    from kvscope.report.write import check_out_dir
 
-    prepare_out_dir(args.out)
+    check_out_dir(args.out, force=args.force)  # a profile never lands among the files of another run
     device = resolve_device(args.device)
     if args.nvtx and not device.startswith("cuda"):
         raise usage("--nvtx marks ranges for Nsight Systems, which traces CUDA work, but this run is on the CPU"
-                    + ("" if args.device else " (CUDA is not available here)"), expected="--device cuda on a machine "
-                    "with a CUDA GPU", fix="--device cuda, or drop --nvtx")
+                    + ("" if args.device != "auto" else " (CUDA is not available here)"), expected="--device cuda on "
+                    "a machine with a CUDA GPU", fix="--device cuda, or drop --nvtx")
     if text is not None and args.random_weights:
         raise _no_tokenizer(args)
-    if args.runtime == "kvscope":
-        _check_policy(args)
     with output.status(f"loading {args.model}"):
-        model, tokenizer, spec = load(args.model, random_weights=args.random_weights, dtype=args.dtype, device=device)
+        model, tokenizer, spec = load(args.model, random_weights=args.random_weights, dtype=args.dtype, device=device,
+                                      on_notice=lambda text: output.stderr.print(f"note: {text}", markup=False))
     ids = _input_ids(args, text, tokenizer, spec)
-    _check_positions(ids.shape[1], args.max_new_tokens, spec)
-    result = _profile(args, model, ids, spec)
+    _check_positions(ids.shape[1], args.new_tokens, spec)
+    created = not Path(args.out).expanduser().exists()
+    try:
+        result = _profile(args, model, ids, spec)
+    except BaseException:  # Ctrl-C or a failure: a directory this run made and left empty goes away again
+        _remove_if_empty(Path(args.out).expanduser(), created)
+        raise
+    if args.force:
+        _drop_older_traces(Path(result.tensorboard_dir), Path(result.tensorboard_file))
     output.emit(result.to_dict(), args.format, render)
     return 0
 
 
+def _drop_older_traces(tb_dir: Path, keep: Path) -> None:
+    """With --force the new profile replaces the old one whole: TensorBoard traces of earlier runs go (only once the
+    new one is written, so a failed run loses nothing)."""
+    for f in tb_dir.rglob("*.pt.trace.json"):
+        if f.resolve() != keep.resolve():
+            f.unlink()
+    for d in sorted((d for d in tb_dir.rglob("*") if d.is_dir()), reverse=True):
+        if not any(d.iterdir()):
+            d.rmdir()
+
+
+def _remove_if_empty(out: Path, created: bool) -> None:
+    import shutil
+
+    if not created or not out.is_dir():
+        return
+    tb = out / "tensorboard"
+    if tb.is_dir() and not any(p.is_file() for p in tb.rglob("*")):
+        shutil.rmtree(tb, ignore_errors=True)
+    if not any(out.iterdir()):
+        out.rmdir()
+
+
 def _check_numbers(args) -> None:
-    for name, value, option in (("batch", args.batch, "--batch"), ("max new tokens", args.max_new_tokens,
-                                "--max-new-tokens"), ("chunk size", args.chunk_size, "--chunk-size"),
+    for name, value, option in (("batch", args.batch, "--batch"), ("new tokens", args.new_tokens, "--new-tokens"),
                                 ("top", args.top, "--top")):
         require_positive(name, value, option=option)
-    if args.context is not None:
-        require_positive("context", args.context, option="--context")
-    if args.budget is not None:
-        require_positive("budget", args.budget, option="--budget")
-
-
-def _check_runtime_options(args) -> None:
-    given = [opt for opt, value in (("--policy", args.policy), ("--budget", args.budget),
-                                    ("--kv-dtype", args.kv_dtype)) if value is not None]
-    if args.runtime == "hf" and given:
-        verb = "configures" if len(given) == 1 else "configure"
-        raise usage(f"{', '.join(given)} {verb} kvscope's cache, but --runtime is hf (plain transformers "
-                    "generate() with its own cache)", expected="--runtime kvscope with these options",
-                    fix=f"--runtime kvscope, or drop {', '.join(given)}")
+    for name, value, option in (("context", args.context, "--context"), ("budget", args.budget, "--budget"),
+                                ("chunk size", args.chunk_size, "--chunk-size")):
+        if value is not None:
+            require_positive(name, value, option=option)
 
 
 def _prompt_text(args) -> str | None:
@@ -130,15 +142,6 @@ def _read_prompt_file(name: str) -> str:
         raise usage(f"cannot read the prompt file {path}: {exc.strerror or exc}", fix="--prompt-file") from None
 
 
-def _check_policy(args) -> None:
-    """An unknown policy or a budget below its minimum fails now, not after loading the model."""
-    from kvscope.policies import get
-
-    policy = get(args.policy or "full")
-    if args.budget is not None:
-        policy.check_budget(args.budget)
-
-
 def _no_tokenizer(args):
     option = "--prompt-file" if args.prompt_file is not None else "--prompt"
     return usage(f"{args.model} has no tokenizer here (random weights, or none in its directory), so a text prompt "
@@ -165,23 +168,32 @@ def _check_positions(prompt: int, new: int, spec) -> None:
     if prompt + new > spec.max_position_embeddings:
         raise usage(f"prompt {prompt} + {new} new tokens = {prompt + new} positions, but {spec.name} supports "
                     f"{spec.max_position_embeddings}", expected=f"at most {spec.max_position_embeddings} positions",
-                    fix="--context, --prompt or --max-new-tokens")
+                    fix="--context, --prompt or --new-tokens")
 
 
 def _cache_factory(args, model, ids):
+    """A fresh cache per call (warm-up and profile each get one); its budget is clamped to the sequence and its bytes
+    checked against the device before anything is allocated."""
     if args.runtime == "hf":
         return lambda: None
     from kvscope.cache.budgeted import BudgetedCache
+    from kvscope.runtime.session import cache_budget, check_cache_fits
 
-    budget = args.budget or ids.shape[1] + args.max_new_tokens
-    return lambda: BudgetedCache(model, args.policy or "full", budget_tokens=budget, kv_dtype=args.kv_dtype,
-                                 chunk_size=args.chunk_size)
+    budget, note = cache_budget(args.budget, ids.shape[1] + args.new_tokens - 1)
+    if note and args.budget is not None:
+        output.stderr.print(f"note: {note}", markup=False, highlight=False)
+    chunk = common.chunk_size(args)
+    check_cache_fits(model, batch=ids.shape[0], prompt_tokens=ids.shape[1], new_tokens=args.new_tokens,
+                     budget_tokens=budget, kv_dtype=args.kv_dtype, chunk_size=chunk)
+    return lambda: BudgetedCache(model, common.policy_name(args), budget_tokens=budget, kv_dtype=args.kv_dtype,
+                                 chunk_size=chunk, **common.knobs(args))
 
 
 def _run_name(args, spec, ids) -> str:
     parts = [spec.name, args.runtime]
     if args.runtime == "kvscope":
-        parts += [args.policy or "full", str(args.budget or ids.shape[1] + args.max_new_tokens)]
+        parts += [common.policy_name(args), str(min(args.budget or ids.shape[1] + args.new_tokens - 1,
+                                                    ids.shape[1] + args.new_tokens - 1))]
         parts += [args.kv_dtype] if args.kv_dtype else []
     return "_".join(parts)
 
@@ -192,7 +204,7 @@ def _profile(args, model, ids, spec):
     make_cache = _cache_factory(args, model, ids)
     if args.warmup:
         with output.status("warming up"):
-            warm_up(model, ids, make_cache(), chunk_size=args.chunk_size)
+            warm_up(model, ids, make_cache(), chunk_size=common.chunk_size(args))
     cache = make_cache()
     with output.progress() as bar:
         task = bar.add_task("prefill", total=ids.shape[1])
@@ -200,7 +212,7 @@ def _profile(args, model, ids, spec):
         def on_phase(phase: str, done: int, total: int) -> None:
             bar.update(task, description=phase, completed=done, total=total)
 
-        return profile_workload(model, ids, cache, max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
+        return profile_workload(model, ids, cache, max_new_tokens=args.new_tokens, chunk_size=common.chunk_size(args),
                                 out_dir=args.out, nvtx=args.nvtx, top=args.top, on_phase=on_phase,
                                 run_name=_run_name(args, spec, ids))
 

@@ -2,45 +2,90 @@
 
 from __future__ import annotations
 
-from kvscope.cli import common, output
+from kvscope.cli import commands, common, output
 
 HELP = "generate under a budgeted KV cache; print the text and a per-layer KV table"
 
 
 def add_arguments(p) -> None:
-    common.add_model_arguments(p)
+    common.add_model_arguments(p, random_help="catalogue shape with random weights (no tokenizer: use --context)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
-    src.add_argument("--prompt-file", help="file holding the prompt")
+    src.add_argument("--prompt-file", metavar="FILE", help="file holding the prompt (UTF-8 text)")
+    src.add_argument("--context", type=int, metavar="N", help="N random token ids as the prompt (no tokenizer needed)")
     chat = p.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=True,
                       help="apply the chat template (default)")
     chat.add_argument("--raw", dest="chat", action="store_false", help="feed the text as is")
-    common.add_cache_arguments(p)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    common.add_cache_arguments(p, default_policy="lru")
+    common.add_new_tokens(p, 64, "tokens to generate at most (end-of-sequence stops earlier)")
     output.add_format(p)
 
 
 def run(args) -> int:
     from kvscope.errors import require_positive
-    from kvscope.runtime.session import read_prompt, run_prompt
+    from kvscope.runtime.session import read_prompt
 
-    text = read_prompt(args.prompt, args.prompt_file)
+    text = read_prompt(args.prompt, args.prompt_file) if args.context is None else None
     common.check_policy_args(args)
-    require_positive("--max-new-tokens", args.max_new_tokens, option="--max-new-tokens")
+    require_positive("--new-tokens", args.new_tokens, option="--new-tokens")
+    if args.context is not None:
+        require_positive("--context", args.context, option="--context")
+    common.check_device(args)
+    _check_before_loading(args, text)
     loaded = common.load_model(args)
+    result = _generate(args, loaded, text)
+    payload = {"model": loaded.spec.name, **result.to_dict()}
+    output.emit(payload, args.format, render)
+    return 0
+
+
+def _check_before_loading(args, text: str | None) -> None:
+    """What can be known from the config alone fails before a (possibly long) model load."""
+    from kvscope.errors import usage
+    from kvscope.models.loader import spec_for
+    from kvscope.runtime.session import check_positions
+
+    if text is not None and args.random_weights:
+        option = "--prompt-file" if args.prompt_file is not None else "--prompt"
+        raise usage(f"{args.model} with --random-weights has no tokenizer, so a text prompt cannot be encoded",
+                    expected="--context N for N random token ids", fix=f"drop {option} and add --context N")
+    if args.context is not None:
+        check_positions(args.context, args.new_tokens, spec_for(args.model).max_position_embeddings)
+
+
+def _generate(args, loaded, text: str | None):
+    import torch
+
+    from kvscope.errors import does_not_fit
+    from kvscope.runtime.session import random_ids, run_prompt
+
+    ids = None if text is not None else random_ids(loaded.spec.vocab_size, args.context)
     with output.progress() as bar:
         task = bar.add_task("generating", total=None)
 
         def on_phase(phase, done, total):
             bar.update(task, description=phase, completed=done, total=total)
 
-        result = run_prompt(loaded.model, loaded.tokenizer, text, chat=args.chat, policy=args.policy,
-                            budget_tokens=args.budget, kv_dtype=args.kv_dtype, max_new_tokens=args.max_new_tokens,
-                            chunk_size=args.chunk_size, on_phase=on_phase)
-    payload = {"model": loaded.spec.name, **result.to_dict()}
-    output.emit(payload, args.format, render)
-    return 0
+        try:
+            return run_prompt(loaded.model, loaded.tokenizer, text, ids=ids, chat=args.chat,
+                              policy=common.policy_name(args), knobs=common.knobs(args), budget_tokens=args.budget,
+                              kv_dtype=args.kv_dtype, new_tokens=args.new_tokens,
+                              chunk_size=common.chunk_size(args), on_phase=on_phase)
+        except torch.OutOfMemoryError:
+            raise does_not_fit("the generation ran out of GPU memory", fix="--budget or --kv-dtype; the doctor "
+                               "explains it: " + _doctor_command(args)) from None
+
+
+def _doctor_command(args) -> str:
+    from kvscope.cli.main import command_parser
+
+    d = command_parser("doctor").parse_args([args.model, "--batch", "1", "--context", str(args.context or 1),
+                                             "--new-tokens", str(args.new_tokens)])
+    for dest in ("random_weights", "device", "dtype", "policy", "policy_knob", "budget", "kv_dtype", "chunk_size"):
+        setattr(d, dest, getattr(args, dest))
+    d.runtime, d.policy = "kvscope", common.policy_name(args)
+    return commands.render("doctor", d)
 
 
 def render(d: dict) -> None:
@@ -48,8 +93,8 @@ def render(d: dict) -> None:
 
     out = output.stdout
     out.print(d["text"], markup=False, highlight=False)
-    t = Table(title=f"KV cache per layer: policy {d['policy']}, budget {d['budget_tokens']} tokens, {d['kv_dtype']}",
-              title_justify="left")
+    t = Table(title=f"KV cache per layer: policy {d['policy']}, budget {d['budget_tokens']} tokens per sequence, "
+              f"{d['kv_dtype']}", title_justify="left")
     for col in ("layer", "stored tokens", "evicted tokens", "bytes"):
         t.add_column(col, justify="right")
     for row in d["layers"]:

@@ -1,10 +1,19 @@
-"""From what happened to what it means: attribution of memory, the diagnosis, and ranked fixes with numbers."""
+"""From what happened to what it means: attribution of memory, the diagnosis, and ranked fixes with numbers.
+
+One count of tokens everywhere: a sequence needs `Workload.kv_tokens` KV tokens (prompt + new - 1: the last new token
+is never fed back). One meaning of KV bytes for a budget: what the cache allocates for it (`kv_store_bytes`: budget
+plus room for one prefill chunk, int4's full-precision window, whole batch, all layers), which is also what the fixed
+run measures, so every fix's estimate can be checked against its outcome.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from kvscope.doctor.execute import Outcome
+from kvscope.models.spec import ModelSpec
+from kvscope.planner import search
+from kvscope.planner.memory import kv_store_bytes
 from kvscope.planner.sizes import format_bytes as fb
 from kvscope.planner.workload import Workload
 from kvscope.policies import preferred_for
@@ -17,15 +26,32 @@ class Fix:
     rank: int
     option: str
     change: str
-    peak_bytes: int | None
+    peak_bytes: int | None  # the estimate the fix is checked against: KV storage for budget fixes, else planner peak
     fits: bool
     message: str
     workload: Workload | None  # the workload to re-run, None when it cannot be applied on this machine
     policy: str | None = None
+    changes: dict | None = None  # Workload fields (and "policy", "gpu", "tp") the fix sets
+    estimate_of: str = "peak allocated"  # what `peak_bytes` estimates
+    command: str | None = None  # the command line that applies it, when the caller knows the command
 
     def to_dict(self) -> dict:
         return {"rank": self.rank, "option": self.option, "change": self.change, "peak_bytes": self.peak_bytes,
-                "fits": self.fits, "message": self.message, "applicable": self.workload is not None}
+                "estimate_of": self.estimate_of, "fits": self.fits, "message": self.message,
+                "applicable": self.workload is not None, "changes": self.changes or {}, "command": self.command}
+
+
+def workload_dict(spec: ModelSpec, w: Workload, policy: str | None) -> dict:
+    """A workload as the report shows it: its fields, its KV tokens, its policy and (kvscope runtime) the KV storage
+    its budget allocates."""
+    kvscope = w.runtime == "kvscope"
+    return {**w.to_dict(), "kv_tokens": w.kv_tokens, "policy": policy if kvscope else None,
+            "kv_budget_bytes": kv_store_bytes(spec, w) if kvscope else None}
+
+
+def figure(label: str, *, bytes_: int | None = None, tokens: int | None = None, detail: str = "") -> dict:
+    """One headline figure of the report: a labelled number of bytes or tokens with a line saying what it is."""
+    return {"label": label, "bytes": bytes_, "tokens": tokens, "detail": detail}
 
 
 def attribution(o: Outcome, weights: int, capacity: int) -> dict[str, int]:
@@ -42,56 +68,90 @@ def attribution(o: Outcome, weights: int, capacity: int) -> dict[str, int]:
             "other": max(0, (used or reserved) - reserved), "fragmentation": max(0, reserved - allocated)}
 
 
-def diagnose(o: Outcome, w: Workload, prediction: dict, parts: dict[str, int], capacity: int, *,
-             policy: str, kv_bytes_per_token_layer: int | None = None, layers: int = 1) -> dict:
-    predicted = prediction["peak_bytes"] + prediction["overhead_bytes"]
+def diagnose(o: Outcome, w: Workload, prediction: dict, parts: dict[str, int], capacity: int, *, policy: str,
+             spec: ModelSpec, cuda: bool = True) -> dict:
+    """headline, explanation, labelled figures and the option to change, for what happened to `w`."""
     if o.status == "oom":
-        f = o.at_failure
-        needed = f.allocated + (f.tried_to_allocate or 0) + parts["other"]
-        biggest = max(("weights", "kv_cache", "activations"), key=lambda k: parts[k])
-        frag = parts["fragmentation"] > FRAGMENTATION_SHARE * capacity
-        text = (f"At the failure PyTorch held {fb(f.allocated)}: weights {fb(parts['weights'])}, KV cache "
-                f"{fb(parts['kv_cache'])}, activations and temporaries {fb(parts['activations'])}; it asked for "
-                f"{fb(f.tried_to_allocate or 0)} more. The largest part was {biggest.replace('_', ' ')}. "
-                f"Reserved but unallocated (fragmentation): {fb(parts['fragmentation'])}. The planner predicted "
-                f"{fb(predicted)} needed against {fb(capacity)} ({'fits' if prediction['fits'] else 'does not fit'}).")
-        if frag:
-            text += (" Fragmentation is large: set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True so freed blocks "
-                     "can be reused for larger requests.")
-        return {"headline": f"Out of GPU memory: needed about {fb(needed)}, available {fb(capacity)}",
-                "explanation": text, "needed_bytes": needed, "available_bytes": capacity, "estimate_bytes": predicted,
-                "option": None, "recommend_expandable_segments": frag}
+        return _oom(o, prediction, parts, capacity)
     if o.status == "kv_budget_exceeded":
-        need_tokens = w.total_tokens - 1
-        per = (kv_bytes_per_token_layer or 0) * layers * w.batch
-        return {"headline": f"KV budget exceeded: the sequence needs {need_tokens} tokens per layer, the budget holds "
-                            f"{w.budget_tokens}",
-                "explanation": f"Policy '{policy}' never evicts, so the cache must hold the whole sequence "
-                               f"({w.context} prompt + {w.new_tokens} new tokens). "
-                               f"Needed {fb(need_tokens * per)} of KV, "
-                               f"available {fb((w.budget_tokens or 0) * per)} (the budget).",
-                "needed_bytes": need_tokens * per, "available_bytes": (w.budget_tokens or 0) * per,
-                "estimate_bytes": need_tokens * per, "option": "--budget or --policy",
-                "recommend_expandable_segments": False}
+        return _over_budget(o, w, policy, spec)
+    predicted = prediction["needed_bytes"]
     if o.status == "error":
-        return {"headline": "The run failed", "explanation": o.error or "", "needed_bytes": None,
-                "available_bytes": capacity, "estimate_bytes": predicted, "option": None,
-                "recommend_expandable_segments": False}
+        return _result("The run failed", o.error or "", [figure("available", bytes_=capacity)])
+    if o.peak_allocated_bytes is None:
+        figures = [figure("peak process memory (RSS)", bytes_=o.peak_rss_bytes, detail="measured on the CPU"),
+                   figure("available", bytes_=capacity, detail="host memory, or --gpu-memory"),
+                   figure("KV cache", bytes_=o.kv_bytes, detail="allocated by the cache, whole batch")]
+        return _result(f"Completed on the CPU: peak process memory {fb(o.peak_rss_bytes)}, KV cache {fb(o.kv_bytes)}",
+                       "No CUDA device: the doctor measured process memory (RSS) and the KV budget instead of GPU "
+                       f"memory. The planner's GPU estimate for this workload is {fb(predicted)}.", figures)
     measured = o.peak_allocated_bytes
-    if measured is None:
-        return {"headline": f"Completed on the CPU: peak process memory {fb(o.peak_rss_bytes)}, KV cache "
-                            f"{fb(o.kv_bytes)}",
-                "explanation": "No CUDA device: the doctor measured process memory (RSS) and the KV budget instead "
-                               f"of GPU memory. The planner's GPU estimate for this workload is {fb(predicted)}.",
-                "needed_bytes": o.peak_rss_bytes, "available_bytes": capacity, "estimate_bytes": predicted,
-                "option": None, "recommend_expandable_segments": False}
     err = (prediction["peak_bytes"] - measured) / measured if measured else 0.0
-    return {"headline": f"Completed: peak {fb(measured)} allocated of {fb(capacity)} "
-                        f"({(capacity - measured) / capacity:.0%} headroom)",
-            "explanation": f"The planner predicted a peak of {fb(prediction['peak_bytes'])} ({err:+.1%} against the "
-                           "measurement).",
-            "needed_bytes": measured, "available_bytes": capacity, "estimate_bytes": prediction["peak_bytes"],
-            "option": None, "recommend_expandable_segments": False}
+    figures = [figure("needed by the workload", bytes_=predicted, detail="planner: peak allocated + overhead"),
+               figure("available", bytes_=capacity),
+               figure("measured peak allocated", bytes_=measured, detail=f"planner peak {fb(prediction['peak_bytes'])}"
+                      f" ({err:+.1%})")]
+    return _result(f"Completed: peak {fb(measured)} allocated of {fb(capacity)} "
+                   f"({(capacity - measured) / capacity:.0%} headroom)",
+                   f"The planner predicted a peak of {fb(prediction['peak_bytes'])} allocated ({err:+.1%} against the "
+                   "measurement).", figures)
+
+
+def _result(headline: str, explanation: str, figures: list[dict], *, option: str | None = None,
+            expandable: bool = False) -> dict:
+    by_label = {f["label"]: f.get("bytes") for f in figures}
+    return {"headline": headline, "explanation": explanation, "figures": figures,
+            "needed_bytes": by_label.get("needed by the workload"), "available_bytes": by_label.get("available"),
+            "held_bytes": by_label.get("held at the failure"), "option": option,
+            "recommend_expandable_segments": expandable}
+
+
+def _oom(o: Outcome, prediction: dict, parts: dict[str, int], capacity: int) -> dict:
+    f = o.at_failure
+    needed = prediction["needed_bytes"]
+    biggest = max(("weights", "kv_cache", "activations"), key=lambda k: parts[k])
+    frag = parts["fragmentation"] > FRAGMENTATION_SHARE * capacity
+    where = f" in {o.failed_in}" if o.failed_in else ""
+    text = (f"The workload needs about {fb(needed)} (the planner's peak allocated {fb(prediction['peak_bytes'])} plus "
+            f"{fb(prediction['overhead_bytes'])} of CUDA context and allocator slack); {fb(capacity)} are available. "
+            f"It failed{where}: PyTorch held {fb(f.allocated)} (weights {fb(parts['weights'])}, KV cache "
+            f"{fb(parts['kv_cache'])}, activations and temporaries {fb(parts['activations'])}) and asked for "
+            f"{fb(f.tried_to_allocate or 0)} more. The largest part was {biggest.replace('_', ' ')}. Reserved but "
+            f"unallocated (fragmentation): {fb(parts['fragmentation'])}.")
+    if frag:
+        text += (" Fragmentation is large: set PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True so freed blocks "
+                 "can be reused for larger requests.")
+    figures = [figure("needed by the workload", bytes_=needed, detail="planner: peak allocated + overhead"),
+               figure("available", bytes_=capacity),
+               figure("held at the failure", bytes_=f.allocated,
+                      detail=f"allocated by PyTorch{where}; it asked for {fb(f.tried_to_allocate or 0)} more")]
+    if needed > capacity:
+        figures.append(figure("short by", bytes_=needed - capacity, detail="needed - available"))
+    return _result(f"Out of GPU memory: the workload needs about {fb(needed)}, {fb(capacity)} available "
+                   f"({fb(f.allocated)} held at the failure)", text, figures, expandable=frag)
+
+
+def _over_budget(o: Outcome, w: Workload, policy: str, spec: ModelSpec) -> dict:
+    need, budget = w.kv_tokens, w.budget_tokens or 0
+    needed = kv_store_bytes(spec, w.with_(budget_tokens=need))
+    available = kv_store_bytes(spec, w)
+    room = min(w.chunk_size, w.context)
+    where = o.failed_in or "the run"
+    text = (f"Policy '{policy}' never evicts, so every layer must hold the whole sequence: {w.context} prompt + "
+            f"{w.new_tokens} new tokens - 1 = {need} KV tokens per sequence (the last new token is never fed back). "
+            f"The run stopped in {where}, where layer 0 had to hold {o.held_tokens} tokens per sequence. For the "
+            f"batch of {w.batch}, the cache allocates {fb(available)} for the budget ({budget} tokens + room for one "
+            f"{room}-token prefill chunk, {spec.num_layers} layers); holding the whole sequence takes {fb(needed)}.")
+    figures = [figure("needed by the workload", tokens=need, bytes_=needed,
+                      detail=f"KV tokens per sequence; the bytes are the KV storage for the batch at --budget {need}"),
+               figure("available", tokens=budget, bytes_=available,
+                      detail="the budget, per sequence; the bytes are what the cache allocates for it (with room "
+                      "for one prefill chunk)"),
+               figure("held at the failure", tokens=o.held_tokens,
+                      detail=f"per sequence, in layer 0, in {where}; {fb(o.kv_bytes)} of KV storage allocated by "
+                      "then (layers allocate as the first chunk reaches them)")]
+    return _result(f"KV budget exceeded: the sequence needs {need} KV tokens per layer, the budget holds {budget}",
+                   text, figures, option="--budget or --policy")
 
 
 def fixes_from_plan(prediction: dict, w: Workload, cuda: bool) -> list[Fix]:
@@ -100,33 +160,42 @@ def fixes_from_plan(prediction: dict, w: Workload, cuda: bool) -> list[Fix]:
     for a in prediction.get("advice", []):
         changes = dict(a["changes"])
         runnable = "gpu" not in changes and changes.get("tp", 1) == 1 and cuda
-        policy = preferred_for(changes["budget_tokens"]) if "budget_tokens" in changes else None
+        policy = changes.get("policy")
         fields = {k: v for k, v in changes.items() if k in Workload.__dataclass_fields__}
+        if policy is not None:
+            fields["policy"] = policy
         out.append(Fix(len(out) + 1, a["option"], a["action"], a["estimate_bytes"], a["fits"], a["message"],
-                       w.with_(**fields) if runnable else None, policy))
+                       w.with_(**fields) if runnable else None, policy, changes, "needed (peak allocated + overhead)"))
     return out
 
 
-def fixes_for_budget(w: Workload, policy: str, per_token: dict[str, int], dense: str) -> list[Fix]:
-    """Fixes for a KV budget that a non-evicting policy outgrew, cheapest in quality first. `per_token` maps KV
-    format -> bytes per token (all layers, one sequence)."""
-    need = w.total_tokens - 1
-    budget = w.budget_tokens or 0
-    budget_bytes = budget * per_token[w.kv_dtype or dense] * w.batch
+def fixes_for_budget(spec: ModelSpec, w: Workload, policy: str) -> list[Fix]:
+    """Fixes for a KV budget that a non-evicting policy outgrew, cheapest in quality first. Every estimate is the KV
+    storage the fixed cache allocates (planner.memory.kv_store_bytes), which the fixed run measures."""
+    need, budget = w.kv_tokens, w.budget_tokens or 0
+    available = kv_store_bytes(spec, w)
     out: list[Fix] = []
+
+    def add(option: str, change: str, new: Workload, message: str, policy_: str | None, **changes) -> None:
+        est = kv_store_bytes(spec, new)
+        changes = {k: v for k, v in new.to_dict().items() if v != w.to_dict()[k]} | changes
+        out.append(Fix(len(out) + 1, option, change, est, True, message.format(est=fb(est)), new, policy_, changes,
+                       "KV storage"))
+
     for kv, cost in (("int8", "perplexity within about 1%"), ("int4", "perplexity within about 5%")):
-        held = budget_bytes // (per_token[kv] * w.batch)
-        if held >= need and kv != w.kv_dtype:
-            out.append(Fix(len(out) + 1, f"--kv-dtype {kv} --budget {held}", f"store the KV cache as {kv}",
-                           budget_bytes, True, f"the same {fb(budget_bytes)} holds {held} tokens as {kv} "
-                           f"(needed {need}); {cost}, nothing evicted", w.with_(kv_dtype=kv, budget_tokens=held),
-                           policy))
+        if kv == w.kv_dtype or not spec.supports_kv_dtype(kv):
+            continue
+        held = search.largest(lambda n, kv=kv: kv_store_bytes(spec, w.with_(kv_dtype=kv, budget_tokens=n)) <= available,
+                              1, need)
+        if held >= need:
+            window = " (with its 128-token full-precision window per layer)" if kv == "int4" else ""
+            add(f"--kv-dtype {kv} --budget {need}", f"store the KV cache as {kv}", w.with_(kv_dtype=kv,
+                budget_tokens=need), f"as {kv} the whole sequence ({need} tokens) takes {{est}} of KV storage{window}, "
+                f"within the {fb(available)} the budget allocates now; {cost}, nothing evicted", policy)
     evict = preferred_for(budget)
-    out.append(Fix(len(out) + 1, f"--policy {evict} --budget {budget}", f"evict with {evict} at the same budget",
-                   budget_bytes, True, f"keeps {budget} of {need} tokens ({budget / need:.0%}) in "
-                   f"{fb(budget_bytes)}; quality depends on the policy (see docs/benchmarks.md)", w, evict))
-    more = need * per_token[w.kv_dtype or dense] * w.batch
-    out.append(Fix(len(out) + 1, f"--budget {need}", "raise the budget to the whole sequence", more, True,
-                   f"needs {fb(more)} of KV instead of {fb(budget_bytes)}; nothing evicted",
-                   w.with_(budget_tokens=need), policy))
+    add(f"--policy {evict} --budget {budget}", f"evict with {evict} at the same budget", w.with_(policy=evict),
+        f"keeps {budget} of {need} KV tokens per sequence ({budget / need:.0%}) in {{est}}; quality depends on the "
+        "policy (see docs/benchmarks.md)", evict, policy=evict)
+    add(f"--budget {need}", "raise the budget to the whole sequence", w.with_(budget_tokens=need),
+        f"needs {{est}} of KV storage instead of {fb(available)}; nothing evicted", policy)
     return out

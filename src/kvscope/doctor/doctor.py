@@ -3,8 +3,9 @@
 1. plan the workload (the planner's prediction and fixes);
 2. run it under the monitor (on a GPU, optionally emulating a smaller one; on the CPU, against the KV budget);
 3. on failure, keep the allocator snapshot, attribute memory, explain it, and rank fixes;
-4. with `fix=True`, apply the best fix this machine can run, re-run, and report the outcome;
-5. write report.json, report.html and the snapshot atomically into `out`.
+4. write report.json, report.html and the snapshot atomically into `out` (the diagnosis is on disk before any re-run);
+5. with `fix=True`, apply the best fix this machine can run, re-run, check the outcome against the fix's estimate,
+   and write the report again with the outcome.
 """
 
 from __future__ import annotations
@@ -18,11 +19,12 @@ from dataclasses import dataclass
 import torch
 
 from kvscope import __version__
-from kvscope.doctor.diagnose import attribution, diagnose, fixes_for_budget, fixes_from_plan
-from kvscope.doctor.execute import Outcome, execute
-from kvscope.errors import usage
-from kvscope.kvformats import KV_FORMATS
+from kvscope.doctor.apply import apply_fix, best_fix, fix_figure, report_status
+from kvscope.doctor.diagnose import attribution, diagnose, fixes_for_budget, fixes_from_plan, workload_dict
+from kvscope.doctor.execute import execute
+from kvscope.errors import does_not_fit, usage
 from kvscope.monitor import Monitor
+from kvscope.planner.memory import kv_bytes
 from kvscope.planner.plan import plan
 from kvscope.planner.sizes import format_bytes, parse_size
 from kvscope.planner.workload import Workload
@@ -39,6 +41,12 @@ class DoctorResult:
     def status(self) -> str:
         return self.report["outcome"]["status"]
 
+    @property
+    def fixed(self) -> bool:
+        """The workload failed, and the applied fix ran as estimated."""
+        fo = self.report.get("fix_outcome")
+        return bool(fo) and fo["status"] == "ok"
+
 
 def emulate_capacity(gpu_memory: str | int | None, device) -> tuple[int, bool]:
     """(capacity, emulated). With `gpu_memory` on CUDA, cap this process so that PyTorch plus what the CUDA context
@@ -48,123 +56,165 @@ def emulate_capacity(gpu_memory: str | int | None, device) -> tuple[int, bool]:
         return total, False
     size = parse_size(gpu_memory)
     if size > total:
-        raise usage(f"--gpu-memory {format_bytes(size)} is larger than this GPU ({format_bytes(total)})",
-                    expected=f"at most {format_bytes(total)}", fix="--gpu-memory")
+        raise usage(f"a {format_bytes(size)} GPU cannot be emulated on this one ({format_bytes(total)})",
+                    expected=f"--gpu-memory of at most {total}B", fix="--gpu-memory")
     free, _ = torch.cuda.mem_get_info(device)
     outside = max(0, (total - free) - torch.cuda.memory_reserved(device))  # CUDA context and other non-PyTorch use
     torch.cuda.set_per_process_memory_fraction(max(0.0, (size - outside) / total), device)
     return size, True
 
 
-def doctor(loaded, w: Workload, *, policy: str = "full", gpu_memory: str | None = None, fix: bool = False,
-           out: str | os.PathLike, command: str | None = None, progress=None) -> DoctorResult:
+def doctor(loaded, w: Workload, *, policy: str = "full", knobs: dict | None = None, gpu_memory: str | None = None,
+           fix: bool = False, out: str | os.PathLike, force: bool = False, command: str | None = None,
+           progress=None, fix_command=None) -> DoctorResult:
+    """Run `w` on `loaded` under the monitor, diagnose it and write the report into `out` (which must be empty or new,
+    unless `force`). `fix_command(fix)` may return the command line that applies a fix (the CLI passes one)."""
     from kvscope.report import check_out_dir, write_report
 
-    out_dir = check_out_dir(out)
+    out_dir = check_out_dir(out, force=force)
+    if w.runtime == "kvscope":  # the policy decides the cache's shape (room above the budget): the planner needs it
+        w = w.with_(policy=policy)
     model, spec = loaded.model, loaded.spec
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     notes: list[str] = []
-    if cuda:
-        capacity, emulated = emulate_capacity(gpu_memory, device)
-        if emulated:
-            notes.append(f"emulating a {format_bytes(capacity)} GPU on {torch.cuda.get_device_name(device)} with "
-                         "torch.cuda.set_per_process_memory_fraction")
-        torch.cuda.memory._record_memory_history(max_entries=SNAPSHOT_ENTRIES, context="alloc", stacks="python")
-    else:
-        import psutil
-
-        capacity = parse_size(gpu_memory) if gpu_memory else psutil.virtual_memory().total
-        emulated = False
-        notes.append("no CUDA device: the doctor measured process memory (RSS) and the KV budget instead of GPU "
-                     "memory; GPU figures below are the planner's predictions")
+    capacity, emulated = _capacity(gpu_memory, device, notes, w, spec)
     prediction = plan(spec, w, gpu_memory=capacity).to_dict()
     weights = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
     snapshot = None
     if cuda:
+        torch.cuda.memory._record_memory_history(max_entries=SNAPSHOT_ENTRIES, context="alloc", stacks="python")
         fd, snapshot = tempfile.mkstemp(prefix="kvscope-snapshot-", suffix=".pickle")
         os.close(fd)
     monitor = Monitor(device=(device.index or 0) if cuda else None).start()
     try:
-        outcome = execute(model, spec, w, policy=policy, monitor=monitor, snapshot_path=snapshot, progress=progress)
+        try:
+            outcome = execute(model, spec, w, policy=policy, knobs=knobs, monitor=monitor, snapshot_path=snapshot,
+                              progress=progress)
+        finally:
+            if cuda:
+                torch.cuda.memory._record_memory_history(enabled=None)
+        parts = attribution(outcome, weights, capacity)
+        diagnosis = diagnose(outcome, w, prediction, parts, capacity, policy=policy, spec=spec, cuda=cuda)
+        if outcome.status == "kv_budget_exceeded":
+            fixes = fixes_for_budget(spec, w, policy)
+        elif outcome.status == "oom" or not prediction["fits"]:
+            fixes = fixes_from_plan(prediction, w, cuda)
+        else:
+            fixes = []
+        for f in fixes:
+            f.command = fix_command(f) if fix_command else None
+        report = {
+            "kvscope_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "command": command or " ".join(sys.argv),
+            "model": {"name": spec.name, "num_layers": spec.num_layers, "kv_heads": spec.num_kv_heads,
+                      "head_dim": spec.head_dim, "weights_bytes": weights},
+            "workload": workload_dict(spec, w, policy),
+            "device": {"name": torch.cuda.get_device_name(device) if cuda else "CPU", "cuda": cuda,
+                       "total_bytes": torch.cuda.get_device_properties(device).total_memory if cuda else None,
+                       "capacity_bytes": capacity, "emulated": emulated},
+            "prediction": prediction,
+            "outcome": _outcome_dict(outcome, w),
+            "kv_layers": outcome.kv_layers,
+            "kv_layers_workload": workload_dict(spec, w, policy),
+            "attribution": parts,
+            "diagnosis": diagnosis,
+            "fixes": [f.to_dict() for f in fixes],
+            "fix_outcome": None,
+            "snapshot": None,
+            "notes": notes,
+        }
+        report.update(_monitor_dict(monitor))
+        snapshot_name = snapshot if outcome.status == "oom" and snapshot and os.path.getsize(snapshot) > 0 else None
+        best = best_fix(fixes) if fix else None
+        if fix:
+            notes.append(_fix_note(outcome.status, best))
+        if best is not None:  # the diagnosis is on disk before the re-run: an interrupted re-run loses nothing
+            notes.append(f"re-running with the fix {best.option}; if this note stays, the re-run did not finish")
+        paths = write_report(out_dir, report, snapshot_src=snapshot_name, move_snapshot=True, force=force)
+        if best is not None:
+            report = _fix_and_rewrite(loaded, best, report, monitor, out_dir, knobs, capacity, progress)
     finally:
-        if cuda:
-            torch.cuda.memory._record_memory_history(enabled=None)
-    parts = attribution(outcome, weights, capacity)
-    per_token = {name: spec.kv_bytes_per_token(name, w.tp) for name in KV_FORMATS}
-    diagnosis = diagnose(outcome, w, prediction, parts, capacity, policy=policy,
-                         kv_bytes_per_token_layer=per_token[w.kv_dtype] // spec.num_layers, layers=spec.num_layers)
-    if outcome.status == "kv_budget_exceeded":
-        fixes = fixes_for_budget(w, policy, per_token, w.dtype)
-    elif outcome.status == "oom" or not prediction["fits"]:
-        fixes = fixes_from_plan(prediction, w, cuda)
-    else:
-        fixes = []
-    fix_outcome = None
-    kv_layers = outcome.kv_layers
-    if fix:
-        fix_outcome = _apply_fix(loaded, fixes, outcome, notes, monitor, progress)
-        if fix_outcome is not None:
-            kv_layers = fix_outcome["kv_layers"]
-            notes.append("the timeline continues with the fixed run (phases marked 'fix'); the per-layer KV table "
-                         "shows the fixed run")
-    monitor.stop()
-    if emulated:
-        torch.cuda.set_per_process_memory_fraction(1.0, device)  # the emulated cap must not outlive the diagnosis
-    snapshot_name = snapshot if outcome.status == "oom" and snapshot and os.path.getsize(snapshot) > 0 else None
-    report = {
-        "kvscope_version": __version__,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": command or " ".join(sys.argv),
-        "model": {"name": spec.name, "num_layers": spec.num_layers, "kv_heads": spec.num_kv_heads,
-                  "head_dim": spec.head_dim, "weights_bytes": weights},
-        "workload": {**w.to_dict(), "policy": policy if w.runtime == "kvscope" else None},
-        "device": {"name": torch.cuda.get_device_name(device) if cuda else "CPU", "cuda": cuda,
-                   "total_bytes": torch.cuda.get_device_properties(device).total_memory if cuda else None,
-                   "capacity_bytes": capacity, "emulated": emulated},
-        "prediction": prediction,
-        "outcome": {"status": _report_status(outcome.status), "detail": outcome.status, "error": outcome.error,
-                    "peak_allocated_bytes": outcome.peak_allocated_bytes,
-                    "peak_reserved_bytes": outcome.peak_reserved_bytes, "peak_rss_bytes": outcome.peak_rss_bytes,
-                    "seconds": round(outcome.seconds, 3), "kv_bytes": outcome.kv_bytes,
-                    "evicted_tokens": outcome.evicted_tokens,
-                    "decode_tokens_per_second": outcome.decode_tokens_per_second,
-                    "at_failure": outcome.to_dict()["at_failure"]},
-        **monitor.to_dict(),
-        "kv_layers": kv_layers,
-        "attribution": parts,
-        "diagnosis": diagnosis,
-        "fixes": [f.to_dict() for f in fixes],
-        "fix_outcome": fix_outcome,
-        "snapshot": "memory_snapshot.pickle" if snapshot_name else None,
-        "notes": notes,
-    }
-    paths = write_report(out_dir, report, snapshot_src=snapshot_name, move_snapshot=True)
-    if snapshot and os.path.exists(snapshot):
-        os.unlink(snapshot)
+        monitor.stop()
+        if emulated:
+            torch.cuda.set_per_process_memory_fraction(1.0, device)  # the emulated cap must not outlive the diagnosis
+        if snapshot and os.path.exists(snapshot):
+            os.unlink(snapshot)
     return DoctorResult(report, {k: str(v) for k, v in paths.items()})
 
 
-def _report_status(status: str) -> str:
-    return {"ok": "ok", "oom": "oom"}.get(status, "error")
+def _capacity(gpu_memory, device, notes: list[str], w: Workload, spec) -> tuple[int, bool]:
+    if device.type == "cuda":
+        capacity, emulated = emulate_capacity(gpu_memory, device)
+        if emulated:
+            notes.append(f"emulating a {format_bytes(capacity)} GPU on {torch.cuda.get_device_name(device)} with "
+                         "torch.cuda.set_per_process_memory_fraction")
+        return capacity, emulated
+    import psutil
+
+    available = psutil.virtual_memory().available
+    if w.runtime == "kvscope" and kv_bytes(spec, w) > available:  # a CPU allocation this size fails or swaps
+        raise does_not_fit(f"the KV cache for this workload would allocate {format_bytes(kv_bytes(spec, w))} "
+                           f"(budget + one prefill chunk, batch {w.batch}), but this machine has "
+                           f"{format_bytes(available)} available", expected="a KV cache that fits in host memory",
+                           fix="--budget, --batch or --context")
+    notes.append("no CUDA device: the doctor measured process memory (RSS) and the KV budget instead of GPU "
+                 "memory; GPU figures below are the planner's predictions")
+    return (parse_size(gpu_memory) if gpu_memory else psutil.virtual_memory().total), False
 
 
-def _apply_fix(loaded, fixes, outcome: Outcome, notes: list[str], monitor: Monitor, progress=None) -> dict | None:
-    if outcome.status == "ok":
-        notes.append("--fix: nothing to fix, the workload ran within capacity; no change was applied")
-        return None
-    best = next((f for f in fixes if f.workload is not None and f.fits), None)
+def _outcome_dict(o, w: Workload) -> dict:
+    error = o.error
+    if o.status == "kv_budget_exceeded":  # said with the report's one count of tokens; the cache's own words stay
+        error = (f"layer 0 had to hold {o.held_tokens} KV tokens per sequence in {o.failed_in}, over its budget of "
+                 f"{w.budget_tokens} (policy 'full' never evicts; the whole sequence needs {w.kv_tokens})")
+    return {"status": report_status(o.status), "detail": o.status, "error": error, "cache_error": o.error,
+            "peak_allocated_bytes": o.peak_allocated_bytes, "peak_reserved_bytes": o.peak_reserved_bytes,
+            "peak_rss_bytes": o.peak_rss_bytes, "seconds": round(o.seconds, 3), "kv_bytes": o.kv_bytes,
+            "evicted_tokens": o.evicted_tokens, "decode_tokens_per_second": o.decode_tokens_per_second,
+            "at_failure": o.to_dict()["at_failure"], "failed_at": o.failed_at, "failed_in": o.failed_in,
+            "held_tokens": o.held_tokens}
+
+
+def _monitor_dict(monitor: Monitor) -> dict:
+    """The monitor's timeline, phases and evictions, plus the KV cache's allocated bytes over time."""
+    d = monitor.to_dict()
+    d["kv_timeline"] = {"t": [e["t"] for e in monitor.kv_events], "bytes": [e["bytes"] for e in monitor.kv_events],
+                        "stored_tokens": [e["stored_tokens"] for e in monitor.kv_events]}
+    return d
+
+
+def _fix_note(status: str, best) -> str:
+    if status == "ok":
+        return "--fix: nothing to fix, the workload ran within capacity; no change was applied"
     if best is None:
-        notes.append("--fix: no fix can be applied on this machine (the remaining ones need other hardware)")
-        return None
-    spec = loaded.spec
-    w = best.workload
-    monitor.mark("fix", best.option)
-    again = execute(loaded.model, spec, w, policy=best.policy or "full", monitor=monitor, phase_prefix="fix: ",
-                    progress=progress)
-    return {"applied": f"{best.change} ({best.option})", "status": _report_status(again.status),
-            "detail": again.status, "error": again.error, "peak_allocated_bytes": again.peak_allocated_bytes,
-            "peak_rss_bytes": again.peak_rss_bytes, "kv_bytes": again.kv_bytes,
-            "evicted_tokens": again.evicted_tokens, "seconds": round(again.seconds, 3),
-            "workload": {**w.to_dict(), "policy": best.policy}, "kv_layers": again.kv_layers,
-            "decode_tokens_per_second": again.decode_tokens_per_second}
+        return "--fix: no fix can be applied on this machine (the remaining ones need other hardware)"
+    return f"--fix: applied the best fix this machine can run: {best.change} ({best.option})"
+
+
+def _fix_and_rewrite(loaded, best, report: dict, monitor: Monitor, out_dir, knobs, capacity, progress) -> dict:
+    from kvscope.report import write_report
+
+    notes = report["notes"]
+    pending = notes.pop()  # "re-running with the fix ...": true only while the re-run runs
+    fix_knobs = knobs if best.policy == report["workload"]["policy"] else None  # a new policy gets its defaults
+    try:
+        fix_outcome = apply_fix(loaded, best, monitor, knobs=fix_knobs, capacity=capacity, progress=progress)
+    except KeyboardInterrupt:
+        notes.append(pending.replace("; if this note stays, the re-run did not finish", ": interrupted (Ctrl-C) "
+                                     "before it finished, so there is no fix outcome"))
+        report.update(_monitor_dict(monitor))
+        write_report(out_dir, report, update=True)
+        raise
+    report["fix_outcome"] = fix_outcome
+    report["kv_layers"] = fix_outcome["kv_layers"]
+    report["kv_layers_workload"] = fix_outcome["workload"]
+    report["diagnosis"]["figures"].append(fix_figure(fix_outcome))
+    notes.append("the timeline continues with the fixed run (phases marked 'fix'); the per-layer KV chart shows the "
+                 "fixed run")
+    if not fix_outcome["check"]["agrees"]:
+        notes.append("the applied fix did not turn out as estimated: " + "; ".join(fix_outcome["check"]["problems"]))
+    report.update(_monitor_dict(monitor))
+    write_report(out_dir, report, update=True)
+    return report

@@ -14,7 +14,7 @@ import torch
 from kvscope import _compat
 from kvscope.cache import BudgetedCache, CacheFullError
 from kvscope.monitor import Monitor
-from kvscope.planner.workload import Workload
+from kvscope.planner.workload import Workload, prefill_chunk
 from kvscope.runtime import generate
 
 _SIZE = r"([\d.]+) ([KMGT]i?B)"
@@ -50,6 +50,9 @@ class Outcome:
     evicted_tokens: int = 0
     at_failure: AtFailure | None = None
     decode_tokens_per_second: float | None = None
+    failed_at: float | None = None  # seconds on the monitor's clock when the run failed
+    failed_in: str | None = None  # the phase it failed in ("prefill chunk 1/2", "decode")
+    held_tokens: int | None = None  # KV tokens per sequence the forward that failed would have left in the cache
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -60,11 +63,11 @@ def random_prompt(vocab: int, batch: int, context: int, device, seed: int = 0) -
     return torch.randint(10, vocab, (batch, context), generator=g).to(device)
 
 
-def execute(model, spec, w: Workload, *, policy: str = "full", monitor: Monitor, snapshot_path: str | None = None,
-            seed: int = 0, phase_prefix: str = "", progress=None) -> Outcome:
-    """`progress(phase, done, total)` is called as prefill chunks and decode steps complete (for a progress bar)."""
-    """Run `w` once. The kvscope runtime uses a `BudgetedCache` (budget = `w.budget_tokens`, or the whole sequence);
-    the hf runtime is plain `generate()` with its default cache."""
+def execute(model, spec, w: Workload, *, policy: str = "full", knobs: dict | None = None, monitor: Monitor,
+            snapshot_path: str | None = None, seed: int = 0, phase_prefix: str = "", progress=None) -> Outcome:
+    """Run `w` once. The kvscope runtime uses a `BudgetedCache` (budget = `w.budget_tokens`, or the whole sequence:
+    `w.kv_tokens`); the hf runtime is plain `generate()` with its default cache. `progress(phase, done, total)` is
+    called as prefill chunks and decode steps complete (for a progress bar)."""
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     if cuda:
@@ -75,20 +78,25 @@ def execute(model, spec, w: Workload, *, policy: str = "full", monitor: Monitor,
     monitor.sample()  # a short run may end between two background samples
     start, start_t = time.perf_counter(), monitor.now()
     outcome_status, error, at_failure, tps = "ok", None, None, None
+    track = {"tokens": w.context}  # KV tokens per sequence once the forward in flight is done
+    failed_at = failed_in = None
     try:
         if w.runtime == "hf":
             cache = _compat.dynamic_cache(model)
-            _run_hf(model, ids, cache, w, monitor, progress)
+            _run_hf(model, ids, cache, w, monitor, progress, track)
         else:
-            budget = w.budget_tokens or w.total_tokens
-            cache = BudgetedCache(model, policy, budget_tokens=budget, kv_dtype=w.kv_dtype, chunk_size=w.chunk_size)
-            gen = _run_kvscope(model, ids, cache, w, monitor, progress)
+            budget = w.budget_tokens or w.kv_tokens
+            cache = BudgetedCache(model, policy, budget_tokens=budget, kv_dtype=w.kv_dtype, chunk_size=w.chunk_size,
+                                  **(knobs or {}))
+            gen = _run_kvscope(model, ids, cache, w, monitor, progress, track)
             tps = gen.decode_tokens_per_second
     except torch.OutOfMemoryError as exc:
+        failed_at, failed_in = monitor.now(), _phase_now(monitor)
         outcome_status, error = "oom", _first_line(exc)
         at_failure = _at_failure(exc, cache, device)
         _dump_snapshot(snapshot_path)
     except CacheFullError as exc:
+        failed_at, failed_in = monitor.now(), _phase_now(monitor)
         outcome_status, error = "kv_budget_exceeded", str(exc)
     finally:
         monitor.sample()
@@ -102,7 +110,8 @@ def execute(model, spec, w: Workload, *, policy: str = "full", monitor: Monitor,
     peak_alloc = torch.cuda.max_memory_allocated(device) if cuda else None
     peak_res = torch.cuda.max_memory_reserved(device) if cuda else None
     out = Outcome(outcome_status, error, seconds, peak_alloc, peak_res, max(rss, default=0),
-                  kv_bytes, kv_layers, evicted, at_failure, tps)
+                  kv_bytes, kv_layers, evicted, at_failure, tps, failed_at, failed_in,
+                  track["tokens"] if failed_at is not None else None)
     del cache
     release(device)
     return out
@@ -127,12 +136,27 @@ def release(device) -> None:
         torch.cuda.empty_cache()
 
 
-def _run_hf(model, ids, cache, w: Workload, monitor: Monitor, progress=None) -> None:
-    monitor.mark("prefill", f"{w.batch} x {w.context} tokens in one forward")
+def _phase_now(monitor) -> str | None:
+    """The phase running now, as "name detail" (the run failed in it)."""
+    phases = monitor.phases
+    if not phases:
+        return None
+    p = phases[-1]
+    return f"{p.name} {p.detail}".strip()
 
-    def on_step(step: int) -> None:
-        if step == 0:
-            monitor.mark("decode", f"{w.new_tokens} tokens")
+
+def _decode_detail(w: Workload) -> str:
+    return f"{w.new_tokens} new tokens: the first from prefill, then {w.new_tokens - 1} forwards"
+
+
+def _run_hf(model, ids, cache, w: Workload, monitor: Monitor, progress=None, track=None) -> None:
+    monitor.mark("prefill", f"{w.batch} x {w.context} tokens in one forward")
+    track = {} if track is None else track
+
+    def on_step(step: int) -> None:  # called with the logits of each forward: step 0 is prefill's
+        track["tokens"] = w.context + step + 1  # the forward that starts now feeds token context + step
+        if step == 0 and w.new_tokens > 1:
+            monitor.mark("decode", _decode_detail(w))
         if progress:
             progress("decode", step + 1, w.new_tokens)
 
@@ -143,22 +167,30 @@ def _run_hf(model, ids, cache, w: Workload, monitor: Monitor, progress=None) -> 
                        pad_token_id=0, **{_compat.cache_keyword(model): cache})
 
 
-def _run_kvscope(model, ids, cache: BudgetedCache, w: Workload, monitor: Monitor, progress=None):
-    chunks = -(-w.context // w.chunk_size)
-    state = {"phase": None}
+def _run_kvscope(model, ids, cache: BudgetedCache, w: Workload, monitor: Monitor, progress=None, track=None):
+    """`generate` calls `on_phase` after each forward, so each mark here names the forward that STARTS next. A large
+    batch prefills in shorter chunks than `chunk_size` (kvscope.planner.workload.prefill_chunk)."""
+    chunk = prefill_chunk(w.batch, w.chunk_size)
+    chunks = -(-w.context // chunk)
+    track = {} if track is None else track
 
     def on_phase(phase: str, done: int, total: int) -> None:
-        if phase == "prefill":
-            monitor.mark("prefill", f"chunk {-(-done // w.chunk_size)}/{chunks}")
-        elif state["phase"] != "decode":
-            monitor.mark("decode", f"{w.new_tokens} tokens")
-        state["phase"] = phase
+        if phase == "prefill" and done < w.context:
+            monitor.mark("prefill", f"chunk {done // chunk + 1}/{chunks}")
+            track["tokens"] = min(done + chunk, w.context)
+        elif phase == "prefill":
+            if w.new_tokens > 1:
+                monitor.mark("decode", _decode_detail(w))
+            track["tokens"] = w.context + 1
+        else:  # decode step `done` is over; the next forward feeds token context + done
+            track["tokens"] = w.context + done + 1
         if progress:
             progress(phase, done, total)
         if phase == "prefill" or done % 8 == 0:
             monitor.record_kv(cache.stats())
 
     monitor.mark("prefill", f"chunk 1/{chunks}")
+    track["tokens"] = min(chunk, w.context)
     # check_fit off: the doctor reproduces an overflow as it happens, to show where it strikes
     return generate(model, ids, cache, max_new_tokens=w.new_tokens, chunk_size=w.chunk_size, on_phase=on_phase,
                     check_fit=False)

@@ -3,6 +3,7 @@ or a catalogue shape with random weights."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -19,14 +20,27 @@ class LoadedModel(NamedTuple):
 
 
 def resolve_device(device: str | None) -> str:
+    """"auto" (or None) -> cuda when available, else cpu; "cpu", "cuda", "cuda:N" are checked against this machine.
+
+    Anything else (mps, tpu...) is a usage error: kvscope runs on CUDA GPUs and on the CPU."""
     import torch
 
-    if device in (None, "auto"):
+    name = "auto" if device is None else str(device).strip().lower()
+    if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
+    if name == "cpu":
+        return name
+    if not re.fullmatch(r"cuda(:[0-9]+)?", name):
+        raise usage(f"unknown device {device!r}: kvscope runs on CUDA GPUs and on the CPU",
+                    expected="auto, cpu, cuda or cuda:N", fix="--device")
+    if not torch.cuda.is_available():
         raise usage(f"device {device!r} was asked for but CUDA is not available here", expected="cpu",
                     fix="--device")
-    return str(device)
+    index = int(name.split(":")[1]) if ":" in name else 0
+    if index >= torch.cuda.device_count():
+        raise usage(f"device {device!r} was asked for but this machine has {torch.cuda.device_count()} CUDA "
+                    "device(s)", expected=f"cuda:0 to cuda:{torch.cuda.device_count() - 1}", fix="--device")
+    return name
 
 
 def resolve_dtype(dtype: str | None, device: str):
@@ -51,11 +65,13 @@ def spec_for(ref: str) -> ModelSpec:
 
 
 def load(ref: str, *, random_weights: bool = False, dtype: str | None = None, device: str | None = None,
-         attn_implementation: str = "sdpa", seed: int = 0) -> LoadedModel:
+         attn_implementation: str = "sdpa", seed: int = 0, on_notice=None) -> LoadedModel:
     """Load a model for inference.
 
     `ref` is a local Hugging Face model directory, a `.gguf` file, the embedded default `smollm2-135m`, or a catalogue
-    name with `random_weights=True` for shape-only runs (built directly on the device in `dtype`).
+    name with `random_weights=True` for shape-only runs (built directly on the device in `dtype`). A GGUF is
+    dequantized once and cached (models.embedded); `on_notice(text)` hears when that happens, and why (default: a
+    warning when a broken cached conversion is rebuilt).
 
     >>> model, tokenizer, spec = load("smollm2-135m")          # doctest: +SKIP
     >>> model, _, spec = load("llama-3-8b", random_weights=True, device="cuda")  # doctest: +SKIP
@@ -72,8 +88,9 @@ def load(ref: str, *, random_weights: bool = False, dtype: str | None = None, de
         spec = ModelSpec.from_hf_config(values, name=entry.name if entry else Path(ref).name,
                                         source=entry.source if entry else str(ref))
         return LoadedModel(model, None, spec)
+    notice = on_notice or _warn_if_rebuilt
     if ref.strip().lower() == EMBEDDED_NAME:
-        path = ensure_converted()
+        path = ensure_converted(on_notice=notice)
         return _load_dir(path, torch_dtype, dev, attn_implementation, name=EMBEDDED_NAME)
     if catalogue.is_catalogue_name(ref):
         raise usage(
@@ -85,13 +102,9 @@ def load(ref: str, *, random_weights: bool = False, dtype: str | None = None, de
     if path.suffix == ".gguf":
         if not path.is_file():
             raise usage(f"GGUF file not found: {path}", fix="the MODEL argument")
-        from kvscope.models.embedded import _require_gguf_reader
-
-        _require_gguf_reader()
-        model = _compat.from_pretrained(str(path.parent), torch_dtype, dev, attn_implementation, gguf_file=path.name)
-        tokenizer = _compat.tokenizer_from_pretrained(str(path.parent), gguf_file=path.name)
-        spec = ModelSpec.from_hf_config(model.config, name=path.stem, source=str(path))
-        return LoadedModel(model, tokenizer, spec)
+        spec_for(str(path))  # reads the metadata: a broken or non-Llama file fails here, before any dequantizing
+        converted = ensure_converted(path, on_notice=notice)
+        return _load_dir(converted, torch_dtype, dev, attn_implementation, name=path.stem)
     if path.is_dir():
         return _load_dir(path, torch_dtype, dev, attn_implementation, name=path.name)
     raise _unknown(ref)
@@ -106,11 +119,32 @@ def _load_dir(path: Path, torch_dtype, device: str, attn_implementation: str, *,
         raise usage(f"no safetensors weights in {path}", expected="model.safetensors or sharded "
                     "model-0000x-of-0000y.safetensors with model.safetensors.index.json",
                     fix="MODEL, or --random-weights for a shape-only run")
-    model = _compat.from_pretrained(str(path), torch_dtype, device, attn_implementation)
+    try:
+        model = _compat.from_pretrained(str(path), torch_dtype, device, attn_implementation)
+    except Exception as exc:  # noqa: BLE001 - sorted below: a broken file is the user's, anything else is ours
+        if not _is_broken_file(exc):
+            raise
+        raise usage(f"cannot read the weights in {path}: {type(exc).__name__}: {exc}", expected="complete "
+                    "safetensors files (a truncated or partly downloaded file gives this)",
+                    fix="MODEL (download or save the model again)") from None
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         tokenizer = _compat.tokenizer_from_pretrained(str(path))
     return LoadedModel(model, tokenizer, spec)
+
+
+def _is_broken_file(exc: Exception) -> bool:
+    """Errors that reading a damaged weights file raises (safetensors' own, or the OS's)."""
+    from safetensors import SafetensorError
+
+    return isinstance(exc, (SafetensorError, OSError, EOFError))
+
+
+def _warn_if_rebuilt(text: str) -> None:
+    if "broken" in text:
+        import warnings
+
+        warnings.warn(text, stacklevel=3)
 
 
 def _config_values(ref: str) -> dict[str, Any]:

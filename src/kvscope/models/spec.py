@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from kvscope.errors import usage
-from kvscope.kvformats import DTYPE_BYTES, dense_dtype, kv_format
+from kvscope.kvformats import DTYPE_BYTES, INT4_GROUP, dense_dtype, kv_format
 
 # Decoders whose attention is standard multi-head / grouped-query attention with a Llama-shaped block
 # (q/k/v/o projections, gated MLP, RMSNorm, RoPE). Everything else is refused by name.
@@ -65,10 +65,10 @@ class ModelSpec:
         missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in cfg]
         if missing:
             raise usage(f"config of {label} lacks {', '.join(missing)}", expected="a complete config.json", fix="MODEL")
-        heads = int(cfg["num_attention_heads"])
-        kv_heads = int(cfg.get("num_key_value_heads") or heads)
-        hidden = int(cfg["hidden_size"])
-        head_dim = int(cfg.get("head_dim") or hidden // heads)
+        heads = _positive(cfg, "num_attention_heads", label)
+        kv_heads = _positive(cfg, "num_key_value_heads", label, default=heads)
+        hidden = _positive(cfg, "hidden_size", label)
+        head_dim = _positive(cfg, "head_dim", label, default=hidden // heads)
         if heads % kv_heads:
             raise usage(
                 f"{label}: {heads} attention heads are not a multiple of {kv_heads} KV heads",
@@ -78,14 +78,14 @@ class ModelSpec:
         rope = _rope(cfg)
         return cls(
             name=name or cfg.get("_name_or_path") or label,
-            num_layers=int(cfg["num_hidden_layers"]),
+            num_layers=_positive(cfg, "num_hidden_layers", label),
             hidden_size=hidden,
-            intermediate_size=int(cfg.get("intermediate_size") or 4 * hidden),
+            intermediate_size=_positive(cfg, "intermediate_size", label, default=4 * hidden),
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
-            vocab_size=int(cfg["vocab_size"]),
-            max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048),
+            vocab_size=_positive(cfg, "vocab_size", label),
+            max_position_embeddings=_positive(cfg, "max_position_embeddings", label, default=2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             rope_theta=float(rope.get("rope_theta", 10000.0)),
             rope_scaling=rope.get("scaling"),
@@ -167,6 +167,10 @@ class ModelSpec:
         per_head = fmt.bytes_per_head_token(self.head_dim, DTYPE_BYTES.get(fmt.name, 2))
         return self.num_layers * self.kv_heads_per_gpu(tp) * per_head
 
+    def supports_kv_dtype(self, kv_dtype: str) -> bool:
+        """Whether kvscope's cache can store this model's KV in `kv_dtype` (int4 packs channels in groups of 64)."""
+        return kv_format(kv_dtype).name != "int4" or self.head_dim % INT4_GROUP == 0
+
     def kv_fixed_bytes(self, kv_dtype: str, dense: str = "bf16", tp: int = 1) -> int:
         """Bytes a KV format needs regardless of tokens (int4's full-precision window), across all layers."""
         fmt = kv_format(kv_dtype)
@@ -187,6 +191,17 @@ class ModelSpec:
         d.pop("extra")
         d["num_params"] = self.num_params()
         return d
+
+
+def _positive(cfg: dict[str, Any], key: str, label: str, default: int | None = None) -> int:
+    """A config value that must be a whole number >= 1 (a missing or null value takes `default`)."""
+    value = cfg.get(key)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+        raise usage(f"config of {label}: {key} must be a whole number >= 1, got {value!r}",
+                    expected="a valid config.json", fix="the model's config.json")
+    return int(value)
 
 
 def _rope(cfg: dict[str, Any]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from kvscope.planner.workload import Workload
 def plan_model(model: str, *, gpu: str | None = None, gpu_memory: str | int | None = None, **workload) -> Plan:
     """Plan a catalogue model or a local model path (only its config is read).
 
-    >>> plan_model("llama-3-8b", batch=8, context=8192, new_tokens=16, gpu="H100-80GB").fits
+    >>> plan_model("llama-3-8b", batch=8, context=8000, new_tokens=16, gpu="H100-80GB").fits
     True
     """
     from kvscope.models.loader import spec_for

@@ -27,7 +27,7 @@ class Fix:
     estimate_bytes: int  # peak + overhead after the fix
     fits: bool
     tradeoff: str
-    changes: dict  # Workload fields (and "gpu" / "capacity_bytes") that the fix sets
+    changes: dict  # Workload fields (and "gpu", "policy") that the fix sets
 
     @property
     def message(self) -> str:
@@ -64,17 +64,19 @@ def advise(spec: ModelSpec, w: Workload, capacity: int) -> list[Fix]:
             f"{w.batch - b} fewer sequences per step ({(w.batch - b) / w.batch:.0%} less throughput)")
     for kv, cost in (("fp8", "small quality cost"), ("int8", "perplexity within about 1%"),
                      ("int4", "perplexity within about 5%")):
-        if kv != w.kv_dtype:
+        if kv != w.kv_dtype and spec.supports_kv_dtype(kv):
             add(f"store the KV cache as {kv}", f"--runtime kvscope --kv-dtype {kv}",
                 w.with_(runtime="kvscope", kv_dtype=kv), f"{cost}; KV bytes per token "
                 f"{spec.kv_bytes_per_token(w.kv_dtype, w.tp)} -> {spec.kv_bytes_per_token(kv, w.tp)}")
     from kvscope.policies.registry import preferred_for  # imports torch: only when a budget fix is considered
 
     n = search.max_budget(spec, w, capacity)
-    if 1 <= n < w.total_tokens:
+    if 1 <= n < w.kv_tokens:
+        policy = preferred_for(n)
         add(f"cap the KV cache at {n} tokens per sequence with an eviction policy",
-            f"--runtime kvscope --budget {n} --policy {preferred_for(n)}", w.with_(runtime="kvscope", budget_tokens=n),
-            f"keeps {n / w.total_tokens:.0%} of the tokens; quality depends on the policy")
+            f"--runtime kvscope --budget {n} --policy {policy}",
+            w.with_(runtime="kvscope", budget_tokens=n, policy=policy),
+            f"keeps {n / w.kv_tokens:.0%} of the {w.kv_tokens} KV tokens; quality depends on the policy", policy=policy)
     c = search.max_context(spec, w, capacity)
     if 1 <= c < w.context:
         add(f"shorten the prompt to {c} tokens", f"--context {c}", w.with_(context=c),

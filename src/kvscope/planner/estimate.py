@@ -30,9 +30,14 @@ class Estimate:
         return self.needed_bytes <= self.capacity_bytes
 
 
+def max_prompt(spec: ModelSpec, new_tokens: int) -> int:
+    """The longest prompt whose generation stays within the model's positions (prompt + new - 1 positions)."""
+    return spec.max_position_embeddings - new_tokens + 1
+
+
 def check_positions(spec: ModelSpec, w: Workload) -> None:
     """A sequence longer than the model's positions is a usage error that names the RoPE setup."""
-    if w.total_tokens <= spec.max_position_embeddings:
+    if w.kv_tokens <= spec.max_position_embeddings:
         return
     hint = (
         "Llama 3.1/3.2/3.3 reach 131072 positions through llama3 RoPE scaling; a longer context needs a model "
@@ -41,9 +46,9 @@ def check_positions(spec: ModelSpec, w: Workload) -> None:
         else "the RoPE scaling already in place sets this limit"
     )
     raise usage(
-        f"context {w.context} + {w.new_tokens} new tokens = {w.total_tokens} positions, but {spec.name} supports "
-        f"{spec.max_position_embeddings} ({spec.describe_rope()}); {hint}",
-        expected=f"context + new tokens <= {spec.max_position_embeddings}",
+        f"context {w.context} + {w.new_tokens} new tokens need {w.kv_tokens} positions (the last new token is never "
+        f"fed back), but {spec.name} supports {spec.max_position_embeddings} ({spec.describe_rope()}); {hint}",
+        expected=f"context + new tokens - 1 <= {spec.max_position_embeddings}",
         fix="--context or --new-tokens",
     )
 

@@ -1,8 +1,8 @@
 """A catalogue of GPUs: memory that PyTorch sees, and memory bandwidth for speed ceilings.
 
-`memory_bytes` is the total a process can see (`torch.cuda.get_device_properties(0).total_memory`). The H100 value
-was measured on this project's GPU machine; the others are the totals `nvidia-smi` lists for each card (MiB), which
-can run a few hundred MiB above what torch reports. `source` says which.
+`memory_bytes` is the total a process can see (`torch.cuda.get_device_properties(0).total_memory`). The H100 and H200
+values were measured on this project's GPU machines; the others are the totals `nvidia-smi` lists for each card
+(MiB), which can run a few hundred MiB above what torch reports. `source` says which.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ GPUS: dict[str, GPU] = {
     for g in [
         GPU("H100-80GB", 85_017_493_504, 3350, "measured: torch total_memory on an H100 80GB HBM3 (2026-11-22)",
             ("h100", "h100-sxm", "h100-80g")),
-        GPU("H200", 143_771 * MIB, 4800, "nvidia-smi total, 143771 MiB (seen on this workplace's H200)",
-            ("h200-141gb",)),
+        GPU("H200", 150_109_880_320, 4800, "measured: torch total_memory on this workplace's H200 (2026-12-01; "
+            "nvidia-smi lists 143771 MiB)", ("h200-141gb",)),
         GPU("A100-80GB", 81_920 * MIB, 2039, "nvidia-smi total, 81920 MiB (A100-SXM4-80GB)", ("a100-80g",)),
         GPU("A100-40GB", 40_960 * MIB, 1555, "nvidia-smi total, 40960 MiB (A100-SXM4-40GB)", ("a100", "a100-40g")),
         GPU("L40S", 46_068 * MIB, 864, "nvidia-smi total, 46068 MiB", ("l40s-48gb",)),

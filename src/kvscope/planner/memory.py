@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from kvscope.kvformats import DTYPE_BYTES, attention_block_rows, cache_layout, layout_bytes
+from kvscope.kvformats import DTYPE_BYTES, attention_block_rows, cache_layout, layout_bytes, store_layout
 from kvscope.models.spec import ModelSpec
 from kvscope.planner.workload import Workload, prefill_chunk
 
@@ -87,8 +87,8 @@ def kv_cache_tokens(w: Workload) -> int:
     kvscope's cache is sized to its budget (the whole sequence without one) plus, for an evicting policy, room for one
     prefill chunk."""
     if w.runtime == "hf":
-        return w.total_tokens - 1  # the last generated token is never fed back
-    return (w.budget_tokens or w.total_tokens) + kvscope_room(w)
+        return w.kv_tokens  # the last generated token is never fed back
+    return (w.budget_tokens or w.kv_tokens) + kvscope_room(w)
 
 
 def kvscope_chunk(w: Workload) -> int:
@@ -104,15 +104,24 @@ def kvscope_cache_bytes(spec: ModelSpec, w: Workload) -> int:
     """The one allocation of kvscope's cache, to the byte: every layer's store, slot state and free-slot queue
     (kvscope.kvformats.cache_layout, the list the cache allocates from)."""
     layout = cache_layout(spec.num_layers, w.batch, spec.kv_heads_per_gpu(w.tp), spec.head_dim, w.kv_dtype, w.dtype,
-                          w.budget_tokens or w.total_tokens, kvscope_room(w))
+                          w.budget_tokens or w.kv_tokens, kvscope_room(w))
     return layout_bytes(layout)
 
 
-def kv_bytes(spec: ModelSpec, w: Workload) -> int:
+def kv_store_bytes(spec: ModelSpec, w: Workload) -> int:
+    """Bytes the keys and values take at the cache's largest, whole batch and all layers: for kvscope's runtime what
+    `BudgetedCache.stats().bytes` reports (its stores: budget + room slots, int4's full-precision window)."""
     if w.runtime == "kvscope":
-        return kvscope_cache_bytes(spec, w)
+        layer = store_layout(w.kv_dtype, w.batch, spec.kv_heads_per_gpu(w.tp), kv_cache_tokens(w), spec.head_dim,
+                             w.dtype)
+        return spec.num_layers * layout_bytes(layer, align=False)
     per_token = spec.kv_bytes_per_token(w.kv_dtype, w.tp)
     return w.batch * (kv_cache_tokens(w) * per_token + spec.kv_fixed_bytes(w.kv_dtype, w.dtype, w.tp))
+
+
+def kv_bytes(spec: ModelSpec, w: Workload) -> int:
+    """The KV cache's memory at its largest: for kvscope's runtime its whole allocation (stores, slot state, queues)."""
+    return kvscope_cache_bytes(spec, w) if w.runtime == "kvscope" else kv_store_bytes(spec, w)
 
 
 def hf_phases(spec: ModelSpec, w: Workload, weights: int) -> list[Phase]:
@@ -124,7 +133,7 @@ def hf_phases(spec: ModelSpec, w: Workload, weights: int) -> list[Phase]:
     phases = [Phase("prefill", weights, prompt * per_token_kv, prompt * prefill_bytes_per_token(spec, w.dtype, w.tp),
                     0, prefill_slack)]
     if w.new_tokens >= 2:
-        final = w.total_tokens - 1
+        final = w.kv_tokens
         one_tensor = w.batch * (final - 1) * spec.kv_heads_per_gpu(w.tp) * spec.head_dim * DTYPE_BYTES[w.kv_dtype]
         kv = w.batch * final * per_token_kv
         activations = w.batch * decode_bytes_per_sequence(spec, w.dtype, w.tp)

@@ -11,7 +11,7 @@ from kvscope.planner import search
 from kvscope.planner.advice import Fix, advise
 from kvscope.planner.estimate import estimate
 from kvscope.planner.gpus import gpu as lookup_gpu
-from kvscope.planner.sizes import parse_size
+from kvscope.planner.sizes import format_bytes, parse_size
 from kvscope.planner.workload import Workload
 
 DEFAULT_GPU = "H100-80GB"
@@ -72,7 +72,7 @@ def capacity_of(gpu: str | None = None, gpu_memory: str | int | None = None) -> 
         raise usage("both --gpu and --gpu-memory were given", expected="one of them", fix="--gpu or --gpu-memory")
     if gpu_memory is not None:
         size = parse_size(gpu_memory)
-        return f"{size / 1024**3:.1f} GiB", size
+        return format_bytes(size), size
     g = lookup_gpu(gpu or DEFAULT_GPU)
     return g.name, g.memory_bytes
 

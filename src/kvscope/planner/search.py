@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from kvscope.models.spec import ModelSpec
-from kvscope.planner.estimate import fits
+from kvscope.planner.estimate import fits, max_prompt
 from kvscope.planner.workload import Workload
 
 
@@ -46,14 +46,14 @@ def max_batch(spec: ModelSpec, w: Workload, capacity: int, limit: int = 1 << 20)
 
 def max_context(spec: ModelSpec, w: Workload, capacity: int) -> int:
     """Largest prompt length that fits with this batch and new tokens; 0 if none."""
-    hi = spec.max_position_embeddings - w.new_tokens
+    hi = max_prompt(spec, w.new_tokens)
     return max(0, largest(lambda c: fits(spec, w.with_(context=c), capacity), 1, hi))
 
 
 def max_budget(spec: ModelSpec, w: Workload, capacity: int) -> int:
     """Largest KV budget (tokens per sequence and layer) that fits under kvscope's runtime; 0 if none."""
     base = w.with_(runtime="kvscope")
-    return max(0, largest(lambda n: fits(spec, base.with_(budget_tokens=n), capacity), 1, w.total_tokens))
+    return max(0, largest(lambda n: fits(spec, base.with_(budget_tokens=n), capacity), 1, w.kv_tokens))
 
 
 def largest_from(ok: Callable[[int], bool], start: int, lo: int = 1, hi: int = 1 << 20) -> int:

@@ -18,6 +18,9 @@ PREFILL_TOKENS = 8192
 def prefill_chunk(batch: int, chunk_size: int = DEFAULT_CHUNK, prefill_tokens: int = PREFILL_TOKENS) -> int:
     """Tokens per sequence of each prefill forward: `chunk_size`, shortened so batch x chunk <= prefill_tokens."""
     return max(1, min(chunk_size, prefill_tokens // batch))
+# Workload field -> the CLI option that sets it (messages name the option; Python callers read the field's name)
+_OPTIONS = {"batch": "--batch", "context": "--context", "new_tokens": "--new-tokens", "tp": "--tp",
+            "chunk_size": "--chunk-size", "budget_tokens": "--budget"}
 
 
 @dataclass(frozen=True)
@@ -48,9 +51,10 @@ class Workload:
         require_positive("prefill chunk size", self.chunk_size, option="--chunk-size")
         if self.budget_tokens is not None:
             require_positive("KV budget", self.budget_tokens, option="--budget")
-        for name in ("batch", "context", "new_tokens", "tp", "chunk_size"):
-            if not isinstance(getattr(self, name), int):
-                raise usage(f"{name} must be a whole number, got {getattr(self, name)!r}", fix=f"--{name}")
+        for name, option in _OPTIONS.items():
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise usage(f"{name} must be a whole number, got {value!r}", fix=option)
         object.__setattr__(self, "dtype", dense_dtype(self.dtype))
         kv = kv_format(self.kv_dtype or self.dtype).name
         object.__setattr__(self, "kv_dtype", kv)
@@ -73,8 +77,16 @@ class Workload:
 
     @property
     def total_tokens(self) -> int:
-        """Tokens per sequence at the end of generation."""
+        """Tokens per sequence at the end of generation (prompt + new), as the user counts them."""
         return self.context + self.new_tokens
+
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens the KV cache holds per sequence at its fullest, and positions the model sees: prompt + new - 1.
+
+        The one count kvscope uses everywhere (the doctor, the planner, the budget fixes, the position limit): the last
+        new token is sampled from the logits and never fed back, so it never enters the cache."""
+        return self.context + self.new_tokens - 1
 
     def with_(self, **changes: Any) -> Workload:
         return replace(self, **changes)

@@ -5,9 +5,13 @@ renamed into place:
 
 * out_dir missing or empty: the staging directory (a hidden sibling of out_dir) is renamed onto out_dir in one
   step, so out_dir holds either the complete report or nothing.
-* out_dir already has files (an earlier report, other files): the staging directory is made inside out_dir (same
-  file system) and each file is renamed over its old version, report.html last. Each file is always whole; any
-  failure while rendering, serialising, writing or copying the snapshot leaves the old report untouched.
+* out_dir already has files: refused (a `UsageError` naming --out), unless `force`: then the staging directory is
+  made inside out_dir (same file system), each file is renamed over its old version, report.html last, and a file of
+  the earlier report that the new one does not have (a memory snapshot) is removed, so files of two runs never mix.
+  Other files are left alone. Each file is always whole; any failure while rendering, serialising, writing or
+  copying the snapshot leaves the old report untouched.
+* `update=True`: the same run writes its report again (the doctor, after the fix's re-run): report.json and
+  report.html are replaced, the snapshot written the first time stays.
 
 A crash leaves at most a hidden `.<name>.kvscope-partial-*` / `.kvscope-partial-*` directory, which never looks like
 a report.
@@ -34,11 +38,17 @@ _PARTIAL = ".kvscope-partial-"
 _FIX = "--out (an existing writable directory, or a new path in one)"
 
 
-def check_out_dir(path: str | os.PathLike) -> Path:
+def _entries(p: Path) -> list[str]:
+    """What a directory holds, less the hidden staging directories a crashed write may leave."""
+    return sorted(e.name for e in p.iterdir() if not e.name.startswith((_PARTIAL, f".{p.name}{_PARTIAL}")))
+
+
+def check_out_dir(path: str | os.PathLike, *, force: bool = False) -> Path:
     """Check early that a report can be written at `path`; returns the absolute path. Creates nothing.
 
-    Raises a `UsageError` (a ValueError) naming the path when it is a file, sits under a file, or when the directory
-    (or, for a new path, its nearest existing parent) is not writable.
+    Raises a `UsageError` (a ValueError) naming the path when it is a file, sits under a file, when the directory
+    (or, for a new path, its nearest existing parent) is not writable, or when it already holds files and `force` is
+    false (a report never lands among the files of another run).
     """
     if path is None or str(path).strip() == "":
         raise usage("no output directory given", expected="a directory path", fix="--out")
@@ -62,6 +72,11 @@ def check_out_dir(path: str | os.PathLike) -> Path:
         what = f"output directory {p}" if existing == p else f"cannot create output directory {p}: {existing}"
         raise usage(f"{what} is not writable ({exc.strerror or exc})", expected="a writable directory",
                     fix=_FIX) from exc
+    if not force and p.is_dir() and _entries(p):
+        held = _entries(p)
+        listed = ", ".join(held[:4]) + (f" and {len(held) - 4} more" if len(held) > 4 else "")
+        raise usage(f"output directory {p} is not empty (it holds {listed})", expected="a new or empty directory, so "
+                    "that files of two runs never mix", fix="--out, or add --force to replace an earlier report there")
     return p
 
 
@@ -122,14 +137,15 @@ def _umask() -> int:
 
 
 def write_report(out_dir: str | os.PathLike, report: dict, snapshot_src: str | os.PathLike | None = None, *,
-                 move_snapshot: bool = False) -> dict[str, Path]:
+                 move_snapshot: bool = False, force: bool = False, update: bool = False) -> dict[str, Path]:
     """Write report.json (indent 2), report.html and, if given, the snapshot as memory_snapshot.pickle.
 
-    Returns {"json": path, "html": path} plus "snapshot": path when a snapshot was written. The snapshot source is
+    Returns {"json": path, "html": path} plus "snapshot": path when the report has one. The snapshot source is
     kept unless `move_snapshot` is true, in which case it is removed once the report is in place. When a snapshot is
     written, the report's "snapshot" field is set to its file name (in the files, not in the caller's dict).
+    `out_dir` must be new or empty unless `force` (replace an earlier report) or `update` (this run's own report).
     """
-    out = check_out_dir(out_dir)
+    out = check_out_dir(out_dir, force=force or update)
     src = None
     if snapshot_src is not None:
         src = Path(snapshot_src).expanduser()
@@ -139,13 +155,14 @@ def write_report(out_dir: str | os.PathLike, report: dict, snapshot_src: str | o
 
     # everything that can fail on bad data happens before the disk is touched
     data = dict(report)
-    if src is not None:
+    keep_snapshot = update and src is None and (out / SNAPSHOT_NAME).is_file()
+    if src is not None or keep_snapshot:
         data["snapshot"] = SNAPSHOT_NAME
     text_json = json.dumps(_jsonable(data), indent=2, allow_nan=False, ensure_ascii=False) + "\n"
     text_html = render_html(data)
 
     # a symlinked out_dir is filled file by file: renaming onto it would replace the link, not fill its target
-    whole_dir = not out.is_symlink() and (not out.exists() or not any(out.iterdir()))
+    whole_dir = not out.is_symlink() and (not out.exists() or not _entries(out))
     if whole_dir:
         out.parent.mkdir(parents=True, exist_ok=True)
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}{_PARTIAL}", dir=out.parent))
@@ -171,6 +188,9 @@ def write_report(out_dir: str | os.PathLike, report: dict, snapshot_src: str | o
             for name in (SNAPSHOT_NAME, REPORT_JSON, REPORT_HTML):
                 if name in names:
                     os.replace(stage / name, out / name)
+            if not keep_snapshot and src is None:  # the earlier run's snapshot must not pass for this run's
+                with contextlib.suppress(FileNotFoundError):
+                    (out / SNAPSHOT_NAME).unlink()
         _fsync_dir(out)
         _fsync_dir(out.parent)
     finally:
@@ -181,6 +201,6 @@ def write_report(out_dir: str | os.PathLike, report: dict, snapshot_src: str | o
         with contextlib.suppress(OSError):
             src.unlink()
     paths = {"json": out / REPORT_JSON, "html": out / REPORT_HTML}
-    if src is not None:
+    if src is not None or keep_snapshot:
         paths["snapshot"] = out / SNAPSHOT_NAME
     return paths
