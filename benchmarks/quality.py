@@ -32,7 +32,6 @@ by their own `on_insert` over every stored slot. A check on one 2k case compares
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import math
@@ -123,27 +122,9 @@ def decode(model, cache, logits, n: int, max_new: int, eos: int) -> list[int]:
 
 def evicted_copy(cache, budget: int, policy: str | None = None):
     """A copy of a prefilled cache (nothing evicted yet) evicted down to `budget`, as a one-chunk prefill under that
-    budget would have left it. Uses the cache's own eviction step; checked against direct runs (fork_check).
-
-    With `policy`, the copy switches to that policy first; only for policies that read no attention (their scores
-    come from `on_insert` alone: keys and positions), whose state after a one-chunk prefill is therefore `on_insert`
-    over every stored slot, exactly as in a direct run."""
-    forked = copy.deepcopy(cache)
-    if policy is not None:
-        forked.policy = make_policy(policy)
-        assert forked.policy.attention == "none", policy
-        for layer in forked.layers:
-            if layer.is_initialized:
-                st = layer.state
-                keys, _ = layer.store.read(layer.fill, torch.float32)
-                slots = torch.arange(layer.fill).expand(*st.valid.shape[:2], layer.fill)
-                forked.policy.on_insert(st, slots, keys)
-    forked.policy.check_budget(budget)
-    forked.budget_tokens = budget
-    for layer in forked.layers:
-        if layer.is_initialized:
-            layer._evict()
-    return forked
+    budget would have left it (`BudgetedCache.compress_to`; checked against direct runs by fork_check). With
+    `policy` (one that reads no attention), the copy switches to that policy first."""
+    return cache.compress_to(budget, make_policy(policy) if policy is not None else None)
 
 
 SKIPPED: set[str] = set()

@@ -332,3 +332,30 @@ def test_the_planner_prices_the_allocation_to_the_byte(tiny, policy, budget, kv_
     w = Workload(batch=2, context=30, new_tokens=3, dtype="fp32", kv_dtype=kv_dtype, runtime="kvscope",
                  budget_tokens=budget, chunk_size=8, policy=policy)
     assert cache.settings.arena.nbytes == kvscope_cache_bytes(ModelSpec.from_hf_config(TINY), w)
+
+
+@pytest.mark.parametrize("policy,switch", [("lru", None), ("snapkv", None), ("full", "knorm"), ("full", "random")])
+def test_compress_to_equals_a_one_chunk_prefill_under_that_budget(tiny, policy, switch):
+    ids, mask = prompt(batch=2, length=40)
+    big = BudgetedCache(tiny, policy, budget_tokens=60, chunk_size=40)
+    generate(tiny, ids, big, attention_mask=mask, max_new_tokens=1, chunk_size=40)
+    small = big.compress_to(34, switch)
+    direct = BudgetedCache(tiny, switch or policy, budget_tokens=34, chunk_size=40)
+    generate(tiny, ids, direct, attention_mask=mask, max_new_tokens=1, chunk_size=40)
+
+    def held(cache):
+        return [sorted(layer.state.position[r, h][layer.state.valid[r, h]].tolist()) for layer in cache.layers
+                for r in range(2) for h in range(2)]
+
+    assert held(small) == held(direct) and held(big) != held(small)
+    assert big.budget_tokens == 60 and big.policy.name == policy  # the original is untouched
+    more = torch.randint(3, 256, (2, 5), generator=torch.Generator().manual_seed(9))
+    assert generate(tiny, more, small, max_new_tokens=6).sequences.tolist() == \
+        generate(tiny, more, direct, max_new_tokens=6).sequences.tolist()
+
+
+def test_compress_to_refuses_a_policy_that_reads_attention(tiny):
+    cache = BudgetedCache(tiny, "full", budget_tokens=60)
+    generate(tiny, prompt(batch=1, length=20, pad=0)[0], cache, max_new_tokens=1)
+    with pytest.raises(UsageError, match="reads no attention"):
+        cache.compress_to(10, "h2o")

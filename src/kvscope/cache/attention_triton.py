@@ -196,10 +196,10 @@ def _store_args(store) -> tuple[int, list[torch.Tensor], torch.Tensor, int]:
     return kind, tensors + [tensors[0]] * (5 - len(tensors)), st, full
 
 
-def split_size(kind: int, upto: int, rows: int) -> int:
+def split_size(kind: int, upto: int, rows: int, tuning: dict | None = None) -> int:
     """Slots per program of the split kernel: the format's tuned size, larger at long contexts so that about
     `PROGRAMS_PER_SM` programs per multiprocessor share the work (fewer splits to merge, longer loops to pipeline)."""
-    tune = TUNING[kind]
+    tune = tuning or TUNING[kind]
     target = max(1, (PROGRAMS_PER_SM * _multiprocessors()) // max(1, rows))
     size = triton.next_power_of_2(max(1, triton.cdiv(upto, target)))
     return int(min(MAX_SPLIT, max(tune["SPLIT"], size)))
@@ -216,20 +216,22 @@ def _multiprocessors() -> int:
 
 
 def decode_attention(store, query: torch.Tensor, valid: torch.Tensor, own: torch.Tensor, upto: int,
-                     scaling: float, weights: bool = False):
+                     scaling: float, weights: bool = False, tuning: dict | None = None):
     """Attention output [B, Hq, 1, D] of one query per row over slots [0, upto) of `store`.
 
     query [B, Hq, 1, D]; valid bool [B, H, slots]; own long [B, H]: the slot the query's own token was written to,
     visible even when that token is padding (and so not valid). With `weights`, returns (output, weights) where
     weights [B, H, 1, upto] fp32 is the softmax averaged over each KV head's query heads (what
-    `layer.attention_weights` gives a policy), from the kernel's own logits: no second pass over the keys."""
+    `layer.attention_weights` gives a policy), from the kernel's own logits: no second pass over the keys. `tuning`
+    (SPLIT, BLOCK_N, NUM_WARPS) replaces the format's tuned launch settings (`TUNING[store.KERNEL]`), for
+    benchmarks."""
     b, hq, _, d = query.shape
     heads = valid.shape[1]
     group = hq // heads
     kind, (a0, a1, a2, a3, a4), st, full = _store_args(store)
     block_g = max(16, triton.next_power_of_2(group))  # tl.dot needs 16 rows: the group is padded
-    tune = TUNING[kind]
-    split = split_size(kind, upto, b * heads)
+    tune = {**TUNING[kind], **(tuning or {})}
+    split = split_size(kind, upto, b * heads, tune)
     splits = triton.cdiv(upto, split)
     part = torch.empty(b * heads * splits * group * d, dtype=torch.float32, device=query.device)
     stat = torch.empty(b * heads * splits * group * 2, dtype=torch.float32, device=query.device)

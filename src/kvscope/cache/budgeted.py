@@ -14,6 +14,7 @@ is therefore processed in chunks inside each layer, and storage stays at budget 
 
 from __future__ import annotations
 
+import copy
 import weakref
 from dataclasses import dataclass
 
@@ -92,6 +93,7 @@ class BudgetedCache(Cache):
         super().__init__(layers=[BudgetedLayer(self.settings, i, self.num_layers) for i in range(self.num_layers)])
         _compat.register_attention(budgeted_attention)
         # the model's hooks live as long as some kvscope cache does (no cycle holds this one: see settings.py)
+        self._model = weakref.ref(model)
         weakref.finalize(self, _compat.hold_forward_hooks(model, _before_forward, _after_forward))
 
     # the settings every layer shares, read as the cache's own attributes
@@ -148,6 +150,41 @@ class BudgetedCache(Cache):
 
     def evicting_policies(self) -> list[str]:
         return evicting_policies()
+
+    def compress_to(self, budget_tokens: int, policy=None) -> BudgetedCache:
+        """A copy of this cache evicted down to `budget_tokens` per row, as a one-chunk prefill under that budget would
+        have left it (this cache is untouched): one prefill serves many budgets. With `policy` (one that reads no
+        attention, whose scores come from `on_insert` alone), the copy switches to it first and rescores every stored
+        token.
+
+        >>> small = cache.compress_to(128)        # doctest: +SKIP
+        """
+        _check_int("budget_tokens", budget_tokens, "budget_tokens")
+        graphs, self.decode_graphs = self.decode_graphs, {}  # captured graphs belong to this cache's buffers
+        try:
+            forked = copy.deepcopy(self)
+        finally:
+            self.decode_graphs = graphs
+        model = self._model()
+        if model is not None:
+            weakref.finalize(forked, _compat.hold_forward_hooks(model, _before_forward, _after_forward))
+        s = forked.settings
+        if policy is not None:
+            s.policy = get(policy)
+            if s.policy.query_rows():
+                raise usage(f"compress_to can switch only to a policy that reads no attention, not {s.policy.name!r}",
+                            expected="full, sliding_window, streaming_llm, knorm or random", fix="policy")
+            with torch.inference_mode():
+                for layer in forked.layers:
+                    if layer.is_initialized:
+                        layer.rescore()
+        s.policy.check_budget(budget_tokens)
+        s.budget_tokens = budget_tokens
+        with torch.inference_mode():
+            for layer in forked.layers:
+                if layer.is_initialized and s.policy.evicts:
+                    layer._evict()
+        return forked
 
     # --- forward bracketing ----------------------------------------------------------------------------------------
     def begin_forward(self, kwargs: dict, dtype: torch.dtype) -> None:

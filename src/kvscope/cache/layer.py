@@ -129,6 +129,13 @@ class BudgetedLayer(CacheLayerMixin):
         self.seen = min(self.seen, position)
         self.contiguous, self.free = False, None  # freed slots are reused through the free-slot queue
 
+    def rescore(self) -> None:
+        """The policy's scores of every stored token from `on_insert` alone (a copy switched to another policy)."""
+        st, n = self.state, self.fill  # the slots written so far (all of them: a prefilled copy has evicted nothing)
+        keys, _ = self.store.read(n, torch.float32)
+        slots = torch.arange(n, device=self.device).expand(*st.valid.shape[:2], n)
+        self.settings.policy.on_insert(st, slots, keys)
+
     def advanced(self, steps: int) -> None:
         """The graph-safe decode (kvscope.cache.static) inserted `steps` tokens per row outside the eager path: bring
         the host-side bookkeeping up to date (slots come from the free-slot queue from now on)."""
