@@ -29,15 +29,23 @@ from kvscope.monitor import Monitor
 from kvscope.planner import Workload, plan, search
 from kvscope.runtime import generate
 
-PARTS = ("decode", "policies", "capacity", "monitor", "profile")
+PARTS = ("decode", "policies", "capacity", "monitor", "profile", "cpu")
+CPU_PARTS = {"cpu"}  # parts that run on a machine without CUDA
 GIB = 1024**3
 
 
 def clean() -> int:
     gc.collect()
+    if not torch.cuda.is_available():
+        return 0
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     return torch.cuda.memory_allocated()
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def copy_bandwidth() -> float:
@@ -61,12 +69,12 @@ def copy_bandwidth() -> float:
 def plain_decode_tps(model, ids, new: int) -> float:
     """Plain generate(): (time for 1 + new tokens - time for 1 token) / new."""
     def timed(n):
-        torch.cuda.synchronize()
+        _sync()
         t = time.perf_counter()
         with torch.inference_mode():
             model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
                            do_sample=False, pad_token_id=0)
-        torch.cuda.synchronize()
+        _sync()
         return time.perf_counter() - t
     timed(2)
     return new / (timed(1 + new) - timed(1))
@@ -83,8 +91,8 @@ def kvscope_decode(model, ids, new: int, policy: str = "full", budget: int | Non
     nxt = first.sequences[:, -1:]
     on_phase = _doctor_marks(monitor, cache) if monitor is not None else None
     gen = generate(model, nxt, cache, max_new_tokens=new, decode=decode, on_phase=on_phase)
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - base
+    _sync()
+    peak = torch.cuda.max_memory_allocated() - base if torch.cuda.is_available() else None
     row = {"decode_tps": gen.decode_tokens_per_second, "prefill_s": first.prefill_seconds,
            "peak_over_base": peak, "base": base, "cache_bytes": cache.settings.arena.nbytes,
            "evicted": cache.stats().evicted_tokens}
@@ -244,6 +252,26 @@ def part_profile(model, spec, args) -> dict:
             "kernels": rows[:40]}
 
 
+def part_cpu(model, spec, args) -> dict:
+    """The embedded SmolLM2-135M on the CPU (fp32): plain generate() against kvscope's runtime with the model's
+    forward (the CPU default) and with kvscope's own step, interleaved rounds, medians."""
+    model, tok, spec = load("smollm2-135m", dtype="fp32", device="cpu")
+    ids = torch.randint(10, spec.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
+    samples = {"plain": [], "forward": [], "static": []}
+    new = args.cpu_new
+    with torch.inference_mode():
+        kvscope_decode(model, ids, 4), plain_decode_tps(model, ids, 2)  # warm-up
+        for _ in range(args.rounds):
+            samples["plain"].append(plain_decode_tps(model, ids, new))
+            for mode in ("forward", "static"):
+                samples[mode].append(kvscope_decode(model, ids, new, decode=mode)["decode_tps"])
+            print("cpu", {k: [round(x, 1) for x in v] for k, v in samples.items()}, flush=True)
+    med = {k: statistics.median(v) for k, v in samples.items()}
+    return {"prompt": 512, "new": new, "threads": torch.get_num_threads(), "samples": samples, "median": med,
+            "forward_vs_plain": round(med["forward"] / med["plain"], 3),
+            "static_vs_plain": round(med["static"] / med["plain"], 3)}
+
+
 def _save(args, part: str, data: dict) -> None:
     path = Path(args.out) / f"runtime-{part}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -263,6 +291,7 @@ def main(argv=None) -> int:
     p.add_argument("--kv-dtypes", default="bf16", help="KV dtypes for the capacity part (bf16,int8,int4)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--max-probes", type=int, default=5, help="capacity runs per runtime and KV dtype at most")
+    p.add_argument("--cpu-new", type=int, default=48, help="decode steps timed per run of the cpu part")
     args = p.parse_args(argv)
     import sys
 
@@ -272,12 +301,16 @@ def main(argv=None) -> int:
 
         render(Path(args.render))
         return 0
-    if not torch.cuda.is_available():
-        p.error("needs a CUDA GPU")
-    model, _, spec = load(args.model, random_weights=True, device="cuda", dtype="bf16")
-    for part in args.parts.split(","):
+    parts = args.parts.split(",")
+    for part in parts:
         if part not in PARTS:
             p.error(f"unknown part {part!r}; expected some of {', '.join(PARTS)}")
+    if not torch.cuda.is_available() and set(parts) - CPU_PARTS:
+        p.error(f"the parts {', '.join(sorted(set(parts) - CPU_PARTS))} need a CUDA GPU")
+    model = spec = None
+    if set(parts) - CPU_PARTS:
+        model, _, spec = load(args.model, random_weights=True, device="cuda", dtype="bf16")
+    for part in parts:
         data = globals()[f"part_{part}"](model, spec, args)
         _save(args, part, data)
     return 0

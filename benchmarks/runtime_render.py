@@ -72,11 +72,20 @@ def _profile(d: dict) -> str:
                                      ("per_call_us", "us per call")])
 
 
+def _cpu(d: dict) -> str:
+    m = d["median"]
+    return (f"Embedded SmolLM2-135M, fp32, {d['prompt']}-token prompt, {d['new']} decode steps timed, "
+            f"{d['threads']} threads, interleaved rounds (samples: {d['samples']}). Medians: plain generate() "
+            f"{m['plain']:.1f} tok/s, kvscope with the model's forward (the CPU default) {m['forward']:.1f} "
+            f"({d['forward_vs_plain']}x), kvscope's own step {m['static']:.1f} ({d['static_vs_plain']}x).\n")
+
+
 TITLES = {"decode": ("Runtime decode speed: `llama-3.1-8b` shape, random bf16 weights", _decode),
           "policies": ("Runtime: eviction policies at budget 2048 after a 32k prompt", _policies),
           "capacity": ("Runtime capacity: tokens in flight before OOM, `llama-3.1-8b`", _capacity),
           "monitor": ("Runtime: cost of monitoring on decode", _monitor),
-          "profile": ("Runtime: where a decode step's GPU time goes", _profile)}
+          "profile": ("Runtime: where a decode step's GPU time goes", _profile),
+          "cpu": ("Runtime on the CPU: the embedded model against plain generate()", _cpu)}
 
 
 def render(directory: Path) -> None:

@@ -100,3 +100,21 @@ def test_unknown_decode_mode(tiny):
 
     with pytest.raises(UsageError, match="decode mode"):
         generate(tiny, batch()[0], BudgetedCache(tiny, "lru", budget_tokens=16), max_new_tokens=2, decode="fast")
+
+
+def test_a_dense_cache_stays_dense_through_static_decode_and_rewind(tiny):
+    """Chat turns: prefill, decode with kvscope's step, rewind, prefill again: the cache keeps filling in order, so
+    prefill attention stays plain causal attention (no mask) and gives the same tokens as the forward path."""
+    a = torch.randint(3, 256, (1, 30), generator=torch.Generator().manual_seed(5))
+    b = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(6))
+    out = []
+    for mode in ("forward", "static"):
+        cache = BudgetedCache(tiny, "full", budget_tokens=120, chunk_size=8)
+        first = generate(tiny, a, cache, max_new_tokens=10, decode=mode)
+        assert all(layer.dense and layer.fill == 39 for layer in cache.layers)
+        cache.rewind(35)
+        assert all(layer.dense and layer.fill == 35 for layer in cache.layers)
+        second = generate(tiny, b, cache, max_new_tokens=10, decode=mode)
+        assert all(layer.dense for layer in cache.layers)
+        out.append((first.sequences.tolist(), second.sequences.tolist()))
+    assert out[0] == out[1]

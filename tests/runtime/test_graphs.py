@@ -145,3 +145,13 @@ def test_a_failed_capture_falls_back_to_eager_with_one_warning(models, monkeypat
         warnings.simplefilter("always")
         assert run(model, "graph", "h2o") == expected
     assert sum("capture failed" in str(w.message) for w in caught) == 1
+
+
+def test_dense_prefill_and_graph_decode_match_plain_generate_in_fp32(models):
+    model = models[torch.float32]
+    ids = torch.randint(3, 512, (2, 300), generator=torch.Generator().manual_seed(3)).cuda()  # no padding
+    ref = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=0)[:, 300:].tolist()
+    cache = BudgetedCache(model, "full", budget_tokens=400, chunk_size=64)
+    out = generate(model, ids, cache, max_new_tokens=24, chunk_size=64, decode="graph")
+    assert out.sequences.tolist() == ref
+    assert all(layer.dense for layer in cache.layers)

@@ -38,6 +38,7 @@ Cache, _ = _compat.cache_base_classes()
 class ForwardInfo:
     positions: torch.Tensor  # [B, q] true positions of this forward's tokens
     real: torch.Tensor  # [B, q] bool, False for padding
+    all_real: bool = True  # no padding in this forward (known without a device read when no mask was given)
 
 
 _ACTIVE: list = []  # caches whose forward is running (a stack: a forward inside a forward is allowed)
@@ -203,14 +204,16 @@ class BudgetedCache(Cache):
             positions = torch.arange(seen, seen + q, device=device)[None]
         positions = positions.to(device).expand(batch, q)
         mask = kwargs.get("attention_mask")
+        all_real = True
         if mask is None:
             real = torch.ones(batch, q, dtype=torch.bool, device=device)
         elif mask.dim() == 2:
             real = mask[:, -q:].to(device=device, dtype=torch.bool)
+            all_real = bool(real.all())  # one read per forward: lets a padding-free prefill skip building masks
         else:
             raise usage("BudgetedCache builds its own attention mask and cannot take a 4-D attention_mask",
                         expected="a 2-D padding mask [batch, tokens]", fix="attention_mask")
-        self.forward_info = ForwardInfo(positions=positions.long(), real=real)
+        self.forward_info = ForwardInfo(positions=positions.long(), real=real, all_real=all_real)
 
     # --- requests and continuation ---------------------------------------------------------------------------------
     def held_tokens(self) -> int:

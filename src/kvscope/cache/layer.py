@@ -75,6 +75,9 @@ class BudgetedLayer(CacheLayerMixin):
         self.counters = LayerCounters(self.device)
         self.fill = 0  # slots [0, fill) have been written; while `contiguous`, new tokens go to [fill, fill + n)
         self.contiguous = True
+        # every slot in [0, fill) holds a real token of every row, in position order: attention is then plain causal
+        # attention over [0, fill) (no mask to build); padding, an eviction or a hole ends it
+        self.dense = True
         self.upper = 0  # host-side upper bound on tokens held by any row (no device sync needed to know it)
         self.free, self.free_next = None, 0  # queue of free slots, rebuilt after each eviction
         # the fused decode attention's tl.dot needs a power-of-two head_dim of at least 16
@@ -127,7 +130,13 @@ class BudgetedLayer(CacheLayerMixin):
         st.valid &= st.position < position
         st.newest.clamp_(max=position - 1)
         self.seen = min(self.seen, position)
-        self.contiguous, self.free = False, None  # freed slots are reused through the free-slot queue
+        self.free = None
+        if self.contiguous:  # keep filling in order after the last slot still held (one device read)
+            held = st.valid.any(dim=(0, 1)).nonzero()
+            self.fill = int(held.max()) + 1 if held.numel() else 0
+            self.upper = min(self.upper, self.fill)
+            # still dense when every slot below the new fill holds a token of every row
+            self.dense = self.dense and bool(st.valid[:, :, :self.fill].all())
 
     def rescore(self) -> None:
         """The policy's scores of every stored token from `on_insert` alone (a copy switched to another policy)."""
@@ -136,12 +145,17 @@ class BudgetedLayer(CacheLayerMixin):
         slots = torch.arange(n, device=self.device).expand(*st.valid.shape[:2], n)
         self.settings.policy.on_insert(st, slots, keys)
 
-    def advanced(self, steps: int) -> None:
+    def advanced(self, steps: int, evicted: bool) -> None:
         """The graph-safe decode (kvscope.cache.static) inserted `steps` tokens per row outside the eager path: bring
-        the host-side bookkeeping up to date (slots come from the free-slot queue from now on)."""
+        the host-side bookkeeping up to date. Its queue hands out the lowest free slots, so a dense cache that evicted
+        nothing was filled in order and stays dense; otherwise slots come from the free-slot queue from now on."""
         self.seen += steps
         self.upper += steps
-        self.contiguous, self.free = False, None
+        self.free = None
+        if self.dense and not evicted and self.fill + steps <= self.capacity:
+            self.fill += steps
+        else:
+            self.contiguous = self.dense = False
 
     def reorder_cache(self, beam_idx):
         raise usage("BudgetedCache does not support beam search", fix="num_beams=1")
@@ -161,6 +175,7 @@ class BudgetedLayer(CacheLayerMixin):
         if offloader is not None:
             offloader.activate(self.index, self.store)
         self.written = []  # (start, end) spans or scattered slot tensors, for the offload write-back
+        self.dense = self.dense and info.all_real
         outs = [self._chunk(query[:, :, s:s + step], keys[:, :, s:s + step], values[:, :, s:s + step],
                             info.positions[:, s:s + step], info.real[:, s:s + step], scaling)
                 for s in range(0, n, step)]
@@ -175,9 +190,10 @@ class BudgetedLayer(CacheLayerMixin):
         if not policy.evicts:
             self._check_room(n)
         slots, upto = self._take_slots(n)
+        self.dense = self.dense and self.contiguous
         fuse = n == 1 and self.fusable
         # what the chunk's queries may see besides the chunk itself (a one-token chunk needs no copy: see _decode)
-        before = None if fuse else st.valid[:, :, :upto].clone()
+        before = None if fuse or (self.dense and not policy.query_rows()) else st.valid[:, :, :upto].clone()
         if self.contiguous:
             self.store.write_range(self.fill - n, keys, values)
             self.written.append((self.fill - n, self.fill))
@@ -193,11 +209,15 @@ class BudgetedLayer(CacheLayerMixin):
             out = self._decode(query, slots, upto, scaling, positions if policy.query_rows() else None)
         else:
             k, v = self.store.read(upto, query.dtype)
-            hq = query.shape[1]
-            step = attention_block_rows(b, hq, h, upto, query.element_size())
-            blocks = [grouped_attention(query[:, :, i:i + step], k, v, self._mask(before, slots, real, i, i + step),
-                                        scaling) for i in range(0, n, step)]
-            out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
+            if self.dense:  # plain causal attention over [0, upto), the chunk at its end
+                out = causal_attention(query, k, v, scaling)
+            else:
+                hq = query.shape[1]
+                step = attention_block_rows(b, hq, h, upto, query.element_size())
+                blocks = [grouped_attention(query[:, :, i:i + step], k, v,
+                                            self._mask(before, slots, real, i, i + step), scaling)
+                          for i in range(0, n, step)]
+                out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
             rows = policy.query_rows()
             if rows:
                 self._observe(query, k, before, slots, real, positions, rows if rows > 0 else n, scaling)
@@ -298,7 +318,7 @@ class BudgetedLayer(CacheLayerMixin):
             self._emit(evict)
         st.valid &= ~evict
         self.upper = keep
-        self.contiguous = False
+        self.contiguous = self.dense = False
         self.free = None
 
     def _emit(self, evict: torch.Tensor) -> None:
@@ -332,6 +352,16 @@ def _grouped(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
 def _grouped_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
     b, h, n, s = mask.shape
     return mask[:, :, None].expand(b, h, group, n, s).reshape(b, h, group * n, s)
+
+
+def causal_attention(query, keys, values, scaling) -> torch.Tensor:
+    """Attention of the last n slots' queries [B, Hq, n, D] over keys/values [B, H, S, D], each query seeing every
+    slot up to its own (causal, aligned to the end): no mask is built (SDPA's lower-right causal bias, GQA native)."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    n, s = query.shape[2], keys.shape[2]
+    return F.scaled_dot_product_attention(query, keys, values, attn_mask=causal_lower_right(n, s), scale=scaling,
+                                          enable_gqa=query.shape[1] != keys.shape[1])
 
 
 def grouped_attention(query, keys, values, mask, scaling) -> torch.Tensor:

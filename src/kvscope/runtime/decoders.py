@@ -72,6 +72,7 @@ class StaticDecoder:
         self.upper = first.upper
         self.taken = self.queue_len  # forces a refill before the first step: the queue is built from the slot state
         self.steps = 0
+        self.evicted = False
         self.why = ""
 
     def _stepper(self, weights, cache, positions):
@@ -91,6 +92,7 @@ class StaticDecoder:
         self.steps += 1
         if s.policy.evicts and self.upper > s.budget_tokens:
             self._evict()
+            self.evicted = True
             self.taken = 0
             self.upper = s.budget_tokens - s.evict_batch + 1
         return logits
@@ -116,7 +118,7 @@ class StaticDecoder:
     def finish(self) -> None:
         """Hand the cache back to the eager path with its host-side counters up to date."""
         for layer in self.layers:
-            layer.advanced(self.steps)
+            layer.advanced(self.steps, self.evicted)
             layer.upper = self.upper
         self.steps = 0
 
