@@ -14,7 +14,7 @@ import sys
 from kvscope import __version__
 from kvscope.errors import KvscopeError, UsageError
 
-COMMANDS = ("plan", "run", "doctor", "fit", "profile", "env")
+COMMANDS = ("plan", "run", "doctor", "fit", "profile", "chat", "serve", "env")
 
 
 def build_parser() -> argparse.ArgumentParser:
