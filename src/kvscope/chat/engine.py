@@ -16,6 +16,7 @@ rewind past it, prefill the rest and decode. The token-id API (`generate_ids`) i
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,7 +46,8 @@ class TurnResult:
     computed_tokens: int  # prompt tokens prefilled this turn
     evicted_tokens: float  # evicted by the session's policy during the turn, mean over layers
     cached_tokens: int  # tokens the session's cache holds after the turn (the fullest layer row)
-    first_token_seconds: float
+    first_token_seconds: float  # prefill and the first token's pick (the runtime's figure)
+    first_token_at: float  # time.perf_counter() when the first new token was picked
     decode_seconds: float
     decode_tokens_per_second: float | None
     restore: str  # how the KV was found: "resident", "swap-in", "recompute" (it had been dropped) or "new"
@@ -68,12 +70,14 @@ class ChatEngine:
         history, history_tokens: the default history strategy (`keep`, `truncate`, `summarize`) and its limit
             (default: the session budget).
         swap_bytes: pinned CPU memory for swapped sessions (CUDA only). max_sessions: session records kept.
+        summary_tokens: the most tokens a summary (history `summarize`) may take.
     """
 
     def __init__(self, model, tokenizer=None, *, policy: str = "full", session_budget: int | None = None,
                  kv_dtype: str | None = None, chunk_size: int = 512, budget_tokens: int | None = None,
                  budget_bytes: int | None = None, history: str = "keep", history_tokens: int | None = None,
-                 swap_bytes: int = 4 << 30, max_sessions: int = 1024, eos_token_id: int | list[int] | None = None):
+                 swap_bytes: int = 4 << 30, max_sessions: int = 1024, eos_token_id: int | list[int] | None = None,
+                 summary_tokens: int = SUMMARY_TOKENS):
         self.model, self.tokenizer = model, tokenizer
         self.renderer = Renderer(tokenizer) if tokenizer is not None else None
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
@@ -90,6 +94,7 @@ class ChatEngine:
                                   max_sessions=max_sessions)
         self.store.check_fits(self.config.capacity(chunk_size))
         self.eos = _eos_ids(model, tokenizer) if eos_token_id is None else _as_list(eos_token_id)
+        self.summary_tokens = summary_tokens
         self.lock = threading.RLock()  # one model: one turn at a time
         self.oom_events = 0
 
@@ -141,6 +146,10 @@ class ChatEngine:
     def release(self, session: Session, *, keep_kv: bool = True) -> None:
         self.store.give_back(session, keep_kv=keep_kv)
 
+    def evict(self, session: Session, *, swap: bool = True) -> str:
+        """Free an idle session's device KV now, as the store would under pressure: "swap" or "drop"."""
+        return self.store.evict(session, allow_swap=swap)
+
     # --- turns -----------------------------------------------------------------------------------------------------
     def chat(self, session: Session, messages: list[dict], *, max_new_tokens: int = 256,
              sampling: Sampling | None = None, stop: list[str] | None = None,
@@ -187,7 +196,7 @@ class ChatEngine:
     def _summarize(self, session: Session, covered: list[dict]) -> str:
         renderer = self._renderer()
         ids = renderer.ids(covered + [{"role": "user", "content": SUMMARY_REQUEST}], session.ids)
-        result = self._run_ids(session, ids, SUMMARY_TOKENS, None, None, None, eos=self.eos)
+        result = self._run_ids(session, ids, self.summary_tokens, None, None, None, eos=self.eos)
         session.counters.summaries += 1
         return renderer.decode(result.ids).strip() or "(no summary)"
 
@@ -206,6 +215,7 @@ class ChatEngine:
         if session.cache is None:
             session.build_cache(self.model)
             self.store.settle(session, self.config.capacity(min(len(new), self.config.chunk_size)))
+        started = time.perf_counter()
         try:
             gen = generate(self.model, torch.tensor([new]), session.cache, max_new_tokens=max_new_tokens,
                            chunk_size=self.config.chunk_size, eos_token_id=eos or None, stop_strings=stop or None,
@@ -227,6 +237,7 @@ class ChatEngine:
                           prompt_tokens=len(prompt_ids), reused_tokens=reused, computed_tokens=len(new),
                           evicted_tokens=evicted, cached_tokens=session.held_tokens(),
                           first_token_seconds=gen.first_token_seconds, decode_seconds=gen.decode_seconds,
+                          first_token_at=started + gen.first_token_seconds,
                           restore=restore, restore_seconds=restore_s,
                           decode_tokens_per_second=gen.decode_tokens_per_second)
 

@@ -131,7 +131,7 @@ class SessionStore:
     def check_fits(self, tokens: int, option: str = "--budget") -> None:
         """A `UsageError` when one session of `tokens` slots could never fit, naming the minimum."""
         need = self.charge_for(tokens)
-        if need.tokens > self.budget_tokens or need.bytes > self.budget_bytes:
+        if not self._within(need, Charge(0, 0)):
             raise usage(f"one session needs {need.tokens} KV slots per layer ({need.bytes:,} bytes: its budget plus "
                         f"one prefill chunk) but the global budget is {self.budget_tokens} slots "
                         f"({self.budget_bytes:,} bytes)",
@@ -180,9 +180,23 @@ class SessionStore:
                 self._evict(session, allow_swap=False)
             self._forget_beyond_limit()
 
+    def evict(self, session: Session, *, allow_swap: bool = True) -> str:
+        """Free an idle session's device KV: "swap" (CUDA, within swap_bytes) or "drop"; "none" if it held none."""
+        with self.lock:
+            if session.busy:
+                raise SessionBusyError(f"session {session.id!r} has a request in flight; it cannot be evicted now")
+            if session.id not in self.charged:
+                return "none"
+            return self._evict(session, allow_swap=allow_swap)
+
     def _room_for(self, need: Charge) -> bool:
-        used = self.used()
-        return used.tokens + need.tokens <= self.budget_tokens and used.bytes + need.bytes <= self.budget_bytes
+        return self._within(need, self.used())
+
+    def _within(self, need: Charge, used: Charge) -> bool:
+        # the budget binds in its own unit: bytes include int4's fixed window per session, tokens do not
+        if self.in_bytes:
+            return used.bytes + need.bytes <= self.budget_bytes
+        return used.tokens + need.tokens <= self.budget_tokens
 
     def used(self) -> Charge:
         with self.lock:
