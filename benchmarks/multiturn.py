@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -141,6 +142,10 @@ def _free(_):
 
 def render(result: dict) -> str:
     text = header(f"Multi-turn chat: time to first token per turn ({result['device_kind']})")
+    load = result.get("load_average")
+    if load:
+        text += (f"Load average (1 min) at the start and end of the run: {load[0]:.2f} and {load[1]:.2f} "
+                 f"on {result['cpus']} cores (the machine is shared: CPU timings vary with it).\n\n")
     text += (f"Model {result['model']} ({result['dtype']}), policy full, chunk {result['chunk_size']} tokens. "
              "Time to first token (s) per turn for (a) `model.generate()` on the whole history, (b) `generate()` "
              "with a `DynamicCache` carried by hand (cropped back to the prompt after each turn), and kvscope's "
@@ -208,7 +213,8 @@ def main() -> int:
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
     result = {"model": spec.name, "device_kind": device.type, "dtype": str(next(model.parameters()).dtype),
-              "chunk_size": args.chunk_size, "cases": []}
+              "chunk_size": args.chunk_size, "cpus": os.cpu_count(), "cases": []}
+    start_load = os.getloadavg()[0]
     hf_turn(model, fixed_ids(64, vocab, 0), 2)  # warm-up (kernels, allocator) outside every timing
     for user in users:
         turns = plan_turns(args, spec.max_position_embeddings, user)
@@ -216,6 +222,7 @@ def main() -> int:
             print(f"{user} user tokens: {turns} turns fit in {spec.max_position_embeddings} positions "
                   f"(of --turns {args.turns})", flush=True)
         result["cases"].append(run_case(model, vocab, args, user, turns))
+    result["load_average"] = [start_load, os.getloadavg()[0]]
     text = render(result)
     print(text)
     if not args.no_write:

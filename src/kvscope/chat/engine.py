@@ -123,11 +123,17 @@ class ChatEngine:
         """Take a session for a request: by key, or else the anonymous session whose last request is the longest
         prefix of this one (`match_text`: the request's messages rendered), or a new anonymous session."""
         with self.store.lock:
+            known = set(self.store.sessions)
             if key is not None:
                 session = self.open(key, keyed=True, history=history)
             else:
                 session = self._match(match_text) or self.open(keyed=False, history=history)
-            self.admit(session)
+            try:
+                self.admit(session)
+            except Exception:
+                if session.id not in known:  # a refused request leaves no record behind
+                    self.store.remove(session.id)
+                raise
             if match_text is not None:
                 session.match_text = match_text
             return session

@@ -106,15 +106,17 @@ class Worker:
                 job = self.queue.popleft()
                 self.running = 1
             try:
-                self._run(job)
+                event = self._run(job)
             finally:
                 with self.cv:
                     self.running = 0
+            if event is not None:  # after the session is released and the slot free: the reply sees a settled store
+                job.emit(*event)
 
-    def _run(self, job: Job) -> None:
+    def _run(self, job: Job) -> tuple[str, object] | None:
         if job.cancelled.is_set():
             self.engine.release(job.session, keep_kv=False)
-            return
+            return None
         start = time.perf_counter()
         stream = TextStream(self.engine.renderer, job.stop)
         last = [None]
@@ -130,9 +132,9 @@ class Worker:
         try:
             result = self.engine.run_chat(job.session, job.messages, max_new_tokens=job.max_tokens,
                                           sampling=job.sampling, stop=job.stop, on_token=on_token)
-            job.emit("done", (result, stream.finish(result.ids), time.perf_counter()))
+            return "done", (result, stream.finish(result.ids), time.perf_counter())
         except Exception as exc:  # noqa: BLE001 - every failure goes back to its request, the worker lives on
-            job.emit("error", exc)  # a failed forward already discarded the session's KV (ChatEngine._run_ids)
+            return "error", exc  # a failed forward already discarded the session's KV (ChatEngine._run_ids)
         finally:
             # a client that went away frees its KV; otherwise the session stays resident for its next turn
             self.engine.release(job.session, keep_kv=not job.cancelled.is_set())
