@@ -53,7 +53,7 @@ def model_dir(tmp_path_factory, tiny_chat_model):
 
 def start_server(model_dir):
     cmd = [sys.executable, "-m", "kvscope", "serve", str(model_dir), "--port", "0", "--session-budget", "1900",
-           "--budget", "8000", "--chunk-size", "64", "--served-model-name", "tiny"]
+           "--budget", "8000", "--chunk-size", "64", "--served-model-name", "tiny", "--shutdown-timeout", "300"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=os.environ | {"PYTHONUNBUFFERED": "1"})
     line = proc.stdout.readline()
@@ -66,7 +66,7 @@ def test_sigterm_finishes_the_running_request_refuses_the_waiting_one_and_exits_
     proc, url = start_server(model_dir)
     try:
         client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=60)
-        stream = client.chat.completions.create(model="tiny", messages=LONG, max_tokens=1800, stream=True, user="a")
+        stream = client.chat.completions.create(model="tiny", messages=LONG, max_tokens=600, stream=True, user="a")
         first = next(stream)
         outcome = {}
 

@@ -53,10 +53,14 @@ class StoreSnapshot:
     swapped_bytes: int
     states: dict[str, int]
     totals: SessionCounters
+    in_bytes: bool = False  # which unit the budget binds in
 
     @property
     def usage(self) -> float:
-        return self.used_bytes / self.budget_bytes if self.budget_bytes else 0.0
+        """Fraction of the budget in use, in the unit the budget was given in."""
+        if self.in_bytes:
+            return self.used_bytes / self.budget_bytes
+        return self.used_tokens / self.budget_tokens
 
 
 class SessionStore:
@@ -252,4 +256,5 @@ class SessionStore:
                     held += len(s.ids)
             return StoreSnapshot(used_tokens=used.tokens, budget_tokens=self.budget_tokens, used_bytes=used.bytes,
                                  budget_bytes=self.budget_bytes, held_tokens=held,
-                                 swapped_bytes=sum(self.host.values()), states=states, totals=totals)
+                                 swapped_bytes=sum(self.host.values()), states=states, totals=totals,
+                                 in_bytes=self.in_bytes)

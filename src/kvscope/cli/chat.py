@@ -142,7 +142,8 @@ class Conversation:
         if self.fmt == "json":
             self._say({"event": "stats", **d}, "")
             return
-        output.stdout.print(output.kv_table("session", [(k.replace("_", " "), v) for k, v in d.items()]))
+        rows = [(k.replace("_", " "), output.gib(v) if k == "kv_bytes" else v) for k, v in d.items()]
+        output.stdout.print(output.kv_table("session", rows))
 
     def _say(self, payload: dict, text: str) -> None:
         if self.fmt == "json":
