@@ -1,12 +1,12 @@
 """Multi-turn chat: time to first token per turn with kvscope's KV reuse, against (a) recomputing the whole history
 with plain `model.generate()` and (b) plain `generate()` with a `DynamicCache` carried across turns by hand.
 
-Every turn adds `--user-tokens` fixed token ids (seeded) to the history; the reply that enters the history is
-`--reply-tokens` fixed ids too, so the three ways see identical histories whatever they generate. Each way generates
-`--check-tokens` greedy tokens per turn (eos ignored) and those must be identical to (a)'s under the `full` policy.
-(b) crops its cache back to the prompt after each turn, kvscope's session rewinds from the first difference (the
-fixed reply replaces what it generated), so both prefill reply + new user tokens per turn, (a) the whole history.
-Time to first token is wall time from the call to the first new token on the host, for all three.
+Every turn adds `--user-tokens` fixed token ids (seeded) to the history. Each way generates `--check-tokens` greedy
+tokens (eos ignored), which must be identical to (a)'s under the `full` policy; the reply that enters the history is
+(a)'s generated tokens followed by fixed ids up to `--reply-tokens`, so the three ways see identical histories.
+(b) and kvscope keep what they generated in their caches (as in a real chat), so each turn they prefill the rest of
+the reply and the new user tokens; (a) prefills the whole history. Time to first token is wall time from the call
+to the first new token on the host, for all three.
 
 Then the swap-in cost of an idle session: on CUDA, its KV is swapped to pinned CPU memory and the next turn swaps it
 in; against dropping it and recomputing the history. On the CPU a swap frees nothing (it is a no-op), so an idle
@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, header, save_json, table, write_section  # noqa: E402
 from kvscope import _compat  # noqa: E402
 from kvscope.chat import ChatEngine  # noqa: E402
+from kvscope.chat.session import common_prefix  # noqa: E402
 from kvscope.errors import UsageError  # noqa: E402
 from kvscope.models import load  # noqa: E402
 
@@ -114,15 +115,20 @@ def run_case(model, vocab: int, args, user: int, turns: int) -> dict:
         ids = history + fixed_ids(user, vocab, seed=2 * t)
         ttft_a, out_a = hf_turn(model, ids, check)
         ttft_b, out_b = hf_turn(model, ids, check, carried)
-        # forget the generated tokens: the fixed reply follows the prompt (a negative crop removes that many tokens,
-        # in transformers 5.17 and 5.24 alike)
-        carried.crop(-(carried.get_seq_length() - len(ids)))
         ttft_k, out_k, r = kvscope_turn(engine, session, ids, check)
+        # the reply that enters the history: (a)'s generated tokens, then fixed ids up to --reply-tokens
+        reply_ids = (out_a + fixed_ids(max(0, reply - check), vocab, seed=2 * t + 1))[:reply]
+        # (b) keeps what it generated where it agrees with the reply; a negative crop removes that many tokens (the
+        # same in transformers 5.17 and 5.24)
+        keep = len(ids) + common_prefix(out_b[:-1], reply_ids)
+        if carried.get_seq_length() > keep:
+            carried.crop(-(carried.get_seq_length() - keep))
         rows.append({"turn": t, "prompt_tokens": len(ids), "recompute_s": ttft_a, "carried_s": ttft_b,
                      "kvscope_s": ttft_k, "kvscope_prefilled": r.computed_tokens, "kvscope_reused": r.reused_tokens,
+                     "kvscope_rewinds": session.counters.rewinds,
                      "carried_same": out_b == out_a, "kvscope_same": out_k == out_a})
         print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in rows[-1].items()}), flush=True)
-        history = ids + fixed_ids(reply, vocab, seed=2 * t + 1)
+        history = ids + reply_ids
         _free(ids)
     swap = idle_costs(engine, session, history)
     del carried, engine, session
@@ -160,8 +166,9 @@ def render(result: dict) -> str:
                  f"on {result['cpus']} cores (the machine is shared: CPU timings vary with it).\n\n")
     text += (f"Model {result['model']} ({result['dtype']}), policy full, chunk {result['chunk_size']} tokens. "
              "Time to first token (s) per turn for (a) `model.generate()` on the whole history, (b) `generate()` "
-             "with a `DynamicCache` carried by hand (cropped back to the prompt after each turn), and kvscope's "
-             "session reuse; ratios are (a)/kvscope and (b)/kvscope. Same: the check tokens equal (a)'s.\n\n")
+             "with a `DynamicCache` carried by hand, and kvscope's session reuse; ratios are (a)/kvscope and "
+             "(b)/kvscope. Each turn generates the check tokens; the reply in the history is (a)'s check tokens then "
+             "fixed ids. Same: the check tokens equal (a)'s.\n\n")
     for case in result["cases"]:
         text += (f"### {case['turns']} turns of {case['user_tokens']} user tokens + {case['reply_tokens']}-token "
                  f"replies ({case['check_tokens']} tokens generated per turn)\n\n")

@@ -23,9 +23,11 @@ def test_three_turns_agree_and_reuse(tmp_path):
     rows = case["rows"]
     assert [r["prompt_tokens"] for r in rows] == [40, 90, 140]
     assert all(r["carried_same"] and r["kvscope_same"] for r in rows)
-    # after turn 1 kvscope prefills only the fixed reply and the new user tokens (its own reply is rewound)
-    assert [r["kvscope_prefilled"] for r in rows] == [40, 50, 50]
-    assert [r["kvscope_reused"] for r in rows] == [0, 40, 90]
+    # after turn 1 kvscope prefills the rest of the reply (10 tokens, 3 of them generated and held) and the new user
+    # tokens
+    assert [r["kvscope_prefilled"] for r in rows] == [40, 47, 47]
+    assert [r["kvscope_reused"] for r in rows] == [0, 43, 93]
+    assert [r["kvscope_rewinds"] for r in rows] == [0, 0, 0]
     assert case["idle_session"]["recomputed_tokens"] == 150 and "swap_note" in case["idle_session"]
     result = {"model": "tiny", "device_kind": "cpu", "dtype": "torch.float32", "chunk_size": 32, "cpus": 2,
               "load_average": [0.5, 0.7], "cases": [case]}

@@ -21,7 +21,7 @@ SESSIONS, TURNS, NEW_TOKENS = 32, 5, 2
 SYSTEM = {"role": "system", "content": "Bike shop support."}
 DEADLINE_S = 600
 MAX_ATTEMPTS = 2000
-SESSION_BUDGET, CHUNK, RESIDENT = 160, 32, 12  # the budget holds 12 of the 32 sessions: the others are dropped
+SESSION_BUDGET, CHUNK, RESIDENT = 160, 128, 12  # the budget holds 12 of the 32 sessions: the others are dropped
 
 
 def question(session: int, turn: int) -> str:
@@ -29,7 +29,7 @@ def question(session: int, turn: int) -> str:
 
 
 class Sampler(threading.Thread):
-    """Reads /metrics every 50 ms until stopped; keeps every (used, budget) pair of tokens and bytes."""
+    """Reads /metrics every 200 ms until stopped; keeps every (used, budget) pair of tokens and bytes."""
 
     def __init__(self, url: str):
         super().__init__(daemon=True)
@@ -41,7 +41,7 @@ class Sampler(threading.Thread):
             self.samples.append(tuple(value(m, n) for n in ("kvscope:kv_used_tokens", "kvscope:kv_budget_tokens",
                                                            "kvscope:kv_used_bytes", "kvscope:kv_budget_bytes",
                                                            "kvscope:num_requests_waiting")))
-            self.halt.wait(0.05)
+            self.halt.wait(0.2)
 
 
 def converse(client, i: int, stop_at: float) -> dict:
