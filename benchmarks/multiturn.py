@@ -40,6 +40,7 @@ from kvscope.errors import UsageError  # noqa: E402
 from kvscope.models import load  # noqa: E402
 
 DATA = ROOT / "docs" / "data" / "multiturn.json"
+SWAP_BYTES = 64 << 30  # pinned host memory for the idle session's swap: a 40k-token 8B session is about 5.4 GB
 
 
 class FirstToken:
@@ -106,7 +107,7 @@ def run_case(model, vocab: int, args, user: int, turns: int) -> dict:
     reply, check = args.reply_tokens, args.check_tokens
     budget = turns * (user + reply) + check
     engine = ChatEngine(model, None, policy="full", session_budget=budget, chunk_size=args.chunk_size,
-                        kv_dtype=args.kv_dtype)
+                        kv_dtype=args.kv_dtype, swap_bytes=SWAP_BYTES)
     session = engine.open("bench")
     carried = _compat.dynamic_cache(model)
     history: list[int] = []
@@ -141,12 +142,15 @@ def idle_costs(engine, session, history: list[int]) -> dict:
     """Time to first token of the next turn (the history with the last fixed reply) after the idle session was
     swapped out (CUDA) or dropped."""
     out = {"history_tokens": len(history)}
-    if torch.cuda.is_available() and engine.evict(session, swap=True) == "swap":
+    if not torch.cuda.is_available():
+        out["swap_note"] = "no CUDA device: swap is a no-op on the CPU (nothing to free), an idle session is dropped"
+    elif engine.evict(session, swap=True) == "swap":
+        kv_bytes = engine.store.charge_for(session.capacity_tokens).bytes
         ttft, _, r = kvscope_turn(engine, session, history, 1)
         out |= {"swap_in_s": r.restore_seconds, "swap_ttft_s": ttft, "swap_prefilled": r.computed_tokens,
-                "kv_bytes": engine.store.snapshot().used_bytes}
+                "kv_bytes": kv_bytes}
     else:
-        out["swap_note"] = "no CUDA device: swap is a no-op on the CPU (nothing to free), an idle session is dropped"
+        out["swap_note"] = f"the session's KV did not fit the {SWAP_BYTES:,}-byte swap space: it was dropped"
     engine.evict(session, swap=False)
     ttft, _, r = kvscope_turn(engine, session, history, 1)
     return out | {"recompute_ttft_s": ttft, "recomputed_tokens": r.computed_tokens}
