@@ -22,6 +22,8 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 # the GPU machine (pytest --gpu). None at present: the README's and docs/cache.md's blocks run on the CPU (the
 # embedded model), and offload (CUDA only) is described in prose, not in a block.
 GPU_ONLY: dict[tuple[str, int], str] = {}
+# blocks that talk to a running server: tests/chat/test_docs.py runs them against a real one on a free port
+NEEDS_SERVER = {("chat.md", 1): "the OpenAI client block needs `kvscope serve` running (tests/chat/test_docs.py)"}
 # modules whose import needs Triton (a GPU-machine package); their docstrings have no runnable examples
 NEEDS_TRITON = "_triton"  # the suffix of the modules that import Triton (kvscope.cache.fused loads them on CUDA only)
 # placeholders the docs write in commands, and a value of the right type for parsing them
@@ -42,6 +44,8 @@ def python_blocks() -> list[tuple[str, int, str]]:
 def test_python_block_runs_as_written(name, index, code, tmp_path, monkeypatch):
     if (name, index) in GPU_ONLY and not torch.cuda.is_available():
         pytest.skip(GPU_ONLY[(name, index)])
+    if (name, index) in NEEDS_SERVER:
+        pytest.skip(NEEDS_SERVER[(name, index)])
     monkeypatch.chdir(tmp_path)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -33,7 +33,11 @@ CLI_FLAGS = frozenset({
     # watch and advise (advise takes some of the engines' own flag names, so that its advice reads as theirs)
     "--duration", "--interval", "--timeout", "--chunked-prefill-size", "--concurrency", "--engine", "--engine-version",
     "--from-log", "--gpu-memory-utilization", "--max-model-len", "--max-num-batched-tokens", "--mem-fraction-static",
-    "--no-cuda-graphs", "--offline"})
+    "--no-cuda-graphs", "--offline",
+    # chat and serve
+    "--history", "--history-tokens", "--system", "--temperature", "--top-p", "--top-k", "--seed", "--host", "--port",
+    "--served-model-name", "--total-budget", "--total-budget-bytes", "--max-waiting", "--max-sessions", "--swap-space",
+    "--shutdown-timeout"})
 _LIBRARY_FLAGS = frozenset({"--offload", "--max-new-tokens"})
 # flags whose Python parameter is not the flag's own name with dashes turned into underscores
 _PARAMETERS = {"--budget": "budget_tokens", "--no-warmup": "warmup=False"}

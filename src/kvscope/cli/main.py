@@ -15,7 +15,7 @@ import sys
 from kvscope import __version__
 from kvscope.errors import EXIT_DOES_NOT_FIT, EXIT_INTERNAL, EXIT_USAGE, DoesNotFit, KvscopeError, UsageError
 
-COMMANDS = ("plan", "run", "doctor", "fit", "profile", "watch", "advise", "env")
+COMMANDS = ("plan", "run", "doctor", "fit", "profile", "chat", "serve", "watch", "advise", "env")
 EXIT_CODES = """exit codes:
   0  the command ran (for doctor: the workload ran, or the applied fix made it run)
   1  kvscope's own failure (an internal error)
