@@ -118,3 +118,22 @@ def test_a_dense_cache_stays_dense_through_static_decode_and_rewind(tiny):
         assert all(layer.dense for layer in cache.layers)
         out.append((first.sequences.tolist(), second.sequences.tolist()))
     assert out[0] == out[1]
+
+
+def test_stacked_projections_on_the_cpu():
+    from kvscope import _compat
+
+    plain, fused = build_tiny(), build_tiny()
+    before = sum(p.numel() for p in fused.parameters())
+    assert _compat.fuse_projections(fused)
+    assert sum(p.numel() for p in fused.parameters()) == before  # views: the same weights, no second copy
+    w = _compat.decode_weights(fused).layers[0]
+    assert w.qkv is not None and w.gate_up is not None and w.qkv.shape == (4 * 16 + 2 * 2 * 16, 64)
+    ids, mask = batch()
+    for policy in ("full", "h2o"):
+        out = []
+        for model in (plain, fused):
+            cache = BudgetedCache(model, policy, budget_tokens=40 if policy == "full" else 16, chunk_size=8)
+            out.append(generate(model, ids, cache, attention_mask=mask, max_new_tokens=10, decode="static")
+                       .sequences.tolist())
+        assert out[0] == out[1]

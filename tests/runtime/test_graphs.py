@@ -155,3 +155,14 @@ def test_dense_prefill_and_graph_decode_match_plain_generate_in_fp32(models):
     out = generate(model, ids, cache, max_new_tokens=24, chunk_size=64, decode="graph")
     assert out.sequences.tolist() == ref
     assert all(layer.dense for layer in cache.layers)
+
+
+def test_stacked_projections_decode_as_the_separate_ones(models):
+    from kvscope import _compat
+
+    fused = build_tiny(SHAPE, dtype=torch.float32).cuda()
+    assert _compat.fuse_projections(fused) and _compat.decode_weights(fused).layers[0].qkv is not None
+    plain = models[torch.float32]
+    assert _compat.decode_weights(plain).layers[0].qkv is None
+    for policy in ("full", "lru"):
+        assert run(fused, "graph", policy) == run(plain, "graph", policy) == run(fused, "forward", policy)

@@ -89,6 +89,9 @@ def test_silu_mul(device):
     g, u = rand(2, 1, 1536, device=device, dtype=dtype), rand(2, 1, 1536, device=device, dtype=dtype, seed=1)
     ref = torch.nn.functional.silu(g) * u
     torch.testing.assert_close(kernels_triton.silu_mul(g, u), ref, atol=1e-6, rtol=2 ** -7)
+    stacked = torch.cat([g, u], -1)  # the two halves of one [B, 1, 2I] product: strided rows
+    torch.testing.assert_close(kernels_triton.silu_mul(stacked[..., :1536], stacked[..., 1536:]), ref, atol=1e-6,
+                               rtol=2 ** -7)
 
 
 @pytest.mark.parametrize("device", DEVICES)

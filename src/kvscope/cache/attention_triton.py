@@ -185,15 +185,20 @@ def _strides(kind: int, tensors: list[torch.Tensor]) -> list[int]:
 
 
 def _store_args(store) -> tuple[int, list[torch.Tensor], torch.Tensor, int]:
-    """(kind, five tensors, strides as a device tensor, `full`). The strides tensor is made once per store (they never
-    change: a store's buffers keep their shape), so a decode step does no host-to-device copy."""
+    """(kind, five tensors, strides as a device tensor, `full`). A strides tensor is made once per distinct set of
+    strides and device and shared by every store with those strides, so a decode step does no host-to-device copy, and
+    a CUDA graph captured over one store still finds the same tensor after the cache rebuilt its store objects."""
     kind, tensors, full = _store_tensors(store)
-    st = getattr(store, "_fused_strides", None)
-    if st is None or st.device != tensors[0].device:
-        strides = _strides(kind, tensors)
-        st = torch.tensor(strides + [0] * (20 - len(strides)), dtype=torch.int64, device=tensors[0].device)
-        store._fused_strides = st
+    strides = _strides(kind, tensors)
+    key = (tuple(strides), str(tensors[0].device))
+    st = _STRIDES.get(key)
+    if st is None:
+        st = _STRIDES[key] = torch.tensor(strides + [0] * (20 - len(strides)), dtype=torch.int64,
+                                          device=tensors[0].device)
     return kind, tensors + [tensors[0]] * (5 - len(tensors)), st, full
+
+
+_STRIDES: dict = {}
 
 
 def split_size(kind: int, upto: int, rows: int, tuning: dict | None = None) -> int:

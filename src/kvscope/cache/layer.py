@@ -72,7 +72,11 @@ class BudgetedLayer(CacheLayerMixin):
                                     store)
             views["newest"].fill_(-1)
             self._point(views)
-        self.counters = LayerCounters(self.device)
+        counters = getattr(self, "counters", None)
+        if counters is not None and counters.device == self.device:
+            counters.reset()  # the same tensors: what a CUDA graph captured over them stays valid
+        else:
+            self.counters = LayerCounters(self.device)
         self.fill = 0  # slots [0, fill) have been written; while `contiguous`, new tokens go to [fill, fill + n)
         self.contiguous = True
         # every slot in [0, fill) holds a real token of every row, in position order: attention is then plain causal

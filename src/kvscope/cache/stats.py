@@ -65,13 +65,17 @@ class LayerCounters:
 
     def __init__(self, device):
         self.device = device
+        z = lambda: torch.zeros((), dtype=torch.long, device=self.device)  # noqa: E731
+        self.evicted, self.evictions, self.age_sum, self.pos_min, self.pos_max = z(), z(), z(), z(), z()
         self.reset()
 
     def reset(self) -> None:
-        z = lambda: torch.zeros((), dtype=torch.long, device=self.device)  # noqa: E731
-        self.evicted, self.evictions, self.age_sum = z(), z(), z()
-        self.pos_min = torch.full((), torch.iinfo(torch.long).max, dtype=torch.long, device=self.device)
-        self.pos_max = torch.full((), -1, dtype=torch.long, device=self.device)
+        """Zero the counters in place: a captured eviction step keeps recording into the same tensors."""
+        with torch.inference_mode():
+            for t in (self.evicted, self.evictions, self.age_sum):
+                t.zero_()
+            self.pos_min.fill_(torch.iinfo(torch.long).max)
+            self.pos_max.fill_(-1)
 
     def record(self, evict: torch.Tensor, position: torch.Tensor, newest: torch.Tensor) -> None:
         n = evict.sum()

@@ -85,6 +85,7 @@ def load(ref: str, *, random_weights: bool = False, dtype: str | None = None, de
         entry = catalogue.catalogue_entry(ref) if catalogue.is_catalogue_name(ref) else None
         values = entry.config if entry else _config_values(ref)
         model = _compat.build_random_model(values, torch_dtype, dev, attn_implementation, seed)
+        _fuse_on_gpu(model, dev)
         spec = ModelSpec.from_hf_config(values, name=entry.name if entry else Path(ref).name,
                                         source=entry.source if entry else str(ref))
         return LoadedModel(model, None, spec)
@@ -127,10 +128,20 @@ def _load_dir(path: Path, torch_dtype, device: str, attn_implementation: str, *,
         raise usage(f"cannot read the weights in {path}: {type(exc).__name__}: {exc}", expected="complete "
                     "safetensors files (a truncated or partly downloaded file gives this)",
                     fix="MODEL (download or save the model again)") from None
+    _fuse_on_gpu(model, device)
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         tokenizer = _compat.tokenizer_from_pretrained(str(path))
     return LoadedModel(model, tokenizer, spec)
+
+
+def _fuse_on_gpu(model, device: str) -> None:
+    """On CUDA, stack each layer's q/k/v and gate/up weights (`_compat.fuse_projections`: same memory, same results)
+    so kvscope's decode step runs one matrix product for each; the CPU decodes through the model's forward."""
+    if str(device).startswith("cuda"):
+        from kvscope import _compat
+
+        _compat.fuse_projections(model)
 
 
 def _is_broken_file(exc: Exception) -> bool:

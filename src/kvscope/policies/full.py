@@ -17,5 +17,8 @@ class Full(Policy):
     paper = "(baseline: the default, unbounded cache)"
     evicts = False
 
+    def on_insert(self, state: SlotState, slots: torch.Tensor, keys: torch.Tensor) -> None:
+        """Nothing to score: a cache that never evicts never reads a score (one launch less per layer and step)."""
+
     def keep_scores(self, state: SlotState, budget: int) -> torch.Tensor:
         return torch.full_like(state.score, KEEP)

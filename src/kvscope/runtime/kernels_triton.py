@@ -73,19 +73,25 @@ def rotate(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 
 @triton.jit
-def _silu_mul(g_ptr, u_ptr, out_ptr, n, BLOCK: tl.constexpr):
-    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+def _silu_mul(g_ptr, u_ptr, out_ptr, n, g_row, u_row, BLOCK: tl.constexpr):
+    """Row `program_id(0)`, columns of block `program_id(1)`; gate and up may be views with row strides (the halves of
+    one stacked product)."""
+    row = tl.program_id(0).to(tl.int64)
+    i = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = i < n
-    g = tl.load(g_ptr + i, mask=m, other=0.0)
-    u = tl.load(u_ptr + i, mask=m, other=0.0)
+    g = tl.load(g_ptr + row * g_row + i, mask=m, other=0.0)
+    u = tl.load(u_ptr + row * u_row + i, mask=m, other=0.0)
     gf = g.to(tl.float32)
     s = (gf / (1.0 + tl.exp(-gf))).to(g.dtype)
-    tl.store(out_ptr + i, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=m)
+    tl.store(out_ptr + row * n + i, (s.to(tl.float32) * u.to(tl.float32)).to(g.dtype), mask=m)
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    out = torch.empty_like(gate)
-    n = gate.numel()
+    """gate, up [..., I] with unit stride along I (rows may be strided); the result is contiguous."""
+    n = gate.shape[-1]
+    rows = gate.numel() // n
+    out = torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
     block = 1024
-    _silu_mul[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block, num_warps=4)
+    g, u = gate.reshape(rows, n), up.reshape(rows, n)
+    _silu_mul[(rows, triton.cdiv(n, block))](g, u, out, n, g.stride(0), u.stride(0), BLOCK=block, num_warps=4)
     return out

@@ -41,16 +41,27 @@ class DecodeStep:
         residual = F.embedding(self.tokens, w.embed)[:, None, :]  # [B, 1, N]
         cos, sin = w.rotary(residual, self.positions[:, None])  # [B, 1, D]
         delta = None
+        nq, nk = w.heads * w.head_dim, w.kv_heads * w.head_dim
         for layer, lw in zip(self.layers, w.layers):
             x = add_rmsnorm(residual, delta, lw.input_norm, w.eps)
-            q = _linear(x, lw.q).view(b, 1, w.heads, w.head_dim).transpose(1, 2)  # [B, Hq, 1, D]
-            k = _linear(x, lw.k).view(b, 1, w.kv_heads, w.head_dim).transpose(1, 2)  # [B, H, 1, D]
-            v = _linear(x, lw.v).view(b, 1, w.kv_heads, w.head_dim).transpose(1, 2)
+            if lw.qkv is not None:  # one product, then views of its three parts
+                qkv = F.linear(x, lw.qkv)  # [B, 1, Nq + 2 Nk]
+                q, k, v = qkv[..., :nq], qkv[..., nq:nq + nk], qkv[..., nq + nk:]
+            else:
+                q, k, v = _linear(x, lw.q), _linear(x, lw.k), _linear(x, lw.v)
+            q = q.view(b, 1, w.heads, w.head_dim).transpose(1, 2)  # [B, Hq, 1, D]
+            k = k.view(b, 1, w.kv_heads, w.head_dim).transpose(1, 2)  # [B, H, 1, D]
+            v = v.view(b, 1, w.kv_heads, w.head_dim).transpose(1, 2)
             slot = static.insert(layer, k, v, self.positions, self.ptr, rope=(q, cos, sin))  # RoPE in place
             attn = static.attend(layer, q, slot, self.positions, w.scaling)  # [B, Hq, 1, D]
             o = _linear(attn.transpose(1, 2).reshape(b, 1, w.heads * w.head_dim), lw.o)
             x = add_rmsnorm(residual, o, lw.post_norm, w.eps)
-            delta = _linear(silu_mul(_linear(x, lw.gate), _linear(x, lw.up)), lw.down)
+            if lw.gate_up is not None:
+                gu = F.linear(x, lw.gate_up)  # [B, 1, 2I]
+                half = gu.shape[-1] // 2
+                delta = _linear(silu_mul(gu[..., :half], gu[..., half:]), lw.down)
+            else:
+                delta = _linear(silu_mul(_linear(x, lw.gate), _linear(x, lw.up)), lw.down)
         x = add_rmsnorm(residual, delta, w.norm, w.eps)
         self.positions.add_(1)
         self.ptr.add_(1)
