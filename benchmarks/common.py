@@ -20,6 +20,10 @@ DOCS = ROOT / "docs" / "benchmarks.md"
 
 
 def commit() -> str:
+    """The commit the run is from: KVSCOPE_COMMIT when set (a copy of the tree without its git history, such as the
+    GPU machine's, names it so), else git's HEAD (+ "local changes" when tracked files differ)."""
+    if os.environ.get("KVSCOPE_COMMIT"):
+        return os.environ["KVSCOPE_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                              check=True).stdout.strip()

@@ -136,11 +136,10 @@ def test_a_failed_capture_falls_back_to_eager_with_one_warning(models, monkeypat
     model = models[torch.float32]
     expected = run(model, "forward", "h2o")
 
-    class Broken:
-        def __init__(self, *a, **k):
-            raise RuntimeError("capture not permitted here")
+    def broken(self, *a, **k):
+        raise RuntimeError("capture not permitted here")
 
-    monkeypatch.setattr(torch.cuda, "graph", Broken)
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "capture_begin", broken)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         assert run(model, "graph", "h2o") == expected

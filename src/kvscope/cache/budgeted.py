@@ -264,7 +264,11 @@ class BudgetedCache(Cache):
         return self._stats(reset=True)
 
     def _stats(self, reset: bool) -> CacheStats:
-        return CacheStats(layers=[layer.stats(reset) for layer in self.layers], budget_tokens=self.budget_tokens,
+        live = [layer for layer in self.layers if layer.is_initialized]
+        values = torch.stack([layer.stats_tensor() for layer in live]).tolist() if live else []  # one device read
+        by_layer = dict(zip((layer.index for layer in live), values))
+        return CacheStats(layers=[layer.stats(reset, by_layer.get(layer.index)) for layer in self.layers],
+                          budget_tokens=self.budget_tokens,
                           policy=self.policy.name, kv_dtype=self.kv_dtype or "model dtype",
                           seen_tokens=self.get_seq_length())
 

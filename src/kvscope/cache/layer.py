@@ -331,12 +331,18 @@ class BudgetedLayer(CacheLayerMixin):
                                            evicted_entries=int(evict.sum()), evicted_positions=positions))
 
     # --- monitoring ------------------------------------------------------------------------------------------------
-    def stats(self, reset: bool = False) -> LayerStats:
+    def stats_tensor(self) -> torch.Tensor:
+        """[7] int64 on the device: most tokens any row holds, entries held, then the five eviction counters. The
+        cache stacks every layer's and reads them in one transfer: a host read per layer would stop the GPU's queue
+        once per layer."""
+        held = self.state.valid.sum(-1)
+        c = self.counters
+        return torch.stack([held.max(), held.sum(), c.evicted, c.evictions, c.age_sum, c.pos_min, c.pos_max])
+
+    def stats(self, reset: bool = False, values: list[int] | None = None) -> LayerStats:
         if not self.is_initialized:
             return LayerStats(self.index, 0, 0, 0, 0, 0, 0, None, None, None)
-        held = self.state.valid.sum(-1)
-        stored, entries = torch.stack([held.max(), held.sum()]).tolist()
-        evicted, evictions, age_sum, pmin, pmax = self.counters.read()
+        stored, entries, evicted, evictions, age_sum, pmin, pmax = values or self.stats_tensor().tolist()
         if reset:
             self.counters.reset()
         heads = self.state.valid.shape[1]

@@ -152,8 +152,15 @@ class _Captured:
         try:
             for g in self.generators:
                 graph.register_generator_state(g)
-            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
-                self.out = self.fn()
+            # the capture API itself, not torch.cuda.graph(): that one also synchronizes, runs the cycle collector and
+            # empties the allocator's cache (about 0.1 s), which a capture in the middle of a generation cannot afford
+            with torch.cuda.stream(self.stream):
+                # thread_local: the monitor's sampling thread may call CUDA while this thread captures
+                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+                try:
+                    self.out = self.fn()
+                finally:
+                    graph.capture_end()
         except torch.OutOfMemoryError:
             raise
         except Exception as exc:  # noqa: BLE001 - a capture that fails falls back to eager, once, with the reason
