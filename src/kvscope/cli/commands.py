@@ -28,7 +28,8 @@ def render(command: str, args: argparse.Namespace, **changes: Any) -> str:
     for dest, value in changes.items():
         setattr(ns, dest, value)
     words = ["kvscope", command]
-    for action in command_parser(command)._actions:
+    actions = command_parser(command)._actions
+    for action in sorted(actions, key=lambda a: bool(a.option_strings)):  # positionals first, then the options
         words += _words(action, getattr(ns, action.dest, action.default))
     return shlex.join(words)
 

@@ -5,11 +5,11 @@ With --check the exit code says whether it fits (0 fits, 3 does not)."""
 from __future__ import annotations
 
 from kvscope.cli import commands, common, output
-from kvscope.kvformats import DTYPE_BYTES, KV_FORMATS
+from kvscope.kvformats import DTYPE_BYTES
 from kvscope.planner.gpus import GPUS
-from kvscope.planner.workload import DEFAULT_CHUNK, RUNTIMES
 
 HELP = "predict memory, fit, max batch/context and fixes for a workload"
+PARENTS = ("runtime", "cache")  # the policy is checked against the budget; the estimate prices what a budget allocates
 
 
 def add_arguments(p) -> None:
@@ -29,19 +29,7 @@ def add_workload_arguments(p) -> None:
     p.add_argument("--context", type=int, default=2048, help="prompt length in tokens (default 2048)")
     common.add_new_tokens(p, 128)
     p.add_argument("--dtype", default="bf16", choices=list(DTYPE_BYTES), help="weights and activations (default bf16)")
-    p.add_argument("--kv-dtype", default=None, choices=list(KV_FORMATS), help="KV cache storage (default: --dtype)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree; memory is per GPU (default 1)")
-    p.add_argument("--runtime", default="hf", choices=RUNTIMES,
-                   help="hf: plain transformers generate() (default); kvscope: chunked prefill into one preallocated "
-                   "cache")
-    p.add_argument("--budget", type=int, default=None, help="KV budget in tokens per sequence (kvscope runtime)")
-    p.add_argument("--policy", default=None, help=f"eviction policy that keeps the budget (kvscope runtime): "
-                   f"{common.POLICIES}; checked against the budget, it does not change the estimate")
-    p.add_argument("--policy-knob", type=common.knob, action="append", default=None, metavar="NAME=VALUE",
-                   help="a knob of the policy, e.g. window=64 (repeatable)")
-    p.add_argument("--chunk-size", type=int, default=None, help=f"prefill chunk (kvscope runtime, default "
-                   f"{DEFAULT_CHUNK})")
-    p.set_defaults(_default_policy="full")
 
 
 def workload_from(args):

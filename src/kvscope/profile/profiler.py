@@ -1,6 +1,6 @@
 """`profile_workload`: one generation under `torch.profiler`, with named ranges per decoder layer and per phase.
 
-    result = profile_workload(model, ids, None, max_new_tokens=16, chunk_size=512, out_dir="prof")
+    result = profile_workload(model, ids, None, max_new_tokens=16, out_dir="prof")
     result.phases        # {"prefill_seconds": ..., "decode_seconds": ...}
     result.layers[0]     # {"layer": 0, "calls": 16, "total_ms": ..., "self_ms": ..., ...}
 
