@@ -100,7 +100,7 @@ def test_int4_same_bytes_counts_its_full_precision_window(capsys, tiny64_dir, tm
     spec = ModelSpec.from_config_file(tiny64_dir)
     w = Workload(batch=1, context=1200, new_tokens=2, dtype="fp32", runtime="kvscope", budget_tokens=300,
                  chunk_size=64, policy="full")
-    fixes = fixes_for_budget(spec, w, "full")
+    fixes = fixes_for_budget(spec, w)  # w.policy is "full"
     assert fixes[0].option == "--kv-dtype int4 --budget 1201"
     assert fixes[0].peak_bytes == kv_store_bytes(spec, fixes[0].workload) == 1201 * 144 + 131_072
     assert fixes[0].peak_bytes <= kv_store_bytes(spec, w) == 300 * 1024 < 1201 * 272  # int4 fits, int8 does not
@@ -117,7 +117,7 @@ def test_a_fix_whose_outcome_differs_from_its_estimate_is_flagged(tiny_model_dir
 
     spec = ModelSpec.from_config_file(tiny_model_dir)
     w = Workload(batch=1, context=60, new_tokens=2, dtype="fp32", runtime="kvscope", budget_tokens=24, chunk_size=16)
-    fix = fixes_for_budget(spec, w, "full")[-1]  # raise the budget: "nothing evicted"
+    fix = fixes_for_budget(spec, w.with_(policy="full"))[-1]  # raise the budget: "nothing evicted"
     again = Outcome("ok", None, 1.0, None, None, 0, kv_bytes=fix.peak_bytes * 3, evicted_tokens=5)
     c = check(fix, again, spec, 0)
     assert not c["agrees"] and len(c["problems"]) == 2

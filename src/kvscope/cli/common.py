@@ -184,12 +184,14 @@ def measured_workload(args):
     for option, value in (("--batch", args.batch), ("--context", args.context), ("--new-tokens", args.new_tokens)):
         require_positive(option, value, option=option)
     check_policy_args(args)
-    if args.gpu_memory is not None:
-        parse_size(args.gpu_memory)
+    gpu_memory = parse_size(args.gpu_memory) if args.gpu_memory is not None else None
     device = check_device(args)
     args.dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    kvscope = args.runtime == "kvscope"
     w = Workload(batch=args.batch, context=args.context, new_tokens=args.new_tokens, dtype=args.dtype,
-                 kv_dtype=args.kv_dtype, runtime=args.runtime, budget_tokens=args.budget, chunk_size=chunk_size(args))
+                 kv_dtype=args.kv_dtype, runtime=args.runtime, budget_tokens=args.budget, chunk_size=chunk_size(args),
+                 policy=policy_name(args) if kvscope else None, knobs=knobs(args) if kvscope else {},
+                 gpu_memory=gpu_memory)
     spec = spec_for(args.model)
     check_positions(spec, w)  # a context beyond the model's positions fails before loading
     check_kv_dtype(spec, w.kv_dtype)

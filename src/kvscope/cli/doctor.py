@@ -33,8 +33,7 @@ def run(args) -> int:
         def on_progress(phase: str, done: int, total: int) -> None:
             bar.update(task, description=phase, completed=done, total=total)
 
-        result = doctor(loaded, w, policy=common.policy_name(args), knobs=common.knobs(args),
-                        gpu_memory=args.gpu_memory, fix=args.fix, out=args.out, force=args.force,
+        result = doctor(loaded, w, fix=args.fix, out=args.out, force=args.force,
                         command=commands.render("doctor", args), progress=on_progress,
                         fix_command=lambda f: fix_command(args, f))
     payload = {**result.report, "paths": result.paths}

@@ -31,8 +31,7 @@ def run(args) -> int:
     def on_probe(p):
         output.stderr.print(f"  {args.dimension} {p.value}: {p.status} ({p.seconds} s)", highlight=False)
 
-    result = fit(loaded, w, dimension=args.dimension, policy=common.policy_name(args), knobs=common.knobs(args),
-                 gpu_memory=args.gpu_memory, on_probe=on_probe)
+    result = fit(loaded, w, dimension=args.dimension, on_probe=on_probe)
     output.emit(result.to_dict(), args.format, render)
     return EXIT_DOES_NOT_FIT if result.measured == 0 else 0
 

@@ -33,11 +33,13 @@ def add_workload_arguments(p) -> None:
 
 
 def workload_from(args):
+    from kvscope.planner.sizes import parse_size
     from kvscope.planner.workload import Workload
 
     return Workload(batch=args.batch, context=args.context, new_tokens=args.new_tokens, dtype=args.dtype,
                     kv_dtype=args.kv_dtype, tp=args.tp, runtime=args.runtime, budget_tokens=args.budget,
-                    chunk_size=common.chunk_size(args))
+                    chunk_size=common.chunk_size(args),
+                    gpu_memory=parse_size(args.gpu_memory) if args.gpu_memory is not None else None)
 
 
 def run(args) -> int:
@@ -49,7 +51,7 @@ def run(args) -> int:
     common.check_runtime_options(args)
     if args.policy is not None or args.policy_knob:
         common.check_policy_args(args)
-    result = plan(spec_for(args.model), w, gpu=args.gpu, gpu_memory=args.gpu_memory)
+    result = plan(spec_for(args.model), w, gpu=args.gpu)
     payload = result.to_dict()
     for fix in payload["advice"]:
         fix["command"] = fix_command(args, fix["changes"])

@@ -18,18 +18,16 @@ def best_fix(fixes: list[Fix]) -> Fix | None:
     return next((f for f in fixes if f.workload is not None and f.fits), None)
 
 
-def apply_fix(loaded, best: Fix, monitor: Monitor, *, knobs: dict | None = None, capacity: int,
-              progress=None) -> dict:
+def apply_fix(loaded, best: Fix, monitor: Monitor, *, capacity: int, progress=None) -> dict:
     """Re-run `best.workload` and return the fix outcome, with `check`: the measured figure against the estimate."""
     w = best.workload
     monitor.mark("fix", best.option)
-    again = execute(loaded.model, loaded.spec, w, policy=best.policy or "full", knobs=knobs, monitor=monitor,
-                    phase_prefix="fix: ", progress=progress)
+    again = execute(loaded.model, loaded.spec, w, monitor=monitor, phase_prefix="fix: ", progress=progress)
     return {"applied": f"{best.change} ({best.option})", "option": best.option, "command": best.command,
             "status": report_status(again.status), "detail": again.status, "error": again.error,
             "peak_allocated_bytes": again.peak_allocated_bytes, "peak_rss_bytes": again.peak_rss_bytes,
             "kv_bytes": again.kv_bytes, "evicted_tokens": again.evicted_tokens, "seconds": round(again.seconds, 3),
-            "failed_at": again.failed_at, "workload": workload_dict(loaded.spec, w, best.policy),
+            "failed_at": again.failed_at, "workload": workload_dict(loaded.spec, w),
             "kv_layers": again.kv_layers, "decode_tokens_per_second": again.decode_tokens_per_second,
             "check": check(best, again, loaded.spec, capacity)}
 

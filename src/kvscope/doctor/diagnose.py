@@ -41,11 +41,11 @@ class Fix:
                 "applicable": self.workload is not None, "changes": self.changes or {}, "command": self.command}
 
 
-def workload_dict(spec: ModelSpec, w: Workload, policy: str | None) -> dict:
+def workload_dict(spec: ModelSpec, w: Workload) -> dict:
     """A workload as the report shows it: its fields, its KV tokens, its policy and (kvscope runtime) the KV storage
     its budget allocates."""
     kvscope = w.runtime == "kvscope"
-    return {**w.to_dict(), "kv_tokens": w.kv_tokens, "policy": policy if kvscope else None,
+    return {**w.to_dict(), "kv_tokens": w.kv_tokens, "policy": w.policy if kvscope else None,
             "kv_budget_bytes": kv_store_bytes(spec, w) if kvscope else None}
 
 
@@ -68,13 +68,13 @@ def attribution(o: Outcome, weights: int, capacity: int) -> dict[str, int]:
             "other": max(0, (used or reserved) - reserved), "fragmentation": max(0, reserved - allocated)}
 
 
-def diagnose(o: Outcome, w: Workload, prediction: dict, parts: dict[str, int], capacity: int, *, policy: str,
+def diagnose(o: Outcome, w: Workload, prediction: dict, parts: dict[str, int], capacity: int, *,
              spec: ModelSpec, cuda: bool = True) -> dict:
     """headline, explanation, labelled figures and the option to change, for what happened to `w`."""
     if o.status == "oom":
         return _oom(o, prediction, parts, capacity)
     if o.status == "kv_budget_exceeded":
-        return _over_budget(o, w, policy, spec)
+        return _over_budget(o, w, spec)
     predicted = prediction["needed_bytes"]
     if o.status == "error":
         return _result("The run failed", o.error or "", [figure("available", bytes_=capacity)])
@@ -131,7 +131,8 @@ def _oom(o: Outcome, prediction: dict, parts: dict[str, int], capacity: int) -> 
                    f"({fb(f.allocated)} held at the failure)", text, figures, expandable=frag)
 
 
-def _over_budget(o: Outcome, w: Workload, policy: str, spec: ModelSpec) -> dict:
+def _over_budget(o: Outcome, w: Workload, spec: ModelSpec) -> dict:
+    policy = w.cache_policy
     need, budget = w.kv_tokens, w.budget_tokens or 0
     needed = kv_store_bytes(spec, w.with_(budget_tokens=need))
     available = kv_store_bytes(spec, w)
@@ -169,16 +170,16 @@ def fixes_from_plan(prediction: dict, w: Workload, cuda: bool) -> list[Fix]:
     return out
 
 
-def fixes_for_budget(spec: ModelSpec, w: Workload, policy: str) -> list[Fix]:
+def fixes_for_budget(spec: ModelSpec, w: Workload) -> list[Fix]:
     """Fixes for a KV budget that a non-evicting policy outgrew, cheapest in quality first. Every estimate is the KV
     storage the fixed cache allocates (planner.memory.kv_store_bytes), which the fixed run measures."""
-    need, budget = w.kv_tokens, w.budget_tokens or 0
+    need, budget, policy = w.kv_tokens, w.budget_tokens or 0, w.cache_policy
     available = kv_store_bytes(spec, w)
     out: list[Fix] = []
 
     def add(option: str, change: str, new: Workload, message: str, policy_: str | None, **changes) -> None:
         est = kv_store_bytes(spec, new)
-        changes = {k: v for k, v in new.to_dict().items() if v != w.to_dict()[k]} | changes
+        changes = w.changes_to(new) | changes
         out.append(Fix(len(out) + 1, option, change, est, True, message.format(est=fb(est)), new, policy_, changes,
                        "KV storage"))
 
@@ -193,7 +194,8 @@ def fixes_for_budget(spec: ModelSpec, w: Workload, policy: str) -> list[Fix]:
                 budget_tokens=need), f"as {kv} the whole sequence ({need} tokens) takes {{est}} of KV storage{window}, "
                 f"within the {fb(available)} the budget allocates now; {cost}, nothing evicted", policy)
     evict = preferred_for(budget)
-    add(f"--policy {evict} --budget {budget}", f"evict with {evict} at the same budget", w.with_(policy=evict),
+    add(f"--policy {evict} --budget {budget}", f"evict with {evict} at the same budget",
+        w.with_(policy=evict, knobs=w.knobs if evict == w.policy else {}),
         f"keeps {budget} of {need} KV tokens per sequence ({budget / need:.0%}) in {{est}}; quality depends on the "
         "policy (see docs/benchmarks.md)", evict, policy=evict)
     add(f"--budget {need}", "raise the budget to the whole sequence", w.with_(budget_tokens=need),

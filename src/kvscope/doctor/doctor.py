@@ -64,21 +64,20 @@ def emulate_capacity(gpu_memory: str | int | None, device) -> tuple[int, bool]:
     return size, True
 
 
-def doctor(loaded, w: Workload, *, policy: str = "full", knobs: dict | None = None, gpu_memory: str | None = None,
-           fix: bool = False, out: str | os.PathLike, force: bool = False, command: str | None = None,
-           progress=None, fix_command=None) -> DoctorResult:
+def doctor(loaded, w: Workload, *, fix: bool = False, out: str | os.PathLike, force: bool = False,
+           command: str | None = None, progress=None, fix_command=None) -> DoctorResult:
     """Run `w` on `loaded` under the monitor, diagnose it and write the report into `out` (which must be empty or new,
-    unless `force`). `fix_command(fix)` may return the command line that applies a fix (the CLI passes one)."""
+    unless `force`). The workload carries its cache's policy and knobs and the device memory to emulate
+    (`w.gpu_memory`). `fix_command(fix)` may return the command line that applies a fix (the CLI passes one)."""
     from kvscope.report import check_out_dir, write_report
 
     out_dir = check_out_dir(out, force=force)
-    if w.runtime == "kvscope":  # the policy decides the cache's shape (room above the budget): the planner needs it
-        w = w.with_(policy=policy)
+    w = with_policy(w)
     model, spec = loaded.model, loaded.spec
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     notes: list[str] = []
-    capacity, emulated = _capacity(gpu_memory, device, notes, w, spec)
+    capacity, emulated = _capacity(w.gpu_memory, device, notes, w, spec)
     prediction = plan(spec, w, gpu_memory=capacity).to_dict()
     weights = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
     snapshot = None
@@ -89,15 +88,14 @@ def doctor(loaded, w: Workload, *, policy: str = "full", knobs: dict | None = No
     monitor = Monitor(device=(device.index or 0) if cuda else None).start()
     try:
         try:
-            outcome = execute(model, spec, w, policy=policy, knobs=knobs, monitor=monitor, snapshot_path=snapshot,
-                              progress=progress)
+            outcome = execute(model, spec, w, monitor=monitor, snapshot_path=snapshot, progress=progress)
         finally:
             if cuda:
                 torch.cuda.memory._record_memory_history(enabled=None)
         parts = attribution(outcome, weights, capacity)
-        diagnosis = diagnose(outcome, w, prediction, parts, capacity, policy=policy, spec=spec, cuda=cuda)
+        diagnosis = diagnose(outcome, w, prediction, parts, capacity, spec=spec, cuda=cuda)
         if outcome.status == "kv_budget_exceeded":
-            fixes = fixes_for_budget(spec, w, policy)
+            fixes = fixes_for_budget(spec, w)
         elif outcome.status == "oom" or not prediction["fits"]:
             fixes = fixes_from_plan(prediction, w, cuda)
         else:
@@ -110,14 +108,14 @@ def doctor(loaded, w: Workload, *, policy: str = "full", knobs: dict | None = No
             "command": command or " ".join(sys.argv),
             "model": {"name": spec.name, "num_layers": spec.num_layers, "kv_heads": spec.num_kv_heads,
                       "head_dim": spec.head_dim, "weights_bytes": weights},
-            "workload": workload_dict(spec, w, policy),
+            "workload": workload_dict(spec, w),
             "device": {"name": torch.cuda.get_device_name(device) if cuda else "CPU", "cuda": cuda,
                        "total_bytes": torch.cuda.get_device_properties(device).total_memory if cuda else None,
                        "capacity_bytes": capacity, "emulated": emulated},
             "prediction": prediction,
             "outcome": _outcome_dict(outcome, w),
             "kv_layers": outcome.kv_layers,
-            "kv_layers_workload": workload_dict(spec, w, policy),
+            "kv_layers_workload": workload_dict(spec, w),
             "attribution": parts,
             "diagnosis": diagnosis,
             "fixes": [f.to_dict() for f in fixes],
@@ -134,7 +132,7 @@ def doctor(loaded, w: Workload, *, policy: str = "full", knobs: dict | None = No
             notes.append(f"re-running with the fix {best.option}; if this note stays, the re-run did not finish")
         paths = write_report(out_dir, report, snapshot_src=snapshot_name, move_snapshot=True, force=force)
         if best is not None:
-            report = _fix_and_rewrite(loaded, best, report, monitor, out_dir, knobs, capacity, progress)
+            report = _fix_and_rewrite(loaded, best, report, monitor, out_dir, capacity, progress)
     finally:
         monitor.stop()
         if emulated:
@@ -142,6 +140,12 @@ def doctor(loaded, w: Workload, *, policy: str = "full", knobs: dict | None = No
         if snapshot and os.path.exists(snapshot):
             os.unlink(snapshot)
     return DoctorResult(report, {k: str(v) for k, v in paths.items()})
+
+
+def with_policy(w: Workload) -> Workload:
+    """kvscope's cache runs `full` when no policy is named; the planner needs it said, since the policy decides the
+    cache's shape (a policy that never evicts has no room above its budget)."""
+    return w.with_(policy="full") if w.runtime == "kvscope" and w.policy is None else w
 
 
 def _capacity(gpu_memory, device, notes: list[str], w: Workload, spec) -> tuple[int, bool]:
@@ -193,14 +197,13 @@ def _fix_note(status: str, best) -> str:
     return f"--fix: applied the best fix this machine can run: {best.change} ({best.option})"
 
 
-def _fix_and_rewrite(loaded, best, report: dict, monitor: Monitor, out_dir, knobs, capacity, progress) -> dict:
+def _fix_and_rewrite(loaded, best, report: dict, monitor: Monitor, out_dir, capacity, progress) -> dict:
     from kvscope.report import write_report
 
     notes = report["notes"]
     pending = notes.pop()  # "re-running with the fix ...": true only while the re-run runs
-    fix_knobs = knobs if best.policy == report["workload"]["policy"] else None  # a new policy gets its defaults
     try:
-        fix_outcome = apply_fix(loaded, best, monitor, knobs=fix_knobs, capacity=capacity, progress=progress)
+        fix_outcome = apply_fix(loaded, best, monitor, capacity=capacity, progress=progress)
     except KeyboardInterrupt:
         notes.append(pending.replace("; if this note stays, the re-run did not finish", ": interrupted (Ctrl-C) "
                                      "before it finished, so there is no fix outcome"))

@@ -63,8 +63,8 @@ def random_prompt(vocab: int, batch: int, context: int, device, seed: int = 0) -
     return torch.randint(10, vocab, (batch, context), generator=g).to(device)
 
 
-def execute(model, spec, w: Workload, *, policy: str = "full", knobs: dict | None = None, monitor: Monitor,
-            snapshot_path: str | None = None, seed: int = 0, phase_prefix: str = "", progress=None) -> Outcome:
+def execute(model, spec, w: Workload, *, monitor: Monitor, snapshot_path: str | None = None, seed: int = 0,
+            phase_prefix: str = "", progress=None) -> Outcome:
     """Run `w` once. The kvscope runtime uses a `BudgetedCache` (budget = `w.budget_tokens`, or the whole sequence:
     `w.kv_tokens`); the hf runtime is plain `generate()` with its default cache. `progress(phase, done, total)` is
     called as prefill chunks and decode steps complete (for a progress bar)."""
@@ -85,8 +85,8 @@ def execute(model, spec, w: Workload, *, policy: str = "full", knobs: dict | Non
             _run_hf(model, ids, cache, w, phases)
         else:
             budget = w.budget_tokens or w.kv_tokens
-            cache = BudgetedCache(model, policy, budget_tokens=budget, kv_dtype=w.kv_dtype, chunk_size=w.chunk_size,
-                                  **(knobs or {}))
+            cache = BudgetedCache(model, w.cache_policy, budget_tokens=budget, kv_dtype=w.kv_dtype,
+                                  chunk_size=w.chunk_size, **w.knobs)
             gen = _run_kvscope(model, ids, cache, w, phases, monitor)
             tps = gen.decode_tokens_per_second
     except torch.OutOfMemoryError as exc:

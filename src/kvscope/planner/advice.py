@@ -51,7 +51,7 @@ def advise(spec: ModelSpec, w: Workload, capacity: int) -> list[Fix]:
     def add(action: str, option: str, new: Workload, tradeoff: str, cap: int = capacity, **extra) -> None:
         est = estimate(spec, new, cap)
         if est.fits:
-            changes = {k: v for k, v in new.to_dict().items() if v != w.to_dict()[k]} | extra
+            changes = w.changes_to(new) | extra
             fixes.append(Fix(len(fixes) + 1, action, option, needed, capacity, est.needed_bytes, True, tradeoff,
                              changes))
 
@@ -75,7 +75,7 @@ def advise(spec: ModelSpec, w: Workload, capacity: int) -> list[Fix]:
         policy = preferred_for(n)
         add(f"cap the KV cache at {n} tokens per sequence with an eviction policy",
             f"--runtime kvscope --budget {n} --policy {policy}",
-            w.with_(runtime="kvscope", budget_tokens=n, policy=policy),
+            w.with_(runtime="kvscope", budget_tokens=n, policy=policy, knobs=w.knobs if policy == w.policy else {}),
             f"keeps {n / w.kv_tokens:.0%} of the {w.kv_tokens} KV tokens; quality depends on the policy", policy=policy)
     c = search.max_context(spec, w, capacity)
     if 1 <= c < w.context:

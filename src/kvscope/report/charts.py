@@ -39,15 +39,16 @@ _METADATA = re.compile(r"<metadata>.*?</metadata>\s*", re.S)
 _IDS = re.compile(r'(\bid="|xlink:href="#)([^"]+)"')
 
 
-def figure(width: float, height: float):
-    """(figure, axes) of `width` x `height` inches, with kvscope's style; no pyplot, so no global state."""
+def figure(width: float, height: float, panels: int = 1):
+    """(figure, axes) of `width` x `height` inches with kvscope's style, `panels` axes side by side (a list when more
+    than one); no pyplot, so no global state."""
     import matplotlib
     from matplotlib.figure import Figure
 
     with matplotlib.rc_context(STYLE):
         fig = Figure(figsize=(width, height), layout="constrained")
-        ax = fig.add_subplot()
-    return fig, ax
+        axes = fig.subplots(1, panels)
+    return fig, (list(axes) if panels > 1 else axes)
 
 
 def svg(fig, plot_id: str, title: str, *, titles: dict[str, str] | None = None) -> str:
