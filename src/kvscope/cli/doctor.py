@@ -96,7 +96,7 @@ def render(d: dict) -> None:
         for col in ("#", "option", "estimate", "fits", "what it costs"):
             t.add_column(col)
         for f in d["fixes"]:
-            t.add_row(str(f["rank"]), f["option"], f"{g(f['peak_bytes'])} {f['estimate_of']}",
+            t.add_row(str(f["rank"]), f["option"], f"{g(f['estimate_bytes'])} {f['estimate_of']}",
                       "yes" if f["fits"] else "no", f["message"])
         out.print(t)
         for f in d["fixes"]:

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from kvscope.doctor.diagnose import Fix, figure, workload_dict
+from kvscope.doctor.diagnose import figure, workload_dict
 from kvscope.doctor.execute import Outcome, execute
 from kvscope.monitor import Monitor
+from kvscope.planner.advice import Fix
 from kvscope.planner.estimate import estimate
 from kvscope.planner.sizes import format_bytes as fb
 
@@ -15,7 +16,7 @@ PEAK_TOLERANCE = 0.05
 
 def best_fix(fixes: list[Fix]) -> Fix | None:
     """The cheapest fix this machine can run and that is estimated to fit."""
-    return next((f for f in fixes if f.workload is not None and f.fits), None)
+    return next((f for f in fixes if f.applicable and f.fits), None)
 
 
 def apply_fix(loaded, best: Fix, monitor: Monitor, *, capacity: int, progress=None) -> dict:
@@ -23,7 +24,7 @@ def apply_fix(loaded, best: Fix, monitor: Monitor, *, capacity: int, progress=No
     w = best.workload
     monitor.mark("fix", best.option)
     again = execute(loaded.model, loaded.spec, w, monitor=monitor, phase_prefix="fix: ", progress=progress)
-    return {"applied": f"{best.change} ({best.option})", "option": best.option, "command": best.command,
+    return {"applied": f"{best.action} ({best.option})", "option": best.option, "command": best.command,
             "status": report_status(again.status), "detail": again.status, "error": again.error,
             "peak_allocated_bytes": again.peak_allocated_bytes, "peak_rss_bytes": again.peak_rss_bytes,
             "kv_bytes": again.kv_bytes, "evicted_tokens": again.evicted_tokens, "seconds": round(again.seconds, 3),
@@ -40,7 +41,7 @@ def check(best: Fix, again: Outcome, spec, capacity: int) -> dict:
     """Does the fixed run agree with what the fix promised? KV storage to the byte; a peak within PEAK_TOLERANCE;
     "nothing evicted" fixes evict nothing; and a fix that was said to fit runs."""
     if best.estimate_of == "KV storage":
-        estimated, measured, what = best.peak_bytes, again.kv_bytes, "KV storage"
+        estimated, measured, what = best.estimate_bytes, again.kv_bytes, "KV storage"
         agrees = measured == estimated
     else:
         estimated = estimate(spec, best.workload, capacity).peak_bytes

@@ -8,37 +8,18 @@ run measures, so every fix's estimate can be checked against its outcome.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 
 from kvscope.doctor.execute import Outcome
 from kvscope.models.spec import ModelSpec
 from kvscope.planner import search
+from kvscope.planner.advice import Fix
 from kvscope.planner.memory import kv_store_bytes
 from kvscope.planner.sizes import format_bytes as fb
 from kvscope.planner.workload import Workload
 from kvscope.policies import preferred_for
 
 FRAGMENTATION_SHARE = 0.05  # reserved-but-unallocated above this share of capacity is worth a fix of its own
-
-
-@dataclass
-class Fix:
-    rank: int
-    option: str
-    change: str
-    peak_bytes: int | None  # the estimate the fix is checked against: KV storage for budget fixes, else planner peak
-    fits: bool
-    message: str
-    workload: Workload | None  # the workload to re-run, None when it cannot be applied on this machine
-    policy: str | None = None
-    changes: dict | None = None  # Workload fields (and "policy", "gpu", "tp") the fix sets
-    estimate_of: str = "peak allocated"  # what `peak_bytes` estimates
-    command: str | None = None  # the command line that applies it, when the caller knows the command
-
-    def to_dict(self) -> dict:
-        return {"rank": self.rank, "option": self.option, "change": self.change, "peak_bytes": self.peak_bytes,
-                "estimate_of": self.estimate_of, "fits": self.fits, "message": self.message,
-                "applicable": self.workload is not None, "changes": self.changes or {}, "command": self.command}
 
 
 def workload_dict(spec: ModelSpec, w: Workload) -> dict:
@@ -155,33 +136,22 @@ def _over_budget(o: Outcome, w: Workload, spec: ModelSpec) -> dict:
                    text, figures, option="--budget or --policy")
 
 
-def fixes_from_plan(prediction: dict, w: Workload, cuda: bool) -> list[Fix]:
-    """The planner's ranked advice, with the workload each fix would run (None if this machine cannot run it)."""
-    out = []
-    for a in prediction.get("advice", []):
-        changes = dict(a["changes"])
-        runnable = "gpu" not in changes and changes.get("tp", 1) == 1 and cuda
-        policy = changes.get("policy")
-        fields = {k: v for k, v in changes.items() if k in Workload.__dataclass_fields__}
-        if policy is not None:
-            fields["policy"] = policy
-        out.append(Fix(len(out) + 1, a["option"], a["action"], a["estimate_bytes"], a["fits"], a["message"],
-                       w.with_(**fields) if runnable else None, policy, changes, "needed (peak allocated + overhead)"))
-    return out
+def fixes_from_plan(advice: list[Fix], cuda: bool) -> list[Fix]:
+    """The planner's ranked fixes, each said applicable when this machine can run it (one GPU of its own size)."""
+    return [replace(f, applicable=cuda and "gpu" not in f.changes and f.changes.get("tp", 1) == 1) for f in advice]
 
 
 def fixes_for_budget(spec: ModelSpec, w: Workload) -> list[Fix]:
     """Fixes for a KV budget that a non-evicting policy outgrew, cheapest in quality first. Every estimate is the KV
     storage the fixed cache allocates (planner.memory.kv_store_bytes), which the fixed run measures."""
-    need, budget, policy = w.kv_tokens, w.budget_tokens or 0, w.cache_policy
+    need, budget = w.kv_tokens, w.budget_tokens or 0
     available = kv_store_bytes(spec, w)
     out: list[Fix] = []
 
-    def add(option: str, change: str, new: Workload, message: str, policy_: str | None, **changes) -> None:
+    def add(option: str, action: str, new: Workload, message: str, **changes) -> None:
         est = kv_store_bytes(spec, new)
-        changes = w.changes_to(new) | changes
-        out.append(Fix(len(out) + 1, option, change, est, True, message.format(est=fb(est)), new, policy_, changes,
-                       "KV storage"))
+        out.append(Fix(len(out) + 1, action, option, kv_store_bytes(spec, w.with_(budget_tokens=need)), available, est,
+                       True, "", w.changes_to(new) | changes, new, "KV storage", message.format(est=fb(est))))
 
     for kv, cost in (("int8", "perplexity within about 1%"), ("int4", "perplexity within about 5%")):
         if kv == w.kv_dtype or not spec.supports_kv_dtype(kv):
@@ -192,12 +162,12 @@ def fixes_for_budget(spec: ModelSpec, w: Workload) -> list[Fix]:
             window = " (with its 128-token full-precision window per layer)" if kv == "int4" else ""
             add(f"--kv-dtype {kv} --budget {need}", f"store the KV cache as {kv}", w.with_(kv_dtype=kv,
                 budget_tokens=need), f"as {kv} the whole sequence ({need} tokens) takes {{est}} of KV storage{window}, "
-                f"within the {fb(available)} the budget allocates now; {cost}, nothing evicted", policy)
+                f"within the {fb(available)} the budget allocates now; {cost}, nothing evicted")
     evict = preferred_for(budget)
     add(f"--policy {evict} --budget {budget}", f"evict with {evict} at the same budget",
         w.with_(policy=evict, knobs=w.knobs if evict == w.policy else {}),
         f"keeps {budget} of {need} KV tokens per sequence ({budget / need:.0%}) in {{est}}; quality depends on the "
-        "policy (see docs/benchmarks.md)", evict, policy=evict)
+        "policy (see docs/benchmarks.md)", policy=evict)
     add(f"--budget {need}", "raise the budget to the whole sequence", w.with_(budget_tokens=need),
-        f"needs {{est}} of KV storage instead of {fb(available)}; nothing evicted", policy)
+        f"needs {{est}} of KV storage instead of {fb(available)}; nothing evicted")
     return out

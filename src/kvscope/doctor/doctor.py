@@ -14,7 +14,7 @@ import datetime as _dt
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -78,7 +78,8 @@ def doctor(loaded, w: Workload, *, fix: bool = False, out: str | os.PathLike, fo
     cuda = device.type == "cuda"
     notes: list[str] = []
     capacity, emulated = _capacity(w.gpu_memory, device, notes, w, spec)
-    prediction = plan(spec, w, gpu_memory=capacity).to_dict()
+    planned = plan(spec, w, gpu_memory=capacity)
+    prediction = planned.to_dict()
     weights = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
     snapshot = None
     if cuda:
@@ -97,11 +98,10 @@ def doctor(loaded, w: Workload, *, fix: bool = False, out: str | os.PathLike, fo
         if outcome.status == "kv_budget_exceeded":
             fixes = fixes_for_budget(spec, w)
         elif outcome.status == "oom" or not prediction["fits"]:
-            fixes = fixes_from_plan(prediction, w, cuda)
+            fixes = fixes_from_plan(planned.advice, cuda)
         else:
             fixes = []
-        for f in fixes:
-            f.command = fix_command(f) if fix_command else None
+        fixes = [replace(f, command=fix_command(f)) for f in fixes] if fix_command else fixes
         report = {
             "kvscope_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -194,7 +194,7 @@ def _fix_note(status: str, best) -> str:
         return "--fix: nothing to fix, the workload ran within capacity; no change was applied"
     if best is None:
         return "--fix: no fix can be applied on this machine (the remaining ones need other hardware)"
-    return f"--fix: applied the best fix this machine can run: {best.change} ({best.option})"
+    return f"--fix: applied the best fix this machine can run: {best.action} ({best.option})"
 
 
 def _fix_and_rewrite(loaded, best, report: dict, monitor: Monitor, out_dir, capacity, progress) -> dict:
