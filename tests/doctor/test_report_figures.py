@@ -120,8 +120,8 @@ def test_a_fix_whose_outcome_differs_from_its_estimate_is_flagged(tiny_model_dir
     fix = fixes_for_budget(spec, w.with_(policy="full"))[-1]  # raise the budget: "nothing evicted"
     again = Outcome("ok", None, 1.0, None, None, 0, kv_bytes=fix.estimate_bytes * 3, evicted_tokens=5)
     c = check(fix, again, spec, 0)
-    assert not c["agrees"] and len(c["problems"]) == 2
-    assert "differs from the fix's estimate" in c["problems"][0] and "5 tokens were" in c["problems"][1]
+    assert not c.agrees and len(c.problems) == 2
+    assert "differs from the fix's estimate" in c.problems[0] and "5 tokens were" in c.problems[1]
 
 
 def test_every_doctor_fix_runs_as_printed(capsys, tiny_model_dir, tmp_path):

@@ -36,11 +36,11 @@ def run(args) -> int:
         result = doctor(loaded, w, fix=args.fix, out=args.out, force=args.force,
                         command=commands.render("doctor", args), progress=on_progress,
                         fix_command=lambda f: fix_command(args, f))
-    payload = {**result.report, "paths": result.paths}
+    payload = {**result.report.to_dict(), "paths": result.paths}
     output.emit(payload, args.format, render)
     if result.status == "ok" or result.fixed:
         return 0
-    return EXIT_INTERNAL if result.report["outcome"]["detail"] == "error" else EXIT_DOES_NOT_FIT
+    return EXIT_INTERNAL if result.report.outcome.detail == "error" else EXIT_DOES_NOT_FIT
 
 
 def fix_command(args, fix) -> str:

@@ -18,6 +18,7 @@ from kvscope.planner.memory import kv_store_bytes
 from kvscope.planner.sizes import format_bytes as fb
 from kvscope.planner.workload import Workload
 from kvscope.policies import preferred_for
+from kvscope.report.model import Diagnosis, Figure
 
 FRAGMENTATION_SHARE = 0.05  # reserved-but-unallocated above this share of capacity is worth a fix of its own
 
@@ -30,9 +31,9 @@ def workload_dict(spec: ModelSpec, w: Workload) -> dict:
             "kv_budget_bytes": kv_store_bytes(spec, w) if kvscope else None}
 
 
-def figure(label: str, *, bytes_: int | None = None, tokens: int | None = None, detail: str = "") -> dict:
+def figure(label: str, *, bytes_: int | None = None, tokens: int | None = None, detail: str = "") -> Figure:
     """One headline figure of the report: a labelled number of bytes or tokens with a line saying what it is."""
-    return {"label": label, "bytes": bytes_, "tokens": tokens, "detail": detail}
+    return Figure(label, bytes_, tokens, detail)
 
 
 def attribution(o: Outcome, weights: int, capacity: int) -> dict[str, int]:
@@ -50,7 +51,7 @@ def attribution(o: Outcome, weights: int, capacity: int) -> dict[str, int]:
 
 
 def diagnose(o: Outcome, w: Workload, prediction: dict, parts: dict[str, int], capacity: int, *,
-             spec: ModelSpec, cuda: bool = True) -> dict:
+             spec: ModelSpec, cuda: bool = True) -> Diagnosis:
     """headline, explanation, labelled figures and the option to change, for what happened to `w`."""
     if o.status == "oom":
         return _oom(o, prediction, parts, capacity)
@@ -78,16 +79,14 @@ def diagnose(o: Outcome, w: Workload, prediction: dict, parts: dict[str, int], c
                    "measurement).", figures)
 
 
-def _result(headline: str, explanation: str, figures: list[dict], *, option: str | None = None,
-            expandable: bool = False) -> dict:
-    by_label = {f["label"]: f.get("bytes") for f in figures}
-    return {"headline": headline, "explanation": explanation, "figures": figures,
-            "needed_bytes": by_label.get("needed by the workload"), "available_bytes": by_label.get("available"),
-            "held_bytes": by_label.get("held at the failure"), "option": option,
-            "recommend_expandable_segments": expandable}
+def _result(headline: str, explanation: str, figures: list[Figure], *, option: str | None = None,
+            expandable: bool = False) -> Diagnosis:
+    by_label = {f.label: f.bytes for f in figures}
+    return Diagnosis(headline, explanation, figures, by_label.get("needed by the workload"), by_label.get("available"),
+                     by_label.get("held at the failure"), option, expandable)
 
 
-def _oom(o: Outcome, prediction: dict, parts: dict[str, int], capacity: int) -> dict:
+def _oom(o: Outcome, prediction: dict, parts: dict[str, int], capacity: int) -> Diagnosis:
     f = o.at_failure
     needed = prediction["needed_bytes"]
     biggest = max(("weights", "kv_cache", "activations"), key=lambda k: parts[k])
@@ -112,7 +111,7 @@ def _oom(o: Outcome, prediction: dict, parts: dict[str, int], capacity: int) -> 
                    f"({fb(f.allocated)} held at the failure)", text, figures, expandable=frag)
 
 
-def _over_budget(o: Outcome, w: Workload, spec: ModelSpec) -> dict:
+def _over_budget(o: Outcome, w: Workload, spec: ModelSpec) -> Diagnosis:
     policy = w.cache_policy
     need, budget = w.kv_tokens, w.budget_tokens or 0
     needed = kv_store_bytes(spec, w.with_(budget_tokens=need))
