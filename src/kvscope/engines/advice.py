@@ -127,6 +127,14 @@ def resolve_model(ref: str) -> tuple[ModelSpec, str]:
     return spec_for(ref), ref
 
 
+def launch_line(head: str, flags: dict[str, str], dtype: str, switch: str | None) -> tuple[str, dict[str, str]]:
+    """An engine's launch command: `head`, the flags (with --dtype when the weights are not bf16) and a switch."""
+    if dtype != "bf16":
+        flags = flags | {"--dtype": {"fp16": "float16", "fp32": "float32"}[dtype]}
+    line = f"{head} " + " ".join(f"{k} {v}" for k, v in flags.items())
+    return line + (f" {switch}" if switch else ""), flags
+
+
 def check_positive(name: str, value: int | float | None, flag: str) -> None:
     from kvscope.errors import require_positive
 
