@@ -21,6 +21,7 @@ def test_every_section_is_rebuilt_from_docs_data(tmp_path, monkeypatch):
     shutil.copy(page, copy)
     (tmp_path / "quality.svg").write_text("an older plot")
     monkeypatch.setattr(common, "DOCS", copy)
+    monkeypatch.chdir(ROOT)  # the commands name their data relative to the repository
     with contextlib.redirect_stdout(io.StringIO()):
         rebuilt = render.rebuild()
     assert set(rebuilt) == set(render.sections(page.read_text()))  # no section without its command
