@@ -70,7 +70,7 @@ $(KVPRESS_STAMP): benchmarks/requirements-kvpress.txt
 # passkey + perplexity for every policy and budget vs kvpress presses; writes docs/benchmarks.md (section quality),
 # docs/quality.svg and docs/data/quality.json. QUALITY_ARGS=--quick for a few minutes.
 bench-quality: $(STAMP) $(KVPRESS_STAMP)
-	$(BIN)/python benchmarks/quality.py --kvpress-python $(KVPRESS_VENV)/bin/python $(QUALITY_ARGS)
+	$(BIN)/python -m benchmarks.quality --kvpress-python $(KVPRESS_VENV)/bin/python $(QUALITY_ARGS)
 
 clean:
 	rm -rf $(VENV) $(OLDEST_VENV) build *.egg-info

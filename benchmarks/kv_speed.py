@@ -1,21 +1,33 @@
 """Decode speed and memory of kvscope's cache on a GPU: KV dtypes, layer offload, session swap, and the kvscope
 runtime's peak memory against the planner. Runs plain transformers in the same process as the baseline.
 
-    python benchmarks/kv_speed.py --out out/kv_speed.json      # needs CUDA; writes section "kv-speed"
+    python -m benchmarks.kv_speed --out out/kv_speed.json      # needs CUDA; writes sections "kv-dtype-speed" and
+                                                               # "kv-speed" (--section) of docs/benchmarks.md
+    python -m benchmarks.kv_speed --render docs/data/kv-policy-speed.json   # rewrite a section from a run's JSON
+
+The JSON records the run (device, date, commit, command) and the section it writes, so a section is rebuilt from
+the repository alone.
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
+import json
 import statistics
-import time
 from pathlib import Path
 
 import torch
 
-from common import header, save_json, table, write_section
-from kvscope import _compat
+from benchmarks.common import (
+    clean,
+    plain_decode_tps,
+    render_command,
+    run_meta,
+    save_json,
+    section_head,
+    table,
+    write_section,
+)
 from kvscope.cache import BudgetedCache, fused
 from kvscope.models import load
 from kvscope.planner import Workload, plan
@@ -24,31 +36,8 @@ from kvscope.runtime import generate
 GIB = 1024**3
 
 
-def clean():
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-
-
-def hf_decode_tps(model, ids, new: int) -> float:
-    """Decode tokens/s of plain generate(): (time for 1+new tokens - time for 1 token) / new."""
-    def timed(n):
-        torch.cuda.synchronize()
-        t = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t
-    timed(2)
-    one = timed(1)
-    full = timed(1 + new)
-    return new / (full - one)
-
-
 def kvscope_run(model, ids, new: int, policy: str = "full", budget: int | None = None, **cache_kwargs) -> dict:
-    clean()
-    base = torch.cuda.memory_allocated()
+    base = clean()
     cache = BudgetedCache(model, policy, budget_tokens=budget or ids.shape[1] + new + 1, **cache_kwargs)
     g = generate(model, ids, cache, max_new_tokens=new, chunk_size=cache.chunk_size)
     row = {"decode_tps": round(g.decode_tokens_per_second, 2), "prefill_s": round(g.prefill_seconds, 2),
@@ -62,7 +51,7 @@ def kvscope_run(model, ids, new: int, policy: str = "full", budget: int | None =
 KV_DTYPES = (None, "fp8", "int8", "int4")
 
 
-def dtype_speed(model, spec, new: int, rounds: int, path: str) -> dict:
+def dtype_speed(model, spec, new: int, rounds: int, path: str, results: dict) -> dict:
     """Decode tok/s at 8k per KV dtype, with and without the fused decode attention, interleaved over `rounds` (the
     median is reported: the shared host's CPU speed drifts between runs); batch 1 and batch 8; GPU time per step."""
     out = {"rounds": rounds, "new": new, "rows": []}  # saved to `path` after every row: a timeout loses nothing
@@ -71,7 +60,7 @@ def dtype_speed(model, spec, new: int, rounds: int, path: str) -> dict:
         samples: dict = {}
         hf = []
         for _ in range(reps):
-            hf.append(hf_decode_tps(model, ids, new))
+            hf.append(plain_decode_tps(model, ids, new))
             for kv in KV_DTYPES:
                 for fuse in (True, False):
                     fused.DECODE_ATTENTION = fuse
@@ -81,7 +70,7 @@ def dtype_speed(model, spec, new: int, rounds: int, path: str) -> dict:
         fused.DECODE_ATTENTION = True
         out["rows"].append({"batch": batch, "config": "plain transformers generate() (DynamicCache)",
                             "decode_tps": round(statistics.median(hf), 2), "samples": [round(x, 2) for x in hf]})
-        save_json({"dtypes": out}, path)
+        save_json(results | {"dtypes": out}, path)
         for (kv, fuse), rs in samples.items():
             tps = [r["decode_tps"] for r in rs]
             row = {"batch": batch, "kv": kv or "bf16", "fused": fuse, "decode_tps": statistics.median(tps),
@@ -91,7 +80,7 @@ def dtype_speed(model, spec, new: int, rounds: int, path: str) -> dict:
                 row.update(decode_profile(model, ids, kv))
                 fused.DECODE_ATTENTION = True
             out["rows"].append(row)
-            save_json({"dtypes": out}, path)
+            save_json(results | {"dtypes": out}, path)
             print(row, flush=True)
         del ids
     return out
@@ -165,24 +154,6 @@ def decode_profile(model, ids, kv_dtype, steps: int = 8) -> dict:
             "gpu_ms_by_kind": {k: round(v, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}}
 
 
-def read_cost(model, context: int, kv_dtype: str | None) -> float:
-    """Milliseconds to read (dequantize) one layer's store at `context` tokens, x layers = per decode step."""
-    from kvscope.cache.store import make_store
-
-    _, _, kv_heads, head_dim = _compat.attention_heads(model)
-    store = make_store(kv_dtype, 1, kv_heads, context, head_dim, torch.bfloat16, "cuda")
-    k = torch.randn(1, kv_heads, context, head_dim, device="cuda", dtype=torch.bfloat16)
-    store.write_range(0, k, k)
-    for _ in range(3):
-        store.read(context, torch.bfloat16)
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(20):
-        store.read(context, torch.bfloat16)
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t) / 20 * 1000
-
-
 def swap_rate(model, ids) -> dict:
     clean()
     cache = BudgetedCache(model, "full", budget_tokens=ids.shape[1] + 2)
@@ -224,8 +195,8 @@ def runtime_peaks(model, spec) -> list[dict]:
     return rows
 
 
-def main():
-    ap = argparse.ArgumentParser()
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="out/kv_speed.json")
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--dtype-new", type=int, default=65,
@@ -233,58 +204,85 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="interleaved repetitions of the KV dtype runs (median)")
     ap.add_argument("--policies", default="full,sliding_window,streaming_llm,knorm,tova,snapkv,h2o,lru",
                     help="eviction policies of the policy-speed table")
-    ap.add_argument("--skip", default="", help="comma list of parts to skip: dtypes,offload,swap,peaks")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: dtypes,policies,offload,swap,peaks")
     ap.add_argument("--offload-contexts", default="8192,32768", help="prompt lengths of the offload runs")
     ap.add_argument("--offload-kv", default="bf16", help="KV dtypes of the offload runs (comma list)")
     ap.add_argument("--section", default="kv-speed", help="docs section for everything but the KV dtype table")
-    ap.add_argument("--render-from", metavar="JSON", help="only write docs/benchmarks.md from a saved result")
-    args = ap.parse_args()
-    if args.render_from:
-        import json
-
-        results = json.loads(Path(args.render_from).read_text())
-        write_sections(results, args.section)
+    ap.add_argument("--render", metavar="JSON", help="only write docs/benchmarks.md from a saved result")
+    args = ap.parse_args(argv)
+    if args.render:
+        write_sections(json.loads(Path(args.render).read_text()))
         return
+    results: dict = {"meta": {**run_meta(), "section": args.section}}
+    measure(args, results)
+    save_json(results, args.out)
+    write_sections(results)
+
+
+def measure(args, results: dict) -> None:
+    """Every part not in --skip, saved to --out as it ends (a timeout loses only the part running)."""
     skip = set(filter(None, args.skip.split(",")))
-    results: dict = {}
     model, _, spec = load("llama-3.1-8b", random_weights=True, device="cuda", dtype="bf16")
     model.generation_config.max_length = None
     # warm-up: the first run of each kernel (and the CUDA context's lazy modules) must not count
-    kvscope_run(model, torch.randint(10, spec.vocab_size, (1, 1024), device="cuda"), 8)
-    for kv in ("fp8", "int8", "int4"):
+    for kv in (None, "fp8", "int8", "int4"):
         kvscope_run(model, torch.randint(10, spec.vocab_size, (1, 1024), device="cuda"), 8, kv_dtype=kv)
     if "dtypes" not in skip:
-        results["dtypes"] = dtype_speed(model, spec, args.dtype_new, args.rounds, args.out)
+        results["dtypes"] = dtype_speed(model, spec, args.dtype_new, args.rounds, args.out, results)
     if "policies" not in skip:
         results["policies"] = policy_speed(model, spec, args.new, args.rounds, args.policies, args.out, results)
     if "offload" not in skip:
-        rows = []
-        for ctx in map(int, args.offload_contexts.split(",")):
-            ids = torch.randint(10, spec.vocab_size, (1, ctx), device="cuda")
-            for kv in args.offload_kv.split(","):
-                for off in (False, True):
-                    r = kvscope_run(model, ids, args.new, offload=off, kv_dtype=None if kv == "bf16" else kv)
-                    r.update(context=ctx, offload=off, kv=kv)
-                    rows.append(r)
-                    save_json(results | {"offload": rows}, args.out)
-                    print(r, flush=True)
-        results["offload"] = rows
+        results["offload"] = offload_speed(model, spec, args, results)
     if "swap" not in skip:
-        ids = torch.randint(10, spec.vocab_size, (4, 8192), device="cuda")
-        results["swap"] = swap_rate(model, ids)
+        results["swap"] = swap_rate(model, torch.randint(10, spec.vocab_size, (4, 8192), device="cuda"))
         print(results["swap"], flush=True)
     if "peaks" not in skip:
         results["peaks"] = runtime_peaks(model, spec)
-    save_json(results, args.out)
-    write_sections(results, args.section)
 
 
-def write_sections(results: dict, section: str = "kv-speed") -> None:
+def offload_speed(model, spec, args, results: dict) -> list[dict]:
+    rows = []
+    for ctx in map(int, args.offload_contexts.split(",")):
+        ids = torch.randint(10, spec.vocab_size, (1, ctx), device="cuda")
+        for kv in args.offload_kv.split(","):
+            for off in (False, True):
+                r = kvscope_run(model, ids, args.new, offload=off, kv_dtype=None if kv == "bf16" else kv)
+                r.update(context=ctx, offload=off, kv=kv)
+                rows.append(r)
+                save_json(results | {"offload": rows}, args.out)
+                print(r, flush=True)
+    return rows
+
+
+DTYPE_SECTION = "kv-dtype-speed"
+TITLES = {DTYPE_SECTION: "Decode speed per KV dtype: `llama-3.1-8b` shape, random bf16 weights",
+          "kv-speed": "Eviction-policy speed, offload, swap and runtime peaks: `llama-3.1-8b` shape, random bf16 "
+                      "weights"}
+
+
+def split_sections(results: dict) -> dict[str, dict]:
+    """A run's JSON as the inputs of its sections: the KV dtype table's (kv-dtype-speed) and the other parts' (the
+    run's `--section`), each with the run's meta."""
+    meta = results["meta"]
+    out = {}
     if "dtypes" in results:
-        write_section("kv-dtype-speed", header("Decode speed per KV dtype: `llama-3.1-8b` shape, random bf16 weights")
-                      + render_dtypes(results["dtypes"]))
-    if set(results) - {"dtypes"}:
-        write_section(section, render(results))
+        out[DTYPE_SECTION] = {"meta": {**meta, "section": DTYPE_SECTION}, "dtypes": results["dtypes"]}
+    rest = {k: v for k, v in results.items() if k not in ("meta", "dtypes")}
+    if rest:
+        out[meta.get("section", "kv-speed")] = {"meta": meta, **rest}
+    return out
+
+
+def write_sections(results: dict) -> None:
+    for section, data in split_sections(results).items():
+        body = render_dtypes(data["dtypes"]) if section == DTYPE_SECTION else render(data)
+        write_section(section, _head(section, data["meta"]) + body)
+
+
+def _head(section: str, meta: dict) -> str:
+    data, rebuild = render_command("kv_speed", section)
+    title = meta.get("title") or TITLES.get(section, TITLES["kv-speed"])
+    return section_head(title, meta, data, rebuild, section)
 
 
 def render_dtypes(d: dict) -> str:
@@ -315,7 +313,7 @@ def render_dtypes(d: dict) -> str:
 
 
 def render(r: dict) -> str:
-    md = header("Eviction-policy speed, offload, swap and runtime peaks: `llama-3.1-8b` shape, random bf16 weights")
+    md = ""
     g = lambda n: f"{n / GIB:.2f}" if isinstance(n, (int, float)) else str(n)  # noqa: E731
     if "policies" in r:
         md += ("\n### Cost of eviction policies: 8192-token prompt, budget 2048, decode tok/s\n\n"
@@ -329,14 +327,16 @@ def render(r: dict) -> str:
                                         ("decode_tps", "fused tok/s"), ("unfused_tps", "unfused tok/s"),
                                         ("fused_vs_unfused", "fused / unfused"), ("samples", "fused samples"),
                                         ("unfused_samples", "unfused samples"), ("prefill_s", "prefill s")])
-        else:
-            md += table(r["policies"], [("policy", "policy"), ("budget", "budget"), ("evict_batch", "evict_batch"),
+        else:  # runs before `evict_batch` was a column have none
+            batch = [("evict_batch", "evict_batch")] if any("evict_batch" in p for p in r["policies"]) else []
+            md += table(r["policies"], [("policy", "policy"), ("budget", "budget"), *batch,
                                         ("decode_tps", "decode tok/s"), ("prefill_s", "prefill s")])
     if "offload" in r:
         for row in r["offload"]:
             row["kv_gpu"], row["kv_all"] = g(row["kv_on_gpu"]), g(row["kv_allocated"])
+        kv = [("kv", "KV dtype")] if any("kv" in row for row in r["offload"]) else []  # older runs: bf16 only
         md += "\n### Layer offload\n\n" + table(r["offload"], [
-            ("context", "prompt"), ("kv", "KV dtype"), ("offload", "offload"), ("decode_tps", "decode tok/s"),
+            ("context", "prompt"), *kv, ("offload", "offload"), ("decode_tps", "decode tok/s"),
             ("kv_gpu", "KV GiB on GPU"), ("kv_all", "KV GiB in all"), ("prefill_s", "prefill s")])
     if "swap" in r:
         s = r["swap"]

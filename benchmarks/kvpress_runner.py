@@ -1,6 +1,6 @@
 """Run the quality benchmark's cases through NVIDIA kvpress presses (inside `.venv-kvpress`, not kvscope's venv).
 
-    .venv-kvpress/bin/python benchmarks/kvpress_runner.py IN.json OUT.json
+    .venv-kvpress/bin/python -m benchmarks.kvpress_runner IN.json OUT.json    # from the repository root
 
 kvpress 0.5.5 needs transformers < 5.3, which kvscope does not support, so it lives in its own virtualenv (created by
 `make bench-quality` from benchmarks/requirements-kvpress.txt) and `benchmarks/quality.py` calls this script as a
@@ -37,8 +37,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality_cases import parse_spec  # noqa: E402  (pure Python: shared with kvscope's side)
+from benchmarks.quality_cases import parse_spec  # pure Python: shared with kvscope's side
 
 
 def _press(spec: str, ratio: float):

@@ -12,11 +12,12 @@ Then the swap-in cost of an idle session: on CUDA, its KV is swapped to pinned C
 in; against dropping it and recomputing the history. On the CPU a swap frees nothing (it is a no-op), so an idle
 session there is dropped and recomputed, and only that is measured.
 
-    python benchmarks/multiturn.py            # embedded model on the CPU (turns bound by its 8192 positions)
-    python benchmarks/multiturn.py --model llama-3.1-8b --random-weights --device cuda --user-tokens 900,3900
+    python -m benchmarks.multiturn           # embedded model on the CPU (turns bound by its 8192 positions)
+    python -m benchmarks.multiturn --model llama-3.1-8b --random-weights --device cuda --user-tokens 900,3900
+    python -m benchmarks.multiturn --render docs/data/multiturn-cuda.json       # the section again from a saved run
 
-Writes section `multiturn-cpu` or `multiturn-cuda` of docs/benchmarks.md and that device's entry of
-docs/data/multiturn.json (other sections and entries are left as they are).
+Writes section `multiturn-cpu` or `multiturn-cuda` of docs/benchmarks.md and its data,
+docs/data/multiturn-cpu.json or multiturn-cuda.json (other sections are left as they are).
 """
 
 from __future__ import annotations
@@ -25,21 +26,18 @@ import argparse
 import gc
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, header, save_json, table, write_section  # noqa: E402
-from kvscope import _compat  # noqa: E402
-from kvscope.chat import ChatEngine  # noqa: E402
-from kvscope.chat.session import common_prefix  # noqa: E402
-from kvscope.errors import UsageError  # noqa: E402
-from kvscope.models import load  # noqa: E402
+from benchmarks.common import data_path, run_meta, save_json, section_head, table, write_section
+from kvscope import _compat
+from kvscope.chat import ChatEngine
+from kvscope.chat.session import common_prefix
+from kvscope.errors import UsageError
+from kvscope.models import load
 
-DATA = ROOT / "docs" / "data" / "multiturn.json"
 SWAP_BYTES = 64 << 30  # pinned host memory for the idle session's swap: a 40k-token 8B session is about 5.4 GB
 
 
@@ -162,8 +160,15 @@ def _free(_):
         torch.cuda.empty_cache()
 
 
+def section(result: dict) -> str:
+    return f"multiturn-{result['device_kind']}"
+
+
 def render(result: dict) -> str:
-    text = header(f"Multi-turn chat: time to first token per turn ({result['device_kind']})")
+    name = section(result)
+    data = f"docs/data/{name}.json"
+    text = section_head(f"Multi-turn chat: time to first token per turn ({result['device_kind']})", result["meta"],
+                        data, f"python -m benchmarks.multiturn --render {data}", name)
     load = result.get("load_average")
     if load:
         text += (f"Load average (1 min) at the start and end of the run: {load[0]:.2f} and {load[1]:.2f} "
@@ -201,14 +206,7 @@ def _idle_line(idle: dict) -> str:
     return line + f"after a drop {idle['recompute_ttft_s']:.3f} s (recomputes {idle['recomputed_tokens']} tokens)."
 
 
-def save(result: dict, path: Path) -> None:
-    """Replace this device's entry of the JSON file, keeping the others."""
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.setdefault("runs", {})[result["device_kind"]] = result
-    save_json(data, path)
-
-
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--random-weights", action="store_true")
@@ -220,9 +218,14 @@ def main() -> int:
     ap.add_argument("--reply-tokens", type=int, default=100)
     ap.add_argument("--check-tokens", type=int, default=8)
     ap.add_argument("--chunk-size", type=int, default=1024)
-    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--data", default=None, help="where the run's JSON goes (default docs/data/multiturn-DEVICE.json)")
     ap.add_argument("--no-write", action="store_true", help="print only; leave docs/ as it is")
-    args = ap.parse_args()
+    ap.add_argument("--render", metavar="JSON", help="only write the section from a saved run")
+    args = ap.parse_args(argv)
+    if args.render:
+        result = json.loads(Path(args.render).read_text())
+        write_section(section(result), render(result))
+        return 0
     try:
         users = [int(u) for u in args.user_tokens.split(",")]
     except ValueError:
@@ -235,8 +238,9 @@ def main() -> int:
         ap.error(str(exc))
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
-    result = {"model": spec.name, "device_kind": device.type, "dtype": str(next(model.parameters()).dtype),
-              "chunk_size": args.chunk_size, "cpus": os.cpu_count(), "cases": []}
+    result = {"meta": run_meta(), "model": spec.name, "device_kind": device.type,
+              "dtype": str(next(model.parameters()).dtype), "chunk_size": args.chunk_size, "cpus": os.cpu_count(),
+              "cases": []}
     start_load = os.getloadavg()[0]
     warm_up(model, vocab, args)
     for user in users:
@@ -249,8 +253,8 @@ def main() -> int:
     text = render(result)
     print(text)
     if not args.no_write:
-        save(result, Path(args.data))
-        write_section(f"multiturn-{device.type}", text)
+        save_json(result, Path(args.data) if args.data else data_path(section(result)))
+        write_section(section(result), text)
     return 0
 
 

@@ -5,18 +5,21 @@ grid of batch x prompt length x new tokens chosen around the planner's predicted
 `torch.cuda.max_memory_allocated()` / `max_memory_reserved()` and which points ran out of memory, and compares with the
 plan. Needs CUDA.
 
-    python benchmarks/planner_accuracy.py --out out/planner.json --docs docs/benchmarks.md
+    python -m benchmarks.planner_accuracy --out out/planner.json      # needs CUDA; writes section "planner-accuracy"
+    python -m benchmarks.planner_accuracy --render docs/data/planner-accuracy.json
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import time
+from pathlib import Path
 
 import torch
 
-from common import header, save_json, table, write_section
+from benchmarks.common import render_command, run_meta, save_json, section_head, table, write_section
 from kvscope.models import load
 from kvscope.planner import Workload, plan
 from kvscope.planner.sizes import format_bytes
@@ -24,7 +27,7 @@ from kvscope.planner.sizes import format_bytes
 GIB = 1024**3
 
 
-def measure(model, batch: int, context: int, new_tokens: int, vocab: int) -> dict:
+def measure_point(model, batch: int, context: int, new_tokens: int, vocab: int) -> dict:
     """One generate() call; returns peaks, or the OOM and where it struck."""
     gc.collect()
     torch.cuda.empty_cache()
@@ -67,16 +70,28 @@ def grid(spec, capacity: int, quick: bool) -> list[tuple[int, int, int]]:
     return sorted(points, key=lambda p: (p[1], p[0], p[2]))
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="llama-3-8b")
     ap.add_argument("--out", default="out/planner_accuracy.json")
     ap.add_argument("--docs", default=None, help="benchmarks markdown to update (default: docs/benchmarks.md)")
     ap.add_argument("--quick", action="store_true")
-    args = ap.parse_args()
-    assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+    ap.add_argument("--render", metavar="JSON", help="only rewrite the section from a saved run")
+    args = ap.parse_args(argv)
+    if args.render:
+        data = json.loads(Path(args.render).read_text())
+    else:
+        assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
+        data = measure(args)
+    md = render(data)
+    write_section("planner-accuracy", md, **({"path": args.docs} if args.docs else {}))
+    print(md)
 
-    free0, total = torch.cuda.mem_get_info()
+
+def measure(args) -> dict:
+    """Facts of the device and the model, then every grid point (saved to --out after each)."""
+    data = {"meta": {**run_meta(), "model": args.model}, "facts": {}, "rows": []}
+    _, total = torch.cuda.mem_get_info()
     torch.zeros(1, device="cuda")
     model, _, spec = load(args.model, random_weights=True, device="cuda", dtype="bf16")
     weights = torch.cuda.memory_allocated()
@@ -86,47 +101,46 @@ def main() -> None:
     workspace = torch.cuda.memory_allocated() - before_gemm
     del a
     free1, _ = torch.cuda.mem_get_info()
-    context_bytes = total - free1 - torch.cuda.memory_reserved()
-    facts = {"total_memory": total, "weights_allocated": weights, "weights_planned": spec.weights_bytes("bf16"),
-             "cublas_workspace_allocated": workspace, "cuda_context_bytes": context_bytes}
-    print(facts, flush=True)
-
-    rows = []
+    data["facts"] = {"total_memory": total, "weights_allocated": weights, "weights_planned": spec.weights_bytes("bf16"),
+                     "cublas_workspace_allocated": workspace,
+                     "cuda_context_bytes": total - free1 - torch.cuda.memory_reserved()}
+    print(data["facts"], flush=True)
     for batch, context, new in grid(spec, total, args.quick):
-        row = measure(model, batch, context, new, spec.vocab_size)
+        row = measure_point(model, batch, context, new, spec.vocab_size)
         p = plan(spec, Workload(batch=batch, context=context, new_tokens=new), gpu_memory=total, advice=False)
         row.update(predicted_peak=p.peak_bytes, predicted_needed=p.needed_bytes, predicted_fits=p.fits,
                    peak_phase=p.peak_phase)
         if not row["oom"]:
             row["error_pct"] = round(100 * (p.peak_bytes - row["measured_peak"]) / row["measured_peak"], 2)
         row["fits_right"] = p.fits == (not row["oom"])
-        rows.append(row)
+        data["rows"].append(row)
         print({k: row[k] for k in row if k != "error"}, flush=True)
-        save_json({"facts": facts, "rows": rows}, args.out)
+        save_json(data, args.out)
+    return data
 
+
+def render(data: dict) -> str:
+    meta, facts, rows = data["meta"], data["facts"], data["rows"]
     ran = [r for r in rows if not r["oom"]]
     worst = max((abs(r["error_pct"]) for r in ran), default=float("nan"))
     fits_right = sum(r["fits_right"] for r in rows)
-    for r in rows:
-        r["measured"] = "OOM" if r["oom"] else f"{r['measured_peak'] / GIB:.2f}"
-        r["reserved"] = f"{r['measured_reserved'] / GIB:.2f}"
-        r["predicted"] = f"{r['predicted_peak'] / GIB:.2f}"
-        r["err"] = "" if r["oom"] else f"{r['error_pct']:+.2f}%"
-        r["fits"] = "yes" if r["predicted_fits"] else "no"
-        r["right"] = "yes" if r["fits_right"] else "**no**"
-    md = header(f"Planner accuracy: `{args.model}` with plain transformers generate()")
+    cells = [{**r, "measured": "OOM" if r["oom"] else f"{r['measured_peak'] / GIB:.2f}",
+              "reserved": f"{r['measured_reserved'] / GIB:.2f}", "predicted": f"{r['predicted_peak'] / GIB:.2f}",
+              "err": "" if r["oom"] else f"{r['error_pct']:+.2f}%", "fits": "yes" if r["predicted_fits"] else "no",
+              "right": "yes" if r["fits_right"] else "**no**"} for r in rows]
+    path, rebuild = render_command("planner_accuracy", "planner-accuracy")
+    md = section_head(f"Planner accuracy: `{meta['model']}` with plain transformers generate()", meta, path, rebuild,
+                      "planner-accuracy")
     md += (f"Random bf16 weights, default `DynamicCache`, sdpa, greedy, no padding. Weights allocated "
-           f"{weights:,} bytes (planned {spec.weights_bytes('bf16'):,}); CUDA context outside PyTorch's counters "
-           f"{format_bytes(context_bytes)}; cuBLAS workspace allocated on the first GEMM "
-           f"{format_bytes(workspace)}.\n\n")
+           f"{facts['weights_allocated']:,} bytes (planned {facts['weights_planned']:,}); CUDA context outside "
+           f"PyTorch's counters {format_bytes(facts['cuda_context_bytes'])}; cuBLAS workspace allocated on the first "
+           f"GEMM {format_bytes(facts['cublas_workspace_allocated'])}.\n\n")
     md += (f"Worst error of predicted vs measured peak `max_memory_allocated()` over {len(ran)} points that ran: "
            f"**{worst:.2f}%**; `fits` right at **{fits_right} of {len(rows)}** points.\n\n")
-    md += table(rows, [("batch", "batch"), ("context", "prompt"), ("new_tokens", "new"), ("measured", "measured GiB"),
-                       ("reserved", "reserved GiB"), ("predicted", "predicted GiB"), ("err", "error"),
-                       ("peak_phase", "phase"), ("fits", "predicted fits"), ("right", "fits right"),
-                       ("seconds", "s")])
-    write_section("planner-accuracy", md, **({"path": args.docs} if args.docs else {}))
-    print(md)
+    return md + table(cells, [("batch", "batch"), ("context", "prompt"), ("new_tokens", "new"),
+                              ("measured", "measured GiB"), ("reserved", "reserved GiB"),
+                              ("predicted", "predicted GiB"), ("err", "error"), ("peak_phase", "phase"),
+                              ("fits", "predicted fits"), ("right", "fits right"), ("seconds", "s")])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """One passkey table from several runs of benchmarks/quality.py on the same cases (same lengths, depths, keys, seed).
 
-    python benchmarks/quality_merge.py --section quality-2k-30 --length 2048 RUN.json [RUN.json ...]
+    python -m benchmarks.quality_merge --section quality-2k-30 --length 2048 RUN.json [RUN.json ...]
 
 Runs are read in order; a later run's rows replace an earlier run's rows for the same (tool, policy, mode, KV dtype,
 budget, case), so a policy re-measured after a code change replaces its old rows and nothing else. Every run must
@@ -15,8 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import DOCS, header_facts, table, write_section  # noqa: E402
+from benchmarks.common import header_facts, table, write_section
 
 GroupKey = tuple  # (tool, policy, mode, kv_dtype)
 
@@ -110,7 +109,7 @@ def render(groups: dict, fractions: list[float], runs: list[dict], length: int, 
                f"{facts.get('device', '?')}; {facts.get('command', '?')}\n")
     md += (f"\n{cases} cases at {length} tokens, the same token ids in every run. Budget = the fraction of the prompt "
            "kept per layer and KV head (kvpress: `compression_ratio = 1 - fraction`); cells are cases passed / cases "
-           "run. Written by `benchmarks/quality_merge.py` from the runs' JSON.\n\n")
+           "run. Written by `python -m benchmarks.quality_merge` from the runs' JSON.\n\n")
     md += (table(body, cols) + "\nBest of each tool per budget (default knobs; `[knob=value]` rows are ablations, "
            "not compared):\n\n" + "\n".join(verdicts(groups, fractions)) + "\n")
     return md
@@ -123,7 +122,7 @@ def main(argv=None) -> int:
     ap.add_argument("--section", required=True, help="docs section to write")
     ap.add_argument("--title", default="Passkey under KV budgets: kvscope policies against kvpress presses")
     ap.add_argument("--intro-file", default=None, help="a markdown file whose text goes under the title")
-    ap.add_argument("--docs", default=str(DOCS))
+    ap.add_argument("--docs", default=None, help="the benchmarks page (default docs/benchmarks.md)")
     args = ap.parse_args(argv)
     rows, keys, runs = load_rows(args.runs, args.length)
     if not rows:
@@ -131,8 +130,8 @@ def main(argv=None) -> int:
     groups = scores(rows)
     fractions = sorted({f for cells in groups.values() for f in cells if f != 1.0})
     md = render(groups, fractions, runs, args.length, len(keys), args.title)
-    shown = ["python", "benchmarks/quality_merge.py"] + list(argv if argv is not None else sys.argv[1:])
-    md = md.replace("Written by `benchmarks/quality_merge.py` from the runs' JSON.",
+    shown = ["python", "-m", "benchmarks.quality_merge"] + list(argv if argv is not None else sys.argv[1:])
+    md = md.replace("Written by `python -m benchmarks.quality_merge` from the runs' JSON.",
                     "Written from the runs' JSON by `" + " ".join(f"'{a}'" if " " in a else a for a in shown) + "`.")
     if args.intro_file:
         md = md.replace("\n\n", f"\n\n{Path(args.intro_file).read_text().strip()}\n\n", 1)

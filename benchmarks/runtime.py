@@ -14,7 +14,7 @@ side in one process; memory is measured from a clean allocator (gc.collect, empt
 from __future__ import annotations
 
 import argparse
-import gc
+import functools
 import json
 import statistics
 import time
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import commit, device_line
+from benchmarks.common import clean, command_line, commit, device_line, median_us, plain_decode_tps, sync
 from kvscope.cache import BudgetedCache
 from kvscope.models import load
 from kvscope.monitor import Monitor
@@ -34,50 +34,14 @@ CPU_PARTS = {"cpu"}  # parts that run on a machine without CUDA
 GIB = 1024**3
 
 
-def clean() -> int:
-    gc.collect()
-    if not torch.cuda.is_available():
-        return 0
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
-    return torch.cuda.memory_allocated()
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
 def copy_bandwidth() -> float:
     """Device-to-device copy rate in bytes/s (bytes read + bytes written), median of 10 copies of 4 GiB."""
     a = torch.empty(2 * GIB, dtype=torch.uint8, device="cuda")
     b = torch.empty_like(a)
-    b.copy_(a)
-    times = []
-    for _ in range(10):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        b.copy_(a)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+    seconds = median_us(functools.partial(b.copy_, a), iters=10, warmup=1) / 1e6
     del a, b
     clean()
-    return 2 * 2 * GIB / statistics.median(times)
-
-
-def plain_decode_tps(model, ids, new: int) -> float:
-    """Plain generate(): (time for 1 + new tokens - time for 1 token) / new."""
-    def timed(n):
-        _sync()
-        t = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=0)
-        _sync()
-        return time.perf_counter() - t
-    timed(2)
-    return new / (timed(1 + new) - timed(1))
+    return 2 * 2 * GIB / seconds
 
 
 WARM_STEPS = 160  # decode steps before timing: every graph (step, refill every 64, eviction every 32) is captured
@@ -95,7 +59,7 @@ def kvscope_decode(model, ids, new: int, policy: str = "full", budget: int | Non
     nxt = first.sequences[:, -1:]
     on_phase = _doctor_marks(monitor, cache) if monitor is not None else None
     gen = generate(model, nxt, cache, max_new_tokens=new, decode=decode, on_phase=on_phase)
-    _sync()
+    sync()
     peak = torch.cuda.max_memory_allocated() - base if torch.cuda.is_available() else None
     row = {"decode_tps": gen.decode_tokens_per_second, "prefill_s": first.prefill_seconds,
            "peak_over_base": peak, "base": base, "cache_bytes": cache.settings.arena.nbytes,
@@ -297,9 +261,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-probes", type=int, default=5, help="capacity runs per runtime and KV dtype at most")
     p.add_argument("--cpu-new", type=int, default=48, help="decode steps timed per run of the cpu part")
     args = p.parse_args(argv)
-    import sys
-
-    args.command = "python -m benchmarks.runtime " + " ".join(sys.argv[1:])
+    args.command = command_line()
     if args.render:
         from benchmarks.runtime_render import render
 

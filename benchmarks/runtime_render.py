@@ -5,15 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.common import table, write_section
+from benchmarks.common import section_head, table, write_section
 
 GIB = 1024**3
-
-
-def _head(title: str, meta: dict, data_path: str) -> str:
-    return (f"## {title}\n\n- device: {meta['device']}\n- date: {meta['date']}\n- commit: {meta['commit']}\n"
-            f"- command: `{meta['command']}`\n- data: `{data_path}` (rebuild this section with "
-            f"`python -m benchmarks.runtime --render {Path(data_path).parent}`)\n\n")
 
 
 def _decode(d: dict) -> str:
@@ -94,4 +88,7 @@ def render(directory: Path) -> None:
         if not path.exists():
             continue
         d = json.loads(path.read_text())
-        write_section(f"runtime-{part}", _head(title, d["meta"], f"docs/data/runtime-{part}.json") + body(d))
+        data = f"docs/data/runtime-{part}.json"
+        rebuild = "python -m benchmarks.runtime --render docs/data"
+        head = section_head(title, d["meta"], data, rebuild, f"runtime-{part}")
+        write_section(f"runtime-{part}", head + body(d))

@@ -62,10 +62,9 @@ class KvscopeError(Exception):
     """Base class for errors kvscope raises on purpose."""
 
 
-class UsageError(KvscopeError, ValueError):
-    """Bad input from the user: a wrong name, size, path or combination of options (CLI exit code 2).
-
-    `str()` names Python parameters (the library's form); `cli_message()` names the CLI's flags."""
+class _TwoForms(KvscopeError):
+    """A message kept in the CLI's words: `str()` names Python parameters (the library's form), `cli_message()` the
+    CLI's flags."""
 
     def __init__(self, message: str):
         super().__init__(message)
@@ -78,18 +77,12 @@ class UsageError(KvscopeError, ValueError):
         return cli_form(self.cli_text)
 
 
-class DoesNotFit(KvscopeError):
+class UsageError(_TwoForms, ValueError):
+    """Bad input from the user: a wrong name, size, path or combination of options (CLI exit code 2)."""
+
+
+class DoesNotFit(_TwoForms):
     """The workload does not fit (out of memory, a KV budget outgrown, nothing found that runs): CLI exit code 3."""
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.cli_text = message
-
-    def __str__(self) -> str:
-        return python_form(self.cli_text)
-
-    def cli_message(self) -> str:
-        return cli_form(self.cli_text)
 
 
 def _parameter(match: re.Match) -> str:

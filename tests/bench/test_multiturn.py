@@ -17,7 +17,7 @@ def args(**kw):
                                   "turns": 3} | kw))
 
 
-def test_three_turns_agree_and_reuse(tmp_path):
+def test_three_turns_agree_and_reuse(tmp_path, monkeypatch):
     model = build_tiny()
     case = mt.run_case(model, 256, args(), user=40, turns=3)
     rows = case["rows"]
@@ -29,15 +29,20 @@ def test_three_turns_agree_and_reuse(tmp_path):
     assert [r["kvscope_reused"] for r in rows] == [0, 43, 93]
     assert [r["kvscope_rewinds"] for r in rows] == [0, 0, 0]
     assert case["idle_session"]["recomputed_tokens"] == 150 and "swap_note" in case["idle_session"]
-    result = {"model": "tiny", "device_kind": "cpu", "dtype": "torch.float32", "chunk_size": 32, "cpus": 2,
-              "load_average": [0.5, 0.7], "cases": [case]}
+    meta = {"device": "CPU", "date": "2026-12-02", "commit": "abc1234", "command": "python -m benchmarks.multiturn"}
+    result = {"meta": meta, "model": "tiny", "device_kind": "cpu", "dtype": "torch.float32", "chunk_size": 32,
+              "cpus": 2, "load_average": [0.5, 0.7], "cases": [case]}
     text = mt.render(result)
     assert "| 3 | 140 |" in text and "yes / yes" in text and "Load average" in text
-    data = tmp_path / "multiturn.json"
-    data.write_text(json.dumps({"runs": {"cuda": {"kept": True}}}))
-    mt.save(result, data)
-    saved = json.loads(data.read_text())["runs"]
-    assert saved["cuda"] == {"kept": True} and saved["cpu"]["cases"][0]["rows"][2]["prompt_tokens"] == 140
+    assert "- commit: abc1234" in text
+    assert "python -m benchmarks.multiturn --render docs/data/multiturn-cpu.json" in text
+    assert mt.section(result) == "multiturn-cpu"
+    saved = tmp_path / "multiturn-cpu.json"
+    saved.write_text(json.dumps(result))
+    page = tmp_path / "benchmarks.md"
+    monkeypatch.setattr(mt, "write_section", lambda name, md: page.write_text(f"{name}\n{md}"))
+    mt.main(["--render", str(saved)])  # a saved run becomes its section again
+    assert page.read_text() == f"multiturn-cpu\n{text}"
 
 
 def test_turns_are_bounded_by_the_positions():

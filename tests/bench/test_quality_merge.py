@@ -42,7 +42,7 @@ def test_later_run_replaces_rows_and_verdicts(tmp_path):
     assert "- 5%: kvscope snapkv 1/2 loses to the best kvpress press KVzipPress 2/2" in text
     assert "commit abc1234" in text and "<!-- section:s -->" in text
     assert "| kvpress TOVAPress[window=9] |  | 2/2 |  |" in text
-    assert "`python benchmarks/quality_merge.py --section s --docs" in text
+    assert "`python -m benchmarks.quality_merge --section s --docs" in text  # the command, as it is run
 
 
 def test_runs_on_other_cases_are_refused(tmp_path):

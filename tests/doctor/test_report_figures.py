@@ -84,7 +84,7 @@ def test_the_fix_figure_is_the_applied_fix_and_is_checked(capsys, tiny_model_dir
     fo = d["fix_outcome"]
     applied = next(f for f in d["fixes"] if fo["option"] == f["option"])
     fig = d["diagnosis"]["figures"][-1]
-    assert fig["label"] == "needed by the applied fix" and fig["bytes"] == applied["peak_bytes"]
+    assert fig["label"] == "needed by the applied fix" and fig["bytes"] == applied["estimate_bytes"]
     assert fig["bytes"] != d["diagnosis"]["figures"][0]["bytes"]  # not the original workload's need
     assert fo["check"]["agrees"] and fo["check"]["measured_bytes"] == fo["check"]["estimate_bytes"] == fo["kv_bytes"]
     fix_start = next(p["start"] for p in d["phases"] if p["name"] == "fix")
@@ -100,16 +100,16 @@ def test_int4_same_bytes_counts_its_full_precision_window(capsys, tiny64_dir, tm
     spec = ModelSpec.from_config_file(tiny64_dir)
     w = Workload(batch=1, context=1200, new_tokens=2, dtype="fp32", runtime="kvscope", budget_tokens=300,
                  chunk_size=64, policy="full")
-    fixes = fixes_for_budget(spec, w, "full")
+    fixes = fixes_for_budget(spec, w)  # w.policy is "full"
     assert fixes[0].option == "--kv-dtype int4 --budget 1201"
-    assert fixes[0].peak_bytes == kv_store_bytes(spec, fixes[0].workload) == 1201 * 144 + 131_072
-    assert fixes[0].peak_bytes <= kv_store_bytes(spec, w) == 300 * 1024 < 1201 * 272  # int4 fits, int8 does not
+    assert fixes[0].estimate_bytes == kv_store_bytes(spec, fixes[0].workload) == 1201 * 144 + 131_072
+    assert fixes[0].estimate_bytes <= kv_store_bytes(spec, w) == 300 * 1024 < 1201 * 272  # int4 fits, int8 does not
     code, d, err = doctor(capsys, tiny64_dir, tmp_path / "r", "--batch", "1", "--context", "1200", "--new-tokens",
                           "2", "--runtime", "kvscope", "--budget", "300", "--chunk-size", "64", "--fix")
     assert code == 0, err
     fo = d["fix_outcome"]
     assert fo["option"] == "--kv-dtype int4 --budget 1201" and fo["evicted_tokens"] == 0
-    assert fo["kv_bytes"] == fixes[0].peak_bytes and fo["check"]["agrees"]
+    assert fo["kv_bytes"] == fixes[0].estimate_bytes and fo["check"]["agrees"]
 
 
 def test_a_fix_whose_outcome_differs_from_its_estimate_is_flagged(tiny_model_dir):
@@ -117,11 +117,11 @@ def test_a_fix_whose_outcome_differs_from_its_estimate_is_flagged(tiny_model_dir
 
     spec = ModelSpec.from_config_file(tiny_model_dir)
     w = Workload(batch=1, context=60, new_tokens=2, dtype="fp32", runtime="kvscope", budget_tokens=24, chunk_size=16)
-    fix = fixes_for_budget(spec, w, "full")[-1]  # raise the budget: "nothing evicted"
-    again = Outcome("ok", None, 1.0, None, None, 0, kv_bytes=fix.peak_bytes * 3, evicted_tokens=5)
+    fix = fixes_for_budget(spec, w.with_(policy="full"))[-1]  # raise the budget: "nothing evicted"
+    again = Outcome("ok", None, 1.0, None, None, 0, kv_bytes=fix.estimate_bytes * 3, evicted_tokens=5)
     c = check(fix, again, spec, 0)
-    assert not c["agrees"] and len(c["problems"]) == 2
-    assert "differs from the fix's estimate" in c["problems"][0] and "5 tokens were" in c["problems"][1]
+    assert not c.agrees and len(c.problems) == 2
+    assert "differs from the fix's estimate" in c.problems[0] and "5 tokens were" in c.problems[1]
 
 
 def test_every_doctor_fix_runs_as_printed(capsys, tiny_model_dir, tmp_path):

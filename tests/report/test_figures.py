@@ -6,19 +6,13 @@ from __future__ import annotations
 import copy
 import re
 
-from kvscope.report import render_html
-from kvscope.report.svg import _LEFT, _RIGHT, _W, _nice_ticks
-from tests.report.test_report import GIB, MIB, cpu_report, oom_report, parse
+from kvscope.report import figures, render_html
+from kvscope.report.model import DoctorReport
+from tests.report.test_report import GIB, MIB, cpu_report, oom_report, parse, says
 
 
-def _svg(page: str, pid: str) -> str:
-    return re.search(rf'<svg id="{pid}".*?</svg>', page, re.S).group(0)
-
-
-def _x_of(t: float, t_hi: float) -> float:
-    """Where the timeline draws time `t` (the same scale as report.plots: 0 to a nice top above `t_hi`)."""
-    _, top = _nice_ticks(t_hi, 8)
-    return _LEFT + t / top * (_W - _RIGHT - _LEFT)
+def _says(page: str, pid: str) -> str:
+    return says(parse(page), pid)
 
 
 def _with_fix_run(report: dict, longer: float = 30.0) -> dict:
@@ -41,11 +35,11 @@ def _with_fix_run(report: dict, longer: float = 30.0) -> dict:
 def test_the_failure_marker_sits_at_the_failure_not_at_the_end_of_the_fix_run():
     rep = _with_fix_run(oom_report())
     failed_at, end = rep["outcome"]["failed_at"], rep["timeline"]["t"][-1]
-    svg = _svg(render_html(rep), "plot-timeline")
-    x = float(re.search(r'<g class="failure">.*?<line x1="([\d.]+)"', svg, re.S).group(1))
-    assert abs(x - _x_of(failed_at, end)) < 1.0
-    assert x < _x_of(rep["phases"][-2]["start"], end) < _x_of(end, end) - 100  # before the fix, far from the end
-    assert "OOM at" in svg
+    dom = parse(render_html(rep))
+    markers = [t for t in dom.titles["plot-timeline"] if " at " in t and t.endswith(" s")]
+    assert markers == [f"OOM at {failed_at:.2f} s"]  # one marker, at the failure's own time
+    assert failed_at < rep["phases"][-2]["start"] < end - 20  # before the fix, far from the end of the timeline
+    assert f"OOM at {failed_at:.2f} s" in says(dom, "plot-timeline")  # its label on the chart
 
 
 def test_headline_cards_are_labelled_and_a_fix_card_needs_an_applied_fix():
@@ -66,13 +60,11 @@ def test_headline_cards_are_labelled_and_a_fix_card_needs_an_applied_fix():
 def test_kv_bars_are_per_sequence_with_the_budget_drawn():
     rep = cpu_report()  # batch 8, budget 1024, 4096 + 256 tokens: 4351 KV tokens per sequence
     page = render_html(rep)
-    svg = _svg(page, "plot-kv-layers")
+    svg = _says(page, "plot-kv-layers")
     assert "1,024 tokens stored per sequence, 3,327 evicted per sequence" in svg  # 1024 + 3327 = 4351
-    assert 'class="kv-budget"' in svg and "budget 1,024 tokens" in svg
-    ticks = [float(v.replace(",", "").replace("k", "e3")) for v in
-             re.findall(r'<g class="axis y-axis">(.*?)</g>', svg, re.S)[0].split("text-anchor=\"end\">")[1:]
-             for v in [v.split("<")[0]]]
-    assert max(ticks) < 2 * 4351  # not the batch's 8 x 3327 evictions stacked on one sequence's tokens
+    assert "budget 1,024 tokens" in svg and "budget" in parse(page).svgs["plot-kv-layers"]  # its line and legend
+    top = figures.kv_layers(DoctorReport.from_dict(rep)).ylim[1]
+    assert 4351 <= top < 2 * 4351  # not the batch's 8 x 3327 evictions stacked on one sequence's tokens
     caption = parse(page).text
     assert any("Tokens are per sequence and layer (batch of 8)" in t for t in caption)
     assert any("Bytes are the whole batch's" in t for t in caption)
@@ -82,11 +74,11 @@ def test_cpu_timeline_is_scaled_to_what_was_measured_and_draws_the_kv_budget():
     rep = cpu_report()
     rep["device"]["capacity_bytes"] = int(23.5 * GIB)  # host memory
     rep["kv_timeline"] = {"t": [1.5, 9.6], "bytes": [100 * MIB, 188 * MIB], "stored_tokens": [512, 1024]}
-    svg = _svg(render_html(rep), "plot-timeline")
-    labels = re.findall(r'text-anchor="end">([\d.,]+)</text>', svg)
-    assert max(float(v.replace(",", "")) for v in labels) <= 1.5  # GiB: the 1.35 GiB RSS, not 23.5 GiB of RAM
-    assert "capacity 23.50 GiB" not in svg
-    assert 'class="kv-budget"' in svg and "KV cache (allocated)" in svg
+    svg = _says(render_html(rep), "plot-timeline")
+    top = figures.timeline(DoctorReport.from_dict(rep)).ylim[1]
+    assert top <= 1.5 * GIB  # the 1.35 GiB RSS, not 23.5 GiB of RAM
+    assert "capacity 23.50 GiB" not in svg and "memory (GiB)" in svg
+    assert "KV budget 540.00 MiB (budget + one chunk)" in svg and "KV cache (allocated)" in svg
 
 
 def test_a_fix_that_differs_from_its_estimate_is_said_so():

@@ -264,15 +264,18 @@ def report() -> dict:
 
 
 class _Dom(HTMLParser):
-    """Counts the elements drawn inside each plot SVG, and collects the text of elements with an id."""
+    """Collects the ids, the tags, the page's text, and what each chart says: the text and hover titles inside each
+    plot SVG."""
 
     def __init__(self) -> None:
         super().__init__(convert_charrefs=True)
-        self.svgs: dict[str, dict[str, int]] = {}
+        self.svgs: dict[str, list[str]] = {}  # plot id -> its text and hover titles, in order
+        self.titles: dict[str, list[str]] = {}  # plot id -> its hover titles alone
         self.ids: set[str] = set()
         self.tags: list[str] = []
         self._svg: str | None = None
         self._depth = 0
+        self._in_title = False
         self.text: list[str] = []
 
     def handle_starttag(self, tag, attrs):
@@ -280,13 +283,11 @@ class _Dom(HTMLParser):
         self.tags.append(tag)
         if a.get("id"):
             self.ids.add(a["id"])
-        if tag == "svg":
+        if tag == "svg" and self._svg is None:
             self._svg = a.get("id") or "?"
-            self.svgs[self._svg] = {}
+            self.svgs[self._svg], self.titles[self._svg] = [], []
             self._depth = 0
-        elif self._svg is not None:
-            counts = self.svgs[self._svg]
-            counts[tag] = counts.get(tag, 0) + 1
+        self._in_title = tag == "title"
         if self._svg is not None:
             self._depth += 1
 
@@ -296,13 +297,18 @@ class _Dom(HTMLParser):
             self._depth -= 1
 
     def handle_endtag(self, tag):
+        self._in_title = False
         if self._svg is not None:
             self._depth -= 1
-            if tag == "svg" or self._depth <= 0:
+            if tag == "svg" and self._depth <= 0:
                 self._svg = None
 
     def handle_data(self, data):
         self.text.append(data)
+        if self._svg is not None and data.strip():
+            self.svgs[self._svg].append(data.strip())
+            if self._in_title:
+                self.titles[self._svg].append(data.strip())
 
 
 def parse(page: str) -> _Dom:
@@ -312,8 +318,13 @@ def parse(page: str) -> _Dom:
     return dom
 
 
-def drawn(counts: dict[str, int]) -> int:
-    return sum(counts.get(tag, 0) for tag in ("polyline", "rect", "polygon", "circle"))
+def says(dom: _Dom, pid: str) -> str:
+    """Everything a chart says: its title, axis labels, ticks, legend, labels and hover texts."""
+    return " | ".join(dom.svgs[pid])
+
+
+def layer_titles(dom: _Dom) -> list[str]:
+    return [t for t in dom.titles["plot-kv-layers"] if t.startswith("layer ")]
 
 
 def test_render_has_plots_sections_and_diagnosis(report):
@@ -321,12 +332,17 @@ def test_render_has_plots_sections_and_diagnosis(report):
     assert page.startswith("<!DOCTYPE html>")
     assert page.rstrip().endswith("</html>")
     dom = parse(page)
-    for pid in ("plot-timeline", "plot-kv-layers", "plot-attribution"):
+    for pid, labels in (("plot-timeline", ("time (s)", "memory (GiB)")), ("plot-kv-layers", ("layer",
+                        "tokens per sequence")), ("plot-attribution", ("memory (GiB)", "peak"))):
         assert pid in dom.svgs, pid
-        assert drawn(dom.svgs[pid]) > 0, pid
-        assert dom.svgs[pid].get("text", 0) >= 3, f"{pid} needs axis labels"
-    assert dom.svgs["plot-timeline"]["polyline"] >= 4  # allocated, reserved, NVML, RSS
-    assert dom.svgs["plot-kv-layers"]["rect"] >= 14
+        for label in labels:
+            assert label in dom.svgs[pid], f"{pid} needs the axis label {label!r}"
+    timeline = dom.titles["plot-timeline"]
+    for series in ("allocated", "reserved", "NVML used", "process RSS (host)"):  # each line, with its peak
+        assert any(t.startswith(f"{series}: peak ") for t in timeline), series
+        assert series in dom.svgs["plot-timeline"]  # and in the legend
+    stored = [t for t in layer_titles(dom) if "8,192 tokens stored per sequence" in t]
+    assert len(stored) == 14 and len(layer_titles(dom)) == 32  # 14 layers held the prompt when layer 14 failed
     assert "plot-evictions" not in dom.svgs and "plot-evictions" in dom.ids  # nothing was evicted
     text = " ".join(dom.text)
     assert "no data: no tokens were evicted" in text
@@ -358,9 +374,13 @@ def test_cpu_report_draws_all_four_plots():
     dom = parse(render_html(rep))
     for pid in PLOT_IDS:
         assert pid in dom.svgs, pid
-        assert drawn(dom.svgs[pid]) > 0, pid
-    assert dom.svgs["plot-timeline"]["polyline"] == 1  # RSS only: no allocated/reserved/NVML on a CPU
-    assert dom.svgs["plot-kv-layers"]["rect"] == 2 * 30 + 2  # stored + evicted per layer, 2 legend boxes
+        assert "time (s)" in dom.svgs[pid] or "layer" in dom.svgs[pid] or "peak" in dom.svgs[pid], pid
+    series = [t.split(":")[0] for t in dom.titles["plot-timeline"] if ": peak " in t]
+    assert series == ["process RSS (host)"]  # RSS only: no allocated/reserved/NVML on a CPU
+    layers = layer_titles(dom)  # stored + evicted for each of the 30 layers
+    assert len(layers) == 30 and all("1,024 tokens stored per sequence, 3,327 evicted per sequence" in t
+                                     for t in layers)
+    assert "stored per sequence" in dom.svgs["plot-kv-layers"] and "evicted per sequence" in dom.svgs["plot-kv-layers"]
     text = " ".join(dom.text)
     assert "process RSS (host)" in text and "capacity 2.00 GiB (emulated)" in text
     assert "no fixes were proposed" in text and "fix-outcome" not in dom.ids and "snapshot" not in dom.ids
@@ -644,9 +664,9 @@ def test_chromium_renders_the_report(tmp_path, example):
         expected = PLOT_IDS if example == "cpu" else ("plot-timeline", "plot-kv-layers", "plot-attribution")
         for pid in expected:
             assert pid in dom.svgs, f"{pid} missing from the browser's DOM"
-            assert drawn(dom.svgs[pid]) > 0, f"{pid} has nothing drawn: {dom.svgs[pid]}"
-        assert done.stdout.count("<polyline") >= 2
-        assert done.stdout.count("<rect") >= 20
+        assert "time (s)" in dom.svgs["plot-timeline"] and "memory (GiB)" in dom.svgs["plot-timeline"]
+        assert any(": peak " in t for t in dom.titles["plot-timeline"])  # the lines the browser drew, with peaks
+        assert len(layer_titles(dom)) == (30 if example == "cpu" else 32)  # a bar per layer
         assert rep["diagnosis"]["headline"] in " ".join(dom.text)
         if example == "oom":
             assert "no data: no tokens were evicted" in " ".join(dom.text)

@@ -75,7 +75,7 @@ def run(args) -> int:
             raise usage("advise needs --engine and MODEL (or --from-log FILE)",
                         expected="e.g. kvscope advise --engine vllm llama-3.1-8b --gpu H100-80GB",
                         fix="--engine and MODEL")
-        from kvscope.engines.advice import advise
+        from kvscope.engines.advise import advise
 
         payload = advise(req).to_dict()
     output.emit(payload, args.format, render)

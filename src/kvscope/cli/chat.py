@@ -10,21 +10,19 @@ import json
 import sys
 
 from kvscope.cli import common, output
-from kvscope.planner.workload import DEFAULT_CHUNK
 
 HELP = "multi-turn chat in the terminal, reusing the KV cache across turns"
+PARENTS = ("model", "cache")
 
 
 def add_arguments(p) -> None:
-    common.add_model_arguments(p)
-    common.add_cache_arguments(p, default_policy="full")
     p.add_argument("--history", choices=("keep", "truncate", "summarize"), default="keep",
                    help="what to do when the history grows: keep it (the policy evicts), truncate the oldest turns, "
                    "or summarize them with the model (default keep)")
     p.add_argument("--history-tokens", type=int, default=None,
                    help="token limit for truncate/summarize: prompt + new tokens (default: --budget)")
     p.add_argument("--system", default=None, help="system prompt")
-    p.add_argument("--new-tokens", type=int, default=256, help="new tokens per reply at most (default 256)")
+    common.add_new_tokens(p, 256, "new tokens per reply at most")
     p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 (default) is greedy")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: keep tokens up to this probability mass")
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
@@ -45,11 +43,11 @@ def run(args) -> int:
     loaded = common.load_model(args)
     if loaded.tokenizer is None:
         raise usage(f"{args.model} has no tokenizer, so it cannot chat", expected="a model directory with tokenizer "
-                    "files, a .gguf, or smollm2-135m", fix="MODEL (benchmarks/multiturn.py drives random-weight "
+                    "files, a .gguf, or smollm2-135m", fix="MODEL (python -m benchmarks.multiturn drives random-weight "
                     "shapes with token ids)")
     engine = ChatEngine(loaded.model, loaded.tokenizer, policy=common.policy_name(args), knobs=common.knobs(args),
                         session_budget=args.budget, kv_dtype=args.kv_dtype,
-                        chunk_size=args.chunk_size or DEFAULT_CHUNK, history=args.history,
+                        chunk_size=common.chunk_size(args), history=args.history,
                         history_tokens=args.history_tokens)
     chat = Conversation(engine, args.system, args.new_tokens, sampling, args.format)
     chat.check_one_turn_fits()

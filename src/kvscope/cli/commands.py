@@ -17,6 +17,8 @@ from typing import Any
 MIB = 1024**2
 # Workload fields whose CLI option has another name
 _DESTS = {"budget_tokens": "budget"}
+# what a command line says first, after the model: the workload's size
+_FIRST = ("--batch", "--context", "--new-tokens", "--prompt", "--prompt-file")
 
 
 def render(command: str, args: argparse.Namespace, **changes: Any) -> str:
@@ -28,9 +30,17 @@ def render(command: str, args: argparse.Namespace, **changes: Any) -> str:
     for dest, value in changes.items():
         setattr(ns, dest, value)
     words = ["kvscope", command]
-    for action in command_parser(command)._actions:
+    actions = command_parser(command)._actions
+    for action in sorted(actions, key=_place):
         words += _words(action, getattr(ns, action.dest, action.default))
     return shlex.join(words)
+
+
+def _place(action: argparse.Action) -> int:
+    """Positionals first, then the workload's size, then every other option in the parser's order."""
+    if not action.option_strings:
+        return 0
+    return 1 if action.option_strings[0] in _FIRST else 2
 
 
 def _words(action: argparse.Action, value: Any) -> list[str]:

@@ -39,35 +39,66 @@ def knob(text: str) -> tuple[str, object]:
     return name.strip(), {"true": True, "false": False}.get(value.lower(), value)
 
 
-def add_model_arguments(p, *, random_help: str = "catalogue shape with random weights (no tokenizer)") -> None:
+def parents(names: tuple[str, ...]) -> list[argparse.ArgumentParser]:
+    """The option groups a command takes (its module's PARENTS), as argparse parent parsers: each option is defined
+    here once, with one name, one meaning and one check, whatever command takes it."""
+    out = []
+    for name in names:
+        parent = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        _PARENTS[name](parent)
+        out.append(parent)
+    return out
+
+
+def _model(p) -> None:
     p.add_argument("model", metavar="MODEL",
                    help="smollm2-135m (embedded), a local model directory, a .gguf file, or a catalogue name with "
                    "--random-weights")
-    p.add_argument("--random-weights", action="store_true", help=random_help)
-    add_device_argument(p)
+    p.add_argument("--random-weights", action="store_true",
+                   help="catalogue shape with random weights (no tokenizer: give the prompt as --context N)")
+    p.add_argument("--device", type=device_name, default="auto", metavar="DEVICE",
+                   help="auto (default: CUDA when there is one), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=list(DTYPE_BYTES),
                    help="weights and activations (default bf16 on CUDA, fp32 on the CPU)")
 
 
-def add_device_argument(p) -> None:
-    p.add_argument("--device", type=device_name, default="auto", metavar="DEVICE",
-                   help="auto (default: CUDA when there is one), cpu, cuda or cuda:N")
+def _cache(p) -> None:
+    p.add_argument("--policy", default=None, help=f"eviction policy of kvscope's cache: {POLICIES} "
+                   "(`kvscope.policies.available()`; default full, lru for `kvscope run`)")
+    p.add_argument("--policy-knob", type=knob, action="append", default=None, metavar="NAME=VALUE",
+                   help="a knob of the policy, e.g. window=64 for snapkv (repeatable; see kvscope.policies.knobs)")
+    p.add_argument("--budget", type=int, default=None, help="KV tokens kept per layer and sequence (kvscope's cache)")
+    p.add_argument("--kv-dtype", default=None, choices=list(KV_FORMATS),
+                   help="KV storage of kvscope's cache (default: the model dtype)")
+    p.add_argument("--chunk-size", type=int, default=None, help=f"prefill chunk, tokens (default {DEFAULT_CHUNK})")
+    p.set_defaults(_default_policy="full")
+
+
+def _runtime(p) -> None:
+    from kvscope.planner.workload import RUNTIMES
+
+    p.add_argument("--runtime", choices=RUNTIMES, default="hf", help="hf: plain transformers generate() with its "
+                   "default cache (default); kvscope: chunked prefill into kvscope's preallocated BudgetedCache")
+
+
+def _prompt(p, required: bool) -> None:
+    src = p.add_mutually_exclusive_group(required=required)
+    src.add_argument("--prompt", help="prompt text (needs a model with a tokenizer)")
+    src.add_argument("--prompt-file", metavar="FILE", help="file holding the prompt (UTF-8 text)")
+    src.add_argument("--context", type=int, metavar="N", help="N random token ids as the prompt (no tokenizer needed)")
+
+
+def _emulate(p) -> None:
+    p.add_argument("--gpu-memory", metavar="SIZE", help="emulate a GPU of this size with its unit (e.g. 24GiB) on a "
+                   "larger one")
+
+
+_PARENTS = {"model": _model, "cache": _cache, "runtime": _runtime, "prompt": lambda p: _prompt(p, True),
+            "prompt-optional": lambda p: _prompt(p, False), "emulate": _emulate}
 
 
 def add_new_tokens(p, default: int, help_text: str = "tokens to generate") -> None:
     p.add_argument("--new-tokens", type=int, default=default, help=f"{help_text} (default {default})")
-
-
-def add_cache_arguments(p, *, default_policy: str = "full", kv_help: str | None = None) -> None:
-    p.add_argument("--policy", default=None, help=f"eviction policy of kvscope's cache: {POLICIES} "
-                   f"(`kvscope.policies.available()`; default {default_policy})")
-    p.add_argument("--policy-knob", type=knob, action="append", default=None, metavar="NAME=VALUE",
-                   help="a knob of the policy, e.g. window=64 for snapkv (repeatable; see kvscope.policies.knobs)")
-    p.add_argument("--budget", type=int, default=None, help="KV tokens kept per layer and sequence")
-    p.add_argument("--kv-dtype", default=None, choices=list(KV_FORMATS),
-                   help=kv_help or "KV storage of kvscope's cache (default: the model dtype)")
-    p.add_argument("--chunk-size", type=int, default=None, help=f"prefill chunk, tokens (default {DEFAULT_CHUNK})")
-    p.set_defaults(_default_policy=default_policy)
 
 
 def add_out_arguments(p, *, default: str | None, what: str) -> None:
@@ -153,12 +184,14 @@ def measured_workload(args):
     for option, value in (("--batch", args.batch), ("--context", args.context), ("--new-tokens", args.new_tokens)):
         require_positive(option, value, option=option)
     check_policy_args(args)
-    if args.gpu_memory is not None:
-        parse_size(args.gpu_memory)
+    gpu_memory = parse_size(args.gpu_memory) if args.gpu_memory is not None else None
     device = check_device(args)
     args.dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    kvscope = args.runtime == "kvscope"
     w = Workload(batch=args.batch, context=args.context, new_tokens=args.new_tokens, dtype=args.dtype,
-                 kv_dtype=args.kv_dtype, runtime=args.runtime, budget_tokens=args.budget, chunk_size=chunk_size(args))
+                 kv_dtype=args.kv_dtype, runtime=args.runtime, budget_tokens=args.budget, chunk_size=chunk_size(args),
+                 policy=policy_name(args) if kvscope else None, knobs=knobs(args) if kvscope else {},
+                 gpu_memory=gpu_memory)
     spec = spec_for(args.model)
     check_positions(spec, w)  # a context beyond the model's positions fails before loading
     check_kv_dtype(spec, w.kv_dtype)
@@ -184,6 +217,41 @@ def load_model(args):
     with output.status(f"loading {args.model}"):
         return load(args.model, random_weights=args.random_weights, dtype=args.dtype, device=args.device,
                     on_notice=notice)
+
+
+def prompt_text(args) -> str | None:
+    """The prompt text of `--prompt` or `--prompt-file` (None for `--context`); empty or unreadable input is a usage
+    error naming the option and the file."""
+    from kvscope.errors import usage
+
+    if args.prompt is not None:
+        text = args.prompt
+    elif args.prompt_file is not None:
+        text = _read_prompt_file(args.prompt_file)
+    else:
+        return None
+    if not text.strip():
+        where = f"the prompt file {args.prompt_file}" if args.prompt_file is not None else "--prompt"
+        raise usage(f"the prompt is empty ({where} holds no text)", expected="some text, or --context N for N random "
+                    "tokens", fix="--prompt" if args.prompt is not None else "--prompt-file")
+    return text
+
+
+def _read_prompt_file(name: str) -> str:
+    from kvscope.errors import usage
+
+    path = Path(name).expanduser()
+    if not path.exists():
+        raise usage(f"prompt file not found: {path}", expected="a UTF-8 text file", fix="--prompt-file")
+    if path.is_dir():
+        raise usage(f"the prompt file {path} is a directory", expected="a UTF-8 text file", fix="--prompt-file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise usage(f"the prompt file {path} is not UTF-8 text", expected="a UTF-8 text file",
+                    fix="--prompt-file") from None
+    except OSError as exc:
+        raise usage(f"cannot read the prompt file {path}: {exc.strerror or exc}", fix="--prompt-file") from None
 
 
 def out_dir_state(path: str) -> bool:

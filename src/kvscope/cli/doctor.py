@@ -5,21 +5,15 @@ Exit code 0: the workload ran, or the applied fix made it run; 3: it failed and 
 from __future__ import annotations
 
 from kvscope.cli import commands, common, output
-from kvscope.planner.workload import RUNTIMES
 
 HELP = "run a workload, diagnose OOMs and KV overflows, rank and apply fixes, write an HTML report"
+PARENTS = ("model", "cache", "runtime", "emulate")  # --gpu-memory on the CPU: what the planner's figures compare with
 
 
 def add_arguments(p) -> None:
-    common.add_model_arguments(p)
     p.add_argument("--batch", type=int, required=True, help="sequences per batch")
     p.add_argument("--context", type=int, required=True, help="prompt length in tokens (random token ids)")
     p.add_argument("--new-tokens", type=int, required=True, help="tokens to generate")
-    common.add_cache_arguments(p, default_policy="full")
-    p.add_argument("--runtime", choices=RUNTIMES, default="hf",
-                   help="hf: plain transformers generate() (default); kvscope: chunked prefill into a BudgetedCache")
-    p.add_argument("--gpu-memory", metavar="SIZE", help="emulate a GPU of this size with its unit (e.g. 24GiB) on a "
-                   "larger one; on the CPU, the capacity the planner's GPU figures are compared with")
     p.add_argument("--fix", action="store_true", help="apply the best fix, re-run, and report the outcome")
     common.add_out_arguments(p, default="kvscope-report", what="report.html, report.json and the memory snapshot")
     output.add_format(p)
@@ -39,15 +33,14 @@ def run(args) -> int:
         def on_progress(phase: str, done: int, total: int) -> None:
             bar.update(task, description=phase, completed=done, total=total)
 
-        result = doctor(loaded, w, policy=common.policy_name(args), knobs=common.knobs(args),
-                        gpu_memory=args.gpu_memory, fix=args.fix, out=args.out, force=args.force,
+        result = doctor(loaded, w, fix=args.fix, out=args.out, force=args.force,
                         command=commands.render("doctor", args), progress=on_progress,
                         fix_command=lambda f: fix_command(args, f))
-    payload = {**result.report, "paths": result.paths}
+    payload = {**result.report.to_dict(), "paths": result.paths}
     output.emit(payload, args.format, render)
     if result.status == "ok" or result.fixed:
         return 0
-    return EXIT_INTERNAL if result.report["outcome"]["detail"] == "error" else EXIT_DOES_NOT_FIT
+    return EXIT_INTERNAL if result.report.outcome.detail == "error" else EXIT_DOES_NOT_FIT
 
 
 def fix_command(args, fix) -> str:
@@ -103,7 +96,7 @@ def render(d: dict) -> None:
         for col in ("#", "option", "estimate", "fits", "what it costs"):
             t.add_column(col)
         for f in d["fixes"]:
-            t.add_row(str(f["rank"]), f["option"], f"{g(f['peak_bytes'])} {f['estimate_of']}",
+            t.add_row(str(f["rank"]), f["option"], f"{g(f['estimate_bytes'])} {f['estimate_of']}",
                       "yes" if f["fits"] else "no", f["message"])
         out.print(t)
         for f in d["fixes"]:

@@ -4,24 +4,18 @@ bisecting; report measured against predicted. Exit code 3 when not even the smal
 from __future__ import annotations
 
 from kvscope.cli import common, output
-from kvscope.planner.workload import RUNTIMES
 
 HELP = "measure the largest batch or context that runs, starting from the planner's prediction"
+PARENTS = ("model", "cache", "runtime", "emulate")
 
 
 def add_arguments(p) -> None:
-    common.add_model_arguments(p)
     p.add_argument("--dimension", choices=("batch", "context"), default="batch",
                    help="what to maximise: batch (default; needs a GPU) or context (prompt length)")
     p.add_argument("--batch", type=int, default=1, help="sequences per batch, when the context is searched (default 1)")
     p.add_argument("--context", type=int, default=2048, help="prompt length in tokens, when the batch is searched "
                    "(default 2048; unused with --dimension context)")
     common.add_new_tokens(p, 16)
-    common.add_cache_arguments(p, default_policy="full")
-    p.add_argument("--runtime", choices=RUNTIMES, default="hf",
-                   help="hf: plain transformers generate() (default); kvscope: chunked prefill into a BudgetedCache")
-    p.add_argument("--gpu-memory", metavar="SIZE", help="emulate a GPU of this size with its unit (e.g. 24GiB) on a "
-                   "larger one")
     output.add_format(p)
 
 
@@ -37,8 +31,7 @@ def run(args) -> int:
     def on_probe(p):
         output.stderr.print(f"  {args.dimension} {p.value}: {p.status} ({p.seconds} s)", highlight=False)
 
-    result = fit(loaded, w, dimension=args.dimension, policy=common.policy_name(args), knobs=common.knobs(args),
-                 gpu_memory=args.gpu_memory, on_probe=on_probe)
+    result = fit(loaded, w, dimension=args.dimension, on_probe=on_probe)
     output.emit(result.to_dict(), args.format, render)
     return EXIT_DOES_NOT_FIT if result.measured == 0 else 0
 

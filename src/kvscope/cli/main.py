@@ -13,6 +13,7 @@ import os
 import sys
 
 from kvscope import __version__
+from kvscope.cli import common
 from kvscope.errors import EXIT_DOES_NOT_FIT, EXIT_INTERNAL, EXIT_USAGE, DoesNotFit, KvscopeError, UsageError
 
 COMMANDS = ("plan", "run", "doctor", "fit", "profile", "chat", "serve", "watch", "advise", "env")
@@ -34,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         module = importlib.import_module(f"kvscope.cli.{name}")
         p = sub.add_parser(name, help=module.HELP, description=module.__doc__, allow_abbrev=False,
-                           epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                           epilog=EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter,
+                           parents=common.parents(getattr(module, "PARENTS", ())))
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser

@@ -5,11 +5,11 @@ With --check the exit code says whether it fits (0 fits, 3 does not)."""
 from __future__ import annotations
 
 from kvscope.cli import commands, common, output
-from kvscope.kvformats import DTYPE_BYTES, KV_FORMATS
+from kvscope.kvformats import DTYPE_BYTES
 from kvscope.planner.gpus import GPUS
-from kvscope.planner.workload import DEFAULT_CHUNK, RUNTIMES
 
 HELP = "predict memory, fit, max batch/context and fixes for a workload"
+PARENTS = ("runtime", "cache")  # the policy is checked against the budget; the estimate prices what a budget allocates
 
 
 def add_arguments(p) -> None:
@@ -29,27 +29,17 @@ def add_workload_arguments(p) -> None:
     p.add_argument("--context", type=int, default=2048, help="prompt length in tokens (default 2048)")
     common.add_new_tokens(p, 128)
     p.add_argument("--dtype", default="bf16", choices=list(DTYPE_BYTES), help="weights and activations (default bf16)")
-    p.add_argument("--kv-dtype", default=None, choices=list(KV_FORMATS), help="KV cache storage (default: --dtype)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree; memory is per GPU (default 1)")
-    p.add_argument("--runtime", default="hf", choices=RUNTIMES,
-                   help="hf: plain transformers generate() (default); kvscope: chunked prefill into one preallocated "
-                   "cache")
-    p.add_argument("--budget", type=int, default=None, help="KV budget in tokens per sequence (kvscope runtime)")
-    p.add_argument("--policy", default=None, help=f"eviction policy that keeps the budget (kvscope runtime): "
-                   f"{common.POLICIES}; checked against the budget, it does not change the estimate")
-    p.add_argument("--policy-knob", type=common.knob, action="append", default=None, metavar="NAME=VALUE",
-                   help="a knob of the policy, e.g. window=64 (repeatable)")
-    p.add_argument("--chunk-size", type=int, default=None, help=f"prefill chunk (kvscope runtime, default "
-                   f"{DEFAULT_CHUNK})")
-    p.set_defaults(_default_policy="full")
 
 
 def workload_from(args):
+    from kvscope.planner.sizes import parse_size
     from kvscope.planner.workload import Workload
 
     return Workload(batch=args.batch, context=args.context, new_tokens=args.new_tokens, dtype=args.dtype,
                     kv_dtype=args.kv_dtype, tp=args.tp, runtime=args.runtime, budget_tokens=args.budget,
-                    chunk_size=common.chunk_size(args))
+                    chunk_size=common.chunk_size(args),
+                    gpu_memory=parse_size(args.gpu_memory) if args.gpu_memory is not None else None)
 
 
 def run(args) -> int:
@@ -61,7 +51,7 @@ def run(args) -> int:
     common.check_runtime_options(args)
     if args.policy is not None or args.policy_knob:
         common.check_policy_args(args)
-    result = plan(spec_for(args.model), w, gpu=args.gpu, gpu_memory=args.gpu_memory)
+    result = plan(spec_for(args.model), w, gpu=args.gpu)
     payload = result.to_dict()
     for fix in payload["advice"]:
         fix["command"] = fix_command(args, fix["changes"])

@@ -10,34 +10,17 @@ from pathlib import Path
 
 from kvscope.cli import common, output
 from kvscope.errors import require_positive, usage
-from kvscope.kvformats import DTYPE_BYTES
-from kvscope.planner.workload import RUNTIMES
 
 HELP = "torch.profiler trace of a generation: per-layer and per-phase times, top operators, memory"
-DEFAULT_CONTEXT = 128
+PARENTS = ("model", "prompt-optional", "runtime", "cache")
+DEFAULT_CONTEXT = 128  # random prompt tokens when no prompt is given
 
 
 def add_arguments(p) -> None:
     import argparse
 
-    p.add_argument("model", metavar="MODEL", help="local model directory, .gguf file, smollm2-135m, or a catalogue "
-                   "name with --random-weights")
-    p.add_argument("--random-weights", action="store_true", help="random weights of MODEL's shape (no tokenizer: "
-                   "use --context)")
-    prompt = p.add_mutually_exclusive_group()
-    prompt.add_argument("--prompt", help="prompt text (needs a model with a tokenizer)")
-    prompt.add_argument("--prompt-file", metavar="FILE", help="read the prompt text from FILE")
-    prompt.add_argument("--context", type=int, help=f"N random token ids as the prompt (default {DEFAULT_CONTEXT} "
-                        "when no prompt is given)")
     p.add_argument("--batch", type=int, default=1, help="sequences per batch, each with the same prompt (default 1)")
     common.add_new_tokens(p, 16, "tokens to generate; end-of-sequence does not stop early")
-    p.add_argument("--runtime", default="hf", choices=RUNTIMES,
-                   help="hf: plain transformers generate() with its default cache (default); kvscope: chunked prefill "
-                   "into a BudgetedCache")
-    common.add_cache_arguments(p, default_policy="full", kv_help="KV storage of the kvscope runtime's cache")
-    common.add_device_argument(p)
-    p.add_argument("--dtype", choices=list(DTYPE_BYTES), help="weights and activations (default bf16 on cuda, fp32 "
-                   "on cpu)")
     p.add_argument("--nvtx", action="store_true", help="also emit NVTX ranges, for `nsys profile -t cuda,nvtx` "
                    "(CUDA only)")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
@@ -51,9 +34,10 @@ def run(args) -> int:
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keeps kineto's start/stop lines off stderr (read when torch loads)
     _check_numbers(args)
     common.check_policy_args(args, kv_dtype=True)  # no Workload here to refuse a KV dtype plain generate() ignores
-    text = _prompt_text(args)
+    text = common.prompt_text(args)
     from kvscope.models.loader import load, resolve_device
     from kvscope.report.write import check_out_dir
+    from kvscope.runtime.session import check_positions
 
     check_out_dir(args.out, force=args.force)  # a profile never lands among the files of another run
     device = resolve_device(args.device)
@@ -67,7 +51,7 @@ def run(args) -> int:
         model, tokenizer, spec = load(args.model, random_weights=args.random_weights, dtype=args.dtype, device=device,
                                       on_notice=lambda text: output.stderr.print(f"note: {text}", markup=False))
     ids = _input_ids(args, text, tokenizer, spec)
-    _check_positions(ids.shape[1], args.new_tokens, spec)
+    check_positions(ids.shape[1], args.new_tokens, spec.max_position_embeddings)
     created = not Path(args.out).expanduser().exists()
     try:
         result = _profile(args, model, ids, spec)
@@ -113,35 +97,6 @@ def _check_numbers(args) -> None:
             require_positive(name, value, option=option)
 
 
-def _prompt_text(args) -> str | None:
-    if args.prompt is not None:
-        text = args.prompt
-    elif args.prompt_file is not None:
-        text = _read_prompt_file(args.prompt_file)
-    else:
-        return None
-    if not text.strip():
-        where = f"the prompt file {args.prompt_file}" if args.prompt_file is not None else "--prompt"
-        raise usage(f"the prompt is empty ({where} holds no text)", expected="some text, or --context N for N random "
-                    "tokens", fix="--prompt" if args.prompt is not None else "--prompt-file")
-    return text
-
-
-def _read_prompt_file(name: str) -> str:
-    path = Path(name).expanduser()
-    if not path.exists():
-        raise usage(f"prompt file not found: {path}", expected="a UTF-8 text file", fix="--prompt-file")
-    if path.is_dir():
-        raise usage(f"the prompt file {path} is a directory", expected="a UTF-8 text file", fix="--prompt-file")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise usage(f"the prompt file {path} is not UTF-8 text", expected="a UTF-8 text file",
-                    fix="--prompt-file") from None
-    except OSError as exc:
-        raise usage(f"cannot read the prompt file {path}: {exc.strerror or exc}", fix="--prompt-file") from None
-
-
 def _no_tokenizer(args):
     option = "--prompt-file" if args.prompt_file is not None else "--prompt"
     return usage(f"{args.model} has no tokenizer here (random weights, or none in its directory), so a text prompt "
@@ -149,7 +104,7 @@ def _no_tokenizer(args):
 
 
 def _input_ids(args, text: str | None, tokenizer, spec):
-    import torch
+    from kvscope.runtime.session import random_ids
 
     if text is not None:
         if tokenizer is None:
@@ -159,16 +114,7 @@ def _input_ids(args, text: str | None, tokenizer, spec):
             raise usage("the prompt is empty after tokenization", expected="text that encodes to at least one token",
                         fix="--prompt or --prompt-file")
         return ids.expand(args.batch, -1).contiguous()
-    length = args.context if args.context is not None else DEFAULT_CONTEXT
-    generator = torch.Generator().manual_seed(0)
-    return torch.randint(0, spec.vocab_size, (args.batch, length), generator=generator)
-
-
-def _check_positions(prompt: int, new: int, spec) -> None:
-    if prompt + new > spec.max_position_embeddings:
-        raise usage(f"prompt {prompt} + {new} new tokens = {prompt + new} positions, but {spec.name} supports "
-                    f"{spec.max_position_embeddings}", expected=f"at most {spec.max_position_embeddings} positions",
-                    fix="--context, --prompt or --new-tokens")
+    return random_ids(spec.vocab_size, args.context if args.context is not None else DEFAULT_CONTEXT, args.batch)
 
 
 def _cache_factory(args, model, ids):

@@ -5,28 +5,23 @@ from __future__ import annotations
 from kvscope.cli import commands, common, output
 
 HELP = "generate under a budgeted KV cache; print the text and a per-layer KV table"
+PARENTS = ("model", "prompt", "cache")
 
 
 def add_arguments(p) -> None:
-    common.add_model_arguments(p, random_help="catalogue shape with random weights (no tokenizer: use --context)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text")
-    src.add_argument("--prompt-file", metavar="FILE", help="file holding the prompt (UTF-8 text)")
-    src.add_argument("--context", type=int, metavar="N", help="N random token ids as the prompt (no tokenizer needed)")
     chat = p.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=True,
                       help="apply the chat template (default)")
     chat.add_argument("--raw", dest="chat", action="store_false", help="feed the text as is")
-    common.add_cache_arguments(p, default_policy="lru")
+    p.set_defaults(_default_policy="lru")
     common.add_new_tokens(p, 64, "tokens to generate at most (end-of-sequence stops earlier)")
     output.add_format(p)
 
 
 def run(args) -> int:
     from kvscope.errors import require_positive
-    from kvscope.runtime.session import read_prompt
 
-    text = read_prompt(args.prompt, args.prompt_file) if args.context is None else None
+    text = common.prompt_text(args)
     common.check_policy_args(args)
     require_positive("--new-tokens", args.new_tokens, option="--new-tokens")
     if args.context is not None:

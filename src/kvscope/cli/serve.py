@@ -9,17 +9,15 @@ waiting and new requests (503 with Retry-After), lets the running one finish, an
 from __future__ import annotations
 
 from kvscope.cli import common, output
-from kvscope.planner.workload import DEFAULT_CHUNK
 
 HELP = "OpenAI-compatible chat server: KV reuse across turns, a global KV budget, /metrics"
+PARENTS = ("model", "cache")  # --budget: KV tokens per layer each session keeps
 
 
 def add_arguments(p) -> None:
-    common.add_model_arguments(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one and prints it)")
     p.add_argument("--served-model-name", default=None, help="the model name clients send (default: MODEL's name)")
-    common.add_cache_arguments(p, default_policy="full")  # --budget: KV tokens per layer each session keeps
     total = p.add_mutually_exclusive_group()
     total.add_argument("--total-budget", type=int, default=None,
                        help="KV budget of the whole server, tokens per layer over all sessions (default: 8 sessions)")
@@ -28,7 +26,7 @@ def add_arguments(p) -> None:
                    help="default history strategy (a request may send its own `history`)")
     p.add_argument("--history-tokens", type=int, default=None, help="limit for truncate/summarize (default: "
                    "--budget)")
-    p.add_argument("--new-tokens", type=int, default=256, help="new tokens when a request sends no max_tokens")
+    common.add_new_tokens(p, 256, "new tokens when a request sends no max_tokens")
     p.add_argument("--max-waiting", type=int, default=16, help="requests queued before 429 (default 16)")
     p.add_argument("--max-sessions", type=int, default=1024, help="session records kept (default 1024)")
     p.add_argument("--swap-space", default="4GiB", help="pinned CPU memory for swapped sessions, CUDA only "
@@ -45,7 +43,7 @@ def run(args) -> int:
     from kvscope.serve import bind, create_app, make_server
 
     common.check_policy_args(args)
-    args.chunk_size = args.chunk_size or DEFAULT_CHUNK
+    args.chunk_size = common.chunk_size(args)
     policy = get(common.policy_name(args), **common.knobs(args))
     for option in ("budget", "total_budget", "chunk_size", "history_tokens", "new_tokens", "max_waiting",
                    "max_sessions", "shutdown_timeout"):

@@ -8,50 +8,32 @@ run measures, so every fix's estimate can be checked against its outcome.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import replace
 
 from kvscope.doctor.execute import Outcome
 from kvscope.models.spec import ModelSpec
 from kvscope.planner import search
+from kvscope.planner.advice import Fix
 from kvscope.planner.memory import kv_store_bytes
 from kvscope.planner.sizes import format_bytes as fb
 from kvscope.planner.workload import Workload
 from kvscope.policies import preferred_for
+from kvscope.report.model import Diagnosis, Figure
 
 FRAGMENTATION_SHARE = 0.05  # reserved-but-unallocated above this share of capacity is worth a fix of its own
 
 
-@dataclass
-class Fix:
-    rank: int
-    option: str
-    change: str
-    peak_bytes: int | None  # the estimate the fix is checked against: KV storage for budget fixes, else planner peak
-    fits: bool
-    message: str
-    workload: Workload | None  # the workload to re-run, None when it cannot be applied on this machine
-    policy: str | None = None
-    changes: dict | None = None  # Workload fields (and "policy", "gpu", "tp") the fix sets
-    estimate_of: str = "peak allocated"  # what `peak_bytes` estimates
-    command: str | None = None  # the command line that applies it, when the caller knows the command
-
-    def to_dict(self) -> dict:
-        return {"rank": self.rank, "option": self.option, "change": self.change, "peak_bytes": self.peak_bytes,
-                "estimate_of": self.estimate_of, "fits": self.fits, "message": self.message,
-                "applicable": self.workload is not None, "changes": self.changes or {}, "command": self.command}
-
-
-def workload_dict(spec: ModelSpec, w: Workload, policy: str | None) -> dict:
+def workload_dict(spec: ModelSpec, w: Workload) -> dict:
     """A workload as the report shows it: its fields, its KV tokens, its policy and (kvscope runtime) the KV storage
     its budget allocates."""
     kvscope = w.runtime == "kvscope"
-    return {**w.to_dict(), "kv_tokens": w.kv_tokens, "policy": policy if kvscope else None,
+    return {**w.to_dict(), "kv_tokens": w.kv_tokens, "policy": w.policy if kvscope else None,
             "kv_budget_bytes": kv_store_bytes(spec, w) if kvscope else None}
 
 
-def figure(label: str, *, bytes_: int | None = None, tokens: int | None = None, detail: str = "") -> dict:
+def figure(label: str, *, bytes_: int | None = None, tokens: int | None = None, detail: str = "") -> Figure:
     """One headline figure of the report: a labelled number of bytes or tokens with a line saying what it is."""
-    return {"label": label, "bytes": bytes_, "tokens": tokens, "detail": detail}
+    return Figure(label, bytes_, tokens, detail)
 
 
 def attribution(o: Outcome, weights: int, capacity: int) -> dict[str, int]:
@@ -68,13 +50,13 @@ def attribution(o: Outcome, weights: int, capacity: int) -> dict[str, int]:
             "other": max(0, (used or reserved) - reserved), "fragmentation": max(0, reserved - allocated)}
 
 
-def diagnose(o: Outcome, w: Workload, prediction: dict, parts: dict[str, int], capacity: int, *, policy: str,
-             spec: ModelSpec, cuda: bool = True) -> dict:
+def diagnose(o: Outcome, w: Workload, prediction: dict, parts: dict[str, int], capacity: int, *,
+             spec: ModelSpec, cuda: bool = True) -> Diagnosis:
     """headline, explanation, labelled figures and the option to change, for what happened to `w`."""
     if o.status == "oom":
         return _oom(o, prediction, parts, capacity)
     if o.status == "kv_budget_exceeded":
-        return _over_budget(o, w, policy, spec)
+        return _over_budget(o, w, spec)
     predicted = prediction["needed_bytes"]
     if o.status == "error":
         return _result("The run failed", o.error or "", [figure("available", bytes_=capacity)])
@@ -97,16 +79,14 @@ def diagnose(o: Outcome, w: Workload, prediction: dict, parts: dict[str, int], c
                    "measurement).", figures)
 
 
-def _result(headline: str, explanation: str, figures: list[dict], *, option: str | None = None,
-            expandable: bool = False) -> dict:
-    by_label = {f["label"]: f.get("bytes") for f in figures}
-    return {"headline": headline, "explanation": explanation, "figures": figures,
-            "needed_bytes": by_label.get("needed by the workload"), "available_bytes": by_label.get("available"),
-            "held_bytes": by_label.get("held at the failure"), "option": option,
-            "recommend_expandable_segments": expandable}
+def _result(headline: str, explanation: str, figures: list[Figure], *, option: str | None = None,
+            expandable: bool = False) -> Diagnosis:
+    by_label = {f.label: f.bytes for f in figures}
+    return Diagnosis(headline, explanation, figures, by_label.get("needed by the workload"), by_label.get("available"),
+                     by_label.get("held at the failure"), option, expandable)
 
 
-def _oom(o: Outcome, prediction: dict, parts: dict[str, int], capacity: int) -> dict:
+def _oom(o: Outcome, prediction: dict, parts: dict[str, int], capacity: int) -> Diagnosis:
     f = o.at_failure
     needed = prediction["needed_bytes"]
     biggest = max(("weights", "kv_cache", "activations"), key=lambda k: parts[k])
@@ -131,7 +111,8 @@ def _oom(o: Outcome, prediction: dict, parts: dict[str, int], capacity: int) -> 
                    f"({fb(f.allocated)} held at the failure)", text, figures, expandable=frag)
 
 
-def _over_budget(o: Outcome, w: Workload, policy: str, spec: ModelSpec) -> dict:
+def _over_budget(o: Outcome, w: Workload, spec: ModelSpec) -> Diagnosis:
+    policy = w.cache_policy
     need, budget = w.kv_tokens, w.budget_tokens or 0
     needed = kv_store_bytes(spec, w.with_(budget_tokens=need))
     available = kv_store_bytes(spec, w)
@@ -154,33 +135,22 @@ def _over_budget(o: Outcome, w: Workload, policy: str, spec: ModelSpec) -> dict:
                    text, figures, option="--budget or --policy")
 
 
-def fixes_from_plan(prediction: dict, w: Workload, cuda: bool) -> list[Fix]:
-    """The planner's ranked advice, with the workload each fix would run (None if this machine cannot run it)."""
-    out = []
-    for a in prediction.get("advice", []):
-        changes = dict(a["changes"])
-        runnable = "gpu" not in changes and changes.get("tp", 1) == 1 and cuda
-        policy = changes.get("policy")
-        fields = {k: v for k, v in changes.items() if k in Workload.__dataclass_fields__}
-        if policy is not None:
-            fields["policy"] = policy
-        out.append(Fix(len(out) + 1, a["option"], a["action"], a["estimate_bytes"], a["fits"], a["message"],
-                       w.with_(**fields) if runnable else None, policy, changes, "needed (peak allocated + overhead)"))
-    return out
+def fixes_from_plan(advice: list[Fix], cuda: bool) -> list[Fix]:
+    """The planner's ranked fixes, each said applicable when this machine can run it (one GPU of its own size)."""
+    return [replace(f, applicable=cuda and "gpu" not in f.changes and f.changes.get("tp", 1) == 1) for f in advice]
 
 
-def fixes_for_budget(spec: ModelSpec, w: Workload, policy: str) -> list[Fix]:
+def fixes_for_budget(spec: ModelSpec, w: Workload) -> list[Fix]:
     """Fixes for a KV budget that a non-evicting policy outgrew, cheapest in quality first. Every estimate is the KV
     storage the fixed cache allocates (planner.memory.kv_store_bytes), which the fixed run measures."""
     need, budget = w.kv_tokens, w.budget_tokens or 0
     available = kv_store_bytes(spec, w)
     out: list[Fix] = []
 
-    def add(option: str, change: str, new: Workload, message: str, policy_: str | None, **changes) -> None:
+    def add(option: str, action: str, new: Workload, message: str, **changes) -> None:
         est = kv_store_bytes(spec, new)
-        changes = {k: v for k, v in new.to_dict().items() if v != w.to_dict()[k]} | changes
-        out.append(Fix(len(out) + 1, option, change, est, True, message.format(est=fb(est)), new, policy_, changes,
-                       "KV storage"))
+        out.append(Fix(len(out) + 1, action, option, kv_store_bytes(spec, w.with_(budget_tokens=need)), available, est,
+                       True, "", w.changes_to(new) | changes, new, "KV storage", message.format(est=fb(est))))
 
     for kv, cost in (("int8", "perplexity within about 1%"), ("int4", "perplexity within about 5%")):
         if kv == w.kv_dtype or not spec.supports_kv_dtype(kv):
@@ -191,11 +161,12 @@ def fixes_for_budget(spec: ModelSpec, w: Workload, policy: str) -> list[Fix]:
             window = " (with its 128-token full-precision window per layer)" if kv == "int4" else ""
             add(f"--kv-dtype {kv} --budget {need}", f"store the KV cache as {kv}", w.with_(kv_dtype=kv,
                 budget_tokens=need), f"as {kv} the whole sequence ({need} tokens) takes {{est}} of KV storage{window}, "
-                f"within the {fb(available)} the budget allocates now; {cost}, nothing evicted", policy)
+                f"within the {fb(available)} the budget allocates now; {cost}, nothing evicted")
     evict = preferred_for(budget)
-    add(f"--policy {evict} --budget {budget}", f"evict with {evict} at the same budget", w.with_(policy=evict),
+    add(f"--policy {evict} --budget {budget}", f"evict with {evict} at the same budget",
+        w.with_(policy=evict, knobs=w.knobs if evict == w.policy else {}),
         f"keeps {budget} of {need} KV tokens per sequence ({budget / need:.0%}) in {{est}}; quality depends on the "
-        "policy (see docs/benchmarks.md)", evict, policy=evict)
+        "policy (see docs/benchmarks.md)", policy=evict)
     add(f"--budget {need}", "raise the budget to the whole sequence", w.with_(budget_tokens=need),
-        f"needs {{est}} of KV storage instead of {fb(available)}; nothing evicted", policy)
+        f"needs {{est}} of KV storage instead of {fb(available)}; nothing evicted")
     return out

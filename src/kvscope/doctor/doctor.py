@@ -14,12 +14,12 @@ import datetime as _dt
 import os
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from kvscope import __version__
-from kvscope.doctor.apply import apply_fix, best_fix, fix_figure, report_status
+from kvscope.doctor.apply import apply_fix, best_fix, fix_figure, kv_layers, report_status
 from kvscope.doctor.diagnose import attribution, diagnose, fixes_for_budget, fixes_from_plan, workload_dict
 from kvscope.doctor.execute import execute
 from kvscope.errors import does_not_fit, usage
@@ -28,24 +28,24 @@ from kvscope.planner.memory import kv_bytes
 from kvscope.planner.plan import plan
 from kvscope.planner.sizes import format_bytes, parse_size
 from kvscope.planner.workload import Workload
+from kvscope.report.model import DeviceInfo, DoctorReport, Evictions, KVTimeline, ModelInfo, Phase, RunOutcome, Timeline
 
 SNAPSHOT_ENTRIES = 200_000
 
 
 @dataclass
 class DoctorResult:
-    report: dict
+    report: DoctorReport
     paths: dict
 
     @property
     def status(self) -> str:
-        return self.report["outcome"]["status"]
+        return self.report.outcome.status
 
     @property
     def fixed(self) -> bool:
         """The workload failed, and the applied fix ran as estimated."""
-        fo = self.report.get("fix_outcome")
-        return bool(fo) and fo["status"] == "ok"
+        return self.report.fix_outcome is not None and self.report.fix_outcome.status == "ok"
 
 
 def emulate_capacity(gpu_memory: str | int | None, device) -> tuple[int, bool]:
@@ -64,22 +64,22 @@ def emulate_capacity(gpu_memory: str | int | None, device) -> tuple[int, bool]:
     return size, True
 
 
-def doctor(loaded, w: Workload, *, policy: str = "full", knobs: dict | None = None, gpu_memory: str | None = None,
-           fix: bool = False, out: str | os.PathLike, force: bool = False, command: str | None = None,
-           progress=None, fix_command=None) -> DoctorResult:
+def doctor(loaded, w: Workload, *, fix: bool = False, out: str | os.PathLike, force: bool = False,
+           command: str | None = None, progress=None, fix_command=None) -> DoctorResult:
     """Run `w` on `loaded` under the monitor, diagnose it and write the report into `out` (which must be empty or new,
-    unless `force`). `fix_command(fix)` may return the command line that applies a fix (the CLI passes one)."""
+    unless `force`). The workload carries its cache's policy and knobs and the device memory to emulate
+    (`w.gpu_memory`). `fix_command(fix)` may return the command line that applies a fix (the CLI passes one)."""
     from kvscope.report import check_out_dir, write_report
 
     out_dir = check_out_dir(out, force=force)
-    if w.runtime == "kvscope":  # the policy decides the cache's shape (room above the budget): the planner needs it
-        w = w.with_(policy=policy)
+    w = with_policy(w)
     model, spec = loaded.model, loaded.spec
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
     notes: list[str] = []
-    capacity, emulated = _capacity(gpu_memory, device, notes, w, spec)
-    prediction = plan(spec, w, gpu_memory=capacity).to_dict()
+    capacity, emulated = _capacity(w.gpu_memory, device, notes, w, spec)
+    planned = plan(spec, w, gpu_memory=capacity)
+    prediction = planned.to_dict()
     weights = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
     snapshot = None
     if cuda:
@@ -89,43 +89,28 @@ def doctor(loaded, w: Workload, *, policy: str = "full", knobs: dict | None = No
     monitor = Monitor(device=(device.index or 0) if cuda else None).start()
     try:
         try:
-            outcome = execute(model, spec, w, policy=policy, knobs=knobs, monitor=monitor, snapshot_path=snapshot,
-                              progress=progress)
+            outcome = execute(model, spec, w, monitor=monitor, snapshot_path=snapshot, progress=progress)
         finally:
             if cuda:
                 torch.cuda.memory._record_memory_history(enabled=None)
         parts = attribution(outcome, weights, capacity)
-        diagnosis = diagnose(outcome, w, prediction, parts, capacity, policy=policy, spec=spec, cuda=cuda)
+        diagnosis = diagnose(outcome, w, prediction, parts, capacity, spec=spec, cuda=cuda)
         if outcome.status == "kv_budget_exceeded":
-            fixes = fixes_for_budget(spec, w, policy)
+            fixes = fixes_for_budget(spec, w)
         elif outcome.status == "oom" or not prediction["fits"]:
-            fixes = fixes_from_plan(prediction, w, cuda)
+            fixes = fixes_from_plan(planned.advice, cuda)
         else:
             fixes = []
-        for f in fixes:
-            f.command = fix_command(f) if fix_command else None
-        report = {
-            "kvscope_version": __version__,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "command": command or " ".join(sys.argv),
-            "model": {"name": spec.name, "num_layers": spec.num_layers, "kv_heads": spec.num_kv_heads,
-                      "head_dim": spec.head_dim, "weights_bytes": weights},
-            "workload": workload_dict(spec, w, policy),
-            "device": {"name": torch.cuda.get_device_name(device) if cuda else "CPU", "cuda": cuda,
-                       "total_bytes": torch.cuda.get_device_properties(device).total_memory if cuda else None,
-                       "capacity_bytes": capacity, "emulated": emulated},
-            "prediction": prediction,
-            "outcome": _outcome_dict(outcome, w),
-            "kv_layers": outcome.kv_layers,
-            "kv_layers_workload": workload_dict(spec, w, policy),
-            "attribution": parts,
-            "diagnosis": diagnosis,
-            "fixes": [f.to_dict() for f in fixes],
-            "fix_outcome": None,
-            "snapshot": None,
-            "notes": notes,
-        }
-        report.update(_monitor_dict(monitor))
+        fixes = [replace(f, command=fix_command(f)) for f in fixes] if fix_command else fixes
+        report = DoctorReport(
+            kvscope_version=__version__, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            command=command or " ".join(sys.argv),
+            model=ModelInfo(spec.name, spec.num_layers, spec.num_kv_heads, spec.head_dim, weights),
+            workload=workload_dict(spec, w), device=_device(device, capacity, emulated), prediction=prediction,
+            outcome=_outcome(outcome, w), kv_layers=kv_layers(outcome.kv_layers),
+            kv_layers_workload=workload_dict(spec, w), attribution=parts, diagnosis=diagnosis,
+            fixes=[f.to_dict() for f in fixes], notes=notes)
+        _record_monitor(report, monitor)
         snapshot_name = snapshot if outcome.status == "oom" and snapshot and os.path.getsize(snapshot) > 0 else None
         best = best_fix(fixes) if fix else None
         if fix:
@@ -134,7 +119,7 @@ def doctor(loaded, w: Workload, *, policy: str = "full", knobs: dict | None = No
             notes.append(f"re-running with the fix {best.option}; if this note stays, the re-run did not finish")
         paths = write_report(out_dir, report, snapshot_src=snapshot_name, move_snapshot=True, force=force)
         if best is not None:
-            report = _fix_and_rewrite(loaded, best, report, monitor, out_dir, knobs, capacity, progress)
+            report = _fix_and_rewrite(loaded, best, report, monitor, out_dir, capacity, progress)
     finally:
         monitor.stop()
         if emulated:
@@ -142,6 +127,12 @@ def doctor(loaded, w: Workload, *, policy: str = "full", knobs: dict | None = No
         if snapshot and os.path.exists(snapshot):
             os.unlink(snapshot)
     return DoctorResult(report, {k: str(v) for k, v in paths.items()})
+
+
+def with_policy(w: Workload) -> Workload:
+    """kvscope's cache runs `full` when no policy is named; the planner needs it said, since the policy decides the
+    cache's shape (a policy that never evicts has no room above its budget)."""
+    return w.with_(policy="full") if w.runtime == "kvscope" and w.policy is None else w
 
 
 def _capacity(gpu_memory, device, notes: list[str], w: Workload, spec) -> tuple[int, bool]:
@@ -164,25 +155,32 @@ def _capacity(gpu_memory, device, notes: list[str], w: Workload, spec) -> tuple[
     return (parse_size(gpu_memory) if gpu_memory else psutil.virtual_memory().total), False
 
 
-def _outcome_dict(o, w: Workload) -> dict:
+def _device(device, capacity: int, emulated: bool) -> DeviceInfo:
+    if device.type != "cuda":
+        return DeviceInfo("CPU", False, None, capacity, emulated)
+    return DeviceInfo(torch.cuda.get_device_name(device), True, torch.cuda.get_device_properties(device).total_memory,
+                      capacity, emulated)
+
+
+def _outcome(o, w: Workload) -> RunOutcome:
     error = o.error
     if o.status == "kv_budget_exceeded":  # said with the report's one count of tokens; the cache's own words stay
         error = (f"layer 0 had to hold {o.held_tokens} KV tokens per sequence in {o.failed_in}, over its budget of "
                  f"{w.budget_tokens} (policy 'full' never evicts; the whole sequence needs {w.kv_tokens})")
-    return {"status": report_status(o.status), "detail": o.status, "error": error, "cache_error": o.error,
-            "peak_allocated_bytes": o.peak_allocated_bytes, "peak_reserved_bytes": o.peak_reserved_bytes,
-            "peak_rss_bytes": o.peak_rss_bytes, "seconds": round(o.seconds, 3), "kv_bytes": o.kv_bytes,
-            "evicted_tokens": o.evicted_tokens, "decode_tokens_per_second": o.decode_tokens_per_second,
-            "at_failure": o.to_dict()["at_failure"], "failed_at": o.failed_at, "failed_in": o.failed_in,
-            "held_tokens": o.held_tokens}
+    return RunOutcome(report_status(o.status), o.status, error, o.error, o.peak_allocated_bytes, o.peak_reserved_bytes,
+                      o.peak_rss_bytes, round(o.seconds, 3), o.kv_bytes, o.evicted_tokens, o.decode_tokens_per_second,
+                      o.to_dict()["at_failure"], o.failed_at, o.failed_in, o.held_tokens)
 
 
-def _monitor_dict(monitor: Monitor) -> dict:
-    """The monitor's timeline, phases and evictions, plus the KV cache's allocated bytes over time."""
+def _record_monitor(report: DoctorReport, monitor: Monitor) -> None:
+    """The monitor's timeline, phases and evictions, plus the KV cache's allocated bytes over time, into `report`."""
     d = monitor.to_dict()
-    d["kv_timeline"] = {"t": [e["t"] for e in monitor.kv_events], "bytes": [e["bytes"] for e in monitor.kv_events],
-                        "stored_tokens": [e["stored_tokens"] for e in monitor.kv_events]}
-    return d
+    report.timeline = Timeline(**d["timeline"])
+    report.phases = [Phase(**p) for p in d["phases"]]
+    report.evictions = Evictions(**d["evictions"])
+    events = monitor.kv_events
+    report.kv_timeline = KVTimeline([e["t"] for e in events], [e["bytes"] for e in events],
+                                    [e["stored_tokens"] for e in events])
 
 
 def _fix_note(status: str, best) -> str:
@@ -190,31 +188,31 @@ def _fix_note(status: str, best) -> str:
         return "--fix: nothing to fix, the workload ran within capacity; no change was applied"
     if best is None:
         return "--fix: no fix can be applied on this machine (the remaining ones need other hardware)"
-    return f"--fix: applied the best fix this machine can run: {best.change} ({best.option})"
+    return f"--fix: applied the best fix this machine can run: {best.action} ({best.option})"
 
 
-def _fix_and_rewrite(loaded, best, report: dict, monitor: Monitor, out_dir, knobs, capacity, progress) -> dict:
+def _fix_and_rewrite(loaded, best, report: DoctorReport, monitor: Monitor, out_dir, capacity,
+                     progress) -> DoctorReport:
     from kvscope.report import write_report
 
-    notes = report["notes"]
+    notes = report.notes
     pending = notes.pop()  # "re-running with the fix ...": true only while the re-run runs
-    fix_knobs = knobs if best.policy == report["workload"]["policy"] else None  # a new policy gets its defaults
     try:
-        fix_outcome = apply_fix(loaded, best, monitor, knobs=fix_knobs, capacity=capacity, progress=progress)
+        fix_outcome = apply_fix(loaded, best, monitor, capacity=capacity, progress=progress)
     except KeyboardInterrupt:
         notes.append(pending.replace("; if this note stays, the re-run did not finish", ": interrupted (Ctrl-C) "
                                      "before it finished, so there is no fix outcome"))
-        report.update(_monitor_dict(monitor))
+        _record_monitor(report, monitor)
         write_report(out_dir, report, update=True)
         raise
-    report["fix_outcome"] = fix_outcome
-    report["kv_layers"] = fix_outcome["kv_layers"]
-    report["kv_layers_workload"] = fix_outcome["workload"]
-    report["diagnosis"]["figures"].append(fix_figure(fix_outcome))
+    report.fix_outcome = fix_outcome
+    report.kv_layers = kv_layers(fix_outcome.kv_layers)
+    report.kv_layers_workload = fix_outcome.workload
+    report.diagnosis.figures.append(fix_figure(fix_outcome))
     notes.append("the timeline continues with the fixed run (phases marked 'fix'); the per-layer KV chart shows the "
                  "fixed run")
-    if not fix_outcome["check"]["agrees"]:
-        notes.append("the applied fix did not turn out as estimated: " + "; ".join(fix_outcome["check"]["problems"]))
-    report.update(_monitor_dict(monitor))
+    if not fix_outcome.check.agrees:
+        notes.append("the applied fix did not turn out as estimated: " + "; ".join(fix_outcome.check.problems))
+    _record_monitor(report, monitor)
     write_report(out_dir, report, update=True)
     return report

@@ -13,7 +13,7 @@ import torch
 
 from kvscope import _compat
 from kvscope.cache import BudgetedCache, CacheFullError
-from kvscope.monitor import Monitor
+from kvscope.monitor import Monitor, Phases
 from kvscope.planner.workload import Workload, prefill_chunk
 from kvscope.runtime import generate
 
@@ -63,8 +63,8 @@ def random_prompt(vocab: int, batch: int, context: int, device, seed: int = 0) -
     return torch.randint(10, vocab, (batch, context), generator=g).to(device)
 
 
-def execute(model, spec, w: Workload, *, policy: str = "full", knobs: dict | None = None, monitor: Monitor,
-            snapshot_path: str | None = None, seed: int = 0, phase_prefix: str = "", progress=None) -> Outcome:
+def execute(model, spec, w: Workload, *, monitor: Monitor, snapshot_path: str | None = None, seed: int = 0,
+            phase_prefix: str = "", progress=None) -> Outcome:
     """Run `w` once. The kvscope runtime uses a `BudgetedCache` (budget = `w.budget_tokens`, or the whole sequence:
     `w.kv_tokens`); the hf runtime is plain `generate()` with its default cache. `progress(phase, done, total)` is
     called as prefill chunks and decode steps complete (for a progress bar)."""
@@ -72,31 +72,30 @@ def execute(model, spec, w: Workload, *, policy: str = "full", knobs: dict | Non
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    monitor = _Prefixed(monitor, phase_prefix) if phase_prefix else monitor
     ids = random_prompt(spec.vocab_size, w.batch, w.context, device, seed)
     cache = None
+    phases = _phases(w, monitor, phase_prefix, progress)
     monitor.sample()  # a short run may end between two background samples
     start, start_t = time.perf_counter(), monitor.now()
     outcome_status, error, at_failure, tps = "ok", None, None, None
-    track = {"tokens": w.context}  # KV tokens per sequence once the forward in flight is done
     failed_at = failed_in = None
     try:
         if w.runtime == "hf":
             cache = _compat.dynamic_cache(model)
-            _run_hf(model, ids, cache, w, monitor, progress, track)
+            _run_hf(model, ids, cache, w, phases)
         else:
             budget = w.budget_tokens or w.kv_tokens
-            cache = BudgetedCache(model, policy, budget_tokens=budget, kv_dtype=w.kv_dtype, chunk_size=w.chunk_size,
-                                  **(knobs or {}))
-            gen = _run_kvscope(model, ids, cache, w, monitor, progress, track)
+            cache = BudgetedCache(model, w.cache_policy, budget_tokens=budget, kv_dtype=w.kv_dtype,
+                                  chunk_size=w.chunk_size, **w.knobs)
+            gen = _run_kvscope(model, ids, cache, w, phases, monitor)
             tps = gen.decode_tokens_per_second
     except torch.OutOfMemoryError as exc:
-        failed_at, failed_in = monitor.now(), _phase_now(monitor)
+        failed_at, failed_in = monitor.now(), phases.current
         outcome_status, error = "oom", _first_line(exc)
         at_failure = _at_failure(exc, cache, device)
         _dump_snapshot(snapshot_path)
     except CacheFullError as exc:
-        failed_at, failed_in = monitor.now(), _phase_now(monitor)
+        failed_at, failed_in = monitor.now(), phases.current
         outcome_status, error = "kv_budget_exceeded", str(exc)
     finally:
         monitor.sample()
@@ -111,23 +110,19 @@ def execute(model, spec, w: Workload, *, policy: str = "full", knobs: dict | Non
     peak_res = torch.cuda.max_memory_reserved(device) if cuda else None
     out = Outcome(outcome_status, error, seconds, peak_alloc, peak_res, max(rss, default=0),
                   kv_bytes, kv_layers, evicted, at_failure, tps, failed_at, failed_in,
-                  track["tokens"] if failed_at is not None else None)
+                  phases.tokens if failed_at is not None else None)
     del cache
     release(device)
     return out
 
 
-class _Prefixed:
-    """The same monitor, with phase names prefixed (for the re-run after a fix)."""
-
-    def __init__(self, monitor: Monitor, prefix: str):
-        self._m, self._prefix = monitor, prefix
-
-    def mark(self, name: str, detail: str = ""):
-        return self._m.mark(self._prefix + name, detail)
-
-    def __getattr__(self, name):
-        return getattr(self._m, name)
+def _phases(w: Workload, monitor: Monitor, prefix: str, progress) -> Phases:
+    """The run's phases, marked on the monitor (names prefixed for the re-run after a fix) and shown as progress.
+    kvscope's runtime prefills a large batch in shorter chunks than `chunk_size` (planner.workload.prefill_chunk)."""
+    chunk = None if w.runtime == "hf" else prefill_chunk(w.batch, w.chunk_size)
+    phases = Phases(w.context, w.new_tokens, chunk=chunk, batch=w.batch, on_progress=progress)
+    monitor.follow(phases, prefix)
+    return phases
 
 
 def release(device) -> None:
@@ -136,63 +131,24 @@ def release(device) -> None:
         torch.cuda.empty_cache()
 
 
-def _phase_now(monitor) -> str | None:
-    """The phase running now, as "name detail" (the run failed in it)."""
-    phases = monitor.phases
-    if not phases:
-        return None
-    p = phases[-1]
-    return f"{p.name} {p.detail}".strip()
-
-
-def _decode_detail(w: Workload) -> str:
-    return f"{w.new_tokens} new tokens: the first from prefill, then {w.new_tokens - 1} forwards"
-
-
-def _run_hf(model, ids, cache, w: Workload, monitor: Monitor, progress=None, track=None) -> None:
-    monitor.mark("prefill", f"{w.batch} x {w.context} tokens in one forward")
-    track = {} if track is None else track
-
-    def on_step(step: int) -> None:  # called with the logits of each forward: step 0 is prefill's
-        track["tokens"] = w.context + step + 1  # the forward that starts now feeds token context + step
-        if step == 0 and w.new_tokens > 1:
-            monitor.mark("decode", _decode_detail(w))
-        if progress:
-            progress("decode", step + 1, w.new_tokens)
-
-    marker = _compat.step_callback_processor(on_step)
+def _run_hf(model, ids, cache, w: Workload, phases: Phases) -> None:
+    phases.begin()
     with torch.inference_mode():
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=w.new_tokens,
-                       min_new_tokens=w.new_tokens, do_sample=False, logits_processor=[marker],
+                       min_new_tokens=w.new_tokens, do_sample=False, logits_processor=[phases.logits_processor()],
                        pad_token_id=0, **{_compat.cache_keyword(model): cache})
 
 
-def _run_kvscope(model, ids, cache: BudgetedCache, w: Workload, monitor: Monitor, progress=None, track=None):
-    """`generate` calls `on_phase` after each forward, so each mark here names the forward that STARTS next. A large
-    batch prefills in shorter chunks than `chunk_size` (kvscope.planner.workload.prefill_chunk)."""
-    chunk = prefill_chunk(w.batch, w.chunk_size)
-    chunks = -(-w.context // chunk)
-    track = {} if track is None else track
-
-    def on_phase(phase: str, done: int, total: int) -> None:
-        if phase == "prefill" and done < w.context:
-            monitor.mark("prefill", f"chunk {done // chunk + 1}/{chunks}")
-            track["tokens"] = min(done + chunk, w.context)
-        elif phase == "prefill":
-            if w.new_tokens > 1:
-                monitor.mark("decode", _decode_detail(w))
-            track["tokens"] = w.context + 1
-        else:  # decode step `done` is over; the next forward feeds token context + done
-            track["tokens"] = w.context + done + 1
-        if progress:
-            progress(phase, done, total)
+def _run_kvscope(model, ids, cache: BudgetedCache, w: Workload, phases: Phases, monitor: Monitor):
+    """The cache's figures go on the timeline after every prefill chunk and every 8 decode steps."""
+    def record(phase: str, done: int, total: int) -> None:
         if phase == "prefill" or done % 8 == 0:
             monitor.record_kv(cache.stats())
 
-    monitor.mark("prefill", f"chunk 1/{chunks}")
-    track["tokens"] = min(chunk, w.context)
+    phases.progress.append(record)
+    phases.begin()
     # check_fit off: the doctor reproduces an overflow as it happens, to show where it strikes
-    return generate(model, ids, cache, max_new_tokens=w.new_tokens, chunk_size=w.chunk_size, on_phase=on_phase,
+    return generate(model, ids, cache, max_new_tokens=w.new_tokens, chunk_size=w.chunk_size, on_phase=phases,
                     check_fit=False)
 
 

@@ -55,30 +55,29 @@ class FitResult:
         return {**asdict(self), "ceiling_reached": self.ceiling_reached, "error": self.error, "runs": len(self.probes)}
 
 
-def fit(loaded, w: Workload, *, dimension: str = "batch", policy: str = "full", knobs: dict | None = None,
-        gpu_memory: str | None = None, on_probe=None) -> FitResult:
-    """Measure the largest `dimension` ("batch" or "context") of `w` that runs. On the CPU only a KV budget can run
-    out (`w.budget_tokens` with the `full` policy), and only the context: the budget is per sequence."""
+def fit(loaded, w: Workload, *, dimension: str = "batch", on_probe=None) -> FitResult:
+    """Measure the largest `dimension` ("batch" or "context") of `w` that runs, in `w.gpu_memory` when it is given (an
+    emulated smaller GPU). On the CPU only a KV budget can run out (`w.budget_tokens` with the `full` policy), and
+    only the context: the budget is per sequence."""
     if dimension not in DIMENSIONS:
         raise usage(f"cannot fit {dimension!r}", expected=" or ".join(DIMENSIONS), fix="--dimension")
-    if w.runtime == "kvscope":  # the policy decides the cache's shape (room above the budget): the planner needs it
-        w = w.with_(policy=policy)
+    from kvscope.doctor.doctor import emulate_capacity, with_policy
+
+    w = with_policy(w)
     model, spec = loaded.model, loaded.spec
     device = next(model.parameters()).device
     if device.type == "cuda":
-        from kvscope.doctor.doctor import emulate_capacity
-
-        capacity, _ = emulate_capacity(gpu_memory, device)
+        capacity, _ = emulate_capacity(w.gpu_memory, device)
         predicted = (search.max_batch if dimension == "batch" else search.max_context)(spec, w, capacity)
     else:
-        capacity, predicted = 0, _cpu_prediction(w, dimension, policy)
+        capacity, predicted = 0, _cpu_prediction(w, dimension)
     hi = max(4 * predicted, 64) if dimension == "batch" else max_prompt(spec, w.new_tokens)
     probes: list[Probe] = []
 
     def ok(n: int) -> bool:
         monitor = Monitor(device=(device.index or 0) if device.type == "cuda" else None)
         with monitor:
-            o = execute(model, spec, w.with_(**{dimension: n}), policy=policy, knobs=knobs, monitor=monitor)
+            o = execute(model, spec, w.with_(**{dimension: n}), monitor=monitor)
         probes.append(Probe(n, o.status, o.peak_allocated_bytes, round(o.seconds, 2)))
         if on_probe:
             on_probe(probes[-1])
@@ -92,9 +91,9 @@ def fit(loaded, w: Workload, *, dimension: str = "batch", policy: str = "full", 
     return FitResult(dimension, predicted, max(0, measured), capacity, hi, probes)
 
 
-def _cpu_prediction(w: Workload, dimension: str, policy: str) -> int:
+def _cpu_prediction(w: Workload, dimension: str) -> int:
     """The longest prompt a KV budget holds: prompt + new - 1 <= budget. Anything else has no answer on the CPU."""
-    if w.budget_tokens is None or policy != "full" or w.runtime != "kvscope":
+    if w.budget_tokens is None or w.cache_policy != "full" or w.runtime != "kvscope":
         raise usage("on a machine without CUDA only a KV budget can run out", expected="--runtime kvscope "
                     "--policy full --budget N (the longest prompt that fits that budget)",
                     fix="--runtime, --policy and --budget, or run on a GPU")

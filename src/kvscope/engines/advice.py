@@ -1,11 +1,6 @@
 """What `kvscope advise` asks and answers, for either engine: the `Request`, the `Advice` (memory rows, the capacity
 check in the form needed / available / estimate / flag, fixes, the engine's command line) and the shared helpers
-(model references, versions, KV dtype names).
-
->>> from kvscope.engines.advice import Request, advise
->>> a = advise(Request(engine="vllm", model="llama-3.1-8b", gpu="H100-80GB", max_model_len=32768, concurrency=8))
->>> a.command.startswith("vllm serve meta-llama/Llama-3.1-8B")
-True
+(model references, versions, KV dtype names). `kvscope.engines.advise.advise(request)` answers one.
 """
 
 from __future__ import annotations
@@ -127,28 +122,19 @@ def resolve_model(ref: str) -> tuple[ModelSpec, str]:
     return spec_for(ref), ref
 
 
+def launch_line(head: str, flags: dict[str, str], dtype: str, switch: str | None) -> tuple[str, dict[str, str]]:
+    """An engine's launch command: `head`, the flags (with --dtype when the weights are not bf16) and a switch."""
+    if dtype != "bf16":
+        flags = flags | {"--dtype": {"fp16": "float16", "fp32": "float32"}[dtype]}
+    line = f"{head} " + " ".join(f"{k} {v}" for k, v in flags.items())
+    return line + (f" {switch}" if switch else ""), flags
+
+
 def check_positive(name: str, value: int | float | None, flag: str) -> None:
     from kvscope.errors import require_positive
 
     if value is not None:
         require_positive(name, value, option=flag)
-
-
-def advise(req: Request) -> Advice:
-    """The engine's flags for this deployment, with the numbers behind them."""
-    if req.engine not in ENGINES:
-        raise usage(f"unknown engine {req.engine!r}", expected=" or ".join(ENGINES), fix="--engine")
-    check_positive("max model length", req.max_model_len, "--max-model-len")
-    check_positive("concurrency", req.concurrency, "--concurrency")
-    check_positive("tensor-parallel degree", req.tp, "--tp")
-    check_positive("batched tokens", req.batched_tokens, "--max-num-batched-tokens / --chunked-prefill-size")
-    if req.engine == "vllm":
-        from kvscope.engines.advise_vllm import advise_vllm
-
-        return advise_vllm(req)
-    from kvscope.engines.advise_sglang import advise_sglang
-
-    return advise_sglang(req)
 
 
 def tp_options(spec: ModelSpec, tp: int) -> list[int]:

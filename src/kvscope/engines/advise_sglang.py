@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from kvscope.engines import advice
 from kvscope.engines import sglang_memory as sm
-from kvscope.engines.advice import Advice, Fix, Request, Row, parse_version, resolve_model, tp_options, version_text
+from kvscope.engines.advice import Advice, Fix, Request, Row
 from kvscope.engines.devices import Device, device
 from kvscope.errors import usage
 from kvscope.models.spec import ModelSpec
@@ -20,7 +21,7 @@ FRACTION_CEILING = 0.95  # above this the headroom cannot hold a prefill chunk's
 
 def config_from(req: Request, spec: ModelSpec) -> sm.SglangConfig:
     """The SGLang config for this request; combinations SGLang refuses are refused with SGLang's reason."""
-    version = parse_version(req.engine_version, sm.VERSION, "SGLang", OLDEST)
+    version = advice.parse_version(req.engine_version, sm.VERSION, "SGLang", OLDEST)
     kv = req.kv_dtype or req.dtype
     if kv not in KV_DTYPES or (kv == "fp16" and req.dtype != "fp16"):
         raise usage(f"SGLang has no {kv} KV cache here: argument --kv-cache-dtype: invalid choice {kv!r} (choose from "
@@ -60,7 +61,7 @@ def headroom_holds(spec: ModelSpec, cfg: sm.SglangConfig, dev: Device) -> bool:
 def rows(p: sm.SglangPrediction, cfg: sm.SglangConfig, spec: ModelSpec, given: bool) -> list[Row]:
     how = ("--mem-fraction-static as given" if given else
            f"round((nvidia-smi {p.smi_total_mib:,.0f} MiB - reserved {p.reserved_mib:,.0f} MiB) / total, 3)"
-           if cfg.version >= (0, 5) else f"SGLang {version_text(cfg.version)}'s default for tp {cfg.tp_size}")
+           if cfg.version >= (0, 5) else f"SGLang {advice.version_text(cfg.version)}'s default for tp {cfg.tp_size}")
     return [
         Row("free before weights (B)", p.pre_load_free_bytes, "CUDA total less the CUDA context and NCCL (~0.57 GiB)"),
         Row("weights", p.weights_bytes, f"{spec.num_params():,} parameters / tp {cfg.tp_size} + fp32 RoPE cache"),
@@ -100,7 +101,7 @@ def fixes(spec: ModelSpec, cfg: sm.SglangConfig, dev: Device, p: sm.SglangPredic
     if (longest := p.max_total_num_tokens // want) >= 1:
         add(f"shorten the context to {longest} tokens", f"--context-length {longest}",
             replace(cfg, context_length=longest))
-    for tp in tp_options(spec, cfg.tp_size):
+    for tp in advice.tp_options(spec, cfg.tp_size):
         add(f"split the model over {tp} GPUs", f"--tp-size {tp}", replace(cfg, tp_size=tp))
         if out[-1].fits:
             break
@@ -112,14 +113,12 @@ def command(model: str, cfg: sm.SglangConfig, p: sm.SglangPrediction, want: int 
              "--max-running-requests": str(want or p.max_running_requests),
              "--chunked-prefill-size": str(p.chunked_prefill_size), "--kv-cache-dtype": cfg.kv_cache_dtype,
              "--tp-size": str(cfg.tp_size)}
-    if cfg.dtype != "bf16":
-        flags["--dtype"] = {"fp16": "float16", "fp32": "float32"}[cfg.dtype]
-    line = f"python -m sglang.launch_server --model-path {model} " + " ".join(f"{k} {v}" for k, v in flags.items())
-    return line + (" --disable-cuda-graph" if cfg.disable_cuda_graph else ""), flags
+    return advice.launch_line(f"python -m sglang.launch_server --model-path {model}", flags, cfg.dtype,
+                       "--disable-cuda-graph" if cfg.disable_cuda_graph else None)
 
 
 def advise_sglang(req: Request) -> Advice:
-    spec, model = resolve_model(req.model)
+    spec, model = advice.resolve_model(req.model)
     cfg = config_from(req, spec)
     dev = device(req.gpu, req.gpu_memory)
     p = sm.predict(spec, cfg, dev)
@@ -139,7 +138,7 @@ def advise_sglang(req: Request) -> Advice:
                         "--chunked-prefill-size")
     line, flags = command(model, cfg, p, want)
     return Advice(
-        engine="sglang", version=version_text(cfg.version), model=model, device=dev.to_dict(),
+        engine="sglang", version=advice.version_text(cfg.version), model=model, device=dev.to_dict(),
         rows=rows(p, cfg, spec, req.memory_fraction is not None), kv_tokens=p.max_total_num_tokens,
         max_model_len=p.context_len, max_concurrency=p.max_total_num_tokens / p.context_len, concurrency=want,
         needed_tokens=None if want is None else want * p.context_len, fits=fits, refusal=stop, flags=flags,

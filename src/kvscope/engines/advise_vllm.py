@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+from kvscope.engines import advice
 from kvscope.engines import vllm_memory as vm
-from kvscope.engines.advice import Advice, Fix, Request, Row, parse_version, resolve_model, tp_options, version_text
+from kvscope.engines.advice import Advice, Fix, Request, Row
 from kvscope.engines.devices import GIB, Device, device
 from kvscope.errors import usage
 from kvscope.models.spec import ModelSpec
@@ -21,7 +22,7 @@ UTIL_CEILING = 0.98  # vLLM accepts up to 1.0, but the CUDA context and allocato
 
 def config_from(req: Request, spec: ModelSpec) -> vm.VllmConfig:
     """The vLLM config for this request; combinations vLLM refuses are refused with vLLM's reason."""
-    version = parse_version(req.engine_version, vm.VERSION, "vLLM", OLDEST)
+    version = advice.parse_version(req.engine_version, vm.VERSION, "vLLM", OLDEST)
     kv = req.kv_dtype or req.dtype
     if kv not in KV_DTYPES:
         raise usage(f"vLLM has no {kv} KV cache: argument --kv-cache-dtype: invalid choice {kv!r} (choose from "
@@ -116,7 +117,7 @@ def fixes(spec: ModelSpec, cfg: vm.VllmConfig, dev: Device, p: vm.VllmPrediction
     if (longest := p.num_blocks // want * vm.BLOCK_SIZE) >= vm.BLOCK_SIZE:
         add(f"shorten the context to {longest} tokens", f"--max-model-len {longest}",
             replace(cfg, max_model_len=longest))
-    for tp in tp_options(spec, cfg.tensor_parallel_size):
+    for tp in advice.tp_options(spec, cfg.tensor_parallel_size):
         add(f"split the model over {tp} GPUs", f"--tensor-parallel-size {tp}", replace(cfg, tensor_parallel_size=tp))
         if out[-1].fits:
             break
@@ -127,17 +128,14 @@ def command(model: str, cfg: vm.VllmConfig, p: vm.VllmPrediction, kv_bytes: int 
     flags = {"--gpu-memory-utilization": f"{p.gpu_memory_utilization:g}", "--max-model-len": str(p.max_model_len),
              "--max-num-seqs": str(p.max_num_seqs), "--max-num-batched-tokens": str(p.max_num_batched_tokens),
              "--kv-cache-dtype": cfg.kv_cache_dtype, "--tensor-parallel-size": str(cfg.tensor_parallel_size)}
-    if cfg.dtype != "bf16":
-        flags["--dtype"] = {"fp16": "float16", "fp32": "float32"}[cfg.dtype]
     if kv_bytes is not None:
         flags = {k: v for k, v in flags.items() if k != "--gpu-memory-utilization"} | {
             "--kv-cache-memory-bytes": str(kv_bytes)}
-    line = f"vllm serve {model} " + " ".join(f"{k} {v}" for k, v in flags.items())
-    return line + (" --enforce-eager" if cfg.enforce_eager else ""), flags
+    return advice.launch_line(f"vllm serve {model}", flags, cfg.dtype, "--enforce-eager" if cfg.enforce_eager else None)
 
 
 def advise_vllm(req: Request) -> Advice:
-    spec, model = resolve_model(req.model)
+    spec, model = advice.resolve_model(req.model)
     cfg = config_from(req, spec)
     dev = device(req.gpu, req.gpu_memory)
     p = vm.predict(spec, cfg, dev)
@@ -151,14 +149,14 @@ def advise_vllm(req: Request) -> Advice:
     margin = p.total_bytes - p.requested_bytes
     if not p.cuda_graph_reserved and not cfg.enforce_eager and margin < p.cuda_graph_bytes + GIB // 2:
         warnings.append(f"CUDA graphs (~{format_bytes(p.cuda_graph_bytes)}) and the CUDA context (~0.5 GiB) must fit "
-                        f"in the {format_bytes(margin)} outside the budget in vLLM {version_text(cfg.version)}: "
+                        f"in the {format_bytes(margin)} outside the budget in vLLM {advice.version_text(cfg.version)}: "
                         "lower --gpu-memory-utilization or add --enforce-eager")
     alternative = None
     if want and fits and cfg.version >= KV_MEMORY_FLAG_SINCE:
         kv_bytes = (want * blocks_per_req + 1) * p.block_bytes  # +1: the null block vLLM's block pool holds back
         alternative = command(model, cfg, p, kv_bytes)[0]
     return Advice(
-        engine="vllm", version=version_text(cfg.version), model=model, device=dev.to_dict(),
+        engine="vllm", version=advice.version_text(cfg.version), model=model, device=dev.to_dict(),
         rows=rows(p, cfg, spec), kv_tokens=p.kv_tokens, max_model_len=p.max_model_len,
         max_concurrency=p.max_concurrency, concurrency=want,
         needed_tokens=None if want is None else want * p.max_model_len, fits=fits, refusal=stop, flags=flags,

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from kvscope.engines.advice import Advice, Request, advise
+from kvscope.engines.advice import Advice, Request
+from kvscope.engines.advise import advise
 from kvscope.engines.logs import GIB, LogFacts
 
 KV_DTYPE_FROM_ENGINE = {"auto": None, "bfloat16": "bf16", "bf16": "bf16", "float16": "fp16", "fp8": "fp8",

@@ -2,8 +2,9 @@
 
 Samples (every `interval` seconds, on a daemon thread): torch.cuda allocated / reserved / peak, device-wide used
 memory (cudaMemGetInfo, which is what NVML reports as used) and utilization when pynvml is installed, process RSS and
-CPU percent. Phases (`with monitor.phase("prefill")`, or `mark(...)`) and KV events (`record_kv(stats)`) are stamped
-on the same clock. Reading torch's counters does not synchronise the GPU, so sampling does not slow the run.
+CPU percent. Phases (`with monitor.phase("prefill")`, `mark(...)`, or `follow(phases)` for a generation's own
+`kvscope.monitor.Phases`) and KV events (`record_kv(stats)`) are stamped on the same clock. Reading torch's counters
+does not synchronise the GPU, so sampling does not slow the run.
 """
 
 from __future__ import annotations
@@ -126,6 +127,10 @@ class Monitor:
         m = PhaseMark(name, now, None, detail)
         self.phases.append(m)
         return m
+
+    def follow(self, phases, prefix: str = "") -> None:
+        """Mark every phase a `kvscope.monitor.Phases` starts (names prefixed with `prefix`)."""
+        phases.starts.append(lambda name, detail: self.mark(prefix + name, detail))
 
     def close_phases(self) -> None:
         for p in self.phases:

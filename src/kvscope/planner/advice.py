@@ -7,7 +7,7 @@ changes the task; more or larger GPUs cost money.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 
 from kvscope.models.spec import ModelSpec
 from kvscope.planner import search
@@ -19,26 +19,39 @@ from kvscope.planner.workload import Workload
 
 @dataclass(frozen=True)
 class Fix:
+    """One ranked fix, the planner's or the doctor's: the option that applies it, its estimate against what was needed
+    and available, what it costs, and the workload it runs. `estimate_of` says what the estimate prices: the planner's
+    needed bytes, or (a budget fix of the doctor's) the KV storage the fixed cache allocates, which its re-run
+    measures. `applicable`: whether the doctor can run it on this machine (more or larger GPUs it cannot)."""
+
     rank: int
     action: str
     option: str  # the CLI options that apply it
-    needed_bytes: int  # peak + overhead before the fix
+    needed_bytes: int  # before the fix
     available_bytes: int
-    estimate_bytes: int  # peak + overhead after the fix
+    estimate_bytes: int  # after the fix
     fits: bool
     tradeoff: str
     changes: dict  # Workload fields (and "gpu", "policy") that the fix sets
+    workload: Workload | None = field(default=None, repr=False)  # the fixed workload
+    estimate_of: str = "needed (peak allocated + overhead)"
+    message: str = ""  # the sentence shown for it; by default the planner's
+    applicable: bool = True
+    command: str | None = None  # the command line that applies it, when the caller knows the command
 
-    @property
-    def message(self) -> str:
-        return (
-            f"{self.action}: needed {format_bytes(self.needed_bytes)}, available {format_bytes(self.available_bytes)}; "
-            f"with {self.option} the estimate is {format_bytes(self.estimate_bytes)} "
-            f"({'fits' if self.fits else 'still too large'}); {self.tradeoff}"
-        )
+    def __post_init__(self) -> None:
+        if not self.message:
+            object.__setattr__(self, "message", (
+                f"{self.action}: needed {format_bytes(self.needed_bytes)}, available "
+                f"{format_bytes(self.available_bytes)}; with {self.option} the estimate is "
+                f"{format_bytes(self.estimate_bytes)} ({'fits' if self.fits else 'still too large'}); {self.tradeoff}"))
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "message": self.message}
+        return {"rank": self.rank, "action": self.action, "option": self.option, "needed_bytes": self.needed_bytes,
+                "available_bytes": self.available_bytes, "estimate_bytes": self.estimate_bytes,
+                "estimate_of": self.estimate_of, "fits": self.fits, "tradeoff": self.tradeoff,
+                "changes": self.changes, "message": self.message, "applicable": self.applicable,
+                "command": self.command}
 
 
 def advise(spec: ModelSpec, w: Workload, capacity: int) -> list[Fix]:
@@ -51,9 +64,9 @@ def advise(spec: ModelSpec, w: Workload, capacity: int) -> list[Fix]:
     def add(action: str, option: str, new: Workload, tradeoff: str, cap: int = capacity, **extra) -> None:
         est = estimate(spec, new, cap)
         if est.fits:
-            changes = {k: v for k, v in new.to_dict().items() if v != w.to_dict()[k]} | extra
+            changes = w.changes_to(new) | extra
             fixes.append(Fix(len(fixes) + 1, action, option, needed, capacity, est.needed_bytes, True, tradeoff,
-                             changes))
+                             changes, new))
 
     if w.runtime == "hf":
         add("use kvscope's runtime (chunked prefill into one preallocated cache)", "--runtime kvscope",
@@ -75,7 +88,7 @@ def advise(spec: ModelSpec, w: Workload, capacity: int) -> list[Fix]:
         policy = preferred_for(n)
         add(f"cap the KV cache at {n} tokens per sequence with an eviction policy",
             f"--runtime kvscope --budget {n} --policy {policy}",
-            w.with_(runtime="kvscope", budget_tokens=n, policy=policy),
+            w.with_(runtime="kvscope", budget_tokens=n, policy=policy, knobs=w.knobs if policy == w.policy else {}),
             f"keeps {n / w.kv_tokens:.0%} of the {w.kv_tokens} KV tokens; quality depends on the policy", policy=policy)
     c = search.max_context(spec, w, capacity)
     if 1 <= c < w.context:
@@ -91,7 +104,8 @@ def advise(spec: ModelSpec, w: Workload, capacity: int) -> list[Fix]:
     for g in by_memory():
         if g.memory_bytes > capacity:
             before = len(fixes)
-            add(f"use a larger GPU: {g.name}", f"--gpu {g.name}", w, f"{format_bytes(g.memory_bytes)} GPU",
+            add(f"use a larger GPU: {g.name}", f"--gpu {g.name}", w.with_(gpu_memory=g.memory_bytes),
+                f"{format_bytes(g.memory_bytes)} GPU",
                 cap=g.memory_bytes, gpu=g.name)
             if len(fixes) > before:
                 break

@@ -86,7 +86,7 @@ def plan(spec: ModelSpec, w: Workload, *, gpu: str | None = None, gpu_memory: st
     >>> p.fits, p.kv_bytes_per_token
     (True, 131072)
     """
-    label, capacity = capacity_of(gpu, gpu_memory)
+    label, capacity = capacity_of(gpu, gpu_memory if gpu_memory is not None else w.gpu_memory)
     est = estimate(spec, w, capacity)
     peak = est.peak
     return Plan(

@@ -1,8 +1,9 @@
-"""A `Workload`: what will run (batch, prompt length, new tokens, dtypes, parallelism, runtime, KV settings)."""
+"""A `Workload`: what will run (batch, prompt length, new tokens, dtypes, parallelism, runtime, the cache's settings
+and the device memory it runs in)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from kvscope.errors import require_positive, usage
@@ -29,7 +30,9 @@ class Workload:
 
     `budget_tokens` (kvscope runtime) caps the KV cache per sequence and layer; the cache is allocated once at its
     budget plus, for an evicting `policy`, room for one prefill chunk. `policy` None means: `full` without a budget,
-    an evicting policy with one.
+    an evicting policy with one; `knobs` are its settings (`kvscope.policies.knobs`). `gpu_memory` (bytes) is the
+    device memory it runs in: the capacity the planner checks against, emulated by the doctor on a larger GPU; None
+    means the device's own (or the planner's default GPU).
     """
 
     batch: int = 1
@@ -42,6 +45,8 @@ class Workload:
     budget_tokens: int | None = None
     chunk_size: int = DEFAULT_CHUNK
     policy: str | None = None
+    knobs: dict[str, Any] = field(default_factory=dict)
+    gpu_memory: int | None = None
 
     def __post_init__(self) -> None:
         require_positive("batch", self.batch, option="--batch")
@@ -51,6 +56,8 @@ class Workload:
         require_positive("prefill chunk size", self.chunk_size, option="--chunk-size")
         if self.budget_tokens is not None:
             require_positive("KV budget", self.budget_tokens, option="--budget")
+        if self.gpu_memory is not None:
+            require_positive("GPU memory", self.gpu_memory, option="--gpu-memory")
         for name, option in _OPTIONS.items():
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -88,8 +95,19 @@ class Workload:
         new token is sampled from the logits and never fed back, so it never enters the cache."""
         return self.context + self.new_tokens - 1
 
+    @property
+    def cache_policy(self) -> str:
+        """The policy kvscope's cache runs: `policy`, or `full` when none was named."""
+        return self.policy or "full"
+
     def with_(self, **changes: Any) -> Workload:
         return replace(self, **changes)
+
+    def changes_to(self, other: Workload) -> dict[str, Any]:
+        """The fields `other` sets differently, as a fix names them. The knobs go with the policy and the device
+        memory with the GPU a fix names, so neither is listed."""
+        mine = self.to_dict()
+        return {k: v for k, v in other.to_dict().items() if v != mine[k] and k not in ("knobs", "gpu_memory")}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

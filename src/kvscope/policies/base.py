@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from kvscope.errors import usage
 
 KEEP = float("inf")  # the score of a slot that must not be evicted
+REGISTRY: dict[str, type[Policy]] = {}  # name -> class, filled by `Policy.__init_subclass__`
 
 
 @dataclass
@@ -70,6 +71,13 @@ class Policy:
     evicts: ClassVar[bool] = True
     seed: int = field(default=0, repr=False)
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        # A class that names itself is a policy users can pick: it registers itself, as transformers' cache layers
+        # do, so the registry never imports the policies back. Intermediate bases (no `name` of their own) do not.
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            REGISTRY[cls.name] = cls
+
     def min_budget(self) -> int:
         """The smallest budget this policy can work with (its fixed part plus one)."""
         return 1
@@ -97,6 +105,40 @@ class Policy:
 
     def describe_minimum(self) -> str:
         return "one token"
+
+
+@dataclass
+class ProtectedScores(Policy):
+    """A keep-score per token plus a fixed set of tokens that are never evicted: the `recent` newest ones unless a
+    subclass says otherwise (`protected`). The knob that counts them is `KNOB`; the budget must hold them and one
+    more token. Subclasses write `on_insert` (the score) or `scores`."""
+
+    KNOB: ClassVar[str] = "recent"
+    MINIMUM: ClassVar[str] = "{n} recent tokens + 1"  # how `describe_minimum` says it
+
+    def __post_init__(self) -> None:
+        from kvscope.policies._checks import non_negative_int
+
+        non_negative_int(self.name, self.KNOB, self.fixed_tokens)
+
+    @property
+    def fixed_tokens(self) -> int:
+        return getattr(self, self.KNOB)
+
+    def min_budget(self) -> int:
+        return self.fixed_tokens + 1
+
+    def describe_minimum(self) -> str:
+        return self.MINIMUM.format(n=self.fixed_tokens)
+
+    def protected(self, state: SlotState) -> torch.Tensor:
+        return recent_mask(state, self.fixed_tokens)
+
+    def scores(self, state: SlotState) -> torch.Tensor:
+        return state.score
+
+    def keep_scores(self, state: SlotState, budget: int) -> torch.Tensor:
+        return self.scores(state).masked_fill(self.protected(state), KEEP)
 
 
 def recent_mask(state: SlotState, recent: int) -> torch.Tensor:

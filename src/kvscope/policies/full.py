@@ -7,10 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from kvscope.policies.base import KEEP, Policy, SlotState
-from kvscope.policies.registry import register
 
 
-@register
 @dataclass
 class Full(Policy):
     name = "full"

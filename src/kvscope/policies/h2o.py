@@ -13,10 +13,8 @@ import torch
 
 from kvscope.policies._checks import fraction
 from kvscope.policies.base import KEEP, Observation, Policy, SlotState, recent_mask
-from kvscope.policies.registry import register
 
 
-@register
 @dataclass
 class H2O(Policy):
     name = "h2o"

@@ -13,30 +13,15 @@ from dataclasses import dataclass
 
 import torch
 
-from kvscope.policies._checks import non_negative_int
-from kvscope.policies.base import KEEP, Policy, SlotState, recent_mask
-from kvscope.policies.registry import register
+from kvscope.policies.base import ProtectedScores, SlotState
 
 
-@register
 @dataclass
-class KNorm(Policy):
+class KNorm(ProtectedScores):
     name = "knorm"
     paper = ("Devoto et al. 2024, A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression, "
              "arXiv:2406.11430")
     recent: int = 8
 
-    def __post_init__(self):
-        non_negative_int(self.name, "recent", self.recent)
-
-    def min_budget(self) -> int:
-        return self.recent + 1
-
-    def describe_minimum(self) -> str:
-        return f"{self.recent} recent tokens + 1"
-
     def on_insert(self, state: SlotState, slots: torch.Tensor, keys: torch.Tensor) -> None:
         state.score.scatter_(-1, slots, -keys.float().norm(dim=-1))
-
-    def keep_scores(self, state: SlotState, budget: int) -> torch.Tensor:
-        return state.score.masked_fill(recent_mask(state, self.recent), KEEP)

@@ -22,10 +22,8 @@ import torch
 from kvscope.errors import usage
 from kvscope.policies._checks import fraction, non_negative_int, positive_int
 from kvscope.policies.base import Observation, Policy, SlotState, pool_in_position_order
-from kvscope.policies.registry import register
 
 
-@register
 @dataclass
 class LRU(Policy):
     name = "lru"

@@ -10,27 +10,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvscope.policies._checks import non_negative_int
-from kvscope.policies.base import KEEP, Policy, SlotState, recent_mask
-from kvscope.policies.registry import register
+from kvscope.policies.base import ProtectedScores, SlotState
 
 
-@register
 @dataclass
-class Random(Policy):
+class Random(ProtectedScores):
     name = "random"
     paper = "(baseline)"
     recent: int = 8
     _generator: torch.Generator | None = field(default=None, init=False, repr=False)
-
-    def __post_init__(self):
-        non_negative_int(self.name, "recent", self.recent)
-
-    def min_budget(self) -> int:
-        return self.recent + 1
-
-    def describe_minimum(self) -> str:
-        return f"{self.recent} recent tokens + 1"
 
     def on_insert(self, state: SlotState, slots: torch.Tensor, keys: torch.Tensor) -> None:
         # One random score per token, drawn when it arrives: the token's fate does not change from step to step.
@@ -38,6 +26,3 @@ class Random(Policy):
             self._generator = torch.Generator(device=state.score.device).manual_seed(self.seed)
         draw = torch.rand(slots.shape, generator=self._generator, device=state.score.device)
         state.score.scatter_(-1, slots, draw)
-
-    def keep_scores(self, state: SlotState, budget: int) -> torch.Tensor:
-        return state.score.masked_fill(recent_mask(state, self.recent), KEEP)

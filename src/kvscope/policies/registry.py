@@ -1,30 +1,36 @@
-"""The policy registry: `available()`, `get(name, **knobs)`; one policy per module, registered at import."""
+"""The policy registry: `available()`, `get(name, **knobs)`; one policy per module.
+
+A policy registers itself when its class is defined (`Policy.__init_subclass__`); this module only imports the policy
+modules, so the imports run one way: registry -> policies -> base.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
 from kvscope.errors import usage
-from kvscope.policies.base import Policy
-
-_REGISTRY: dict[str, type[Policy]] = {}
-
-
-def register(cls: type[Policy]) -> type[Policy]:
-    _REGISTRY[cls.name] = cls
-    return cls
+from kvscope.policies import (  # noqa: F401 - importing a policy module registers it; this order is `available()`'s
+    full,
+    h2o,
+    knorm,
+    lru,
+    random,
+    sliding_window,
+    snapkv,
+    streaming_llm,
+    tova,
+)
+from kvscope.policies.base import REGISTRY, Policy
 
 
 def available() -> list[str]:
-    _load_all()
-    return list(_REGISTRY)
+    return list(REGISTRY)
 
 
 def policy_class(name: str) -> type[Policy]:
-    _load_all()
-    if name not in _REGISTRY:
-        raise usage(f"unknown policy {name!r}", expected="one of " + ", ".join(_REGISTRY), fix="--policy")
-    return _REGISTRY[name]
+    if name not in REGISTRY:
+        raise usage(f"unknown policy {name!r}", expected="one of " + ", ".join(REGISTRY), fix="--policy")
+    return REGISTRY[name]
 
 
 def knobs(name: str) -> dict[str, object]:
@@ -57,17 +63,3 @@ def preferred_for(budget: int) -> str:
     """The preferred evicting policy (default knobs) whose fixed part fits in `budget` tokens."""
     return next(p for p in PREFERRED_EVICTION if budget >= get(p).min_budget())
 
-
-def _load_all() -> None:
-    # Importing the modules registers them; the order here is the order `available()` lists.
-    from kvscope.policies import (  # noqa: F401
-        full,
-        h2o,
-        knorm,
-        lru,
-        random,
-        sliding_window,
-        snapkv,
-        streaming_llm,
-        tova,
-    )

@@ -7,10 +7,8 @@ from dataclasses import dataclass
 import torch
 
 from kvscope.policies.base import Policy, SlotState
-from kvscope.policies.registry import register
 
 
-@register
 @dataclass
 class SlidingWindow(Policy):
     name = "sliding_window"

@@ -20,10 +20,8 @@ import torch
 
 from kvscope.policies._checks import positive_int
 from kvscope.policies.base import KEEP, Observation, Policy, SlotState, pool_in_position_order, recent_mask
-from kvscope.policies.registry import register
 
 
-@register
 @dataclass
 class SnapKV(Policy):
     name = "snapkv"

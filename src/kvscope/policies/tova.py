@@ -11,10 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from kvscope.policies.base import Observation, Policy, SlotState
-from kvscope.policies.registry import register
 
 
-@register
 @dataclass
 class TOVA(Policy):
     name = "tova"

@@ -1,6 +1,6 @@
 """`profile_workload`: one generation under `torch.profiler`, with named ranges per decoder layer and per phase.
 
-    result = profile_workload(model, ids, None, max_new_tokens=16, chunk_size=512, out_dir="prof")
+    result = profile_workload(model, ids, None, max_new_tokens=16, out_dir="prof")
     result.phases        # {"prefill_seconds": ..., "decode_seconds": ...}
     result.layers[0]     # {"layer": 0, "calls": 16, "total_ms": ..., "self_ms": ..., ...}
 
@@ -20,7 +20,8 @@ from typing import Any
 import torch
 
 from kvscope.errors import usage
-from kvscope.planner.workload import DEFAULT_CHUNK
+from kvscope.monitor import Phases
+from kvscope.planner.workload import DEFAULT_CHUNK, prefill_chunk
 from kvscope.profile import summary
 from kvscope.profile.outputs import prepare_out_dir, write_traces
 from kvscope.profile.ranges import PhaseMarker, layer_ranges
@@ -81,7 +82,6 @@ def profile_workload(model, input_ids: torch.Tensor, cache=None, *, max_new_toke
     with torch.profiler.profile(activities=activities, record_shapes=True, profile_memory=True,
                                 acc_events=True) as prof, layer_ranges(model, nvtx) as num_layers:
         try:
-            marker.enter("prefill")
             if cache is None:
                 _generate_hf(model, ids, mask, max_new_tokens, marker, on_phase)
             else:
@@ -137,45 +137,25 @@ def _check(input_ids, max_new_tokens: int, chunk_size: int, top: int, nvtx: bool
                     fix="--device cuda, or drop --nvtx")
 
 
-class _PhaseStreamer:
-    """A `generate()` streamer that only watches: the first `put` is the prompt, the second the first new token (end
-    of prefill), each later one a decode step."""
-
-    def __init__(self, marker: PhaseMarker, prompt_tokens: int, max_new_tokens: int,
-                 on_phase: PhaseCallback | None) -> None:
-        self.marker, self.prompt_tokens, self.max_new_tokens = marker, prompt_tokens, max_new_tokens
-        self.on_phase = on_phase
-        self.puts = 0
-
-    def put(self, value) -> None:
-        self.puts += 1
-        token = self.puts - 1  # 0: the prompt; k: the k-th new token
-        if token == 1:
-            self.marker.enter("decode")
-            if self.on_phase:
-                self.on_phase("prefill", self.prompt_tokens, self.prompt_tokens)
-        elif token > 1 and self.on_phase:
-            self.on_phase("decode", token - 1, self.max_new_tokens)
-
-    def end(self) -> None:
-        pass
+def _phases(ids, max_new_tokens: int, chunk_size: int | None, marker: PhaseMarker,
+            on_phase: PhaseCallback | None) -> Phases:
+    """The generation's phases (kvscope.monitor.Phases) as the profile's ranges, and as progress for `on_phase`."""
+    chunk = prefill_chunk(ids.shape[0], chunk_size) if chunk_size else None  # what generate() feeds per forward
+    return Phases(ids.shape[1], max_new_tokens, chunk=chunk, batch=ids.shape[0],
+                  on_start=lambda name, detail: marker.enter(name), on_progress=on_phase)
 
 
 def _generate_hf(model, ids, mask, max_new_tokens: int, marker: PhaseMarker, on_phase: PhaseCallback | None) -> None:
-    streamer = _PhaseStreamer(marker, ids.shape[1], max_new_tokens, on_phase)
+    phases = _phases(ids, max_new_tokens, None, marker, on_phase)
+    phases.begin()
     with torch.inference_mode():
         model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                       eos_token_id=None, streamer=streamer)
+                       eos_token_id=None, logits_processor=[phases.logits_processor()])
 
 
 def _generate_kvscope(model, ids, mask, cache, max_new_tokens: int, chunk_size: int, marker: PhaseMarker,
                       on_phase: PhaseCallback | None) -> None:
-    def phase(name: str, done: int, total: int) -> None:
-        if name == "prefill" and done >= total:
-            marker.enter("decode")
-        if on_phase:
-            on_phase(name, done, total)
-
+    phases = _phases(ids, max_new_tokens, chunk_size, marker, on_phase)
+    phases.begin()
     generate(model, ids, cache, attention_mask=mask, max_new_tokens=max_new_tokens, chunk_size=chunk_size,
-             on_phase=phase)
-
+             on_phase=phases)

@@ -84,7 +84,8 @@ def _layer_hooks(name: str, nvtx: bool) -> tuple[Callable, Callable]:
 
 
 class PhaseMarker:
-    """The current generation phase as an open range: `enter("prefill")`, `enter("decode")`, `close()`.
+    """The current generation phase as an open range: `enter("prefill")`, `enter("decode")`, `close()`. The profiler
+    enters the phases that `kvscope.monitor.Phases` starts.
 
     Entering the phase already open does nothing; entering another closes the current one first. `sync` runs before a
     range closes, so on CUDA the range also covers the kernels its phase queued.

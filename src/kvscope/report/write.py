@@ -30,6 +30,7 @@ from typing import Any
 
 from kvscope.errors import usage
 from kvscope.report.html import render_html
+from kvscope.report.model import DoctorReport
 
 REPORT_JSON = "report.json"
 REPORT_HTML = "report.html"
@@ -136,8 +137,9 @@ def _umask() -> int:
     return mask
 
 
-def write_report(out_dir: str | os.PathLike, report: dict, snapshot_src: str | os.PathLike | None = None, *,
-                 move_snapshot: bool = False, force: bool = False, update: bool = False) -> dict[str, Path]:
+def write_report(out_dir: str | os.PathLike, report: DoctorReport | dict,
+                 snapshot_src: str | os.PathLike | None = None, *, move_snapshot: bool = False, force: bool = False,
+                 update: bool = False) -> dict[str, Path]:
     """Write report.json (indent 2), report.html and, if given, the snapshot as memory_snapshot.pickle.
 
     Returns {"json": path, "html": path} plus "snapshot": path when the report has one. The snapshot source is
@@ -154,7 +156,7 @@ def write_report(out_dir: str | os.PathLike, report: dict, snapshot_src: str | o
                         fix="the snapshot path passed to write_report")
 
     # everything that can fail on bad data happens before the disk is touched
-    data = dict(report)
+    data = report.to_dict() if isinstance(report, DoctorReport) else dict(report)  # the one serialisation
     keep_snapshot = update and src is None and (out / SNAPSHOT_NAME).is_file()
     if src is not None or keep_snapshot:
         data["snapshot"] = SNAPSHOT_NAME
