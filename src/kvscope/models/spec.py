@@ -144,14 +144,31 @@ class ModelSpec:
         return self.embedding_params() + head + self.num_layers * self.layer_params() + self.hidden_size
 
     def weights_bytes(self, dtype: str = "bf16", tp: int = 1) -> int:
-        """Bytes of weights on one GPU; layers and both vocab matrices are split `tp` ways, norms are replicated."""
+        """Bytes of weights on one GPU under transformers' Llama tensor-parallel plan (`LlamaConfig.base_model_tp_plan`
+        and `LlamaForCausalLM._tp_plan`): q/k/v/gate/up colwise and o/down rowwise are split `tp` ways, and so is an
+        untied `lm_head` (colwise, output gathered); the embedding and the RMSNorm weights are replicated on every
+        rank, as is a tied head (it is the embedding).
+
+        >>> spec = ModelSpec.from_catalogue("llama-3.1-70b")
+        >>> spec.weights_bytes("bf16", tp=2) == (spec.num_layers * spec.layer_params() // 2
+        ...     + (2 * spec.num_layers + 1) * spec.hidden_size + spec.embedding_params()
+        ...     + spec.embedding_params() // 2) * 2
+        True
+        """
         b = DTYPE_BYTES[dense_dtype(dtype)]
         if tp == 1:
             return self.num_params() * b
+        return self.weights_params_per_rank(tp) * b
+
+    def weights_params_per_rank(self, tp: int) -> int:
+        """Parameters one rank holds under the tensor-parallel plan (see `weights_bytes`)."""
         h = self.hidden_size
         norms = (2 * self.num_layers + 1) * h
-        sharded = self.num_params() - norms
-        return (sharded // tp + norms) * b
+        layer_split = self.layer_params() - 2 * h  # the seven projections (and their biases)
+        replicated_bias = h * (int(self.attention_bias) + int(self.mlp_bias))  # o_proj / down_proj bias: rowwise
+        layers = self.num_layers * (-(-(layer_split - replicated_bias) // tp) + replicated_bias)
+        head = 0 if self.tie_word_embeddings else -(-self.embedding_params() // tp)
+        return layers + norms + self.embedding_params() + head
 
     def kv_heads_per_gpu(self, tp: int = 1) -> int:
         """KV heads one GPU holds: split across ranks, replicated when there are more ranks than KV heads."""
