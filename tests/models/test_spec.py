@@ -71,8 +71,10 @@ def test_tensor_parallel_splits_weights_and_kv():
     norms = (2 * 80 + 1) * 8192
     embedding = 128256 * 8192
     split = 70_553_706_496 - norms - 2 * embedding
-    assert spec.weights_bytes("bf16", tp=4) == 2 * (split // 4 + norms + embedding + embedding // 4)
-    assert spec.weights_bytes("bf16", tp=4) == 36_854_841_344
+    assert spec.weights_bytes("bf16", tp=4, embedding_split=False) == 2 * (split // 4 + norms + embedding + embedding // 4)
+    assert spec.weights_bytes("bf16", tp=4, embedding_split=False) == 36_854_841_344
+    # transformers 5.24 also splits the embedding on the vocabulary
+    assert spec.weights_bytes("bf16", tp=4, embedding_split=True) == 2 * (split // 4 + norms + 2 * (embedding // 4))
 
 
 def test_tensor_parallel_tied_head_is_the_replicated_embedding():
@@ -81,6 +83,7 @@ def test_tensor_parallel_tied_head_is_the_replicated_embedding():
                                      "vocab_size": 256, "tie_word_embeddings": True})
     layer_projections = 64 * 64 * 2 + 2 * 64 * 32 + 3 * 64 * 160
     assert spec.weights_params_per_rank(2) == 2 * layer_projections // 2 + (2 * 2 + 1) * 64 + 256 * 64
+    assert spec.weights_params_per_rank(2, embedding_split=True) == layer_projections + 5 * 64 + 128 * 64
 
 
 def test_rope_scaling_read_from_either_key_style():
