@@ -8,7 +8,6 @@ module tell which.
 from __future__ import annotations
 
 import functools
-
 import os
 from typing import Any, NamedTuple
 

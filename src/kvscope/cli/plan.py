@@ -9,7 +9,8 @@ from kvscope.kvformats import DTYPE_BYTES
 from kvscope.planner.gpus import GPUS
 
 HELP = "predict memory, fit, max batch/context and fixes for a workload"
-PARENTS = ("runtime", "cache", "tp")  # the policy is checked against the budget; the estimate prices what a budget allocates
+# the policy is checked against the budget; the estimate prices what a budget allocates
+PARENTS = ("runtime", "cache", "tp")
 
 
 def add_arguments(p) -> None:

@@ -151,8 +151,9 @@ def _render_ranks(tp: dict) -> None:
         t.add_row(str(r["rank"]), r["device"], str(r["kv_heads"]), output.gib(r["kv_bytes"]), str(r["evicted_tokens"]),
                   output.gib(r["weights_bytes"]), peak)
     total = tp["total"]
-    t.add_row("total", "", str(total["kv_heads"]), output.gib(total["kv_bytes"]), "", output.gib(total["weights_bytes"]),
-              output.gib(total["peak_bytes"]) if total["peak_bytes"] is not None else "-")
+    peak = output.gib(total["peak_bytes"]) if total["peak_bytes"] is not None else "-"
+    t.add_row("total", "", str(total["kv_heads"]), output.gib(total["kv_bytes"]), "",
+              output.gib(total["weights_bytes"]), peak)
     output.stdout.print(t)
     if not tp["agree"]:
         output.stdout.print("warning: the ranks disagree on the tokens or on what each layer kept", markup=False)
