@@ -151,9 +151,9 @@ class ModelSpec:
         replicated in 5.17: `embedding_split` None asks the installed transformers (`_compat.tp_splits_embedding`).
 
         >>> spec = ModelSpec.from_catalogue("llama-3.1-70b")
-        >>> spec.weights_bytes("bf16", tp=2, embedding_split=False) == (spec.num_layers * spec.layer_params() // 2
-        ...     + (2 * spec.num_layers + 1) * spec.hidden_size + spec.embedding_params()
-        ...     + spec.embedding_params() // 2) * 2
+        >>> h, n, e = spec.hidden_size, spec.num_layers, spec.embedding_params()
+        >>> spec.weights_bytes("bf16", tp=2, embedding_split=False) == (n * (spec.layer_params() - 2 * h) // 2
+        ...     + (2 * n + 1) * h + e + e // 2) * 2
         True
         """
         b = DTYPE_BYTES[dense_dtype(dtype)]
