@@ -7,6 +7,7 @@ module tell which.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, NamedTuple
 
@@ -184,11 +185,98 @@ def layer_index(attention_module) -> int:
 
 
 def attention_heads(model) -> tuple[int, int, int, int]:
-    """(layers, query heads, KV heads, head_dim) from the model's config."""
+    """(layers, query heads, KV heads, head_dim) from the model's config; under tensor parallelism, the heads of this
+    rank's shard (k_proj and q_proj are split colwise, by whole heads)."""
     c = model.config
     heads = c.num_attention_heads
-    return (c.num_hidden_layers, heads, getattr(c, "num_key_value_heads", None) or heads,
-            getattr(c, "head_dim", None) or c.hidden_size // heads)
+    kv_heads = getattr(c, "num_key_value_heads", None) or heads
+    tp = tensor_parallel_degree(model)
+    return c.num_hidden_layers, heads // tp, kv_heads // tp, getattr(c, "head_dim", None) or c.hidden_size // heads
+
+
+def tensor_parallel_degree(model) -> int:
+    """How many ranks the model's projections are split over (1: not tensor-parallel). transformers keeps its TP
+    parameters as DTensors; a rank's k_proj holds `kv_heads / tp` whole heads."""
+    layers = decoder_layers(model)
+    weight = getattr(getattr(getattr(layers[0], "self_attn", None), "k_proj", None), "weight", None) if layers else None
+    mesh = getattr(weight, "device_mesh", None)
+    return int(mesh.size()) if mesh is not None else 1
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor parameter (the tensor itself otherwise)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def llama_tp_plan(model) -> dict[str, str]:
+    """The model's own tensor-parallel plan (`base_model_tp_plan` of its config and `_tp_plan` of the head)."""
+    plan = dict(getattr(model, "tp_plan", None) or {})
+    if not plan:
+        base = getattr(model.config, "base_model_tp_plan", None) or {}
+        plan = {f"{model.base_model_prefix}.{k}": v for k, v in base.items()}
+        plan.update(getattr(type(model), "_tp_plan", None) or {})
+    return plan
+
+
+@functools.cache
+def tp_splits_embedding() -> bool:
+    """Whether the installed transformers shards a Llama's `embed_tokens` under tensor parallelism: 5.24's
+    `init_parallel_plans` adds `embed_tokens: embedding_rowwise` to every plan, 5.17 leaves the embedding whole."""
+    try:
+        from transformers.distributed import mixin
+    except ImportError:
+        return False
+    import inspect
+
+    return "embedding_rowwise" in inspect.getsource(mixin.DistributedMixin.init_parallel_plans)
+
+
+def apply_tensor_parallel(model, mesh):
+    """Shard `model` over the 1-D device `mesh` with transformers' own tensor-parallel machinery and the model's own
+    plan: each rank slices its shard of every planned parameter from its own copy (no communication: every rank must
+    hold the same weights, e.g. built from the same seed), and the planned modules get transformers' TP forwards.
+    5.17 reads the plan from the model (`apply_tensor_parallelism(model, mesh)`); 5.24 takes it expanded per layer."""
+    import inspect
+
+    from transformers.distributed import tensor_parallel as tp
+
+    apply = tp.apply_tensor_parallelism
+    if len(inspect.signature(apply).parameters) >= 3:
+        apply(model, mesh, model._expand_parallel_plan(llama_tp_plan(model)))
+    else:
+        apply(model, mesh)
+    model._device_mesh, model._tp_size = mesh, int(mesh.size())
+    return model
+
+
+def from_pretrained_tensor_parallel(path: str, dtype: torch.dtype, mesh, attn_implementation: str = "sdpa"):
+    """A local model directory loaded by transformers straight into this rank's shards (`tp_plan="auto"`)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation,
+                                                tp_plan="auto", device_mesh=mesh).eval()
+
+
+def random_shards(model, device, std: float = 0.02) -> None:
+    """Materialize a model built on the meta device and sharded by `apply_tensor_parallel`: every rank draws its own
+    shards at random on `device` (shape-only runs of models too large for one device: no rank ever holds the whole
+    model). Norm weights are ones; the rotary embedding is rebuilt on `device`."""
+    from torch.distributed.tensor import DTensor
+
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            ones = "norm" in type(module).__name__.lower()
+            if isinstance(p, DTensor):
+                local = torch.empty(p.to_local().shape, dtype=p.dtype, device=device)
+                local.fill_(1.0) if ones else local.normal_(0.0, std)
+                value = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                           stride=p.stride())
+            else:
+                value = torch.empty(p.shape, dtype=p.dtype, device=device)
+                value.fill_(1.0) if ones else value.normal_(0.0, std)
+            module._parameters[name] = torch.nn.Parameter(value, requires_grad=False)
+    base = base_model(model)
+    base.rotary_emb = type(base.rotary_emb)(config=model.config, device=device)
 
 
 def cache_keyword(model) -> str:
@@ -271,6 +359,8 @@ def decode_weights(model) -> DecodeWeights | None:
     base = base_model(model)
     layers = list(getattr(base, "layers", []))
     if getattr(c, "model_type", None) != "llama" or getattr(c, "hidden_act", "silu") != "silu" or not layers:
+        return None
+    if tensor_parallel_degree(model) > 1:  # kvscope's own step has no collectives: sharded models use their forward
         return None
     if not all(hasattr(x, "self_attn") and hasattr(x, "mlp") and hasattr(x.mlp, "gate_proj") for x in layers):
         return None

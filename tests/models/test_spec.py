@@ -66,8 +66,24 @@ def test_tensor_parallel_splits_weights_and_kv():
     spec = ModelSpec.from_catalogue("llama-3-70b")
     assert spec.kv_bytes_per_token("bf16", tp=8) == spec.kv_bytes_per_token("bf16") // 8
     assert spec.kv_bytes_per_token("bf16", tp=16) == spec.kv_bytes_per_token("bf16", tp=8)  # KV heads replicated
-    norms = (2 * 80 + 1) * 8192  # RMSNorm weights stay whole on every rank
-    assert spec.weights_bytes("bf16", tp=4) == 2 * ((70_553_706_496 - norms) // 4 + norms)
+    # transformers' Llama plan: the seven projections and the untied lm_head split 4 ways; the RMSNorm weights and
+    # the embedding (128256 x 8192) stay whole on every rank
+    norms = (2 * 80 + 1) * 8192
+    embedding = 128256 * 8192
+    split = 70_553_706_496 - norms - 2 * embedding
+    replicated = spec.weights_bytes("bf16", tp=4, embedding_split=False)
+    assert replicated == 2 * (split // 4 + norms + embedding + embedding // 4) == 36_854_841_344
+    # transformers 5.24 also splits the embedding on the vocabulary
+    assert spec.weights_bytes("bf16", tp=4, embedding_split=True) == 2 * (split // 4 + norms + 2 * (embedding // 4))
+
+
+def test_tensor_parallel_tied_head_is_the_replicated_embedding():
+    spec = ModelSpec.from_hf_config({"model_type": "llama", "hidden_size": 64, "intermediate_size": 160,
+                                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                     "vocab_size": 256, "tie_word_embeddings": True})
+    layer_projections = 64 * 64 * 2 + 2 * 64 * 32 + 3 * 64 * 160
+    assert spec.weights_params_per_rank(2) == 2 * layer_projections // 2 + (2 * 2 + 1) * 64 + 256 * 64
+    assert spec.weights_params_per_rank(2, embedding_split=True) == layer_projections + 5 * 64 + 128 * 64
 
 
 def test_rope_scaling_read_from_either_key_style():

@@ -96,7 +96,13 @@ def _emulate(p) -> None:
                    "larger one")
 
 
-_PARENTS = {"model": _model, "cache": _cache, "runtime": _runtime, "prompt": lambda p: _prompt(p, True),
+def _tp(p) -> None:
+    p.add_argument("--tp", type=int, default=1, metavar="N", help="tensor-parallel degree: the model split over N GPUs "
+                   "with transformers' tensor-parallel plan (one rank per GPU, torch.distributed + NCCL); memory is "
+                   "per GPU (default 1)")
+
+
+_PARENTS = {"tp": _tp, "model": _model, "cache": _cache, "runtime": _runtime, "prompt": lambda p: _prompt(p, True),
             "prompt-optional": lambda p: _prompt(p, False), "emulate": _emulate}
 
 

@@ -9,7 +9,8 @@ from kvscope.kvformats import DTYPE_BYTES
 from kvscope.planner.gpus import GPUS
 
 HELP = "predict memory, fit, max batch/context and fixes for a workload"
-PARENTS = ("runtime", "cache")  # the policy is checked against the budget; the estimate prices what a budget allocates
+# the policy is checked against the budget; the estimate prices what a budget allocates
+PARENTS = ("runtime", "cache", "tp")
 
 
 def add_arguments(p) -> None:
@@ -29,7 +30,6 @@ def add_workload_arguments(p) -> None:
     p.add_argument("--context", type=int, default=2048, help="prompt length in tokens (default 2048)")
     common.add_new_tokens(p, 128)
     p.add_argument("--dtype", default="bf16", choices=list(DTYPE_BYTES), help="weights and activations (default bf16)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree; memory is per GPU (default 1)")
 
 
 def workload_from(args):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from kvscope.cli import commands, common, output
 
 HELP = "generate under a budgeted KV cache; print the text and a per-layer KV table"
-PARENTS = ("model", "prompt", "cache")
+PARENTS = ("model", "prompt", "cache", "tp")
 
 
 def add_arguments(p) -> None:
@@ -26,8 +26,13 @@ def run(args) -> int:
     require_positive("--new-tokens", args.new_tokens, option="--new-tokens")
     if args.context is not None:
         require_positive("--context", args.context, option="--context")
-    common.check_device(args)
+    device = common.check_device(args)
     _check_before_loading(args, text)
+    backend = _check_tp(args, device)
+    if backend is not None:
+        payload = _generate_tensor_parallel(args, text, backend)
+        output.emit(payload, args.format, render)
+        return 0
     loaded = common.load_model(args)
     result = _generate(args, loaded, text)
     payload = {"model": loaded.spec.name, **result.to_dict()}
@@ -47,6 +52,33 @@ def _check_before_loading(args, text: str | None) -> None:
                     expected="--context N for N random token ids", fix=f"drop {option} and add --context N")
     if args.context is not None:
         check_positions(args.context, args.new_tokens, spec_for(args.model).max_position_embeddings)
+
+
+def _check_tp(args, device: str) -> str | None:
+    from kvscope.distributed import check_tp
+    from kvscope.models.loader import spec_for
+
+    return check_tp(args.tp, spec_for(args.model) if args.tp != 1 else None, device)
+
+
+def _generate_tensor_parallel(args, text: str | None, backend: str) -> dict:
+    """`--tp N`: every rank runs the prompt on its shard of the model and of the KV heads; rank 0's text and table,
+    each rank's figures and the total."""
+    from kvscope.distributed import launch, merge_ranks
+    from kvscope.distributed.ranks import run_job
+    from kvscope.models.loader import spec_for
+    from kvscope.runtime.session import random_ids
+
+    spec = spec_for(args.model)
+    ids = None if text is not None else random_ids(spec.vocab_size, args.context)
+    job = {"model": args.model, "random_weights": args.random_weights, "dtype": args.dtype, "text": text, "ids": ids,
+           "chat": args.chat, "policy": common.policy_name(args), "knobs": common.knobs(args), "budget": args.budget,
+           "kv_dtype": args.kv_dtype, "new_tokens": args.new_tokens, "chunk_size": common.chunk_size(args),
+           "recall": args.recall}
+    with output.status(f"running {args.model} on {args.tp} ranks ({backend})"):
+        results = launch(run_job, job, args.tp, backend=backend)
+    return {"model": results[0]["spec"], **results[0]["result"], "tensor_parallel": {"tp": args.tp,
+            "backend": backend, **merge_ranks(results)}}
 
 
 def _generate(args, loaded, text: str | None):
@@ -106,3 +138,25 @@ def render(d: dict) -> None:
     if d.get("budget_note"):
         rows.append(("note", d["budget_note"]))
     out.print(output.kv_table("totals", rows))
+    if d.get("tensor_parallel"):
+        _render_ranks(d["tensor_parallel"])
+
+
+def _render_ranks(tp: dict) -> None:
+    from rich.table import Table
+
+    t = Table(title=f"tensor parallel: {tp['tp']} ranks ({tp['backend']}); the tables above are rank 0's, KV bytes "
+              "are per rank", title_justify="left")
+    for col in ("rank", "device", "KV heads", "KV bytes", "evicted tokens", "weights", "peak"):
+        t.add_column(col, justify="right")
+    for r in tp["ranks"]:
+        peak = output.gib(r["peak_bytes"]) if r["peak_bytes"] is not None else "-"
+        t.add_row(str(r["rank"]), r["device"], str(r["kv_heads"]), output.gib(r["kv_bytes"]), str(r["evicted_tokens"]),
+                  output.gib(r["weights_bytes"]), peak)
+    total = tp["total"]
+    peak = output.gib(total["peak_bytes"]) if total["peak_bytes"] is not None else "-"
+    t.add_row("total", "", str(total["kv_heads"]), output.gib(total["kv_bytes"]), "",
+              output.gib(total["weights_bytes"]), peak)
+    output.stdout.print(t)
+    if not tp["agree"]:
+        output.stdout.print("warning: the ranks disagree on the tokens or on what each layer kept", markup=False)

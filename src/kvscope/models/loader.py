@@ -111,6 +111,20 @@ def load(ref: str, *, random_weights: bool = False, dtype: str | None = None, de
     raise _unknown(ref)
 
 
+def model_directory(ref: str) -> tuple[Path, str]:
+    """The local model directory behind `ref` and the name to report (the embedded model and a GGUF: their cached
+    conversion), for loaders that read a directory themselves (tensor parallel)."""
+    if ref.strip().lower() == EMBEDDED_NAME:
+        return ensure_converted(on_notice=_warn_if_rebuilt), EMBEDDED_NAME
+    path = Path(ref).expanduser()
+    if path.suffix == ".gguf":
+        spec_for(str(path))
+        return ensure_converted(path, on_notice=_warn_if_rebuilt), path.stem
+    if path.is_dir():
+        return path, path.name
+    raise _unknown(ref)
+
+
 def _load_dir(path: Path, torch_dtype, device: str, attn_implementation: str, *, name: str) -> LoadedModel:
     from kvscope import _compat
 

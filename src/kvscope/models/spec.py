@@ -143,15 +143,39 @@ class ModelSpec:
         head = 0 if self.tie_word_embeddings else self.embedding_params()
         return self.embedding_params() + head + self.num_layers * self.layer_params() + self.hidden_size
 
-    def weights_bytes(self, dtype: str = "bf16", tp: int = 1) -> int:
-        """Bytes of weights on one GPU; layers and both vocab matrices are split `tp` ways, norms are replicated."""
+    def weights_bytes(self, dtype: str = "bf16", tp: int = 1, embedding_split: bool | None = None) -> int:
+        """Bytes of weights on one GPU under transformers' Llama tensor-parallel plan (`LlamaConfig.base_model_tp_plan`
+        and `LlamaForCausalLM._tp_plan`): q/k/v/gate/up colwise and o/down rowwise are split `tp` ways, and so is an
+        untied `lm_head` (colwise, output gathered); the RMSNorm weights are replicated on every rank. The embedding is
+        split on the vocabulary from transformers 5.24 on (its plan adds `embed_tokens: embedding_rowwise`) and
+        replicated in 5.17: `embedding_split` None asks the installed transformers (`_compat.tp_splits_embedding`).
+
+        >>> spec = ModelSpec.from_catalogue("llama-3.1-70b")
+        >>> h, n, e = spec.hidden_size, spec.num_layers, spec.embedding_params()
+        >>> spec.weights_bytes("bf16", tp=2, embedding_split=False) == (n * (spec.layer_params() - 2 * h) // 2
+        ...     + (2 * n + 1) * h + e + e // 2) * 2
+        True
+        """
         b = DTYPE_BYTES[dense_dtype(dtype)]
         if tp == 1:
             return self.num_params() * b
+        if embedding_split is None:
+            from kvscope import _compat
+
+            embedding_split = _compat.tp_splits_embedding()
+        return self.weights_params_per_rank(tp, embedding_split) * b
+
+    def weights_params_per_rank(self, tp: int, embedding_split: bool = False) -> int:
+        """Parameters one rank holds under the tensor-parallel plan (see `weights_bytes`)."""
         h = self.hidden_size
         norms = (2 * self.num_layers + 1) * h
-        sharded = self.num_params() - norms
-        return (sharded // tp + norms) * b
+        layer_split = self.layer_params() - 2 * h  # the seven projections (and their biases)
+        replicated_bias = h * (int(self.attention_bias) + int(self.mlp_bias))  # o_proj / down_proj bias: rowwise
+        layers = self.num_layers * (-(-(layer_split - replicated_bias) // tp) + replicated_bias)
+        split = -(-self.embedding_params() // tp)
+        embedding = split if embedding_split else self.embedding_params()
+        head = 0 if self.tie_word_embeddings else split  # a tied head is the embedding itself
+        return layers + norms + embedding + head
 
     def kv_heads_per_gpu(self, tp: int = 1) -> int:
         """KV heads one GPU holds: split across ranks, replicated when there are more ranks than KV heads."""

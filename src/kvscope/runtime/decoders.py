@@ -217,6 +217,8 @@ def why_not_static(model, cache) -> tuple[object, str]:
         return None, "an eviction collector reads every eviction on the host"
     if not getattr(cache.layers[0].store, "GRAPH_SAFE", True):
         return None, f"the {s.kv_dtype} store keeps its recent-token ring position on the host"
+    if _compat.tensor_parallel_degree(model) > 1:
+        return None, "the model is split over ranks (tensor parallel): kvscope's own step has no collectives"
     weights = _compat.decode_weights(model)
     if weights is None:
         return None, "the model is not a Llama-architecture causal LM"

@@ -22,6 +22,7 @@ class RunResult:
     budget_note: str | None
     recall: str | None = None
     recalled_tokens: int = 0  # what the recall tier brought back (the most in any layer and row)
+    cache: BudgetedCache | None = None  # kept when asked (`keep_cache`): what eviction left, for inspection
 
     def to_dict(self) -> dict:
         g, s = self.generation, self.stats
@@ -117,7 +118,9 @@ def check_cache_fits(model, *, batch: int, prompt_tokens: int, new_tokens: int, 
     dtype = normalize_dtype(str(param.dtype))
     w = Workload(batch=batch, context=prompt_tokens, new_tokens=new_tokens, dtype=dtype, kv_dtype=kv_dtype,
                  runtime="kvscope", budget_tokens=budget_tokens, chunk_size=chunk_size)
-    need = kv_bytes(ModelSpec.from_hf_config(model.config), w)
+    from kvscope import _compat
+
+    need = kv_bytes(ModelSpec.from_hf_config(model.config), w.with_(tp=_compat.tensor_parallel_degree(model)))
     free = free_memory(param.device)
     if need > free:
         raise does_not_fit(f"the KV cache would allocate {format_bytes(need)} ({budget_tokens} tokens + one "
@@ -140,7 +143,8 @@ def free_memory(device: torch.device) -> int:
 def run_prompt(model, tokenizer, text: str | None = None, *, ids: torch.Tensor | None = None, chat: bool = True,
                policy: str = "lru", knobs: dict | None = None, budget_tokens: int | None = None,
                kv_dtype: str | None = None, new_tokens: int = 64, chunk_size: int = 512,
-               on_phase: PhaseCallback | None = None, recall: str | None = None) -> RunResult:
+               on_phase: PhaseCallback | None = None, recall: str | None = None,
+               keep_cache: bool = False) -> RunResult:
     """Generate greedily for one prompt (`text`, or token `ids` [1, n]) under a `BudgetedCache`. The cache is sized to
     `budget_tokens`, at most the whole sequence; without a budget it holds the whole sequence, so nothing is evicted
     (and `full` works). Generation stops at end-of-sequence or after `new_tokens`."""
@@ -165,7 +169,7 @@ def run_prompt(model, tokenizer, text: str | None = None, *, ids: torch.Tensor |
     else:  # random weights: the ids are all there is to show
         text_out = " ".join(map(str, tokens))
     return RunResult(text=text_out, generation=gen, stats=cache.stats(), budget_note=note, recall=recall,
-                     recalled_tokens=max(cache.recalled_tokens, default=0))
+                     recalled_tokens=max(cache.recalled_tokens, default=0), cache=cache if keep_cache else None)
 
 
 def _eos(tokenizer, model) -> list[int]:
