@@ -29,7 +29,7 @@ from kvscope.monitor import Monitor
 from kvscope.planner import Workload, plan, search
 from kvscope.runtime import generate
 
-PARTS = ("decode", "policies", "capacity", "monitor", "profile", "cpu")
+PARTS = ("decode", "policies", "capacity", "monitor", "profile", "recall", "cpu")
 CPU_PARTS = {"cpu"}  # parts that run on a machine without CUDA
 GIB = 1024**3
 
@@ -218,6 +218,32 @@ def part_profile(model, spec, args) -> dict:
     clean()
     return {"steps": 32, "gpu_us_per_step": round(total / 32, 1), "decode_tps": gen.decode_tokens_per_second,
             "kernels": rows[:40]}
+
+
+def part_recall(model, spec, args) -> dict:
+    """A 32k prompt prefilled in 512-token chunks under snapkv at budget 2048, with and without the recall tier
+    (interleaved rounds): prefill seconds, the allocator's peak over its baseline (weights included in the baseline),
+    the cache's one allocation against budget + one chunk."""
+    context, budget, chunk = 32768, 2048, 512
+    ids = torch.randint(10, spec.vocab_size, (1, context), device="cuda")
+    per_token = spec.kv_bytes_per_token("bf16")
+    rows = []
+    for round_ in range(args.rounds):
+        for recall in (None, "cpu"):
+            base = clean()
+            torch.cuda.reset_peak_memory_stats()
+            cache = BudgetedCache(model, "snapkv", budget_tokens=budget, chunk_size=chunk, recall=recall)
+            gen = generate(model, ids, cache, max_new_tokens=1, chunk_size=chunk)
+            sync()
+            rows.append({"round": round_, "recall": recall, "prefill_s": round(gen.prefill_seconds, 3),
+                         "peak_over_base": torch.cuda.max_memory_allocated() - base,
+                         "arena_bytes": cache.settings.arena.nbytes,
+                         "kv_store_bytes": (budget + chunk) * per_token,
+                         "recalled": max(cache.recalled_tokens)})
+            print("recall", rows[-1], flush=True)
+            del cache, gen
+            clean()
+    return {"context": context, "budget": budget, "chunk": chunk, "policy": "snapkv", "rows": rows}
 
 
 def part_cpu(model, spec, args) -> dict:

@@ -209,3 +209,28 @@ def test_recall_bytes_cover_what_the_tier_allocates(tiny, tiny64, kv_dtype):
     w = Workload(batch=1, context=PROMPT, new_tokens=1, dtype="fp32", kv_dtype=kv_dtype, runtime="kvscope",
                  budget_tokens=SNAP, chunk_size=CHUNK, policy="snapkv", recall="cpu")
     assert recall_host_bytes(spec, w) == tier.nbytes * len(cache.layers)  # the planner prices the tier to the byte
+
+
+@pytest.mark.gpu
+def test_on_cuda_the_tier_is_pinned_and_recalls_as_on_the_cpu():
+    """CUDA: pinned host tier, copies on a side stream; the kept positions are the CPU run's."""
+    cpu, gpu = build_tiny(), build_tiny().cuda()
+    kept = []
+    for model in (cpu, gpu):
+        cache = BudgetedCache(model, FlipAtEnd(), budget_tokens=BUDGET, chunk_size=CHUNK, recall="cpu")
+        seen = {}
+        original = BudgetedLayer._recall
+
+        def spy(self, *args, seen=seen, original=original):
+            seen["pinned"] = self.tier.position.is_pinned() if self.tier.stream is not None else None
+            return original(self, *args)
+
+        BudgetedLayer._recall = spy
+        try:
+            generate(model, ids().to(next(model.parameters()).device), cache, max_new_tokens=2, chunk_size=CHUNK)
+        finally:
+            BudgetedLayer._recall = original
+        kept.append([sorted(p) for p in kept_positions(cache)])
+        if model is gpu:
+            assert seen["pinned"] is True
+    assert kept[0] == kept[1] == [list(range(16))] * len(kept[0])
