@@ -9,6 +9,7 @@ from typing import Any
 
 from kvscope.errors import usage
 from kvscope.kvformats import DTYPE_BYTES, INT4_GROUP, dense_dtype, kv_format
+from kvscope.weightformats import layer_linears, weight_format
 
 # Decoders whose attention is standard multi-head / grouped-query attention with a Llama-shaped block
 # (q/k/v/o projections, gated MLP, RMSNorm, RoPE). Everything else is refused by name.
@@ -143,9 +144,26 @@ class ModelSpec:
         head = 0 if self.tie_word_embeddings else self.embedding_params()
         return self.embedding_params() + head + self.num_layers * self.layer_params() + self.hidden_size
 
-    def weights_bytes(self, dtype: str = "bf16", tp: int = 1) -> int:
-        """Bytes of weights on one GPU; layers and both vocab matrices are split `tp` ways, norms are replicated."""
+    def linears(self) -> list[tuple[str, int, int]]:
+        """(name, out features, in features) of one decoder layer's projections: what a weight format quantizes."""
+        return layer_linears(self.hidden_size, self.intermediate_size, self.q_dim, self.kv_dim)
+
+    def weights_bytes(self, dtype: str = "bf16", tp: int = 1, weights: str | None = None) -> int:
+        """Bytes of weights on one GPU; layers and both vocab matrices are split `tp` ways, norms are replicated.
+
+        `weights` (int8, int4, fp8: kvscope.weightformats) prices the decoder layers' projections as torchao stores
+        them; embeddings, norms, biases and the output head stay in `dtype`.
+
+        >>> spec = ModelSpec.from_catalogue("llama-3.1-8b")
+        >>> spec.weights_bytes("bf16"), spec.weights_bytes("bf16", weights="int8")
+        (16060522496, 9088081920)
+        """
         b = DTYPE_BYTES[dense_dtype(dtype)]
+        if weights is not None:
+            fmt = weight_format(weights)
+            dense = self.num_params() - self.num_layers * sum(n * k for _, n, k in self.linears())
+            quantized = self.num_layers * sum(fmt.linear_bytes(n, k) for _, n, k in self.linears())
+            return dense * b + quantized
         if tp == 1:
             return self.num_params() * b
         h = self.hidden_size
