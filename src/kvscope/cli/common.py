@@ -227,8 +227,8 @@ def check_weights(spec, weights: str | None, dtype: str, device: str) -> None:
     from kvscope.models.quantize import check_runnable
     from kvscope.weightformats import check_format, weight_format
 
+    check_runnable(weight_format(weights).name, device)
     check_format(weight_format(weights), dtype, spec.linears(), spec.name)
-    check_runnable(weights, device)
 
 
 def load_model(args):

@@ -124,8 +124,8 @@ def _load_dir(path: Path, torch_dtype, device: str, attn_implementation: str, *,
     from kvscope import _compat
 
     spec = ModelSpec.from_config_file(path, name=name)  # validates config.json before touching weights
-    weights = list(path.glob("*.safetensors")) + list(path.glob("*.safetensors.index.json"))
-    if not weights:
+    files = list(path.glob("*.safetensors")) + list(path.glob("*.safetensors.index.json"))
+    if not files:
         raise usage(f"no safetensors weights in {path}", expected="model.safetensors or sharded "
                     "model-0000x-of-0000y.safetensors with model.safetensors.index.json",
                     fix="MODEL, or --random-weights for a shape-only run")
@@ -162,6 +162,7 @@ def _check_weights(ref: str, weights: str, torch_dtype, device: str) -> None:
     from kvscope.weightformats import check_format, weight_format
 
     fmt = weight_format(weights)
+    check_runnable(fmt.name, device)  # the device first: int4 on the CPU fails here whatever the dtype
     dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[torch_dtype]
     spec = ModelSpec.from_hf_config(catalogue.catalogue_entry(ref).config, name=ref) if (
         catalogue.is_catalogue_name(ref)) else None
@@ -169,7 +170,6 @@ def _check_weights(ref: str, weights: str, torch_dtype, device: str) -> None:
         spec = spec_for(ref)
     if spec is not None:
         check_format(fmt, dtype, spec.linears(), spec.name)
-    check_runnable(fmt.name, device)
     require_torchao(fmt)
 
 
