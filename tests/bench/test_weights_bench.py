@@ -7,6 +7,7 @@ import argparse
 import json
 
 from benchmarks import common
+
 from kvscope.planner import measured
 from tests.bench import load_benchmark
 
