@@ -58,6 +58,7 @@ def test_sections_render_from_data(tmp_path, monkeypatch):
     text = page.read_text()
     assert "| int8 | 20.2 | +1.00% | 5/6 | 100 | 100 | 75% | 12 |" in text
     assert "- int4: not run on the CPU: --weights int4 needs a CUDA GPU" in text
-    assert "| int4 | 5,809,700,000 | 5,809,643,520 | +0.001% | 300.0 (1.50x) | auto: RuntimeError: x | 255 | ran |" in text
+    row = "| int4 | 5,809,700,000 | 5,809,643,520 | +0.001% | 300.0 (1.50x) | auto: RuntimeError: x | 255 | ran |"
+    assert row in text
     assert "| int8 | 0 | 0 | load: ImportError: no |" in text
     assert "rebuild this section with `python -m benchmarks.weights --render`" in text
