@@ -56,6 +56,7 @@ def part_cpu(args) -> dict:
                 check_runnable(weights, "cpu")
             except UsageError as exc:
                 out["not_runnable"][fmt] = exc.cli_message()
+                _save(args, CPU_FILE, out)
                 continue
         t = time.perf_counter()
         model, tok, spec = load("smollm2-135m", dtype="fp32", device="cpu", weights=weights)
