@@ -83,11 +83,12 @@ def attention_free(policy: str) -> bool:
     return make_policy(policy).attention == "none"
 
 
-def run_direct(model, ids, policy, budget, chunk, max_new, eos, kv_dtype=None) -> list[int]:
+def run_direct(model, ids, policy, budget, chunk, max_new, eos, kv_dtype=None, recall=None) -> list[int]:
     from kvscope.cache import BudgetedCache
     from kvscope.runtime import generate
 
-    cache = BudgetedCache(model, make_policy(policy), budget_tokens=budget, chunk_size=chunk, kv_dtype=kv_dtype)
+    cache = BudgetedCache(model, make_policy(policy), budget_tokens=budget, chunk_size=chunk, kv_dtype=kv_dtype,
+                          recall=recall)
     g = generate(model, ids, cache, max_new_tokens=max_new, chunk_size=chunk, eos_token_id=eos)
     del cache
     gc.collect()
@@ -223,16 +224,21 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def ppl_stream(model, ids: list[int], policy: str, budget: int, chunk: int, kv_dtype=None) -> dict:
-    """Chunks of `chunk` tokens through a budgeted cache; NLL of tokens N/2+1 .. N-1."""
+def ppl_stream(model, ids: list[int], policy: str, budget: int, chunk: int, kv_dtype=None, recall=None) -> dict:
+    """Chunks of `chunk` tokens through a budgeted cache; NLL of tokens N/2+1 .. N-1. With `recall`, the text is one
+    prompt: the chunks' evictions wait in CPU memory and the last chunk recalls before it attends."""
     from kvscope.cache import BudgetedCache
 
     x = torch.tensor([ids])
     n, half = len(ids), len(ids) // 2
-    cache = BudgetedCache(model, make_policy(policy), budget_tokens=budget, chunk_size=chunk, kv_dtype=kv_dtype)
+    cache = BudgetedCache(model, make_policy(policy), budget_tokens=budget, chunk_size=chunk, kv_dtype=kv_dtype,
+                          recall=recall)
     total, count = 0.0, 0
+    cache.begin_prefill(n - 1, 1, next(model.parameters()).dtype)
     for s in range(0, n - 1, chunk):
         e = min(s + chunk, n - 1)  # predict targets s+1 .. e
+        if e == n - 1:
+            cache.last_prefill_forward()
         out = model(input_ids=x[:, s:e], attention_mask=torch.ones(1, e, dtype=torch.long),
                     position_ids=torch.arange(s, e)[None], use_cache=True, **{cache_kw(model): cache})
         pos = torch.arange(s, e)
@@ -240,6 +246,7 @@ def ppl_stream(model, ids: list[int], policy: str, budget: int, chunk: int, kv_d
         if keep.any():
             nll = _nll(out.logits[0][keep], x[0, s + 1:e + 1][keep])
             total, count = total + float(nll.sum()), count + int(nll.numel())
+    cache.end_prefill()
     return {"nll_sum": total, "tokens": count}
 
 

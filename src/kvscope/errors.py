@@ -37,7 +37,7 @@ CLI_FLAGS = frozenset({
     # chat and serve
     "--history", "--history-tokens", "--system", "--temperature", "--top-p", "--top-k", "--seed", "--host", "--port",
     "--served-model-name", "--total-budget", "--total-budget-bytes", "--max-waiting", "--max-sessions", "--swap-space",
-    "--shutdown-timeout"})
+    "--shutdown-timeout", "--recall"})
 _LIBRARY_FLAGS = frozenset({"--offload", "--max-new-tokens"})
 # flags whose Python parameter is not the flag's own name with dashes turned into underscores
 _PARAMETERS = {"--budget": "budget_tokens", "--no-warmup": "warmup=False"}

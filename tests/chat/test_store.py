@@ -130,3 +130,20 @@ def test_idle_sessions_swap_to_cpu_on_cuda_and_come_back_bit_exact():
     again = engine.generate_ids(a, pa + ra.ids, max_new_tokens=4)
     assert again.restore == "swap-in" and again.reused_tokens == len(pa) + len(ra.ids) - 1
     assert a.counters.swaps_out == 1 and a.counters.swaps_in == 1 and b.state == "swapped"
+
+
+def test_a_session_with_recall_brings_back_what_its_turn_evicted(tiny):
+    """A long turn under a small session budget: its chunks' evictions wait in CPU memory until the turn's end."""
+    engine = engine_for(tiny, policy="snapkv", session_budget=40, chunk_size=16, recall="cpu")
+    assert engine.config.recall == "cpu"
+    session = engine.open("long")
+    r = engine.generate_ids(session, ids(120, 1), max_new_tokens=3, ignore_eos=True)
+    assert len(r.ids) == 3
+    assert 0 < max(session.cache.recalled_tokens) <= 40 and session.cache.held_tokens() <= 40
+    r = engine.generate_ids(session, session.ids + ids(60, 2), max_new_tokens=2, ignore_eos=True)
+    assert r.reused_tokens > 0 and session.cache.held_tokens() <= 40
+
+
+def test_recall_with_a_policy_that_reads_no_attention_is_refused(tiny):
+    with pytest.raises(UsageError, match="reads no attention"):
+        engine_for(tiny, policy="streaming_llm", recall="cpu")

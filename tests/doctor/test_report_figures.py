@@ -196,3 +196,22 @@ def test_a_cpu_kv_cache_beyond_host_memory_is_refused_before_it_is_allocated(cap
                        "--new-tokens", "2", "--runtime", "kvscope", "--budget", "1000000000", "--out", tmp_path / "r")
     assert code == 3 and "would allocate" in err and "available" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_chunked_eviction_fix_comes_with_recall_first_and_its_host_cost(tiny_model_dir):
+    """A prompt longer than one chunk: the eviction fix would choose before the question is seen, so the doctor
+    offers it with the recall tier first, naming the host memory the tier can take (the planner's, to the byte)."""
+    from kvscope.planner.memory import recall_host_bytes
+    from kvscope.planner.sizes import format_bytes
+
+    spec = ModelSpec.from_config_file(tiny_model_dir)
+    w = Workload(batch=1, context=600, new_tokens=2, dtype="fp32", runtime="kvscope", budget_tokens=64,
+                 chunk_size=128, policy="full")
+    options = [f.option for f in fixes_for_budget(spec, w)]
+    recall = next(i for i, o in enumerate(options) if o.endswith("--recall cpu"))
+    plain = options.index(options[recall].removesuffix(" --recall cpu"))
+    assert recall < plain
+    fix = fixes_for_budget(spec, w)[recall]
+    assert fix.workload.recall == "cpu" and format_bytes(recall_host_bytes(spec, fix.workload)) in fix.message
+    one_chunk = w.with_(chunk_size=1024)  # the whole prompt in one forward: nothing to recall
+    assert not any(f.option.endswith("--recall cpu") for f in fixes_for_budget(spec, one_chunk))

@@ -60,12 +60,14 @@ class BudgetedCache(Cache):
             keeps every row exactly at its budget.
         offload: keep every layer's KV in pinned CPU memory and prefetch the next layer on a side CUDA stream, so
             at most two layers' KV are on the GPU (CUDA only; see kvscope.cache.offload).
+        recall: "cpu" keeps what kvscope's chunked prefill evicts in CPU memory and, when the prompt's last chunk
+            arrives, brings back the tokens its question needs (kvscope.cache.recall; attention-reading policies).
         **knobs: the policy's knobs (e.g. `sink_tokens=4` for streaming_llm).
     """
 
     def __init__(self, model, policy="lru", *, budget_tokens: int | None = None, budget_bytes: int | None = None,
                  kv_dtype: str | None = None, chunk_size: int = DEFAULT_CHUNK, collector: Collector | None = None,
-                 evict_batch: int = 1, offload: bool = False, **knobs):
+                 evict_batch: int = 1, offload: bool = False, recall: str | None = None, **knobs):
         self.num_layers, self.query_heads, self.kv_heads, self.head_dim = _compat.attention_heads(model)
         policy = get(policy, **knobs)
         kv_dtype = kv_format(kv_dtype).name if kv_dtype is not None else None
@@ -85,6 +87,10 @@ class BudgetedCache(Cache):
         if self.budget_tokens - evict_batch + 1 < policy.min_budget():
             raise usage(f"evict_batch {evict_batch} would cut below the minimum of policy {policy.name!r}",
                         expected=f"budget - evict_batch + 1 >= {policy.min_budget()}", fix="evict_batch")
+        from kvscope.cache.recall import check_recall
+
+        check_recall(policy, offload, recall)
+        self.settings.recall = recall
         self.home_device = next(model.parameters()).device
         if offload:
             require_cuda_for_offload(self.home_device)
@@ -214,6 +220,49 @@ class BudgetedCache(Cache):
             raise usage("BudgetedCache builds its own attention mask and cannot take a 4-D attention_mask",
                         expected="a 2-D padding mask [batch, tokens]", fix="attention_mask")
         self.forward_info = ForwardInfo(positions=positions.long(), real=real, all_real=all_real)
+
+    # --- the recall tier (kvscope.cache.recall) --------------------------------------------------------------------
+    def recall_bytes(self, prompt_tokens: int, batch: int, dtype: torch.dtype) -> int:
+        """Host memory the recall tier can take for a prompt of `prompt_tokens` (every token evicted once)."""
+        from kvscope.cache.arena import TYPE_NAMES
+        from kvscope.cache.recall import tier_format
+        from kvscope.kvformats import layout_bytes, store_layout
+
+        dense = TYPE_NAMES[dtype]
+        store = store_layout(tier_format(self.kv_dtype or dense), batch, self.kv_heads, prompt_tokens, self.head_dim,
+                             dense)
+        state = batch * self.kv_heads * prompt_tokens * (8 + 4 + 1)  # position, score, valid
+        return self.num_layers * (layout_bytes(store, align=False) + state)
+
+    def begin_prefill(self, prompt_tokens: int, batch: int, dtype: torch.dtype) -> None:
+        """kvscope's runtime starts a prompt: with recall, its evictions wait in CPU memory (after checking there is
+        room for them)."""
+        if self.settings.recall is None:
+            return
+        import psutil
+
+        need = self.recall_bytes(prompt_tokens, batch, dtype)
+        free = psutil.virtual_memory().available
+        if need > free:
+            raise usage(f"the recall tier may need {format_bytes(need)} of host memory for {batch} x {prompt_tokens} "
+                        f"prompt tokens, but {format_bytes(free)} is available",
+                        expected="a shorter prompt or batch, or no recall", fix="recall (--recall)")
+        self.settings.recall_state, self.settings.recall_capacity = "record", prompt_tokens
+
+    def last_prefill_forward(self) -> None:
+        if self.settings.recall is not None:
+            self.settings.recall_state = "final"
+
+    def end_prefill(self) -> None:
+        self.settings.recall_state = None
+        for layer in self.layers:
+            if layer.is_initialized:
+                layer.tier = None
+
+    @property
+    def recalled_tokens(self) -> list[int]:
+        """Per layer: tokens the last recall brought back (in the row that took the most)."""
+        return [layer.recalled if layer.is_initialized else 0 for layer in self.layers]
 
     # --- requests and continuation ---------------------------------------------------------------------------------
     def held_tokens(self) -> int:

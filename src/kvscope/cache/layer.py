@@ -59,6 +59,8 @@ class BudgetedLayer(CacheLayerMixin):
         # short prompt) needs less, and a later, longer forward is then processed in pieces of `room` tokens
         self.room = s.room(n)
         self.capacity = s.budget_tokens + self.room
+        self.compute_dtype, self.head_dim = key_states.dtype, head_dim
+        self.tier, self.recalled = None, 0
         if s.offloader is not None:  # offload: pinned per-layer masters and two GPU staging buffers, no arena
             self.store = make_store(s.kv_dtype, batch, heads, self.capacity, head_dim, key_states.dtype, self.device)
             s.offloader.adopt(self.index, self.store)
@@ -180,6 +182,8 @@ class BudgetedLayer(CacheLayerMixin):
             offloader.activate(self.index, self.store)
         self.written = []  # (start, end) spans or scattered slot tensors, for the offload write-back
         self.dense = self.dense and info.all_real
+        if self.settings.recall_state == "final" and self.tier is not None:
+            self._recall(query, info, scaling)
         outs = [self._chunk(query[:, :, s:s + step], keys[:, :, s:s + step], values[:, :, s:s + step],
                             info.positions[:, s:s + step], info.real[:, s:s + step], scaling)
                 for s in range(0, n, step)]
@@ -229,6 +233,17 @@ class BudgetedLayer(CacheLayerMixin):
         if self.upper > self.settings.budget_tokens and policy.evicts:
             self._evict()
         return out
+
+    def _recall(self, query: torch.Tensor, info, scaling: float) -> None:
+        """The prompt's last forward: bring back the waiting tokens its question needs (kvscope.cache.recall)."""
+        from kvscope.cache.recall import recall, window
+
+        w = window(self.settings.policy)
+        tier, self.tier = self.tier, None
+        self.recalled = recall(self, tier, query[:, :, -w:], info.positions[:, -w:], scaling)
+        self.upper = self.settings.budget_tokens
+        self.contiguous = self.dense = False
+        self.free = None
 
     def _check_room(self, n: int) -> None:
         """A policy that never evicts has no slots beyond its budget: refuse a chunk that would not fit."""
@@ -318,6 +333,12 @@ class BudgetedLayer(CacheLayerMixin):
         # (h2o's recent share) must fit in `keep`, or the row would hold more than `upper` says
         evict = select_evictions(s.policy.keep_scores(st, keep), st, keep)
         self.counters.record(evict, st.position, st.newest)
+        if s.recall_state == "record":  # a bounded prefill with recall: the evicted tokens wait in CPU memory
+            from kvscope.cache.recall import Tier
+
+            if self.tier is None:
+                self.tier = Tier(self, s.recall_capacity)
+            self.tier.add(self, evict)
         if s.collector is not None:
             self._emit(evict)
         st.valid &= ~evict

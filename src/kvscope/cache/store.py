@@ -95,3 +95,12 @@ def make_store(kv_dtype: str | None, batch: int, heads: int, slots: int, head_di
     given, else on its own new buffers."""
     cls, dtype = store_class(kv_dtype, compute_dtype)
     return cls(batch, heads, slots, head_dim, dtype, device, tensors)
+
+
+def wrap_store(kv_dtype: str | None, tensors: dict[str, torch.Tensor]):
+    """A store over tensors that already hold tokens (a copy of some slots of another store): nothing is initialised,
+    so `read` gives back exactly what was stored."""
+    cls, _ = store_class(kv_dtype, torch.float32)
+    store = cls.__new__(cls)
+    store.bind(tensors)
+    return store

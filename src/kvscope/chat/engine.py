@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvscope.cache.recall import check_recall
 from kvscope.chat.history import SUMMARY_REQUEST, History, TooLongError, check_messages
 from kvscope.chat.prompt import Renderer
 from kvscope.chat.session import Session, SessionConfig, common_prefix, fixed_bytes, slot_bytes
@@ -71,20 +72,24 @@ class ChatEngine:
             (default: the session budget).
         swap_bytes: pinned CPU memory for swapped sessions (CUDA only). max_sessions: session records kept.
         summary_tokens: the most tokens a summary (history `summarize`) may take.
+        recall: "cpu" keeps what a turn's chunked prefill evicts in host memory until the turn's last chunk (the
+            question) picks what comes back (kvscope.cache.recall).
     """
 
     def __init__(self, model, tokenizer=None, *, policy: str = "full", session_budget: int | None = None,
                  kv_dtype: str | None = None, chunk_size: int = 512, budget_tokens: int | None = None,
                  budget_bytes: int | None = None, history: str = "keep", history_tokens: int | None = None,
                  swap_bytes: int = 4 << 30, max_sessions: int = 1024, eos_token_id: int | list[int] | None = None,
-                 summary_tokens: int = SUMMARY_TOKENS, knobs: dict | None = None):
+                 summary_tokens: int = SUMMARY_TOKENS, knobs: dict | None = None, recall: str | None = None):
         self.model, self.tokenizer = model, tokenizer
         self.renderer = Renderer(tokenizer) if tokenizer is not None else None
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 0) or None
         session_budget = session_budget or min(self.max_positions or 8192, 8192)
-        get_policy(policy, **(knobs or {})).check_budget(session_budget)
+        chosen = get_policy(policy, **(knobs or {}))
+        chosen.check_budget(session_budget)
+        check_recall(chosen, False, recall)
         self.config = SessionConfig(policy=policy, budget_tokens=session_budget, kv_dtype=kv_dtype,
-                                    chunk_size=chunk_size, knobs=tuple(sorted((knobs or {}).items())))
+                                    chunk_size=chunk_size, knobs=tuple(sorted((knobs or {}).items())), recall=recall)
         self.history = self.history_for(history, history_tokens)
         per_slot = slot_bytes(model, kv_dtype)
         if budget_tokens is None and budget_bytes is None:

@@ -29,6 +29,7 @@ class SessionConfig:
     kv_dtype: str | None = None
     chunk_size: int = 512
     knobs: tuple = ()  # the policy's knobs, as (name, value) pairs
+    recall: str | None = None  # "cpu": a turn's prefill evictions wait in host memory for its end (cache.recall)
 
     def capacity(self, first_forward: int) -> int:
         """Slots the cache allocates per layer: budget + room, room being one prefill chunk or the first forward if
@@ -99,7 +100,7 @@ class Session:
     def build_cache(self, model) -> None:
         c = self.config
         self.cache = BudgetedCache(model, c.policy, **dict(c.knobs), budget_tokens=c.budget_tokens, kv_dtype=c.kv_dtype,
-                                   chunk_size=c.chunk_size)
+                                   chunk_size=c.chunk_size, recall=c.recall)
         self.ids = []
 
     def drop(self) -> None:

@@ -48,7 +48,7 @@ def run(args) -> int:
     engine = ChatEngine(loaded.model, loaded.tokenizer, policy=common.policy_name(args), knobs=common.knobs(args),
                         session_budget=args.budget, kv_dtype=args.kv_dtype,
                         chunk_size=common.chunk_size(args), history=args.history,
-                        history_tokens=args.history_tokens)
+                        history_tokens=args.history_tokens, recall=args.recall)
     chat = Conversation(engine, args.system, args.new_tokens, sampling, args.format)
     chat.check_one_turn_fits()
     return chat.loop(sys.stdin)

@@ -16,7 +16,7 @@ POLICIES = "full, h2o, knorm, lru, random, sliding_window, snapkv, streaming_llm
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:[0-9]+)?)$")
 # options that configure kvscope's own cache: plain transformers generate() has no use for them
 KVSCOPE_CACHE_OPTIONS = (("--policy", "policy"), ("--budget", "budget"), ("--chunk-size", "chunk_size"),
-                         ("--policy-knob", "policy_knob"))
+                         ("--policy-knob", "policy_knob"), ("--recall", "recall"))
 
 
 def device_name(text: str) -> str:
@@ -81,6 +81,9 @@ def _cache(p) -> None:
     p.add_argument("--kv-dtype", default=None, choices=list(KV_FORMATS),
                    help="KV storage of kvscope's cache (default: the model dtype)")
     p.add_argument("--chunk-size", type=int, default=None, help=f"prefill chunk, tokens (default {DEFAULT_CHUNK})")
+    p.add_argument("--recall", choices=("cpu",), default=None,
+                   help="keep what a chunked prefill evicts in CPU memory and bring back what the prompt's last chunk "
+                   "(the question) needs (attention-reading policies; kvscope's runtime)")
     p.set_defaults(_default_policy="full")
 
 
@@ -172,6 +175,10 @@ def check_policy_args(args, *, kv_dtype: bool = False) -> None:
         policy.check_budget(args.budget)
     if args.chunk_size is not None:
         require_positive("--chunk-size", args.chunk_size, option="--chunk-size")
+    if getattr(args, "recall", None) is not None:  # before the model loads: a policy that cannot recall fails here
+        from kvscope.cache.recall import check_recall
+
+        check_recall(policy, False, args.recall)
 
 
 def check_device(args) -> str:
@@ -202,7 +209,7 @@ def measured_workload(args):
                  kv_dtype=args.kv_dtype, weights=args.weights, runtime=args.runtime, budget_tokens=args.budget,
                  chunk_size=chunk_size(args),
                  policy=policy_name(args) if kvscope else None, knobs=knobs(args) if kvscope else {},
-                 gpu_memory=gpu_memory)
+                 gpu_memory=gpu_memory, recall=getattr(args, "recall", None))
     spec = spec_for(args.model)
     check_positions(spec, w)  # a context beyond the model's positions fails before loading
     check_weights(spec, w.weights, w.dtype, device)

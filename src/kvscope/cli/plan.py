@@ -39,8 +39,7 @@ def workload_from(args):
 
     return Workload(batch=args.batch, context=args.context, new_tokens=args.new_tokens, dtype=args.dtype,
                     kv_dtype=args.kv_dtype, weights=args.weights, tp=args.tp, runtime=args.runtime,
-                    budget_tokens=args.budget,
-                    chunk_size=common.chunk_size(args),
+                    budget_tokens=args.budget, chunk_size=common.chunk_size(args), recall=args.recall,
                     gpu_memory=parse_size(args.gpu_memory) if args.gpu_memory is not None else None)
 
 
@@ -88,6 +87,8 @@ def render(d: dict) -> None:
         ("max batch at this context", d["max_batch"]),
         ("max context at this batch", d["max_context"]),
     ]
+    if d["host_bytes"]:
+        rows.append(("recall tier, host memory at most", g(d["host_bytes"])))
     output.stdout.print(output.kv_table(title, rows))
     if d["advice"]:
         t = Table(title="Fixes, cheapest first", title_justify="left")

@@ -133,7 +133,7 @@ def _cache_factory(args, model, ids):
     check_cache_fits(model, batch=ids.shape[0], prompt_tokens=ids.shape[1], new_tokens=args.new_tokens,
                      budget_tokens=budget, kv_dtype=args.kv_dtype, chunk_size=chunk)
     return lambda: BudgetedCache(model, common.policy_name(args), budget_tokens=budget, kv_dtype=args.kv_dtype,
-                                 chunk_size=chunk, **common.knobs(args))
+                                 chunk_size=chunk, recall=args.recall, **common.knobs(args))
 
 
 def _run_name(args, spec, ids) -> str:

@@ -66,7 +66,7 @@ def _generate(args, loaded, text: str | None):
             return run_prompt(loaded.model, loaded.tokenizer, text, ids=ids, chat=args.chat,
                               policy=common.policy_name(args), knobs=common.knobs(args), budget_tokens=args.budget,
                               kv_dtype=args.kv_dtype, new_tokens=args.new_tokens,
-                              chunk_size=common.chunk_size(args), on_phase=on_phase)
+                              chunk_size=common.chunk_size(args), on_phase=on_phase, recall=args.recall)
         except torch.OutOfMemoryError:
             raise does_not_fit("the generation ran out of GPU memory", fix="--budget or --kv-dtype; the doctor "
                                "explains it: " + _doctor_command(args)) from None
@@ -102,6 +102,8 @@ def render(d: dict) -> None:
             ("KV bytes (all layers)", output.gib(d["kv_bytes_total"])),
             ("prefill", f"{d['prefill_seconds']:.3f} s"),
             ("decode", f"{d['decode_seconds']:.3f} s" + (f" ({tps:.1f} tokens/s)" if tps else ""))]
+    if d.get("recall"):
+        rows.append(("recalled at the prompt's end (tokens per row, at most)", d["recalled_tokens"]))
     if d.get("budget_note"):
         rows.append(("note", d["budget_note"]))
     out.print(output.kv_table("totals", rows))

@@ -70,7 +70,7 @@ def run(args) -> int:
                         session_budget=session_budget,
                         kv_dtype=args.kv_dtype, chunk_size=args.chunk_size, budget_tokens=budget,
                         budget_bytes=budget_bytes, history=args.history, history_tokens=args.history_tokens,
-                        swap_bytes=swap_bytes, max_sessions=args.max_sessions)
+                        swap_bytes=swap_bytes, max_sessions=args.max_sessions, recall=args.recall)
     name = args.served_model_name or loaded.spec.name
     app = create_app(engine, model_name=name, max_waiting=args.max_waiting, max_new_tokens=args.new_tokens)
     host, port = sock.getsockname()[:2]

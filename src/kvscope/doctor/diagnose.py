@@ -14,7 +14,7 @@ from kvscope.doctor.execute import Outcome
 from kvscope.models.spec import ModelSpec
 from kvscope.planner import search
 from kvscope.planner.advice import Fix
-from kvscope.planner.memory import kv_store_bytes
+from kvscope.planner.memory import kv_store_bytes, recall_host_bytes
 from kvscope.planner.sizes import format_bytes as fb
 from kvscope.planner.workload import Workload
 from kvscope.policies import preferred_for
@@ -155,6 +155,9 @@ def _runs_here(weights: str | None, device: str) -> bool:
     return True
 
 
+RECALLS = ("snapkv", "lru", "h2o", "tova")  # the policies that read attention, so can score a recall
+
+
 def fixes_for_budget(spec: ModelSpec, w: Workload) -> list[Fix]:
     """Fixes for a KV budget that a non-evicting policy outgrew, cheapest in quality first. Every estimate is the KV
     storage the fixed cache allocates (planner.memory.kv_store_bytes), which the fixed run measures."""
@@ -178,8 +181,15 @@ def fixes_for_budget(spec: ModelSpec, w: Workload) -> list[Fix]:
                 budget_tokens=need), f"as {kv} the whole sequence ({need} tokens) takes {{est}} of KV storage{window}, "
                 f"within the {fb(available)} the budget allocates now; {cost}, nothing evicted")
     evict = preferred_for(budget)
-    add(f"--policy {evict} --budget {budget}", f"evict with {evict} at the same budget",
-        w.with_(policy=evict, knobs=w.knobs if evict == w.policy else {}),
+    evicting = w.with_(policy=evict, knobs=w.knobs if evict == w.policy else {})
+    if w.context > w.chunk_size and evict in RECALLS:  # a bounded prefill evicts before it sees the question
+        recalled = evicting.with_(recall="cpu")  # ranked first: the same device memory, the question's tokens kept
+        add(f"--policy {evict} --budget {budget} --recall cpu", f"evict with {evict} and recall from CPU memory",
+            recalled, f"keeps {budget} of {need} KV tokens per sequence in {{est}} on the device; the "
+            f"{-(-w.context // w.chunk_size)}-chunk prefill's evictions wait in up to "
+            f"{fb(recall_host_bytes(spec, recalled))} of host memory until the prompt's last chunk (the question) "
+            "picks which come back (docs/benchmarks.md, section recall)", policy=evict, recall="cpu")
+    add(f"--policy {evict} --budget {budget}", f"evict with {evict} at the same budget", evicting,
         f"keeps {budget} of {need} KV tokens per sequence ({budget / need:.0%}) in {{est}}; quality depends on the "
         "policy (see docs/benchmarks.md)", policy=evict)
     add(f"--budget {need}", "raise the budget to the whole sequence", w.with_(budget_tokens=need),

@@ -86,7 +86,7 @@ def execute(model, spec, w: Workload, *, monitor: Monitor, snapshot_path: str | 
         else:
             budget = w.budget_tokens or w.kv_tokens
             cache = BudgetedCache(model, w.cache_policy, budget_tokens=budget, kv_dtype=w.kv_dtype,
-                                  chunk_size=w.chunk_size, **w.knobs)
+                                  chunk_size=w.chunk_size, recall=w.recall, **w.knobs)
             gen = _run_kvscope(model, ids, cache, w, phases, monitor)
             tps = gen.decode_tokens_per_second
     except torch.OutOfMemoryError as exc:

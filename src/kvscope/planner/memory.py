@@ -120,6 +120,17 @@ def kv_store_bytes(spec: ModelSpec, w: Workload) -> int:
     return w.batch * (kv_cache_tokens(w) * per_token + spec.kv_fixed_bytes(w.kv_dtype, w.dtype, w.tp))
 
 
+def recall_host_bytes(spec: ModelSpec, w: Workload) -> int:
+    """Host memory the recall tier can take (kvscope.cache.recall): every prompt token evicted once, in the tier's
+    format (the store's, int8 for int4), with its position, score and validity. 0 without recall."""
+    if w.recall is None:
+        return 0
+    kind = "int8" if w.kv_dtype == "int4" else w.kv_dtype
+    heads = spec.kv_heads_per_gpu(w.tp)
+    store = store_layout(kind, w.batch, heads, w.context, spec.head_dim, w.dtype)
+    return spec.num_layers * (layout_bytes(store, align=False) + w.batch * heads * w.context * (8 + 4 + 1))
+
+
 def kv_bytes(spec: ModelSpec, w: Workload) -> int:
     """The KV cache's memory at its largest: for kvscope's runtime its whole allocation (stores, slot state, queues)."""
     return kvscope_cache_bytes(spec, w) if w.runtime == "kvscope" else kv_store_bytes(spec, w)

@@ -7,7 +7,7 @@ from typing import Any
 
 from kvscope.errors import usage
 from kvscope.models.spec import ModelSpec
-from kvscope.planner import search
+from kvscope.planner import memory, search
 from kvscope.planner.advice import Fix, advise
 from kvscope.planner.estimate import estimate
 from kvscope.planner.gpus import gpu as lookup_gpu
@@ -36,6 +36,7 @@ class Plan:
     max_batch: int
     max_context: int
     advice: list[Fix] = field(default_factory=list)
+    host_bytes: int = 0  # host memory the recall tier can take (0 without recall)
     phases: list[dict] = field(default_factory=list)
 
     @property
@@ -61,6 +62,7 @@ class Plan:
             "fits": self.fits,
             "max_batch": self.max_batch,
             "max_context": self.max_context,
+            "host_bytes": self.host_bytes,
             "advice": [f.to_dict() for f in self.advice],
             "phases": self.phases,
         }
@@ -106,6 +108,7 @@ def plan(spec: ModelSpec, w: Workload, *, gpu: str | None = None, gpu_memory: st
         fits=est.fits,
         max_batch=search.max_batch(spec, w, capacity),
         max_context=search.max_context(spec, w, capacity),
+        host_bytes=memory.recall_host_bytes(spec, w),
         advice=advise(spec, w, capacity) if advice else [],
         phases=[p.to_dict() for p in est.phases],
     )

@@ -51,6 +51,7 @@ class Workload:
     policy: str | None = None
     knobs: dict[str, Any] = field(default_factory=dict)
     gpu_memory: int | None = None
+    recall: str | None = None  # "cpu": prefill evictions wait in host memory for the question (kvscope.cache.recall)
 
     def __post_init__(self) -> None:
         require_positive("batch", self.batch, option="--batch")
@@ -77,6 +78,11 @@ class Workload:
         object.__setattr__(self, "kv_dtype", kv)
         if self.runtime not in RUNTIMES:
             raise usage(f"unknown runtime {self.runtime!r}", expected=" or ".join(RUNTIMES), fix="--runtime")
+        if self.recall is not None and self.recall != "cpu":
+            raise usage(f"unknown recall tier {self.recall!r}", expected="cpu, or none", fix="--recall")
+        if self.recall is not None and self.runtime == "hf":
+            raise usage("a recall tier needs kvscope's cache and its chunked prefill",
+                        expected="--runtime kvscope with --recall cpu", fix="--runtime kvscope")
         if self.runtime == "hf" and kv != self.dtype:
             raise usage(
                 f"plain transformers generate() keeps its KV cache in the model dtype ({self.dtype}), not {kv}",

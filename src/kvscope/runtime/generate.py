@@ -110,13 +110,21 @@ def generate(model, input_ids: torch.Tensor, cache, *, attention_mask: torch.Ten
 
     start = time.perf_counter()
     logits = None
-    for s in range(0, n, chunk_size):
-        e = min(s + chunk_size, n)
-        out = model(input_ids=ids[:, s:e], attention_mask=mask[:, s:e] if budgeted else mask[:, :seen + e],
-                    position_ids=positions[:, s:e], use_cache=True, logits_to_keep=1, **{key: cache})
-        logits = out.logits[:, -1]
-        if on_phase:
-            on_phase("prefill", e, n)
+    if hasattr(cache, "begin_prefill"):
+        cache.begin_prefill(n, ids.shape[0], next(model.parameters()).dtype)
+    try:
+        for s in range(0, n, chunk_size):
+            e = min(s + chunk_size, n)
+            if e == n and hasattr(cache, "last_prefill_forward"):
+                cache.last_prefill_forward()
+            out = model(input_ids=ids[:, s:e], attention_mask=mask[:, s:e] if budgeted else mask[:, :seen + e],
+                        position_ids=positions[:, s:e], use_cache=True, logits_to_keep=1, **{key: cache})
+            logits = out.logits[:, -1]
+            if on_phase:
+                on_phase("prefill", e, n)
+    finally:  # the recall tier lives for one prefill, also when it fails
+        if hasattr(cache, "end_prefill"):
+            cache.end_prefill()
     first = logits.float().clone() if keep_first_logits else None
     pick = sampling.picker(device)
     nxt = pick(logits)

@@ -20,6 +20,8 @@ class RunResult:
     generation: Generation
     stats: CacheStats
     budget_note: str | None
+    recall: str | None = None
+    recalled_tokens: int = 0  # what the recall tier brought back (the most in any layer and row)
 
     def to_dict(self) -> dict:
         g, s = self.generation, self.stats
@@ -32,6 +34,8 @@ class RunResult:
             "kv_dtype": s.kv_dtype,
             "budget_tokens": s.budget_tokens,
             "budget_note": self.budget_note,
+            "recall": self.recall,
+            "recalled_tokens": self.recalled_tokens,
             "layers": [{"layer": x.layer, "stored_tokens": x.stored_tokens, "evicted_tokens": x.evicted_tokens,
                         "bytes": x.bytes} for x in s.layers],
             "evicted_tokens_total": s.evicted_tokens,
@@ -136,7 +140,7 @@ def free_memory(device: torch.device) -> int:
 def run_prompt(model, tokenizer, text: str | None = None, *, ids: torch.Tensor | None = None, chat: bool = True,
                policy: str = "lru", knobs: dict | None = None, budget_tokens: int | None = None,
                kv_dtype: str | None = None, new_tokens: int = 64, chunk_size: int = 512,
-               on_phase: PhaseCallback | None = None) -> RunResult:
+               on_phase: PhaseCallback | None = None, recall: str | None = None) -> RunResult:
     """Generate greedily for one prompt (`text`, or token `ids` [1, n]) under a `BudgetedCache`. The cache is sized to
     `budget_tokens`, at most the whole sequence; without a budget it holds the whole sequence, so nothing is evicted
     (and `full` works). Generation stops at end-of-sequence or after `new_tokens`."""
@@ -148,7 +152,7 @@ def run_prompt(model, tokenizer, text: str | None = None, *, ids: torch.Tensor |
     check_cache_fits(model, batch=ids.shape[0], prompt_tokens=n, new_tokens=new_tokens, budget_tokens=budget,
                      kv_dtype=kv_dtype, chunk_size=chunk_size)
     cache = BudgetedCache(model, policy, budget_tokens=budget, kv_dtype=kv_dtype, chunk_size=chunk_size,
-                          **(knobs or {}))
+                          recall=recall, **(knobs or {}))
     eos_ids = _eos(tokenizer, model)
     gen = generate(model, ids, cache, max_new_tokens=new_tokens, chunk_size=chunk_size, eos_token_id=eos_ids,
                    on_phase=on_phase)
@@ -160,7 +164,8 @@ def run_prompt(model, tokenizer, text: str | None = None, *, ids: torch.Tensor |
         text_out = tokenizer.decode(tokens, skip_special_tokens=True)
     else:  # random weights: the ids are all there is to show
         text_out = " ".join(map(str, tokens))
-    return RunResult(text=text_out, generation=gen, stats=cache.stats(), budget_note=note)
+    return RunResult(text=text_out, generation=gen, stats=cache.stats(), budget_note=note, recall=recall,
+                     recalled_tokens=max(cache.recalled_tokens, default=0))
 
 
 def _eos(tokenizer, model) -> list[int]:

@@ -1,0 +1,131 @@
+"""The recall section of docs/benchmarks.md from its data (benchmarks/recall.py's runs)."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from benchmarks.common import ROOT, section_head, table
+
+TITLE = "Recall: what a bounded prefill evicts waits in CPU memory for the question"
+ONE_CHUNK = ROOT / "docs" / "data" / "quality-2k-30.kvscope.json"  # the one-chunk rows of the same cases
+
+
+def _rel(path: Path) -> str:
+    return str(Path(path).resolve().relative_to(ROOT))
+
+
+def _rows(path: Path, key: str = "passkey") -> list[dict]:
+    return json.loads(Path(path).read_text())[key] if Path(path).exists() else []
+
+
+def scores(rows: list[dict]) -> dict:
+    """(length, fraction, policy, mode) -> {case_id: found}."""
+    out = defaultdict(dict)
+    for r in rows:
+        length = r.get("target_length") or _target(r["length"])
+        out[(length, r["fraction"], r["policy"], r["mode"])][r["case_id"]] = r["found"]
+    return out
+
+
+def _target(length: int) -> int:
+    return 1 << round(length).bit_length() if length & (length - 1) else length
+
+
+def best_press(kvpress: list[dict], cases: set[str], length: int, fraction: float) -> tuple[str, int] | None:
+    found = defaultdict(int)
+    for r in kvpress:
+        if r["tool"] == "kvpress" and r["fraction"] == fraction and r["case_id"] in cases and r.get(
+                "target_length", length) == length and r["policy"] != "none":
+            found[r["policy"]] += bool(r["found"])
+    return max(found.items(), key=lambda kv: kv[1]) if found else None
+
+
+def passkey_table(data: dict, kvpress: list[dict]) -> tuple[str, list[dict]]:
+    mine = scores(data["passkey"])
+    cases = {k[0]: set(v) for k, v in mine.items()}
+    one = {k: v for k, v in scores(_rows(ONE_CHUNK)).items() if k[3] == "one-chunk"}
+    one.update({k: v for k, v in mine.items() if k[3] == "one-chunk"})
+    out = []
+    for (length, f, policy, _) in sorted({k for k in mine if k[3] == "chunked"}):
+        ids = cases[length]
+        n = len(ids)
+
+        def cell(m: dict, ids: set = ids) -> int:
+            return sum(found for cid, found in m.items() if cid in ids)
+
+        base = one.get((length, f, policy, "one-chunk"), {})
+        press = best_press(kvpress, ids, length, f)
+        out.append({"length": length, "budget": f"{f:.1%}", "policy": policy, "cases": n,
+                    "one_chunk": f"{cell(base)}/{n}" if set(ids) <= set(base) else "not run",
+                    "chunked": f"{cell(mine[(length, f, policy, 'chunked')])}/{n}",
+                    "recall": f"{cell(mine[(length, f, policy, 'recall')])}/{n}",
+                    "press": f"{press[0]} {press[1]}/{n}" if press else "not run",
+                    "_recall": cell(mine[(length, f, policy, "recall")]),
+                    "_one": cell(base) if set(ids) <= set(base) else None, "_press": press[1] if press else None})
+    cols = [("length", "prompt"), ("budget", "budget"), ("policy", "policy"), ("one_chunk", "one chunk"),
+            ("chunked", f"{data['chunk']}-token chunks"), ("recall", "chunks + recall cpu"),
+            ("press", "best kvpress press")]
+    return table(out, cols), out
+
+
+def seconds_table(data: dict) -> str:
+    by = defaultdict(list)
+    for r in data["passkey"]:
+        if r["mode"] != "one-chunk":
+            by[(r["length"] // 1024 * 1024 or r["length"], r["policy"], r["mode"])].append(r["seconds"])
+    rows = [{"policy": p, "mode": m, "s": f"{sum(v) / len(v):.1f}"} for (_, p, m), v in sorted(by.items())]
+    return table(rows, [("policy", "policy"), ("mode", "mode"), ("s", "seconds per case (prefill + 10 tokens)")])
+
+
+def ppl_table(data: dict) -> str:
+    rows = [{"policy": r["policy"], "budget": f"{r['fraction']:.1%}", "recall": r["recall"] or "none",
+             "ppl": f"{r['ppl']:.3f}"} for r in data.get("perplexity", [])]
+    return table(rows, [("policy", "policy"), ("budget", "budget"), ("recall", "recall"), ("ppl", "perplexity")])
+
+
+def memory_line(data: dict) -> str:
+    """What each side holds on the device for a 2k prompt on this model (fp32 KV, the embedded model's shape)."""
+    from kvscope.models import loader
+
+    spec = loader.spec_for("smollm2-135m")
+    per = spec.kv_bytes_per_token("fp32")
+    chunk = data["chunk"]
+    lines = []
+    for f in (0.125, 0.25):
+        b = round(f * 2048)
+        lines.append(f"at {f:.1%} kvscope holds at most {b} + {chunk} tokens ({(b + chunk) * per / 2**20:.1f} MiB) on "
+                     f"the device where a kvpress press first holds the whole 2048-token prompt "
+                     f"({2048 * per / 2**20:.1f} MiB, {2048 / (b + chunk):.1f}x)")
+    return "; ".join(lines)
+
+
+def verdict(rows: list[dict]) -> str:
+    parts = []
+    for r in rows:
+        within = r["_one"] is not None and r["_recall"] >= r["_one"] - 1
+        above = r["_press"] is not None and r["_recall"] > r["_press"]
+        parts.append(f"{r['policy']} {r['length']} at {r['budget']}: recall {r['_recall']}/{r['cases']}, one chunk "
+                     f"{r['one_chunk']} (within one case: {'met' if within else 'MISSED'}), best press "
+                     f"{r['press']} (above it: {'met' if above else 'not met'})")
+    return "; ".join(parts)
+
+
+def render(data: dict, kvpress_path: Path, data_path: str = "docs/data/recall.json") -> str:
+    md = section_head(TITLE, data["meta"], data_path, f"python -m benchmarks.recall --render --out {data_path}",
+                      "recall")
+    text, rows = passkey_table(data, _rows(kvpress_path))
+    md += ("Passkey, question after the text, the embedded SmolLM2-135M on the CPU, fp32. One chunk: the policy sees "
+           "the whole prompt before it evicts (rows from `docs/data/quality-2k-30.kvscope.json`, the same cases). "
+           f"Chunked: kvscope run's default bounded prefill of {data['chunk']} tokens, the device holding budget + one "
+           "chunk. Recall: the same, with `recall=\"cpu\"`. kvpress: the best of its presses on the same token ids "
+           f"(`{_rel(kvpress_path)}`).\n\n")
+    md += text + "\n\n"
+    md += f"**Verdict.** {verdict(rows)}.\n\nDevice memory: {memory_line(data)}.\n\n"
+    md += "Time per case on this CPU (2 shared cores, other work running):\n\n" + seconds_table(data) + "\n\n"
+    if data.get("perplexity"):
+        md += ("Streamed perplexity on the first 2048 tokens of the story (tokens 1025-2047 scored; the text fed in "
+               f"{data['chunk']}-token chunks as one prompt, so with recall the last chunk recalls before it "
+               "attends):\n\n" + ppl_table(data) + "\n")
+    return md

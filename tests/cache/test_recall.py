@@ -1,0 +1,211 @@
+"""The recall tier: what a chunked prefill evicts waits in CPU memory and the question's attention brings it back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from kvscope.cache import BudgetedCache
+from kvscope.cache.layer import BudgetedLayer
+from kvscope.errors import UsageError
+from kvscope.models.spec import ModelSpec
+from kvscope.planner.memory import recall_host_bytes
+from kvscope.planner.sizes import format_bytes
+from kvscope.planner.workload import Workload
+from kvscope.policies.base import Observation, Policy, SlotState
+from kvscope.runtime import generate
+from tests.conftest import TINY, build_tiny
+
+PROMPT, CHUNK, BUDGET = 64, 8, 16
+SNAP = 40  # above snapkv's minimum (its 32-token window + 1)
+
+
+@dataclass
+class FlipAtEnd(Policy):
+    """Keeps the newest tokens until the prompt's last chunk is observed, then the oldest: a question that needs what
+    the early chunks evicted. No `name`: a test policy, not registered."""
+
+    attention = "window"
+    window: int = 4
+    final_from: int = PROMPT - CHUNK
+
+    def on_insert(self, state: SlotState, slots: torch.Tensor, keys: torch.Tensor) -> None:
+        state.score.scatter_(-1, slots, state.position.gather(-1, slots).float())
+
+    def observe(self, state: SlotState, obs: Observation) -> None:
+        if int(obs.query_position.min()) >= self.final_from:
+            state.score.copy_(-state.position.float())
+
+    def keep_scores(self, state: SlotState, budget: int) -> torch.Tensor:
+        return state.score
+
+
+# a tiny Llama int4 can pack: head_dim 64
+TINY64 = dict(TINY, hidden_size=128, num_attention_heads=2, num_key_value_heads=1, head_dim=64, intermediate_size=256)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return build_tiny()
+
+
+@pytest.fixture(scope="module")
+def tiny64():
+    return build_tiny(TINY64)
+
+
+def model_for(kv_dtype, tiny, tiny64):
+    return tiny64 if kv_dtype == "int4" else tiny
+
+
+def ids(batch=1, length=PROMPT, seed=0):
+    return torch.randint(3, 256, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def kept_positions(cache) -> list[set[int]]:
+    layer = cache.layers[0]
+    st = layer.state
+    return [set(st.position[0, h][st.valid[0, h]].tolist()) for h in range(st.valid.shape[1])]
+
+
+def prefill(model, cache, prompt):
+    return generate(model, prompt, cache, max_new_tokens=1, chunk_size=CHUNK)
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "int4"])
+def test_the_question_brings_back_what_early_chunks_evicted(tiny, tiny64, kv_dtype):
+    tiny = model_for(kv_dtype, tiny, tiny64)
+    without = BudgetedCache(tiny, FlipAtEnd(), budget_tokens=BUDGET, chunk_size=CHUNK, kv_dtype=kv_dtype)
+    prefill(tiny, without, ids())
+    with_tier = BudgetedCache(tiny, FlipAtEnd(), budget_tokens=BUDGET, chunk_size=CHUNK, kv_dtype=kv_dtype,
+                              recall="cpu")
+    prefill(tiny, with_tier, ids())
+    # without the tier, the oldest tokens were gone before the question: what is left is the newest of the old ones
+    assert all(p == set(range(40, 56)) for p in kept_positions(without))
+    assert all(p == set(range(0, 16)) for p in kept_positions(with_tier))
+    assert max(with_tier.recalled_tokens) == BUDGET
+    assert without.recalled_tokens == [0] * len(without.layers)
+
+
+def test_recalled_keys_and_values_are_the_ones_stored(tiny):
+    """A recalled token's KV equals what a cache that never evicted it holds (fp32: exact)."""
+    full = BudgetedCache(tiny, "full", budget_tokens=PROMPT + 1, chunk_size=CHUNK)
+    prefill(tiny, full, ids())
+    tier = BudgetedCache(tiny, FlipAtEnd(), budget_tokens=BUDGET, chunk_size=CHUNK, recall="cpu")
+    prefill(tiny, tier, ids())
+    for a, b in zip(full.layers, tier.layers):
+        ka, va = a.store.read(a.capacity, torch.float32)
+        kb, vb = b.store.read(b.capacity, torch.float32)
+        for h in range(kb.shape[1]):
+            for slot in torch.nonzero(b.state.valid[0, h]).flatten().tolist():
+                pos = int(b.state.position[0, h, slot])
+                src = int(torch.nonzero(a.state.valid[0, h] & (a.state.position[0, h] == pos)))
+                assert torch.allclose(kb[0, h, slot], ka[0, h, src], atol=1e-6)
+                assert torch.allclose(vb[0, h, slot], va[0, h, src], atol=1e-6)
+
+
+def test_gpu_side_stays_within_budget_plus_one_chunk_and_the_tier_is_freed(tiny, monkeypatch):
+    sizes = []
+    original = BudgetedLayer._chunk
+
+    def checked(self, *args):
+        out = original(self, *args)
+        sizes.append((self.store.keys.shape[2], int(self.state.valid.sum(-1).max())))
+        return out
+
+    monkeypatch.setattr(BudgetedLayer, "_chunk", checked)
+    cache = BudgetedCache(tiny, "snapkv", budget_tokens=40, chunk_size=CHUNK, recall="cpu")
+    generate(tiny, ids(batch=2), cache, max_new_tokens=4, chunk_size=CHUNK)
+    assert sizes and all(slots <= 40 + CHUNK and held <= 40 for slots, held in sizes)
+    assert all(layer.tier is None for layer in cache.layers)
+    assert cache.settings.recall_state is None
+
+
+def test_no_recall_without_evictions_and_with_one_chunk(tiny):
+    """A prompt that fits, or arrives in one forward, leaves nothing waiting: same tokens as without the tier."""
+    for budget, chunk in [(PROMPT + 8, CHUNK), (SNAP, PROMPT)]:
+        a = BudgetedCache(tiny, "snapkv", budget_tokens=budget, chunk_size=chunk)
+        b = BudgetedCache(tiny, "snapkv", budget_tokens=budget, chunk_size=chunk, recall="cpu")
+        out_a = generate(tiny, ids(), a, max_new_tokens=6, chunk_size=chunk)
+        out_b = generate(tiny, ids(), b, max_new_tokens=6, chunk_size=chunk)
+        assert torch.equal(out_a.sequences, out_b.sequences)
+        assert b.recalled_tokens == [0] * len(b.layers)
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "lru", "h2o", "tova"])
+def test_every_attention_reading_policy_recalls_within_budget(tiny, policy):
+    cache = BudgetedCache(tiny, policy, budget_tokens=SNAP, chunk_size=CHUNK, recall="cpu")
+    out = generate(tiny, ids(batch=2), cache, max_new_tokens=3, chunk_size=CHUNK)
+    assert out.sequences.shape == (2, 3)
+    assert cache.held_tokens() <= SNAP
+
+
+def test_a_failed_prefill_frees_the_tier(tiny, monkeypatch):
+    cache = BudgetedCache(tiny, "snapkv", budget_tokens=SNAP, chunk_size=CHUNK, recall="cpu")
+    calls = {"n": 0}
+    original = BudgetedLayer._chunk
+
+    def failing(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 14:  # layer 0 in the seventh chunk: the sixth began evicting into the tier
+            assert self.tier is not None and self.tier.used > 0
+            raise RuntimeError("boom")
+        return original(self, *args)
+
+    monkeypatch.setattr(BudgetedLayer, "_chunk", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        generate(tiny, ids(), cache, max_new_tokens=2, chunk_size=CHUNK)
+    assert all(layer.tier is None for layer in cache.layers if layer.is_initialized)
+    assert cache.settings.recall_state is None
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(policy="streaming_llm"), "reads no attention"),
+    (dict(policy="sliding_window"), "reads no attention"),
+    (dict(policy="snapkv", recall="gpu"), "unknown recall tier"),
+])
+def test_impossible_recall_is_a_usage_error(tiny, kwargs, message):
+    kwargs = {"recall": "cpu", **kwargs}
+    with pytest.raises(UsageError, match=message) as err:
+        BudgetedCache(tiny, budget_tokens=SNAP, chunk_size=CHUNK, **kwargs)
+    assert "recall" in str(err.value)
+
+
+def test_recall_with_offload_is_a_usage_error(tiny):
+    with pytest.raises(UsageError, match="offload"):
+        BudgetedCache(tiny, "snapkv", budget_tokens=SNAP, chunk_size=CHUNK, recall="cpu", offload=True)
+
+
+def test_not_enough_host_memory_says_how_much_is_needed(tiny, monkeypatch):
+    import psutil
+
+    class Tight:
+        available = 1024
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Tight())
+    cache = BudgetedCache(tiny, "snapkv", budget_tokens=SNAP, chunk_size=CHUNK, recall="cpu")
+    need = cache.recall_bytes(PROMPT, 1, torch.float32)
+    with pytest.raises(UsageError, match="host memory") as err:
+        generate(tiny, ids(), cache, max_new_tokens=2, chunk_size=CHUNK)
+    assert f"may need {format_bytes(need)} of host memory" in str(err.value)
+    assert "but 1.00 KiB is available" in str(err.value)
+    assert cache.settings.recall_state is None
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "int4", "fp8"])
+def test_recall_bytes_cover_what_the_tier_allocates(tiny, tiny64, kv_dtype):
+    from kvscope.cache.recall import Tier
+
+    tiny = model_for(kv_dtype, tiny, tiny64)
+    cache = BudgetedCache(tiny, "snapkv", budget_tokens=SNAP, chunk_size=CHUNK, kv_dtype=kv_dtype,
+                          recall="cpu")
+    prefill(tiny, cache, ids())
+    layer = cache.layers[0]
+    tier = Tier(layer, PROMPT)
+    assert cache.recall_bytes(PROMPT, 1, torch.float32) == tier.nbytes * len(cache.layers)
+    spec = ModelSpec.from_hf_config(TINY64 if kv_dtype == "int4" else TINY)
+    w = Workload(batch=1, context=PROMPT, new_tokens=1, dtype="fp32", kv_dtype=kv_dtype, runtime="kvscope",
+                 budget_tokens=SNAP, chunk_size=CHUNK, policy="snapkv", recall="cpu")
+    assert recall_host_bytes(spec, w) == tier.nbytes * len(cache.layers)  # the planner prices the tier to the byte
