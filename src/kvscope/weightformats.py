@@ -15,7 +15,7 @@ over their inner tensors in tests/models/test_quantize.py for the formats that r
   tile-packed layout, `Int4TilePackedTo4dTensor`; CUDA with compute capability 8.0 or newer, bf16 only): the weight
   padded to in' = a multiple of 1024 and out' = a multiple of 8, packed two values a byte (out' x in' / 2 bytes, as
   int32), and a bf16 scale and zero point per (group, row): in' / group x out' x 2 x 2 bytes. Its product runs on the
-  packed weight (`aten._weight_int4pack_mm`), no weight-sized temporary.
+  packed weight (`aten._weight_int4pack_mm`), no weight-sized temporary (a padded bf16 copy of its input).
 
 Only the decoder layers' projections are quantized (q, k, v, o, gate, up, down): the embeddings, the norms and the
 output head stay in the model dtype (the head is left alone as transformers' torchao integration does by default;
@@ -56,15 +56,16 @@ class WeightFormat:
         n_pad, k_pad = _round_up(n, INT4_PAD_OUT), _round_up(k, INT4_PAD_IN)
         return n_pad * k_pad // 2 + (k_pad // INT4_WEIGHT_GROUP) * n_pad * 2 * 2
 
-    def product_temporary_bytes(self, out_features: int, in_features: int, dtype: str) -> int:
-        """Bytes one matrix product holds besides its input and output: the dequantized weight, where torchao makes
-        one (see the module docstring)."""
-        nk, s = out_features * in_features, _BYTES[dtype]
+    def product_temporary_bytes(self, out_features: int, in_features: int, dtype: str, tokens: int = 1) -> int:
+        """Bytes one matrix product of `tokens` rows holds besides its input and output (torchao 0.18's code paths):
+        int8 converts the weight to the model dtype and scales a copy of the product; fp8 dequantizes the weight
+        through fp32 (the fp32 copy, the fp32 product, the result); int4 pads a bf16 copy of the input to in'."""
+        n, k, s = out_features, in_features, _BYTES[dtype]
         if self.name == "int8":
-            return nk * s
+            return n * k * s + tokens * n * s
         if self.name == "fp8":
-            return nk * (4 + 4 + s)
-        return 0
+            return n * k * (4 + 4 + s)
+        return tokens * _round_up(k, INT4_PAD_IN) * 2
 
     def device_requirement(self) -> str:
         if not self.cuda_only:

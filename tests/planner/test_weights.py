@@ -46,13 +46,14 @@ def test_max_batch_uses_the_weight_bytes():
         SPEC, w.with_(weights="int8"), gpu="H100-80GB").max_batch
 
 
-def test_dequantizing_formats_price_their_temporary():
-    w = Workload(batch=1, context=128, new_tokens=16)
-    int8, fp8 = plan(SPEC, w.with_(weights="int8")), plan(SPEC, w.with_(weights="fp8"))
-    int4 = plan(SPEC, w.with_(weights="int4"))
-    biggest = 14336 * 4096  # the down / gate / up projections
-    assert int8.activation_bytes - int4.activation_bytes == biggest * 2  # its int8 weight in bf16
-    assert fp8.activation_bytes - int4.activation_bytes == biggest * (4 + 4 + 2)  # fp32 copy, fp32 product, bf16
+def test_quantized_products_price_their_temporaries():
+    w = Workload(batch=1, context=128, new_tokens=16)  # prefill peaks: 128 rows per product
+    dense = plan(SPEC, w)
+    int8, fp8, int4 = (plan(SPEC, w.with_(weights=f)) for f in ("int8", "fp8", "int4"))
+    biggest, rows = 14336 * 4096, 128  # the down / gate / up projections
+    assert int8.activation_bytes - dense.activation_bytes == biggest * 2 + rows * 14336 * 2  # weight in bf16, scaled
+    assert fp8.activation_bytes - dense.activation_bytes == biggest * (4 + 4 + 2)  # fp32 copy, fp32 product, bf16
+    assert int4.activation_bytes - dense.activation_bytes == rows * 14336 * 2  # down's input, padded (no-op) copy
 
 
 def test_a_weights_fix_says_it_frees_weight_memory_not_kv():

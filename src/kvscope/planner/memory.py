@@ -205,20 +205,30 @@ def weights_bytes(spec: ModelSpec, w: Workload) -> int:
     return spec.weights_bytes(w.dtype, w.tp, w.weights)
 
 
-def product_temporary_bytes(spec: ModelSpec, w: Workload) -> int:
-    """The largest weight a quantized projection dequantizes for its matrix product (0 for dense weights and int4):
-    it exists while that product runs, on top of the activations."""
+def product_temporary_bytes(spec: ModelSpec, w: Workload, tokens: int) -> int:
+    """What the largest quantized matrix product of `tokens` rows holds besides its input and output (the weight
+    dequantized, a padded or scaled copy: kvscope.weightformats); 0 for dense weights. It exists while that product
+    runs, on top of the activations."""
     if w.weights is None:
         return 0
     fmt = weight_format(w.weights)
-    return max(fmt.product_temporary_bytes(n, k, w.dtype) for _, n, k in spec.linears())
+    return max(fmt.product_temporary_bytes(n, k, w.dtype, tokens) for _, n, k in spec.linears())
+
+
+def phase_tokens(w: Workload, phase: str) -> int:
+    """Rows of each matrix product in a phase: the prompt (plain generate) or one chunk (kvscope), then one token."""
+    if phase == "decode":
+        return w.batch
+    return w.batch * (w.context if w.runtime == "hf" else kvscope_chunk(w))
 
 
 def phases(spec: ModelSpec, w: Workload) -> list[Phase]:
     weights = weights_bytes(spec, w)
     out = hf_phases(spec, w, weights) if w.runtime == "hf" else kvscope_phases(spec, w, weights)
-    extra = product_temporary_bytes(spec, w)
-    return [replace(p, activations=p.activations + extra) for p in out] if extra else out
+    if w.weights is None:
+        return out
+    return [replace(p, activations=p.activations + product_temporary_bytes(spec, w, phase_tokens(w, p.name)))
+            for p in out]
 
 
 def overhead_bytes(phases: list[Phase]) -> int:
