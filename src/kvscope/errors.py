@@ -29,7 +29,7 @@ CLI_FLAGS = frozenset({
     "--batch", "--budget", "--chat", "--check", "--chunk-size", "--context", "--device", "--dimension", "--dtype",
     "--fix", "--force", "--format", "--gpu", "--gpu-memory", "--help", "--kv-dtype", "--new-tokens", "--no-warmup",
     "--nvtx", "--out", "--policy", "--policy-knob", "--prompt", "--prompt-file", "--random-weights", "--raw",
-    "--runtime", "--top", "--tp", "--warmup",
+    "--runtime", "--top", "--tp", "--warmup", "--weights",
     # watch and advise (advise takes some of the engines' own flag names, so that its advice reads as theirs)
     "--duration", "--interval", "--timeout", "--chunked-prefill-size", "--concurrency", "--engine", "--engine-version",
     "--from-log", "--gpu-memory-utilization", "--max-model-len", "--max-num-batched-tokens", "--mem-fraction-static",

@@ -9,6 +9,7 @@ from pathlib import Path
 from kvscope.cli import output
 from kvscope.kvformats import DTYPE_BYTES, KV_FORMATS
 from kvscope.planner.workload import DEFAULT_CHUNK
+from kvscope.weightformats import INT4_WEIGHT_GROUP, WEIGHT_FORMATS
 
 # the names are listed here, not imported, so that building the parser never imports torch
 POLICIES = "full, h2o, knorm, lru, random, sliding_window, snapkv, streaming_llm, tova"
@@ -60,6 +61,15 @@ def _model(p) -> None:
                    help="auto (default: CUDA when there is one), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=list(DTYPE_BYTES),
                    help="weights and activations (default bf16 on CUDA, fp32 on the CPU)")
+    add_weights_argument(p)
+
+
+def add_weights_argument(p) -> None:
+    """`--weights`: the format of the decoder layers' projections (torchao), for every command that loads or plans."""
+    p.add_argument("--weights", default=None, choices=list(WEIGHT_FORMATS),
+                   help="quantize the linear layers' weights at load time (torchao: int8 or fp8 weight-only per row, "
+                   f"int4 in groups of {INT4_WEIGHT_GROUP} on CUDA); frees weight memory, not KV (default: the "
+                   "model dtype)")
 
 
 def _cache(p) -> None:
@@ -202,11 +212,13 @@ def measured_workload(args):
     args.dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
     kvscope = args.runtime == "kvscope"
     w = Workload(batch=args.batch, context=args.context, new_tokens=args.new_tokens, dtype=args.dtype,
-                 kv_dtype=args.kv_dtype, runtime=args.runtime, budget_tokens=args.budget, chunk_size=chunk_size(args),
+                 kv_dtype=args.kv_dtype, weights=args.weights, runtime=args.runtime, budget_tokens=args.budget,
+                 chunk_size=chunk_size(args),
                  policy=policy_name(args) if kvscope else None, knobs=knobs(args) if kvscope else {},
                  gpu_memory=gpu_memory, recall=getattr(args, "recall", None))
     spec = spec_for(args.model)
     check_positions(spec, w)  # a context beyond the model's positions fails before loading
+    check_weights(spec, w.weights, w.dtype, device)
     check_kv_dtype(spec, w.kv_dtype)
     return w
 
@@ -221,6 +233,17 @@ def check_kv_dtype(spec, kv_dtype: str | None) -> None:
                     expected=f"a head_dim that is a multiple of {INT4_GROUP} for int4", fix="--kv-dtype int8 or fp8")
 
 
+def check_weights(spec, weights: str | None, dtype: str, device: str) -> None:
+    """`--weights` that cannot hold this model, or cannot run on this device, fails before the model loads."""
+    if weights is None:
+        return
+    from kvscope.models.quantize import check_runnable
+    from kvscope.weightformats import check_format, weight_format
+
+    check_runnable(weight_format(weights).name, device)
+    check_format(weight_format(weights), dtype, spec.linears(), spec.name)
+
+
 def load_model(args):
     from kvscope.models import load
 
@@ -229,7 +252,7 @@ def load_model(args):
 
     with output.status(f"loading {args.model}"):
         return load(args.model, random_weights=args.random_weights, dtype=args.dtype, device=args.device,
-                    on_notice=notice)
+                    weights=args.weights, on_notice=notice)
 
 
 def prompt_text(args) -> str | None:

@@ -65,8 +65,8 @@ def _plan_command(args, changes: dict) -> str:
     from kvscope.cli.main import command_parser
 
     plan_args = command_parser("plan").parse_args([args.model])
-    for dest in ("batch", "context", "new_tokens", "dtype", "kv_dtype", "runtime", "budget", "chunk_size", "policy",
-                 "policy_knob", "gpu_memory"):
+    for dest in ("batch", "context", "new_tokens", "dtype", "kv_dtype", "weights", "runtime", "budget", "chunk_size",
+                 "policy", "policy_knob", "gpu_memory"):
         setattr(plan_args, dest, getattr(args, dest))
     return commands.render("plan", plan_args, **commands.dests(changes))
 

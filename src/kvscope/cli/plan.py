@@ -30,6 +30,7 @@ def add_workload_arguments(p) -> None:
     p.add_argument("--context", type=int, default=2048, help="prompt length in tokens (default 2048)")
     common.add_new_tokens(p, 128)
     p.add_argument("--dtype", default="bf16", choices=list(DTYPE_BYTES), help="weights and activations (default bf16)")
+    common.add_weights_argument(p)
 
 
 def workload_from(args):
@@ -37,8 +38,8 @@ def workload_from(args):
     from kvscope.planner.workload import Workload
 
     return Workload(batch=args.batch, context=args.context, new_tokens=args.new_tokens, dtype=args.dtype,
-                    kv_dtype=args.kv_dtype, tp=args.tp, runtime=args.runtime, budget_tokens=args.budget,
-                    chunk_size=common.chunk_size(args), recall=args.recall,
+                    kv_dtype=args.kv_dtype, weights=args.weights, tp=args.tp, runtime=args.runtime,
+                    budget_tokens=args.budget, chunk_size=common.chunk_size(args), recall=args.recall,
                     gpu_memory=parse_size(args.gpu_memory) if args.gpu_memory is not None else None)
 
 
@@ -71,7 +72,7 @@ def render(d: dict) -> None:
     g = output.gib
     w = d["workload"]
     title = (f"{d['model']} on {d['gpu']}: batch {w['batch']} x {w['context']} prompt + {w['new_tokens']} new, "
-             f"{w['dtype']} weights, {w['kv_dtype']} KV, tp {w['tp']}, runtime {w['runtime']}")
+             f"{w['weights'] or w['dtype']} weights, {w['kv_dtype']} KV, tp {w['tp']}, runtime {w['runtime']}")
     rows = [
         ("weights", g(d["weights_bytes"])),
         ("KV cache", f"{g(d['kv_bytes'])}  ({d['kv_bytes_per_token']:,} B/token)"),

@@ -49,6 +49,7 @@ def run(args) -> int:
         raise _no_tokenizer(args)
     with output.status(f"loading {args.model}"):
         model, tokenizer, spec = load(args.model, random_weights=args.random_weights, dtype=args.dtype, device=device,
+                                      weights=args.weights,
                                       on_notice=lambda text: output.stderr.print(f"note: {text}", markup=False))
     ids = _input_ids(args, text, tokenizer, spec)
     check_positions(ids.shape[1], args.new_tokens, spec.max_position_embeddings)

@@ -109,7 +109,8 @@ def _doctor_command(args) -> str:
 
     d = command_parser("doctor").parse_args([args.model, "--batch", "1", "--context", str(args.context or 1),
                                              "--new-tokens", str(args.new_tokens)])
-    for dest in ("random_weights", "device", "dtype", "policy", "policy_knob", "budget", "kv_dtype", "chunk_size"):
+    for dest in ("random_weights", "device", "dtype", "weights", "policy", "policy_knob", "budget", "kv_dtype",
+                 "chunk_size"):
         setattr(d, dest, getattr(args, dest))
     d.runtime, d.policy = "kvscope", common.policy_name(args)
     return commands.render("doctor", d)

@@ -23,6 +23,7 @@ def best_fix(fixes: list[Fix]) -> Fix | None:
 def apply_fix(loaded, best: Fix, monitor: Monitor, *, capacity: int, progress=None) -> FixOutcome:
     """Re-run `best.workload` and return the fix outcome, with `check`: the measured figure against the estimate."""
     w = best.workload
+    _requantize(loaded, w.weights)
     monitor.mark("fix", best.option)
     again = execute(loaded.model, loaded.spec, w, monitor=monitor, phase_prefix="fix: ", progress=progress)
     return FixOutcome(applied=f"{best.action} ({best.option})", option=best.option, command=best.command,
@@ -32,6 +33,15 @@ def apply_fix(loaded, best: Fix, monitor: Monitor, *, capacity: int, progress=No
                       failed_at=again.failed_at, workload=workload_dict(loaded.spec, w), kv_layers=again.kv_layers,
                       decode_tokens_per_second=again.decode_tokens_per_second,
                       check=check(best, again, loaded.spec, capacity))
+
+
+def _requantize(loaded, weights: str | None) -> None:
+    """A weight-format fix quantizes the loaded model's projections in place before the re-run (the dense weights are
+    freed as each layer is replaced); the diagnosis of the dense run is on disk by then."""
+    from kvscope.models.quantize import quantize, weights_format_of
+
+    if weights is not None and weights_format_of(loaded.model) != weights:
+        quantize(loaded.model, weights, str(next(loaded.model.parameters()).device))
 
 
 def report_status(status: str) -> str:

@@ -135,9 +135,24 @@ def _over_budget(o: Outcome, w: Workload, spec: ModelSpec) -> Diagnosis:
                    text, figures, option="--budget or --policy")
 
 
-def fixes_from_plan(advice: list[Fix], cuda: bool) -> list[Fix]:
-    """The planner's ranked fixes, each said applicable when this machine can run it (one GPU of its own size)."""
-    return [replace(f, applicable=cuda and "gpu" not in f.changes and f.changes.get("tp", 1) == 1) for f in advice]
+def fixes_from_plan(advice: list[Fix], cuda: bool, device: str = "cuda") -> list[Fix]:
+    """The planner's ranked fixes, each said applicable when this machine can run it (one GPU of its own size; a
+    weight format that runs on this device: the doctor quantizes the loaded model for the re-run)."""
+    return [replace(f, applicable=cuda and "gpu" not in f.changes and f.changes.get("tp", 1) == 1
+                    and _runs_here(f.changes.get("weights"), device)) for f in advice]
+
+
+def _runs_here(weights: str | None, device: str) -> bool:
+    if weights is None:
+        return True
+    from kvscope.errors import UsageError
+    from kvscope.models.quantize import check_runnable
+
+    try:
+        check_runnable(weights, device)
+    except UsageError:
+        return False
+    return True
 
 
 RECALLS = ("snapkv", "lru", "h2o", "tova")  # the policies that read attention, so can score a recall

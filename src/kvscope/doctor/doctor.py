@@ -23,6 +23,7 @@ from kvscope.doctor.apply import apply_fix, best_fix, fix_figure, kv_layers, rep
 from kvscope.doctor.diagnose import attribution, diagnose, fixes_for_budget, fixes_from_plan, workload_dict
 from kvscope.doctor.execute import execute
 from kvscope.errors import does_not_fit, usage
+from kvscope.models.quantize import model_bytes, weights_format_of
 from kvscope.monitor import Monitor
 from kvscope.planner.memory import kv_bytes
 from kvscope.planner.plan import plan
@@ -76,11 +77,15 @@ def doctor(loaded, w: Workload, *, fix: bool = False, out: str | os.PathLike, fo
     model, spec = loaded.model, loaded.spec
     device = next(model.parameters()).device
     cuda = device.type == "cuda"
+    held = weights_format_of(model)
+    if held != w.weights:
+        raise usage(f"the model's weights are {held or 'dense'}, but the workload says --weights {w.weights or 'none'}",
+                    expected="the workload's weights as the model was loaded", fix="--weights")
     notes: list[str] = []
     capacity, emulated = _capacity(w.gpu_memory, device, notes, w, spec)
     planned = plan(spec, w, gpu_memory=capacity)
     prediction = planned.to_dict()
-    weights = sum(p.nbytes for p in model.parameters()) + sum(b.nbytes for b in model.buffers())
+    weights = model_bytes(model)  # through torchao's tensor subclasses to the bytes they hold
     snapshot = None
     if cuda:
         torch.cuda.memory._record_memory_history(max_entries=SNAPSHOT_ENTRIES, context="alloc", stacks="python")
@@ -98,7 +103,7 @@ def doctor(loaded, w: Workload, *, fix: bool = False, out: str | os.PathLike, fo
         if outcome.status == "kv_budget_exceeded":
             fixes = fixes_for_budget(spec, w)
         elif outcome.status == "oom" or not prediction["fits"]:
-            fixes = fixes_from_plan(planned.advice, cuda)
+            fixes = fixes_from_plan(planned.advice, cuda, str(device))
         else:
             fixes = []
         fixes = [replace(f, command=fix_command(f)) for f in fixes] if fix_command else fixes

@@ -117,7 +117,9 @@ def cell_bytes(spec: ModelSpec, cfg: SglangConfig) -> int:
 
 def weights_bytes(spec: ModelSpec, cfg: SglangConfig) -> int:
     """Parameters on one GPU plus the fp32 RoPE cos/sin cache [max_position_embeddings, head_dim]."""
-    return spec.weights_bytes(cfg.dtype, cfg.tp_size) + spec.max_position_embeddings * spec.head_dim * 4
+    # SGLang's vocabulary-parallel embedding and head are split across ranks
+    weights = spec.weights_bytes(cfg.dtype, cfg.tp_size, embedding_split=True)
+    return weights + spec.max_position_embeddings * spec.head_dim * 4
 
 
 def max_running(tokens: int, context_len: int, requested: int | None) -> int:

@@ -120,7 +120,7 @@ def kv_bytes_per_token(spec: ModelSpec, cfg: VllmConfig) -> int:
 def weights_bytes(spec: ModelSpec, cfg: VllmConfig) -> int:
     """Parameters on one GPU plus the RoPE cos/sin cache [max_position_embeddings, head_dim] in the model dtype."""
     rope = spec.max_position_embeddings * spec.head_dim * DTYPE_BYTES[cfg.dtype]
-    return spec.weights_bytes(cfg.dtype, cfg.tensor_parallel_size) + rope
+    return spec.weights_bytes(cfg.dtype, cfg.tensor_parallel_size, embedding_split=True) + rope
 
 
 def activation_bytes(spec: ModelSpec, cfg: VllmConfig, tokens: int, seqs: int) -> tuple[int, int]:

@@ -65,7 +65,8 @@ def spec_for(ref: str) -> ModelSpec:
 
 
 def load(ref: str, *, random_weights: bool = False, dtype: str | None = None, device: str | None = None,
-         attn_implementation: str = "sdpa", seed: int = 0, on_notice=None) -> LoadedModel:
+         weights: str | None = None, attn_implementation: str = "sdpa", seed: int = 0,
+         on_notice=None) -> LoadedModel:
     """Load a model for inference.
 
     `ref` is a local Hugging Face model directory, a `.gguf` file, the embedded default `smollm2-135m`, or a catalogue
@@ -73,26 +74,33 @@ def load(ref: str, *, random_weights: bool = False, dtype: str | None = None, de
     dequantized once and cached (models.embedded); `on_notice(text)` hears when that happens, and why (default: a
     warning when a broken cached conversion is rebuilt).
 
+    `weights` ("int8", "int4", "fp8"; kvscope.weightformats) quantizes the decoder layers' projections with torchao
+    right after loading (`pip install 'kvscope[weights]'`); int4 needs a CUDA GPU. It frees weight memory, which can
+    then hold more KV cache; it does not change the KV cache's format (`kv_dtype` does).
+
     >>> model, tokenizer, spec = load("smollm2-135m")          # doctest: +SKIP
     >>> model, _, spec = load("llama-3-8b", random_weights=True, device="cuda")  # doctest: +SKIP
     """
     from kvscope import _compat
 
     _compat.quiet_transformers()
+    _quiet_torchao()
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    if weights is not None:
+        _check_weights(ref, weights, torch_dtype, dev)
     if random_weights:
         entry = catalogue.catalogue_entry(ref) if catalogue.is_catalogue_name(ref) else None
         values = entry.config if entry else _config_values(ref)
         model = _compat.build_random_model(values, torch_dtype, dev, attn_implementation, seed)
-        _fuse_on_gpu(model, dev)
+        _finish(model, dev, weights)
         spec = ModelSpec.from_hf_config(values, name=entry.name if entry else Path(ref).name,
                                         source=entry.source if entry else str(ref))
         return LoadedModel(model, None, spec)
     notice = on_notice or _warn_if_rebuilt
     if ref.strip().lower() == EMBEDDED_NAME:
         path = ensure_converted(on_notice=notice)
-        return _load_dir(path, torch_dtype, dev, attn_implementation, name=EMBEDDED_NAME)
+        return _load_dir(path, torch_dtype, dev, attn_implementation, name=EMBEDDED_NAME, weights=weights)
     if catalogue.is_catalogue_name(ref):
         raise usage(
             f"no weights for {ref!r} on this machine (the catalogue holds shapes only)",
@@ -105,9 +113,9 @@ def load(ref: str, *, random_weights: bool = False, dtype: str | None = None, de
             raise usage(f"GGUF file not found: {path}", fix="the MODEL argument")
         spec_for(str(path))  # reads the metadata: a broken or non-Llama file fails here, before any dequantizing
         converted = ensure_converted(path, on_notice=notice)
-        return _load_dir(converted, torch_dtype, dev, attn_implementation, name=path.stem)
+        return _load_dir(converted, torch_dtype, dev, attn_implementation, name=path.stem, weights=weights)
     if path.is_dir():
-        return _load_dir(path, torch_dtype, dev, attn_implementation, name=path.name)
+        return _load_dir(path, torch_dtype, dev, attn_implementation, name=path.name, weights=weights)
     raise _unknown(ref)
 
 
@@ -125,12 +133,13 @@ def model_directory(ref: str) -> tuple[Path, str]:
     raise _unknown(ref)
 
 
-def _load_dir(path: Path, torch_dtype, device: str, attn_implementation: str, *, name: str) -> LoadedModel:
+def _load_dir(path: Path, torch_dtype, device: str, attn_implementation: str, *, name: str,
+              weights: str | None = None) -> LoadedModel:
     from kvscope import _compat
 
     spec = ModelSpec.from_config_file(path, name=name)  # validates config.json before touching weights
-    weights = list(path.glob("*.safetensors")) + list(path.glob("*.safetensors.index.json"))
-    if not weights:
+    files = list(path.glob("*.safetensors")) + list(path.glob("*.safetensors.index.json"))
+    if not files:
         raise usage(f"no safetensors weights in {path}", expected="model.safetensors or sharded "
                     "model-0000x-of-0000y.safetensors with model.safetensors.index.json",
                     fix="MODEL, or --random-weights for a shape-only run")
@@ -142,11 +151,50 @@ def _load_dir(path: Path, torch_dtype, device: str, attn_implementation: str, *,
         raise usage(f"cannot read the weights in {path}: {type(exc).__name__}: {exc}", expected="complete "
                     "safetensors files (a truncated or partly downloaded file gives this)",
                     fix="MODEL (download or save the model again)") from None
-    _fuse_on_gpu(model, device)
+    _finish(model, device, weights)
     tokenizer = None
     if any((path / f).exists() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         tokenizer = _compat.tokenizer_from_pretrained(str(path))
     return LoadedModel(model, tokenizer, spec)
+
+
+def _quiet_torchao() -> None:
+    """An installed torchao, imported by transformers with the model classes, imports without its warnings."""
+    import contextlib
+
+    from kvscope.models.quantize import import_quietly
+
+    with contextlib.suppress(Exception):  # a broken torchao matters only to --weights, which says so itself
+        import_quietly()
+
+
+def _check_weights(ref: str, weights: str, torch_dtype, device: str) -> None:
+    """A weight format that cannot hold this model, or run here, fails before any weights are read."""
+    import torch
+
+    from kvscope.models.quantize import check_runnable, require_torchao
+    from kvscope.weightformats import check_format, weight_format
+
+    fmt = weight_format(weights)
+    check_runnable(fmt.name, device)  # the device first: int4 on the CPU fails here whatever the dtype
+    dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[torch_dtype]
+    spec = ModelSpec.from_hf_config(catalogue.catalogue_entry(ref).config, name=ref) if (
+        catalogue.is_catalogue_name(ref)) else None
+    if spec is None and Path(ref).expanduser().exists():
+        spec = spec_for(ref)
+    if spec is not None:
+        check_format(fmt, dtype, spec.linears(), spec.name)
+    require_torchao(fmt)
+
+
+def _finish(model, device: str, weights: str | None) -> None:
+    """Quantize the projections to `weights` (before fusing: quantized weights stay as torchao made them), then fuse
+    on the GPU."""
+    if weights is not None:
+        from kvscope.models.quantize import quantize
+
+        quantize(model, weights, device)
+    _fuse_on_gpu(model, device)
 
 
 def _fuse_on_gpu(model, device: str) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 from kvscope.errors import usage
 from kvscope.kvformats import DTYPE_BYTES, INT4_GROUP, dense_dtype, kv_format
+from kvscope.weightformats import layer_linears, weight_format
 
 # Decoders whose attention is standard multi-head / grouped-query attention with a Llama-shaped block
 # (q/k/v/o projections, gated MLP, RMSNorm, RoPE). Everything else is refused by name.
@@ -143,20 +144,36 @@ class ModelSpec:
         head = 0 if self.tie_word_embeddings else self.embedding_params()
         return self.embedding_params() + head + self.num_layers * self.layer_params() + self.hidden_size
 
-    def weights_bytes(self, dtype: str = "bf16", tp: int = 1, embedding_split: bool | None = None) -> int:
+    def linears(self) -> list[tuple[str, int, int]]:
+        """(name, out features, in features) of one decoder layer's projections: what a weight format quantizes."""
+        return layer_linears(self.hidden_size, self.intermediate_size, self.q_dim, self.kv_dim)
+
+    def weights_bytes(self, dtype: str = "bf16", tp: int = 1, embedding_split: bool | None = None,
+                      weights: str | None = None) -> int:
         """Bytes of weights on one GPU under transformers' Llama tensor-parallel plan (`LlamaConfig.base_model_tp_plan`
         and `LlamaForCausalLM._tp_plan`): q/k/v/gate/up colwise and o/down rowwise are split `tp` ways, and so is an
         untied `lm_head` (colwise, output gathered); the RMSNorm weights are replicated on every rank. The embedding is
         split on the vocabulary from transformers 5.24 on (its plan adds `embed_tokens: embedding_rowwise`) and
         replicated in 5.17: `embedding_split` None asks the installed transformers (`_compat.tp_splits_embedding`).
 
+        `weights` (int8, int4, fp8: kvscope.weightformats; one GPU only) prices the decoder layers' projections as
+        torchao stores them; embeddings, norms, biases and the output head stay in `dtype`.
+
         >>> spec = ModelSpec.from_catalogue("llama-3.1-70b")
         >>> h, n, e = spec.hidden_size, spec.num_layers, spec.embedding_params()
         >>> spec.weights_bytes("bf16", tp=2, embedding_split=False) == (n * (spec.layer_params() - 2 * h) // 2
         ...     + (2 * n + 1) * h + e + e // 2) * 2
         True
+        >>> spec = ModelSpec.from_catalogue("llama-3.1-8b")
+        >>> spec.weights_bytes("bf16"), spec.weights_bytes("bf16", weights="int8")
+        (16060522496, 9088081920)
         """
         b = DTYPE_BYTES[dense_dtype(dtype)]
+        if weights is not None:
+            fmt = weight_format(weights)
+            dense = self.num_params() - self.num_layers * sum(n * k for _, n, k in self.linears())
+            quantized = self.num_layers * sum(fmt.linear_bytes(n, k) for _, n, k in self.linears())
+            return dense * b + quantized
         if tp == 1:
             return self.num_params() * b
         if embedding_split is None:

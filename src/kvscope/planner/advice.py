@@ -1,8 +1,9 @@
 """Ranked fixes for a workload that does not fit: each is re-planned, so every number comes from the same model.
 
 The ranking is by what a fix costs the user, cheapest first: a different runtime changes nothing in the output;
-a smaller batch costs throughput; fp8/int8 KV costs little quality; int4 and eviction cost more; a shorter context
-changes the task; more or larger GPUs cost money.
+a smaller batch costs throughput; fp8/int8 KV costs little quality; int8/fp8 weights cost decode speed in torchao's
+weight-only products (the weight is dequantized for each one) and a little quality; eviction costs more; int4 weights
+cost the most quality of the quantizations; a shorter context changes the task; more or larger GPUs cost money.
 """
 
 from __future__ import annotations
@@ -81,6 +82,8 @@ def advise(spec: ModelSpec, w: Workload, capacity: int) -> list[Fix]:
             add(f"store the KV cache as {kv}", f"--runtime kvscope --kv-dtype {kv}",
                 w.with_(runtime="kvscope", kv_dtype=kv), f"{cost}; KV bytes per token "
                 f"{spec.kv_bytes_per_token(w.kv_dtype, w.tp)} -> {spec.kv_bytes_per_token(kv, w.tp)}")
+    for fmt in ("int8", "fp8"):
+        _weights_fix(spec, w, fmt, add)
     from kvscope.policies.registry import preferred_for  # imports torch: only when a budget fix is considered
 
     n = search.max_budget(spec, w, capacity)
@@ -90,6 +93,7 @@ def advise(spec: ModelSpec, w: Workload, capacity: int) -> list[Fix]:
             f"--runtime kvscope --budget {n} --policy {policy}",
             w.with_(runtime="kvscope", budget_tokens=n, policy=policy, knobs=w.knobs if policy == w.policy else {}),
             f"keeps {n / w.kv_tokens:.0%} of the {w.kv_tokens} KV tokens; quality depends on the policy", policy=policy)
+    _weights_fix(spec, w, "int4", add)
     c = search.max_context(spec, w, capacity)
     if 1 <= c < w.context:
         add(f"shorten the prompt to {c} tokens", f"--context {c}", w.with_(context=c),
@@ -110,3 +114,32 @@ def advise(spec: ModelSpec, w: Workload, capacity: int) -> list[Fix]:
             if len(fixes) > before:
                 break
     return fixes
+
+
+def weights_tradeoff(spec: ModelSpec, w: Workload, fmt: str) -> str:
+    """What `--weights fmt` frees and buys, in numbers: weight bytes before and after, the KV tokens the freed memory
+    holds, and the measured decode speed and perplexity change (kvscope.planner.measured; "not measured" if none)."""
+    from kvscope.planner import measured
+
+    before = spec.weights_bytes(w.dtype, w.tp, weights=w.weights)
+    after = spec.weights_bytes(w.dtype, w.tp, weights=fmt)
+    freed = before - after
+    tokens = freed // spec.kv_bytes_per_token(w.kv_dtype, w.tp)
+    return (f"frees {format_bytes(freed)} of weight memory (weights {format_bytes(before)} -> {format_bytes(after)}), "
+            f"not KV: that memory holds {tokens:,} more {w.kv_dtype} KV tokens; {measured.decode_change(fmt)}; "
+            f"{measured.perplexity_change(fmt)}")
+
+
+def _weights_fix(spec: ModelSpec, w: Workload, fmt: str, add) -> None:
+    """Offer `--weights fmt` for dense weights, where the format can hold this model in this dtype."""
+    from kvscope.errors import UsageError
+    from kvscope.weightformats import check_format, weight_format
+
+    if w.weights is not None or w.tp != 1:
+        return
+    try:
+        check_format(weight_format(fmt), w.dtype, spec.linears(), spec.name)
+    except UsageError:
+        return
+    add(f"quantize the weights to {fmt} ({weight_format(fmt).description})", f"--weights {fmt}",
+        w.with_(weights=fmt), weights_tradeoff(spec, w, fmt))

@@ -8,6 +8,7 @@ from kvscope.errors import usage
 from kvscope.models.spec import ModelSpec
 from kvscope.planner import memory
 from kvscope.planner.workload import Workload
+from kvscope.weightformats import check_format, weight_format
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,8 @@ def estimate(spec: ModelSpec, w: Workload, capacity_bytes: int) -> Estimate:
     if spec.num_heads % w.tp:
         raise usage(f"tensor-parallel degree {w.tp} does not divide {spec.num_heads} attention heads",
                     expected="a divisor of " + str(spec.num_heads), fix="--tp")
+    if w.weights is not None:
+        check_format(weight_format(w.weights), w.dtype, spec.linears(), spec.name)
     phases = tuple(memory.phases(spec, w))
     peak = max(phases, key=lambda p: p.total)
     return Estimate(peak, phases, memory.overhead_bytes(list(phases)), capacity_bytes)

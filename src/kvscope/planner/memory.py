@@ -20,11 +20,12 @@ its activations are those of one chunk, plus the boolean mask its cache builds f
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from kvscope.kvformats import DTYPE_BYTES, attention_block_rows, cache_layout, layout_bytes, store_layout
 from kvscope.models.spec import ModelSpec
 from kvscope.planner.workload import Workload, prefill_chunk
+from kvscope.weightformats import weight_format
 
 # Measured on the H100 80GB, torch 2.11 + CUDA 13 (benchmarks/planner_accuracy.py, docs/benchmarks.md):
 # - memory outside PyTorch's counters once the CUDA context and the cuBLAS/cuDNN modules are loaded;
@@ -199,9 +200,35 @@ def kvscope_phases(spec: ModelSpec, w: Workload, weights: int) -> list[Phase]:
     return [Phase("prefill", weights, cache, prefill, logits, slack), Phase("decode", weights, cache, decode, logits)]
 
 
+def weights_bytes(spec: ModelSpec, w: Workload) -> int:
+    """The model's weights on one GPU, in the workload's weight format (kvscope.weightformats) or its dtype."""
+    return spec.weights_bytes(w.dtype, w.tp, weights=w.weights)
+
+
+def product_temporary_bytes(spec: ModelSpec, w: Workload, tokens: int) -> int:
+    """What the largest quantized matrix product of `tokens` rows holds besides its input and output (the weight
+    dequantized, a padded or scaled copy: kvscope.weightformats); 0 for dense weights. It exists while that product
+    runs, on top of the activations."""
+    if w.weights is None:
+        return 0
+    fmt = weight_format(w.weights)
+    return max(fmt.product_temporary_bytes(n, k, w.dtype, tokens) for _, n, k in spec.linears())
+
+
+def phase_tokens(w: Workload, phase: str) -> int:
+    """Rows of each matrix product in a phase: the prompt (plain generate) or one chunk (kvscope), then one token."""
+    if phase == "decode":
+        return w.batch
+    return w.batch * (w.context if w.runtime == "hf" else kvscope_chunk(w))
+
+
 def phases(spec: ModelSpec, w: Workload) -> list[Phase]:
-    weights = spec.weights_bytes(w.dtype, w.tp)
-    return hf_phases(spec, w, weights) if w.runtime == "hf" else kvscope_phases(spec, w, weights)
+    weights = weights_bytes(spec, w)
+    out = hf_phases(spec, w, weights) if w.runtime == "hf" else kvscope_phases(spec, w, weights)
+    if w.weights is None:
+        return out
+    return [replace(p, activations=p.activations + product_temporary_bytes(spec, w, phase_tokens(w, p.name)))
+            for p in out]
 
 
 def overhead_bytes(phases: list[Phase]) -> int:

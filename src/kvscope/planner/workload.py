@@ -8,6 +8,7 @@ from typing import Any
 
 from kvscope.errors import require_positive, usage
 from kvscope.kvformats import dense_dtype, kv_format
+from kvscope.weightformats import weight_format
 
 RUNTIMES = ("hf", "kvscope")
 DEFAULT_CHUNK = 512  # prefill chunk of kvscope's runtime, tokens per sequence
@@ -28,6 +29,8 @@ _OPTIONS = {"batch": "--batch", "context": "--context", "new_tokens": "--new-tok
 class Workload:
     """One generation job; `context` is the prompt length in tokens.
 
+    `weights` (int8, int4, fp8; None: the model dtype) is the format of the decoder layers' projections
+    (kvscope.weightformats): it frees weight memory, which can hold more KV; the KV cache's own format is `kv_dtype`.
     `budget_tokens` (kvscope runtime) caps the KV cache per sequence and layer; the cache is allocated once at its
     budget plus, for an evicting `policy`, room for one prefill chunk. `policy` None means: `full` without a budget,
     an evicting policy with one; `knobs` are its settings (`kvscope.policies.knobs`). `gpu_memory` (bytes) is the
@@ -40,6 +43,7 @@ class Workload:
     new_tokens: int = 128
     dtype: str = "bf16"
     kv_dtype: str | None = None
+    weights: str | None = None
     tp: int = 1
     runtime: str = "hf"
     budget_tokens: int | None = None
@@ -64,6 +68,12 @@ class Workload:
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
                 raise usage(f"{name} must be a whole number, got {value!r}", fix=option)
         object.__setattr__(self, "dtype", dense_dtype(self.dtype))
+        if self.weights is not None:
+            fmt = weight_format(self.weights)
+            object.__setattr__(self, "weights", fmt.name)
+            if self.tp != 1:
+                raise usage(f"--weights {fmt.name} with --tp {self.tp}: kvscope quantizes the weights of one GPU's "
+                            "model only", expected="--tp 1 with --weights", fix="drop --weights or --tp")
         kv = kv_format(self.kv_dtype or self.dtype).name
         object.__setattr__(self, "kv_dtype", kv)
         if self.runtime not in RUNTIMES:

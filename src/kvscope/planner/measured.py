@@ -1,0 +1,50 @@
+"""What a weight format was measured to cost, read from the data files `python -m benchmarks.weights` writes
+(docs/data/weights-cpu.json: perplexity on the embedded model; docs/data/weights-cuda.json: decode speed on the
+H200). Nothing here is a number of its own: a format without a measurement says "not measured".
+
+The files are found in the source checkout kvscope runs from (an editable install); an installed wheel has none, and
+says "not measured" too.
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+DATA = Path(__file__).resolve().parents[3] / "docs" / "data"
+NOT_MEASURED = "not measured"
+
+
+@lru_cache(maxsize=4)
+def _read(name: str) -> dict:
+    path = DATA / name
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def decode_change(fmt: str) -> str:
+    """Decode tokens/s of `fmt` against the dense weights measured in the same run, per batch, or "not measured"."""
+    data = _read("weights-cuda.json")
+    rows = data.get("decode") or {}
+    base, mine = rows.get("bf16") or {}, rows.get(fmt) or {}
+    parts = []
+    for batch in sorted(mine, key=int):
+        if base.get(batch) and mine[batch]:
+            a, b = base[batch], mine[batch]
+            parts.append(f"{a:.0f} -> {b:.0f} tok/s at batch {batch} ({(b - a) / a:+.0%})")
+    if not parts:
+        return f"decode speed {NOT_MEASURED}"
+    return f"decode {', '.join(parts)} ({data.get('model', '?')} on {data.get('device', '?')})"
+
+
+def perplexity_change(fmt: str) -> str:
+    """Perplexity of `fmt` against the dense weights on the same text, or "not measured"."""
+    data = _read("weights-cpu.json")
+    rows = {r["weights"]: r for r in data.get("rows", []) if r.get("perplexity")}
+    if fmt not in rows or "dense" not in rows:
+        return f"perplexity {NOT_MEASURED}"
+    a, b = rows["dense"]["perplexity"], rows[fmt]["perplexity"]
+    return f"perplexity {a:.3f} -> {b:.3f} ({(b - a) / a:+.2%}; {data.get('model', '?')} on {data.get('device', '?')})"

@@ -1,0 +1,64 @@
+"""benchmarks/weights.py without a GPU: the GPU JSON's decode summary (what the planner's advice reads) and both
+sections rendered from data, including a run cut short."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from benchmarks import common
+
+from kvscope.planner import measured
+from tests.bench import load_benchmark
+
+wb = load_benchmark("weights")
+META = {"device": "NVIDIA H200", "date": "2026-12-02", "commit": "abc1234", "command": "python -m benchmarks.weights"}
+
+
+def cuda_run() -> dict:
+    return {"meta": META, "model": "llama-3.1-8b", "device": "NVIDIA H200", "total_bytes": 150_109_880_320,
+            "decode_context": 1024, "decode_new": 64, "capacity_context": 4096, "capacity_new": 16, "decode": {},
+            "formats": {
+                "bf16": {"allocated_bytes": 16_060_522_752, "planned_bytes": 16_060_522_496, "error_pct": 0.0,
+                         "decode": {"1": {"tps": 200.0}, "32": {"tps": 150.0}}, "capacity": {"predicted": 237}},
+                "int4": {"allocated_bytes": 5_809_700_000, "planned_bytes": 5_809_643_520, "error_pct": 0.001,
+                         "decode": {"1": {"tps": 300.0}, "32": {"tps": None, "error": "auto: RuntimeError: x"}},
+                         "capacity": {"predicted": 255, "ok": True}},
+                "int8": {"error": "load: ImportError: no"}}}
+
+
+def test_the_decode_summary_is_what_the_advice_reads(tmp_path, monkeypatch):
+    data = cuda_run()
+    wb._save(argparse.Namespace(out=str(tmp_path)), wb.CUDA_FILE, data)
+    saved = json.loads((tmp_path / wb.CUDA_FILE).read_text())
+    assert saved["decode"] == {"bf16": {"1": 200.0, "32": 150.0}, "int4": {"1": 300.0}, "int8": {}}
+    monkeypatch.setattr(measured, "DATA", tmp_path)
+    measured._read.cache_clear()
+    try:
+        assert measured.decode_change("int4") == "decode 200 -> 300 tok/s at batch 1 (+50%) (llama-3.1-8b on NVIDIA " \
+            "H200)"
+        assert measured.decode_change("int8") == "decode speed not measured"
+    finally:
+        measured._read.cache_clear()
+
+
+def test_sections_render_from_data(tmp_path, monkeypatch):
+    page = tmp_path / "benchmarks.md"
+    page.write_text("# Benchmarks\n")
+    monkeypatch.setattr(common, "DOCS", page)
+    cpu = {"meta": META | {"device": "CPU"}, "model": "smollm2-135m", "device": "CPU", "dtype": "fp32",
+           "ppl_tokens": 2048, "ppl_chunk": 64, "not_runnable": {"int4": "--weights int4 needs a CUDA GPU"},
+           "rows": [{"weights": "dense", "perplexity": 20.0, "passkey_2k": "6/6", "weights_bytes": 400,
+                     "planned_bytes": 400, "seconds": 10},
+                    {"weights": "int8", "perplexity": 20.2, "passkey_2k": "5/6", "weights_bytes": 100,
+                     "planned_bytes": 100, "seconds": 12}]}
+    common.save_json(cpu, tmp_path / wb.CPU_FILE)
+    common.save_json(cuda_run(), tmp_path / wb.CUDA_FILE)
+    assert wb.render(tmp_path) == ["weights-cpu", "weights-cuda"]
+    text = page.read_text()
+    assert "| int8 | 20.2 | +1.00% | 5/6 | 100 | 100 | 75% | 12 |" in text
+    assert "- int4: not run on the CPU: --weights int4 needs a CUDA GPU" in text
+    row = "| int4 | 5,809,700,000 | 5,809,643,520 | +0.001% | 300.0 (1.50x) | auto: RuntimeError: x | 255 | ran |"
+    assert row in text
+    assert "| int8 | 0 | 0 | load: ImportError: no |" in text
+    assert "rebuild this section with `python -m benchmarks.weights --render`" in text
