@@ -9,7 +9,7 @@ and without recall.
 
 Cases and answers as in the quality benchmark (benchmarks/quality_cases.py): a 5-digit key hidden at a depth of real
 prose, the question after it, greedy decoding of 10 tokens, a case passes when the exact key appears. The kvpress rows
-are the quality benchmark's 30-case run at 2k (docs/data/quality-2k-30.low-kvpress.json): the same token ids.
+are the quality benchmark's 30-case run at 2k (docs/data/quality-2k-30.base.json): the same token ids.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from benchmarks.quality_cases import passkey_cases, perplexity_ids
 from benchmarks.quality_runners import budget_for, kvscope_passkey, log, ppl_stream, run_direct
 
 DATA = ROOT / "docs" / "data" / "recall.json"
-KVPRESS = ROOT / "docs" / "data" / "quality-2k-30.low-kvpress.json"
+KVPRESS = ROOT / "docs" / "data" / "quality-2k-30.base.json"
 DEPTHS = "0.05,0.15,0.25,0.35,0.45,0.55,0.65,0.75,0.85,0.95"
 MODES = ("one-chunk", "chunked", "recall")
 
@@ -45,6 +45,7 @@ def parse_args(argv=None):
     p.add_argument("--ppl-tokens", type=int, default=2048, help="streamed perplexity text (0: none)")
     p.add_argument("--max-new-tokens", type=int, default=10)
     p.add_argument("--out", type=Path, default=DATA)
+    p.add_argument("--resume", action="store_true", help="keep --out's rows and run only the cases it lacks")
     p.add_argument("--render", action="store_true", help="only rewrite the docs section from --out")
     a = p.parse_args(argv)
     a.lengths = [int(x) for x in a.lengths.split(",")]
@@ -103,6 +104,12 @@ def run(a) -> dict:
     data = {"meta": run_meta(), "args": {k: str(v) for k, v in vars(a).items()}, "model": spec.name,
             "chunk": a.chunk, "passkey": [], "perplexity": []}
     cases = [c for n in a.lengths for c in passkey_cases(tok, (n,), a.depths, a.keys.get(n, 1))]
+    if a.resume and a.out.exists():  # a longer run over a shorter one: its cases are the same token ids
+        old = json.loads(a.out.read_text())
+        data["passkey"] = old["passkey"]
+        done = {r["case_id"] for r in old["passkey"]}
+        data["meta"]["resumed"] = old["meta"]
+        cases = [c for c in cases if c.case_id not in done]
     for i, case in enumerate(cases):
         t = time.perf_counter()
         if a.one_chunk:
