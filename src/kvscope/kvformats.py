@@ -168,3 +168,17 @@ def layout_bytes(layout: Layout, align: bool = True) -> int:
             n *= dim
         total += -(-n // ALIGN) * ALIGN if align else n
     return max(total, 1)
+
+
+def recall_format(kv: str) -> str:
+    """The format a recall tier keeps waiting tokens in: the store's own for per-token formats; int8 for int4 (its
+    keys are quantized per 64-slot group, which a tier filled a few tokens at a time cannot form)."""
+    return "int8" if kv == "int4" else kv
+
+
+def recall_tier_bytes(layers: int, batch: int, heads: int, tokens: int, head_dim: int, kv: str, dense: str) -> int:
+    """Host bytes of a recall tier holding `tokens` per row: the stored keys and values, and each slot's position
+    (8 B), score (4 B) and validity (1 B). The cache allocates it; the planner prices it."""
+    store = store_layout(recall_format(kv), batch, heads, tokens, head_dim, dense)
+    return layers * (layout_bytes(store, align=False) + batch * heads * tokens * (8 + 4 + 1))
+

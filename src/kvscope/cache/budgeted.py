@@ -225,14 +225,11 @@ class BudgetedCache(Cache):
     def recall_bytes(self, prompt_tokens: int, batch: int, dtype: torch.dtype) -> int:
         """Host memory the recall tier can take for a prompt of `prompt_tokens` (every token evicted once)."""
         from kvscope.cache.arena import TYPE_NAMES
-        from kvscope.cache.recall import tier_format
-        from kvscope.kvformats import layout_bytes, store_layout
+        from kvscope.kvformats import recall_tier_bytes
 
         dense = TYPE_NAMES[dtype]
-        store = store_layout(tier_format(self.kv_dtype or dense), batch, self.kv_heads, prompt_tokens, self.head_dim,
-                             dense)
-        state = batch * self.kv_heads * prompt_tokens * (8 + 4 + 1)  # position, score, valid
-        return self.num_layers * (layout_bytes(store, align=False) + state)
+        return recall_tier_bytes(self.num_layers, batch, self.kv_heads, prompt_tokens, self.head_dim,
+                                 self.kv_dtype or dense, dense)
 
     def begin_prefill(self, prompt_tokens: int, batch: int, dtype: torch.dtype) -> None:
         """kvscope's runtime starts a prompt: with recall, its evictions wait in CPU memory (after checking there is

@@ -21,15 +21,11 @@ import torch
 
 from kvscope.cache.store import make_store, wrap_store
 from kvscope.errors import usage
+from kvscope.kvformats import recall_format
 from kvscope.policies.base import Observation, SlotState, select_evictions
 
 RECALL_WINDOW = 32  # question rows that score the recall, for a policy that observes every query (h2o, lru)
 MODES = ("cpu",)
-
-
-def tier_format(kv_dtype: str) -> str:
-    """The format waiting tokens are kept in: the store's own for per-token formats; int8 for int4."""
-    return "int8" if kv_dtype == "int4" else kv_dtype
 
 
 def check_recall(policy, offload: bool, recall: str | None) -> None:
@@ -58,7 +54,7 @@ class Tier:
     def __init__(self, layer, capacity: int):
         st = layer.state
         b, h = st.valid.shape[:2]
-        self.kind = tier_format(layer.settings.kv_dtype or _dense_name(layer.compute_dtype))
+        self.kind = recall_format(layer.settings.kv_dtype or _dense_name(layer.compute_dtype))
         self.dtype = layer.compute_dtype
         self.head_dim = layer.head_dim
         pin = st.valid.is_cuda

@@ -22,7 +22,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
 
-from kvscope.kvformats import DTYPE_BYTES, attention_block_rows, cache_layout, layout_bytes, store_layout
+from kvscope.kvformats import (
+    DTYPE_BYTES,
+    attention_block_rows,
+    cache_layout,
+    layout_bytes,
+    recall_tier_bytes,
+    store_layout,
+)
 from kvscope.models.spec import ModelSpec
 from kvscope.planner.workload import Workload, prefill_chunk
 from kvscope.weightformats import weight_format
@@ -125,10 +132,8 @@ def recall_host_bytes(spec: ModelSpec, w: Workload) -> int:
     format (the store's, int8 for int4), with its position, score and validity. 0 without recall."""
     if w.recall is None:
         return 0
-    kind = "int8" if w.kv_dtype == "int4" else w.kv_dtype
-    heads = spec.kv_heads_per_gpu(w.tp)
-    store = store_layout(kind, w.batch, heads, w.context, spec.head_dim, w.dtype)
-    return spec.num_layers * (layout_bytes(store, align=False) + w.batch * heads * w.context * (8 + 4 + 1))
+    return recall_tier_bytes(spec.num_layers, w.batch, spec.kv_heads_per_gpu(w.tp), w.context, spec.head_dim,
+                             w.kv_dtype, w.dtype)
 
 
 def kv_bytes(spec: ModelSpec, w: Workload) -> int:
