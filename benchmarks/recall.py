@@ -96,12 +96,17 @@ def perplexity(model, tok, a) -> list[dict]:
     return rows
 
 
+def recorded_args(a) -> dict:
+    """The run's options as data; the output path is left out: it names this machine, not the run."""
+    return {k: str(v) for k, v in vars(a).items() if k != "out"}
+
+
 def run(a) -> dict:
     import kvscope
 
     torch.manual_seed(0)
     model, tok, spec = kvscope.load("smollm2-135m", device="cpu", dtype="fp32")
-    data = {"meta": run_meta(), "args": {k: str(v) for k, v in vars(a).items()}, "model": spec.name,
+    data = {"meta": run_meta(), "args": recorded_args(a), "model": spec.name,
             "chunk": a.chunk, "passkey": [], "perplexity": []}
     cases = [c for n in a.lengths for c in passkey_cases(tok, (n,), a.depths, a.keys.get(n, 1))]
     if a.resume and a.out.exists():  # a longer run over a shorter one: its cases are the same token ids
