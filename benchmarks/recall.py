@@ -1,7 +1,8 @@
 """The recall tier on the embedded SmolLM2-135M (CPU): passkey with the question after the text, under a bounded
 (chunked) prefill with and without `recall="cpu"`, against the one-chunk prefill (the policy sees the whole prompt
 before it evicts) and NVIDIA kvpress's presses (which compress after a whole-prompt prefill); streamed perplexity with
-and without recall.
+and without recall, on the story and on three of the 2k passkey prompts (other orders of the same prose, the key and
+question inside), so that one text's noise is not read as the tier's effect.
 
     python -m benchmarks.recall                    # 2k: the 30-case set (10 depths x 3 keys); 4k: 10 cases
     python -m benchmarks.recall --keys 2048:1,4096:1 --lengths 2048 --no-one-chunk   # 10 cases, bounded rows only
@@ -43,6 +44,9 @@ def parse_args(argv=None):
                    help="run the one-chunk rows too (--no-one-chunk: take them from the quality benchmark's data)")
     p.add_argument("--chunk", type=int, default=512, help="chunk of the bounded prefill (kvscope run's default)")
     p.add_argument("--ppl-tokens", type=int, default=2048, help="streamed perplexity text (0: none)")
+    p.add_argument("--ppl-texts", default="story,haystacks",
+                   help="perplexity texts: story (its first --ppl-tokens tokens), haystacks (the 2k passkey prompts "
+                        "of the first key at depths 0.1, 0.5, 0.9)")
     p.add_argument("--max-new-tokens", type=int, default=10)
     p.add_argument("--out", type=Path, default=DATA)
     p.add_argument("--resume", action="store_true", help="keep --out's rows and run only the cases it lacks")
@@ -53,6 +57,9 @@ def parse_args(argv=None):
     a.keys = {int(k): int(v) for k, v in (x.split(":") for x in a.keys.split(","))}
     a.budgets = [float(x) for x in a.budgets.split(",")]
     a.policies = a.policies.split(",")
+    a.ppl_texts = a.ppl_texts.split(",")
+    if unknown := set(a.ppl_texts) - {"story", "haystacks"}:
+        p.error(f"--ppl-texts: unknown {', '.join(sorted(unknown))} (expected story, haystacks)")
     return a
 
 
@@ -79,20 +86,27 @@ def one_chunk_rows(model, tok, case, policies, fractions, max_new) -> list[dict]
              "key": r["key"], "answer": r["answer"], "found": r["found"], "seconds": r["seconds"]} for r in rows]
 
 
+def perplexity_texts(tok, a) -> dict[str, list[int]]:
+    texts = {"story": perplexity_ids(tok, a.ppl_tokens)} if "story" in a.ppl_texts else {}
+    if "haystacks" in a.ppl_texts:
+        texts.update({c.case_id: list(c.input_ids) for c in passkey_cases(tok, (2048,), (0.1, 0.5, 0.9), 1)})
+    return texts
+
+
 def perplexity(model, tok, a) -> list[dict]:
-    ids = perplexity_ids(tok, a.ppl_tokens)
     rows = []
-    for policy in a.policies:
-        for f in a.budgets:
-            b = budget_for(f, len(ids))
-            for recall in (None, "cpu"):
-                t = time.perf_counter()
-                r = ppl_stream(model, ids, policy, b, a.chunk, recall=recall)
-                rows.append({"policy": policy, "fraction": f, "budget_tokens": b, "chunk": a.chunk,
-                             "recall": recall, "ppl": round(float(torch.exp(torch.tensor(r["nll_sum"] / r["tokens"]))),
-                                                            4), "tokens": r["tokens"],
-                             "seconds": round(time.perf_counter() - t, 1)})
-                log(f"perplexity {policy} {f:.1%} recall={recall}: {rows[-1]['ppl']}")
+    for text, ids in perplexity_texts(tok, a).items():
+        for policy in a.policies:
+            for f in a.budgets:
+                b = budget_for(f, len(ids))
+                for recall in (None, "cpu"):
+                    t = time.perf_counter()
+                    r = ppl_stream(model, ids, policy, b, a.chunk, recall=recall)
+                    ppl = round(float(torch.exp(torch.tensor(r["nll_sum"] / r["tokens"]))), 4)
+                    rows.append({"text": text, "policy": policy, "fraction": f, "budget_tokens": b, "chunk": a.chunk,
+                                 "recall": recall, "ppl": ppl, "tokens": r["tokens"],
+                                 "seconds": round(time.perf_counter() - t, 1)})
+                    log(f"perplexity {text} {policy} {f:.1%} recall={recall}: {ppl}")
     return rows
 
 

@@ -79,10 +79,42 @@ def seconds_table(data: dict) -> str:
     return table(rows, [("policy", "policy"), ("mode", "mode"), ("s", "seconds per case (prefill + 10 tokens)")])
 
 
+def ppl_rows(data: dict) -> list[dict]:
+    """Per (policy, budget): each text's perplexity without -> with recall, and their mean."""
+    by = defaultdict(dict)
+    for r in data.get("perplexity", []):
+        by[(r["policy"], r["fraction"])].setdefault(r.get("text", "story"), {})[r["recall"] or "none"] = r["ppl"]
+    out = []
+    for (policy, f), texts in by.items():
+        pairs = {t: (v["none"], v["cpu"]) for t, v in texts.items() if {"none", "cpu"} <= set(v)}
+        if not pairs:
+            continue
+        mean = tuple(sum(p[i] for p in pairs.values()) / len(pairs) for i in (0, 1))
+        out.append({"policy": policy, "budget": f"{f:.1%}", "texts": pairs, "mean": mean,
+                    "worse": sorted(t for t, (a, b) in pairs.items() if b > a)})
+    return out
+
+
+def _change(a: float, b: float) -> str:
+    return f"{a:.3f} → {b:.3f} ({100 * (b - a) / a:+.2f}%)"
+
+
 def ppl_table(data: dict) -> str:
-    rows = [{"policy": r["policy"], "budget": f"{r['fraction']:.1%}", "recall": r["recall"] or "none",
-             "ppl": f"{r['ppl']:.3f}"} for r in data.get("perplexity", [])]
-    return table(rows, [("policy", "policy"), ("budget", "budget"), ("recall", "recall"), ("ppl", "perplexity")])
+    rows = ppl_rows(data)
+    names = list(dict.fromkeys(t for r in rows for t in r["texts"]))
+    cells = [{"policy": r["policy"], "budget": r["budget"], **{t: _change(*r["texts"][t]) if t in r["texts"] else "-"
+                                                                 for t in names}, "mean": _change(*r["mean"])}
+             for r in rows]
+    return table(cells, [("policy", "policy"), ("budget", "budget"), *[(t, t) for t in names], ("mean", "mean")])
+
+
+def ppl_verdict(data: dict) -> str:
+    parts = []
+    for r in ppl_rows(data):
+        worse = ", ".join(f"{t} ({100 * (r['texts'][t][1] / r['texts'][t][0] - 1):+.2f}%)" for t in r["worse"])
+        mean = "no worse: met" if r["mean"][1] <= r["mean"][0] else "worse: MISSED"
+        parts.append(f"{r['policy']} at {r['budget']}: mean {mean}; worse with recall on {worse or 'no text'}")
+    return "; ".join(parts)
 
 
 def memory_line(data: dict) -> str:
@@ -125,7 +157,9 @@ def render(data: dict, kvpress_path: Path, data_path: str = "docs/data/recall.js
     md += f"**Verdict.** {verdict(rows)}.\n\nDevice memory: {memory_line(data)}.\n\n"
     md += "Time per case on this CPU (2 shared cores, other work running):\n\n" + seconds_table(data) + "\n\n"
     if data.get("perplexity"):
-        md += ("Streamed perplexity on the first 2048 tokens of the story (tokens 1025-2047 scored; the text fed in "
-               f"{data['chunk']}-token chunks as one prompt, so with recall the last chunk recalls before it "
-               "attends):\n\n" + ppl_table(data) + "\n")
+        md += ("Streamed perplexity without → with recall (the second half of each text scored; the text fed in "
+               f"{data['chunk']}-token chunks as one prompt, so with recall the last chunk recalls before it attends). "
+               "Texts: the first 2048 tokens of the story, and the 2k passkey prompts of the first key at depths "
+               "0.1, 0.5 and 0.9 (the same prose in other orders, with the key and the question):\n\n"
+               + ppl_table(data) + f"\n\n**Perplexity verdict.** {ppl_verdict(data)}.\n")
     return md
