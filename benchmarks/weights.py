@@ -205,6 +205,20 @@ def render(directory: Path = DATA) -> list[str]:
     return written
 
 
+def _capacity_cell(cap: dict) -> str:
+    if cap.get("ok"):
+        if not {"peak", "planned_peak"} <= set(cap):
+            return "ran"
+        peak, planned = cap["peak"], cap["planned_peak"]
+        error = 100 * (planned - peak) / peak
+        return f"ran, peak {peak / 2**30:.2f} GiB, planned {planned / 2**30:.2f} GiB ({error:+.2f}%)"
+    if cap.get("ok") is False:
+        return f"OOM: {cap.get('error', '')}"
+    if "skipped" in cap:
+        return f"not run ({cap['skipped']})"
+    return "not measured"
+
+
 def _render_cuda(d: dict) -> str:
     md = section_head(f"Weight formats on the GPU: bytes, decode speed, capacity ({d['model']}, random bf16 weights)",
                       d["meta"], f"docs/data/{CUDA_FILE}", "python -m benchmarks.weights --render", "weights-cuda")
@@ -222,14 +236,14 @@ def _render_cuda(d: dict) -> str:
         def speed(b: str, dec=dec, fmt=fmt) -> str:
             tps, ref = dec.get(b, {}).get("tps"), base.get(b, {}).get("tps")
             if not tps:
-                return dec.get(b, {}).get("error", "")
+                return dec.get(b, {}).get("error", "not measured")
             return f"{tps}" + (f" ({tps / ref:.2f}x)" if ref and fmt != "bf16" else "")
 
-        ran = "ran" if cap.get("ok") else ("OOM" if cap.get("ok") is False else cap.get("skipped", ""))
+        ran = _capacity_cell(cap)
         rows.append({"fmt": fmt, "alloc": f"{r.get('allocated_bytes', 0):,}",
                      "planned": f"{r.get('planned_bytes', 0):,}",
                      "err": f"{r['error_pct']:+.3f}%" if "error_pct" in r else r.get("error", ""),
-                     "b1": speed("1"), "b32": speed("32"), "batch": cap.get("predicted", ""), "ran": ran})
+                     "b1": speed("1"), "b32": speed("32"), "batch": cap.get("predicted", "not measured"), "ran": ran})
     return md + table(rows, [("fmt", "weights"), ("alloc", "allocated bytes"), ("planned", "planned bytes"),
                              ("err", "error"), ("b1", "decode tok/s, batch 1"), ("b32", "batch 32"),
                              ("batch", "largest batch at 4k (planner)"), ("ran", "measured at it")])
