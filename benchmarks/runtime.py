@@ -227,6 +227,7 @@ def part_recall(model, spec, args) -> dict:
     context, budget, chunk = 32768, 2048, 512
     ids = torch.randint(10, spec.vocab_size, (1, context), device="cuda")
     per_token = spec.kv_bytes_per_token("bf16")
+    head = {"context": context, "budget": budget, "chunk": chunk, "policy": "snapkv"}
     rows = []
     for round_ in range(args.rounds):
         for recall in (None, "cpu"):
@@ -241,9 +242,10 @@ def part_recall(model, spec, args) -> dict:
                          "kv_store_bytes": (budget + chunk) * per_token,
                          "recalled": max(cache.recalled_tokens)})
             print("recall", rows[-1], flush=True)
+            _save(args, "recall", {**head, "rows": rows})  # a run cut short keeps the rows it measured
             del cache, gen
             clean()
-    return {"context": context, "budget": budget, "chunk": chunk, "policy": "snapkv", "rows": rows}
+    return {**head, "rows": rows}
 
 
 def part_cpu(model, spec, args) -> dict:

@@ -74,12 +74,35 @@ def _cpu(d: dict) -> str:
             f"({d['forward_vs_plain']}x), kvscope's own step {m['static']:.1f} ({d['static_vs_plain']}x).\n")
 
 
+def _recall(d: dict) -> str:
+    """Interleaved rounds with and without the tier; the medians' ratio and peaks against budget + one chunk."""
+    import statistics
+
+    by = {m: [r for r in d["rows"] if (r["recall"] or "none") == m] for m in ("none", "cpu")}
+    md = (f"A {d['context']:,}-token prompt in {d['chunk']}-token chunks under {d['policy']} at budget {d['budget']}, "
+          "with and without `recall=\"cpu\"`, interleaved rounds. Peak: `max_memory_allocated` over the baseline "
+          "(weights in the baseline): the cache's one allocation plus the prefill's temporaries. Budget + one chunk "
+          "of bf16 KV is the store's share of that allocation.\n\n")
+    rows = [{**r, "recall": r["recall"] or "none", "peak_gib": f"{r['peak_over_base'] / GIB:.3f}",
+             "arena_gib": f"{r['arena_bytes'] / GIB:.3f}", "kv_gib": f"{r['kv_store_bytes'] / GIB:.3f}"}
+            for r in d["rows"]]
+    md += table(rows, [("round", "round"), ("recall", "recall"), ("prefill_s", "prefill s"),
+                       ("peak_gib", "peak over base GiB"), ("arena_gib", "cache allocation GiB"),
+                       ("kv_gib", "budget + chunk KV GiB"), ("recalled", "recalled tokens")])
+    if by["none"] and by["cpu"]:
+        ratio = statistics.median(r["prefill_s"] for r in by["cpu"]) / statistics.median(
+            r["prefill_s"] for r in by["none"])
+        md += f"\n\nPrefill with recall / without (medians): **{ratio:.2f}x** (target at most 1.3x).\n"
+    return md
+
+
 TITLES = {"decode": ("Runtime decode speed: `llama-3.1-8b` shape, random bf16 weights", _decode),
           "policies": ("Runtime: eviction policies at budget 2048 after a 32k prompt", _policies),
           "capacity": ("Runtime capacity: tokens in flight before OOM, `llama-3.1-8b`", _capacity),
           "monitor": ("Runtime: cost of monitoring on decode", _monitor),
           "profile": ("Runtime: where a decode step's GPU time goes", _profile),
-          "cpu": ("Runtime on the CPU: the embedded model against plain generate()", _cpu)}
+          "cpu": ("Runtime on the CPU: the embedded model against plain generate()", _cpu),
+          "recall": ("Runtime: the recall tier's prefill time and memory at 32k", _recall)}
 
 
 def render(directory: Path) -> None:

@@ -234,3 +234,28 @@ def test_on_cuda_the_tier_is_pinned_and_recalls_as_on_the_cpu():
         if model is gpu:
             assert seen["pinned"] is True
     assert kept[0] == kept[1] == [list(range(16))] * len(kept[0])
+
+
+@pytest.mark.gpu
+def test_on_cuda_a_long_prompt_holds_no_copy_of_what_it_moved():
+    """The GPU buffers of a copy to the tier are freed when the copy is done. When the first layer recalls, every
+    layer has moved its evictions of a 4k prompt: the device then holds the cache's allocation and one chunk's
+    activations, not the moved KV (it once kept every buffer until the recall: the whole evicted KV on the GPU)."""
+    model = build_tiny().cuda()
+    prompt = torch.randint(10, 100, (1, 4096), device="cuda")
+    cache = BudgetedCache(model, "snapkv", budget_tokens=SNAP, chunk_size=64, recall="cpu")
+    seen, original = {}, BudgetedLayer._recall
+
+    def spy(self, *args):
+        seen.setdefault("allocated", torch.cuda.memory_allocated())
+        return original(self, *args)
+
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    BudgetedLayer._recall = spy
+    try:
+        generate(model, prompt, cache, max_new_tokens=1, chunk_size=64)
+    finally:
+        BudgetedLayer._recall = original
+    moved = cache.recall_bytes(4096, 1, torch.float32)
+    assert seen["allocated"] - base < cache.settings.arena.nbytes + moved / 2, (seen, base, moved)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from kvscope.cache.store import make_store, wrap_store
+from kvscope.cache.store import layout_of, make_store, wrap_store
 from kvscope.errors import usage
 from kvscope.kvformats import recall_format
 from kvscope.policies.base import Observation, SlotState, select_evictions
@@ -57,16 +57,15 @@ class Tier:
         self.kind = recall_format(layer.settings.kv_dtype or _dense_name(layer.compute_dtype))
         self.dtype = layer.compute_dtype
         self.head_dim = layer.head_dim
-        pin = st.valid.is_cuda
-        self.store = make_store(self.kind, b, h, capacity, self.head_dim, self.dtype, "cpu")
-        if pin:  # pinned host memory: copies to and from it are asynchronous
-            self.store.bind({name: t.pin_memory() for name, t in self.store.tensors().items()})
+        pin = st.valid.is_cuda  # pinned host memory: copies to and from it are asynchronous
+        self.store = _host_store(self.kind, b, h, capacity, self.head_dim, self.dtype, pin)
         self.position = _host((b, h, capacity), torch.long, pin)
         self.score = _host((b, h, capacity), torch.float32, pin)
         self.valid = _host((b, h, capacity), torch.bool, pin)
-        self.used = 0  # slots [0, used) of every row were written (invalid ones pad the rows that evicted fewer)
+        # Invariant: slots [0, used) of every row were written (invalid ones pad the rows that evicted fewer), and
+        # nothing reads past `used`: the buffers are allocated unwritten.
+        self.used = 0
         self.stream = torch.cuda.Stream(device=st.valid.device) if pin else None
-        self.in_flight: list = []  # GPU buffers being copied: kept alive until their copy is done
 
     @property
     def nbytes(self) -> int:
@@ -90,7 +89,8 @@ class Tier:
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream):
                 self._copy(span, parts)
-            self.in_flight.append(parts)
+            for t in parts.values():  # their memory is reused once the copy is done, not when the tier is freed
+                t.record_stream(self.stream)
         else:
             self._copy(span, parts)
         self.used += count
@@ -103,7 +103,6 @@ class Tier:
     def wait(self) -> None:
         if self.stream is not None:
             self.stream.synchronize()
-        self.in_flight.clear()
 
     def keys_values(self, index: torch.Tensor | slice, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the tier slots `index` (a slice, or [B, H, n] per row), dequantized on `device`."""
@@ -124,7 +123,17 @@ def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _host(shape, dtype, pin: bool) -> torch.Tensor:
-    return torch.zeros(shape, dtype=dtype, pin_memory=pin)
+    return torch.empty(shape, dtype=dtype, pin_memory=pin)
+
+
+def _host_store(kind: str, b: int, h: int, capacity: int, head_dim: int, dtype: torch.dtype, pin: bool):
+    """The tier's store on host buffers allocated pinned at once: a pageable buffer pinned afterwards would be
+    allocated, zeroed and copied once more (gigabytes for a long prompt)."""
+    from kvscope.cache.arena import TORCH_TYPES
+
+    tensors = {name: torch.empty(shape, dtype=TORCH_TYPES[k], pin_memory=pin)
+               for name, shape, k in layout_of(kind, b, h, capacity, head_dim, dtype)}
+    return make_store(kind, b, h, capacity, head_dim, dtype, "cpu", tensors)
 
 
 def _dense_name(dtype: torch.dtype) -> str:
