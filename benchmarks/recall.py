@@ -126,6 +126,7 @@ def run(a) -> dict:
     if a.resume and a.out.exists():  # a longer run over a shorter one: its cases are the same token ids
         old = json.loads(a.out.read_text())
         data["passkey"] = old["passkey"]
+        data["perplexity"] = old.get("perplexity", [])  # kept unless this run measures it again
         done = {r["case_id"] for r in old["passkey"]}
         data["meta"]["resumed"] = old["meta"]
         cases = [c for c in cases if c.case_id not in done]
