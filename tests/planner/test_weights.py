@@ -56,7 +56,16 @@ def test_quantized_products_price_their_temporaries():
     assert int4.activation_bytes - dense.activation_bytes == rows * 14336 * 2  # down's input, padded (no-op) copy
 
 
-def test_a_weights_fix_says_it_frees_weight_memory_not_kv():
+@pytest.fixture
+def measured_in(tmp_path, monkeypatch):
+    """Point the measured effects at `tmp_path` (empty: nothing measured) for one test."""
+    monkeypatch.setattr(measured, "DATA", tmp_path)
+    measured._read.cache_clear()
+    yield tmp_path
+    measured._read.cache_clear()
+
+
+def test_a_weights_fix_says_it_frees_weight_memory_not_kv(measured_in):
     w = Workload(batch=1, context=8000, new_tokens=16, runtime="kvscope")
     p = plan(SPEC, w, gpu_memory="16GiB")
     assert not p.fits
@@ -71,6 +80,20 @@ def test_a_weights_fix_says_it_frees_weight_memory_not_kv():
     assert "decode" in fix.tradeoff and "perplexity" in fix.tradeoff
     ranks = [f.option for f in p.advice]
     assert ranks.index("--weights int8") < ranks.index("--weights fp8") < ranks.index("--weights int4")
+
+
+def test_a_format_measured_to_decode_slowly_ranks_after_eviction(measured_in):
+    (measured_in / "weights-cuda.json").write_text(json.dumps(
+        {"decode": {"bf16": {"1": 200.0, "32": 100.0}, "int8": {"1": 40.0, "32": 34.0},
+                    "int4": {"1": 270.0, "32": 45.0}}}))
+    w = Workload(batch=1, context=8000, new_tokens=16, runtime="kvscope")
+    ranks = [f.option for f in plan(SPEC, w, gpu_memory="16GiB").advice]
+    budget = next(r for r in ranks if "--budget" in r)
+    # fp8 unmeasured keeps its place; int8 at 0.2x of dense goes after eviction and after int4 (1.35x)
+    assert ranks.index("--weights fp8") < ranks.index(budget) < ranks.index("--weights int4") < ranks.index(
+        "--weights int8")
+    assert measured.decode_ratio("int4", 30) == 0.45  # the measured batch nearest the workload's
+    assert measured.decode_ratio("fp8", 1) is None
 
 
 def test_no_weights_fix_for_a_model_int4_cannot_group():

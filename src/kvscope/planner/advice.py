@@ -4,6 +4,9 @@ The ranking is by what a fix costs the user, cheapest first: a different runtime
 a smaller batch costs throughput; fp8/int8 KV costs little quality; int8/fp8 weights cost decode speed in torchao's
 weight-only products (the weight is dequantized for each one) and a little quality; eviction costs more; int4 weights
 cost the most quality of the quantizations; a shorter context changes the task; more or larger GPUs cost money.
+Where decode speed was measured (kvscope.planner.measured), a weight format that decodes at less than half the dense
+speed at the workload's batch costs more than eviction: it ranks after eviction and after int4, the slow formats
+fastest first.
 """
 
 from __future__ import annotations
@@ -82,8 +85,10 @@ def advise(spec: ModelSpec, w: Workload, capacity: int) -> list[Fix]:
             add(f"store the KV cache as {kv}", f"--runtime kvscope --kv-dtype {kv}",
                 w.with_(runtime="kvscope", kv_dtype=kv), f"{cost}; KV bytes per token "
                 f"{spec.kv_bytes_per_token(w.kv_dtype, w.tp)} -> {spec.kv_bytes_per_token(kv, w.tp)}")
+    slow = _slow_formats(w.batch)
     for fmt in ("int8", "fp8"):
-        _weights_fix(spec, w, fmt, add)
+        if fmt not in slow:
+            _weights_fix(spec, w, fmt, add)
     from kvscope.policies.registry import preferred_for  # imports torch: only when a budget fix is considered
 
     n = search.max_budget(spec, w, capacity)
@@ -93,7 +98,8 @@ def advise(spec: ModelSpec, w: Workload, capacity: int) -> list[Fix]:
             f"--runtime kvscope --budget {n} --policy {policy}",
             w.with_(runtime="kvscope", budget_tokens=n, policy=policy, knobs=w.knobs if policy == w.policy else {}),
             f"keeps {n / w.kv_tokens:.0%} of the {w.kv_tokens} KV tokens; quality depends on the policy", policy=policy)
-    _weights_fix(spec, w, "int4", add)
+    for fmt in [f for f in ("int4",) if f not in slow] + slow:
+        _weights_fix(spec, w, fmt, add)
     c = search.max_context(spec, w, capacity)
     if 1 <= c < w.context:
         add(f"shorten the prompt to {c} tokens", f"--context {c}", w.with_(context=c),
@@ -114,6 +120,17 @@ def advise(spec: ModelSpec, w: Workload, capacity: int) -> list[Fix]:
             if len(fixes) > before:
                 break
     return fixes
+
+
+SLOW_DECODE = 0.5  # measured decode speed over dense below which a weight format ranks after eviction
+
+
+def _slow_formats(batch: int) -> list[str]:
+    """The weight formats measured to decode at less than SLOW_DECODE of dense at `batch`, fastest first."""
+    from kvscope.planner import measured
+
+    ratios = {f: measured.decode_ratio(f, batch) for f in ("int8", "fp8", "int4")}
+    return sorted((f for f, r in ratios.items() if r is not None and r < SLOW_DECODE), key=lambda f: -ratios[f])
 
 
 def weights_tradeoff(spec: ModelSpec, w: Workload, fmt: str) -> str:

@@ -40,6 +40,17 @@ def decode_change(fmt: str) -> str:
     return f"decode {', '.join(parts)} ({data.get('model', '?')} on {data.get('device', '?')})"
 
 
+def decode_ratio(fmt: str, batch: int) -> float | None:
+    """`fmt`'s measured decode tokens/s over the dense weights' at the measured batch nearest `batch`, or None."""
+    rows = _read("weights-cuda.json").get("decode") or {}
+    base, mine = rows.get("bf16") or {}, rows.get(fmt) or {}
+    both = [b for b in mine if mine[b] and base.get(b)]
+    if not both:
+        return None
+    nearest = min(both, key=lambda b: (abs(int(b) - batch), int(b)))
+    return mine[nearest] / base[nearest]
+
+
 def perplexity_change(fmt: str) -> str:
     """Perplexity of `fmt` against the dense weights on the same text, or "not measured"."""
     data = _read("weights-cpu.json")
