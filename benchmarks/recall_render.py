@@ -75,8 +75,9 @@ def seconds_table(data: dict) -> str:
     for r in data["passkey"]:
         if r["mode"] != "one-chunk":
             by[(r["length"] // 1024 * 1024 or r["length"], r["policy"], r["mode"])].append(r["seconds"])
-    rows = [{"policy": p, "mode": m, "s": f"{sum(v) / len(v):.1f}"} for (_, p, m), v in sorted(by.items())]
-    return table(rows, [("policy", "policy"), ("mode", "mode"), ("s", "seconds per case (prefill + 10 tokens)")])
+    rows = [{"length": n, "policy": p, "mode": m, "s": f"{sum(v) / len(v):.1f}"} for (n, p, m), v in sorted(by.items())]
+    return table(rows, [("length", "prompt"), ("policy", "policy"), ("mode", "mode"),
+                        ("s", "seconds per case (prefill + 10 tokens)")])
 
 
 def ppl_rows(data: dict) -> list[dict]:
@@ -125,11 +126,12 @@ def memory_line(data: dict) -> str:
     per = spec.kv_bytes_per_token("fp32")
     chunk = data["chunk"]
     lines = []
-    for f in (0.125, 0.25):
-        b = round(f * 2048)
-        lines.append(f"at {f:.1%} kvscope holds at most {b} + {chunk} tokens ({(b + chunk) * per / 2**20:.1f} MiB) on "
-                     f"the device where a kvpress press first holds the whole 2048-token prompt "
-                     f"({2048 * per / 2**20:.1f} MiB, {2048 / (b + chunk):.1f}x)")
+    for n in sorted({_target(r["length"]) for r in data["passkey"]}):
+        for f in (0.125, 0.25):
+            b = round(f * n)
+            lines.append(f"{n} tokens at {f:.1%}: kvscope holds at most {b} + {chunk} tokens "
+                         f"({(b + chunk) * per / 2**20:.1f} MiB) on the device where a kvpress press first holds the "
+                         f"whole prompt ({n * per / 2**20:.1f} MiB, {n / (b + chunk):.1f}x)")
     return "; ".join(lines)
 
 
@@ -137,19 +139,30 @@ def verdict(rows: list[dict]) -> str:
     parts = []
     for r in rows:
         within = r["_one"] is not None and r["_recall"] >= r["_one"] - 1
-        above = r["_press"] is not None and r["_recall"] > r["_press"]
+        above = "not run" if r["_press"] is None else "met" if r["_recall"] > r["_press"] else "not met"
         parts.append(f"{r['policy']} {r['length']} at {r['budget']}: recall {r['_recall']}/{r['cases']}, one chunk "
                      f"{r['one_chunk']} (within one case: {'met' if within else 'MISSED'}), best press "
-                     f"{r['press']} (above it: {'met' if above else 'not met'})")
+                     f"{r['press']} (above it: {above})")
     return "; ".join(parts)
+
+
+def _earlier_runs(meta: dict) -> str:
+    """The runs whose rows a `--resume` run kept (their provenance, newest first)."""
+    lines = []
+    while meta.get("resumed"):
+        meta = meta["resumed"]
+        lines.append(f"- kept from an earlier run: commit {meta['commit']}, `{meta['command']}`")
+    return "\n".join(lines) + "\n\n" if lines else ""
 
 
 def render(data: dict, kvpress_path: Path, data_path: str = "docs/data/recall.json") -> str:
     md = section_head(TITLE, data["meta"], data_path, f"python -m benchmarks.recall --render --out {data_path}",
                       "recall")
     text, rows = passkey_table(data, _rows(kvpress_path))
+    md += _earlier_runs(data["meta"])
     md += ("Passkey, question after the text, the embedded SmolLM2-135M on the CPU, fp32. One chunk: the policy sees "
-           "the whole prompt before it evicts (rows from `docs/data/quality-2k-30.kvscope.json`, the same cases). "
+           "the whole prompt before it evicts (at 2k, rows from `docs/data/quality-2k-30.kvscope.json`, the same "
+           "cases; at 4k, this data's own). "
            f"Chunked: kvscope run's default bounded prefill of {data['chunk']} tokens, the device holding budget + one "
            "chunk. Recall: the same, with `recall=\"cpu\"`. kvpress: the best of its presses on the same token ids "
            f"(`{_rel(kvpress_path)}`).\n\n")
