@@ -96,8 +96,12 @@ def ppl_rows(data: dict) -> list[dict]:
     return out
 
 
+def _pct(a: float, b: float) -> str:
+    return f"{100 * (b - a) / a:+.2f}%"
+
+
 def _change(a: float, b: float) -> str:
-    return f"{a:.3f} → {b:.3f} ({100 * (b - a) / a:+.2f}%)"
+    return f"{a:.3f} → {b:.3f} ({_pct(a, b)})"
 
 
 def ppl_table(data: dict) -> str:
@@ -112,7 +116,7 @@ def ppl_table(data: dict) -> str:
 def ppl_verdict(data: dict) -> str:
     parts = []
     for r in ppl_rows(data):
-        worse = ", ".join(f"{t} ({100 * (r['texts'][t][1] / r['texts'][t][0] - 1):+.2f}%)" for t in r["worse"])
+        worse = ", ".join(f"{t} ({_pct(*r['texts'][t])})" for t in r["worse"])
         mean = "no worse: met" if r["mean"][1] <= r["mean"][0] else "worse: MISSED"
         parts.append(f"{r['policy']} at {r['budget']}: mean {mean}; worse with recall on {worse or 'no text'}")
     return "; ".join(parts)

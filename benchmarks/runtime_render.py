@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from benchmarks.common import section_head, table, write_section
@@ -76,8 +77,6 @@ def _cpu(d: dict) -> str:
 
 def _recall(d: dict) -> str:
     """Interleaved rounds with and without the tier; the medians' ratio and peaks against budget + one chunk."""
-    import statistics
-
     by = {m: [r for r in d["rows"] if (r["recall"] or "none") == m] for m in ("none", "cpu")}
     md = (f"A {d['context']:,}-token prompt in {d['chunk']}-token chunks under {d['policy']} at budget {d['budget']}, "
           "with and without `recall=\"cpu\"`, interleaved rounds. Peak: `max_memory_allocated` over the baseline "

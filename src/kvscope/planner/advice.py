@@ -98,7 +98,7 @@ def advise(spec: ModelSpec, w: Workload, capacity: int) -> list[Fix]:
             f"--runtime kvscope --budget {n} --policy {policy}",
             w.with_(runtime="kvscope", budget_tokens=n, policy=policy, knobs=w.knobs if policy == w.policy else {}),
             f"keeps {n / w.kv_tokens:.0%} of the {w.kv_tokens} KV tokens; quality depends on the policy", policy=policy)
-    for fmt in [f for f in ("int4",) if f not in slow] + slow:
+    for fmt in ([] if "int4" in slow else ["int4"]) + slow:
         _weights_fix(spec, w, fmt, add)
     c = search.max_context(spec, w, capacity)
     if 1 <= c < w.context:

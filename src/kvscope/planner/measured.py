@@ -25,11 +25,16 @@ def _read(name: str) -> dict:
         return {}
 
 
+def _decode_rows(fmt: str) -> tuple[dict, dict]:
+    """Measured decode tokens/s per batch ("1", "32", ...) of the dense weights and of `fmt` ({} where none)."""
+    rows = _read("weights-cuda.json").get("decode") or {}
+    return rows.get("bf16") or {}, rows.get(fmt) or {}
+
+
 def decode_change(fmt: str) -> str:
     """Decode tokens/s of `fmt` against the dense weights measured in the same run, per batch, or "not measured"."""
     data = _read("weights-cuda.json")
-    rows = data.get("decode") or {}
-    base, mine = rows.get("bf16") or {}, rows.get(fmt) or {}
+    base, mine = _decode_rows(fmt)
     parts = []
     for batch in sorted(mine, key=int):
         if base.get(batch) and mine[batch]:
@@ -42,8 +47,7 @@ def decode_change(fmt: str) -> str:
 
 def decode_ratio(fmt: str, batch: int) -> float | None:
     """`fmt`'s measured decode tokens/s over the dense weights' at the measured batch nearest `batch`, or None."""
-    rows = _read("weights-cuda.json").get("decode") or {}
-    base, mine = rows.get("bf16") or {}, rows.get(fmt) or {}
+    base, mine = _decode_rows(fmt)
     both = [b for b in mine if mine[b] and base.get(b)]
     if not both:
         return None
