@@ -82,6 +82,8 @@ def _recall(d: dict) -> str:
           "with and without `recall=\"cpu\"`, interleaved rounds. Peak: `max_memory_allocated` over the baseline "
           "(weights in the baseline): the cache's one allocation plus the prefill's temporaries. Budget + one chunk "
           "of bf16 KV is the store's share of that allocation.\n\n")
+    if d.get("note"):
+        md += f"Note: {d['note']}.\n\n"
     rows = [{**r, "recall": r["recall"] or "none", "peak_gib": f"{r['peak_over_base'] / GIB:.3f}",
              "arena_gib": f"{r['arena_bytes'] / GIB:.3f}", "kv_gib": f"{r['kv_store_bytes'] / GIB:.3f}"}
             for r in d["rows"]]

@@ -19,3 +19,9 @@ def test_ratio_of_the_medians_and_the_rows():
 def test_a_run_cut_short_has_no_ratio():
     d = {"context": 32768, "chunk": 512, "policy": "snapkv", "budget": 2048, "rows": [_row(0, None, 2.0)]}
     assert "x** (target" not in _recall(d)
+
+
+def test_a_note_on_how_the_rows_were_kept_is_shown():
+    d = {"context": 32768, "chunk": 512, "policy": "snapkv", "budget": 2048, "rows": [_row(0, None, 2.0)],
+         "note": "rows read back from the log"}
+    assert "Note: rows read back from the log." in _recall(d)
