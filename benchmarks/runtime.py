@@ -103,20 +103,27 @@ def part_decode(model, spec, args) -> dict:
 
 
 def part_policies(model, spec, args) -> dict:
-    """Decode at budget 2048 after a 32k prompt (evict_batch 32) against a full cache holding 2048 tokens."""
-    rows = []
+    """Decode at budget 2048 after a 32k prompt (evict_batch 32) against a full cache holding 2048 tokens:
+    `--rounds` interleaved rounds (the full cache, then each policy), medians; each ratio is of the medians."""
     full_ids = torch.randint(10, spec.vocab_size, (1, 2048 - WARM_STEPS - args.new - 16), device="cuda")
-    ref = kvscope_decode(model, full_ids, args.new)
-    rows.append({"policy": "full (2048-token cache)", "decode_tps": round(ref["decode_tps"], 1), "vs_full": 1.0,
-                 "prefill_s": round(ref["prefill_s"], 2)})
     ids = torch.randint(10, spec.vocab_size, (1, 32768), device="cuda")
-    for policy in args.policies.split(","):
-        r = kvscope_decode(model, ids, args.new, policy=policy, budget=2048, evict_batch=32)
-        rows.append({"policy": policy, "decode_tps": round(r["decode_tps"], 1),
-                     "vs_full": round(r["decode_tps"] / ref["decode_tps"], 3), "prefill_s": round(r["prefill_s"], 2),
-                     "evicted": r["evicted"]})
-        print("policies", rows[-1], flush=True)
-    return {"new": args.new, "rows": rows}
+    names = args.policies.split(",")
+    samples: dict[str, list[dict]] = {name: [] for name in ["full", *names]}
+    for _ in range(args.rounds):
+        samples["full"].append(kvscope_decode(model, full_ids, args.new))
+        for policy in names:
+            samples[policy].append(kvscope_decode(model, ids, args.new, policy=policy, budget=2048, evict_batch=32))
+            print("policies", policy, round(samples[policy][-1]["decode_tps"], 1), flush=True)
+    ref = statistics.median(r["decode_tps"] for r in samples["full"])
+    rows = []
+    for name, runs in samples.items():
+        tps = statistics.median(r["decode_tps"] for r in runs)
+        rows.append({"policy": "full (2048-token cache)" if name == "full" else name, "decode_tps": round(tps, 1),
+                     "vs_full": round(tps / ref, 3),
+                     "prefill_s": round(statistics.median(r["prefill_s"] for r in runs), 2),
+                     "rounds": [round(r["decode_tps"], 1) for r in runs]}
+                    | ({} if name == "full" else {"evicted": runs[-1]["evicted"]}))
+    return {"new": args.new, "rounds": args.rounds, "rows": rows}
 
 
 def _oom_probe(run) -> tuple[bool, int | None, str]:

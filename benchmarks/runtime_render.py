@@ -26,10 +26,13 @@ def _decode(d: dict) -> str:
 
 
 def _policies(d: dict) -> str:
+    rounds = d.get("rounds", 1)
     md = (f"32,768-token prompt, budget 2048 tokens, `evict_batch=32`, {d['new']} decode steps timed after the "
-          "capture, against a `full` cache holding 2048 tokens.\n\n")
-    return md + table(d["rows"], [("policy", "policy"), ("decode_tps", "decode tok/s"), ("vs_full", "vs full 2048"),
-                                  ("prefill_s", "prefill s"), ("evicted", "evicted tokens")])
+          f"capture, against a `full` cache holding 2048 tokens; {rounds} interleaved round(s), medians.\n\n")
+    rows = [{**r, "per_round": ", ".join(map(str, r.get("rounds", [])))} for r in d["rows"]]
+    return md + table(rows, [("policy", "policy"), ("decode_tps", "decode tok/s"), ("vs_full", "vs full 2048"),
+                             ("per_round", "tok/s per round"), ("prefill_s", "prefill s"),
+                             ("evicted", "evicted tokens")])
 
 
 def _capacity(d: dict) -> str:

@@ -106,6 +106,47 @@ def test_recalled_keys_and_values_are_the_ones_stored(tiny):
                 assert torch.allclose(vb[0, h, slot], va[0, h, src], atol=1e-6)
 
 
+def test_a_left_padded_row_recalls_its_own_oldest_tokens(tiny):
+    """The host bounds what a row evicts by the longest row: the shorter, padded row's tier slots past its own
+    evictions are marked not valid, and it gets back its own oldest real tokens."""
+    pad = 8
+    prompt = ids(batch=2)
+    mask = torch.ones_like(prompt)
+    mask[1, :pad] = 0
+    cache = BudgetedCache(tiny, FlipAtEnd(final_from=PROMPT - CHUNK - pad), budget_tokens=BUDGET, chunk_size=CHUNK,
+                          recall="cpu")  # the last chunk of the padded row starts `pad` positions earlier
+    generate(tiny, prompt, cache, attention_mask=mask, max_new_tokens=1, chunk_size=CHUNK)
+    st = cache.layers[0].state
+    for row in (0, 1):  # positions count real tokens: the padded row's first real token is at position 0 too
+        for h in range(st.valid.shape[1]):
+            assert sorted(st.position[row, h][st.valid[row, h]].tolist()) == list(range(BUDGET))
+
+
+def test_a_continued_cache_grows_its_tier(tiny):
+    """A prompt added to a cache that holds tokens evicts more than the new prompt: the tier grows instead of
+    overflowing, and the row keeps its budget."""
+    cache = BudgetedCache(tiny, "snapkv", budget_tokens=SNAP, chunk_size=CHUNK, recall="cpu", evict_batch=4)
+    first = generate(tiny, ids(), cache, max_new_tokens=3, chunk_size=CHUNK)
+    grown = {}
+    from kvscope.cache.recall import Tier
+
+    original = Tier._grow
+
+    def spy(self, need):
+        grown["need"] = need
+        return original(self, need)
+
+    Tier._grow = spy
+    try:
+        generate(tiny, torch.cat([first.sequences[:, -1:], ids(length=2 * CHUNK, seed=1)], 1), cache,
+                 max_new_tokens=2, chunk_size=CHUNK)
+    finally:
+        Tier._grow = original
+    assert grown["need"] > 2 * CHUNK + 1  # the tier was sized for the new prompt, and took more
+    assert cache.held_tokens() <= SNAP
+    assert max(cache.recalled_tokens) > 0
+
+
 def test_gpu_side_stays_within_budget_plus_one_chunk_and_the_tier_is_freed(tiny, monkeypatch):
     sizes = []
     original = BudgetedLayer._chunk
@@ -222,7 +263,7 @@ def test_on_cuda_the_tier_is_pinned_and_recalls_as_on_the_cpu():
         original = BudgetedLayer._recall
 
         def spy(self, *args, seen=seen, original=original):
-            seen["pinned"] = self.tier.position.is_pinned() if self.tier.stream is not None else None
+            seen["pinned"] = self.tier.buffers[("position",)].is_pinned() if self.tier.stream is not None else None
             return original(self, *args)
 
         BudgetedLayer._recall = spy

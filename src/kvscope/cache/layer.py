@@ -279,7 +279,7 @@ class BudgetedLayer(CacheLayerMixin):
             if observe:
                 weights = attention_weights(query, k, mask, scaling)
         if observe:
-            weights = F.pad(weights, (0, self.capacity - weights.shape[-1]))
+            weights = to_width(weights, self.capacity)
             self.settings.policy.observe(self.state, Observation(weights, positions))
         return out
 
@@ -322,7 +322,7 @@ class BudgetedLayer(CacheLayerMixin):
             end = min(start + block, n)
             mask = self._mask(before, slots, real, start, end)
             w = attention_weights(query[:, :, start:end], keys, mask, scaling)
-            w = F.pad(w, (0, self.capacity - w.shape[-1]))
+            w = to_width(w, self.capacity)
             self.settings.policy.observe(self.state, Observation(w, positions[:, start:end], rows=rows,
                                                               first=start == n - rows))
 
@@ -338,7 +338,7 @@ class BudgetedLayer(CacheLayerMixin):
 
             if self.tier is None:
                 self.tier = Tier(self, s.recall_capacity)
-            self.tier.add(self, evict)
+            self.tier.add(self, evict, self.upper - keep)  # `upper` still bounds what a row held
         if s.collector is not None:
             self._emit(evict)
         st.valid &= ~evict
@@ -401,6 +401,12 @@ def grouped_attention(query, keys, values, mask, scaling) -> torch.Tensor:
     out = F.scaled_dot_product_attention(_grouped(query, h), keys, values, attn_mask=_grouped_mask(mask, hq // h),
                                          scale=scaling)
     return out.reshape(b, hq, n, d)
+
+
+def to_width(weights: torch.Tensor, slots: int) -> torch.Tensor:
+    """Attention weights [..., n] padded with zeros to every slot of the row; as they are when n is already that
+    (F.pad copies even when it pads nothing: a launch per layer and decode step)."""
+    return weights if weights.shape[-1] == slots else F.pad(weights, (0, slots - weights.shape[-1]))
 
 
 def attention_weights(query, keys, mask, scaling) -> torch.Tensor:

@@ -1,7 +1,17 @@
-"""One launch for an attention-reading policy's decode-step update (imported only on CUDA with Triton).
+"""Two launches for lru's decode-step update (imported only on CUDA with Triton).
 
-`lru_decode`: a slot is used by the newest query when its weight is above the threshold or among the query's top k
-(at or above the k-th largest weight, which a `topk` gives); a used slot's score becomes the query's position."""
+A slot is used by the newest query when its weight is above the threshold or among the query's top k (at or above
+the k-th largest weight, ties at it counting too); a used slot's score becomes the query's position. The k-th largest
+weight comes from the kernels themselves, not from `torch.topk` (a radix select and a sort, the largest part of the
+update's time at a 2k budget):
+
+1. `_lru_candidates`: grid (B * H, tiles of CANDIDATE_BLOCK slots): each program takes its tile's k largest weights
+   (k passes, each taking the largest and removing one copy of it) into a scratch row.
+2. `_lru_update`: grid (B * H, tiles of UPDATE_BLOCK slots): each program takes the k-th largest of its row's
+   candidates the same way (a row's k largest are among its tiles' k largest), then updates its tile's scores.
+
+Weights past the observed width count as 0 (the width a padded copy would have to the capacity); a removed weight
+becomes -2, below any weight and the -1 of lanes past the row, so it is never taken again."""
 
 from __future__ import annotations
 
@@ -9,14 +19,44 @@ import torch
 import triton
 import triton.language as tl
 
+from kvscope.cache.quant_triton import _jit
+
+CANDIDATE_BLOCK = 256
+UPDATE_BLOCK = 1024
+
 
 @triton.jit
-def _lru_decode(score_ptr, w_ptr, kth_ptr, valid_ptr, pos_ptr, slots, heads, threshold, BLOCK: tl.constexpr):
+def _take_largest(x, lanes, width: tl.constexpr):
+    """(the largest value of `x`, `x` with one copy of it removed)."""
+    top = tl.max(x, 0)
+    first = tl.min(tl.where(x == top, lanes, width), 0)
+    return top, tl.where(lanes == first, -2.0, x)
+
+
+@_jit("width")
+def _lru_candidates(w_ptr, out_ptr, width, K: tl.constexpr, BLOCK: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
+    tile = tl.program_id(1)
+    lanes = tl.arange(0, BLOCK)
+    s = tile * BLOCK + lanes
+    x = tl.load(w_ptr + bh * width + s, mask=s < width, other=-1.0)
+    base = out_ptr + (bh * tl.num_programs(1) + tile) * K
+    for i in tl.static_range(K):
+        top, x = _take_largest(x, lanes, BLOCK)
+        tl.store(base + i, top)
+
+
+@_jit("width", "slots", "tiles", "heads")
+def _lru_update(score_ptr, w_ptr, cand_ptr, valid_ptr, pos_ptr, width, slots, tiles, heads, threshold,
+                K: tl.constexpr, CANDIDATES: tl.constexpr, BLOCK: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, CANDIDATES)
+    x = tl.load(cand_ptr + bh * tiles * K + c, mask=c < tiles * K, other=-1.0)
+    for i in tl.static_range(K):
+        kth, x = _take_largest(x, c, CANDIDATES)
     s = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = s < slots
-    w = tl.load(w_ptr + bh * slots + s, mask=m, other=0.0)
-    kth = tl.load(kth_ptr + bh)
+    w = tl.load(w_ptr + bh * width + s, mask=s < width, other=0.0)
     valid = tl.load(valid_ptr + bh * slots + s, mask=m, other=0).to(tl.int1)
     used = ((w > threshold) | ((w >= kth) & (w > 0.0))) & valid
     when = tl.load(pos_ptr + bh // heads).to(tl.float32)
@@ -24,9 +64,16 @@ def _lru_decode(score_ptr, w_ptr, kth_ptr, valid_ptr, pos_ptr, slots, heads, thr
     tl.store(score_ptr + bh * slots + s, tl.where(used, tl.maximum(old, when), old), mask=m)
 
 
-def lru_decode(score: torch.Tensor, weights: torch.Tensor, kth: torch.Tensor, valid: torch.Tensor,
-               positions: torch.Tensor, threshold: float) -> None:
-    b, h, s = score.shape
-    block = 1024
-    _lru_decode[(b * h, triton.cdiv(s, block))](score, weights, kth.contiguous(), valid.view(torch.uint8), positions,
-                                                s, h, threshold, BLOCK=block, num_warps=4)
+def lru_decode(score: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
+               threshold: float, top_k: int) -> None:
+    """`score` [B, H, S] fp32 updated in place from `weights` [B, H, W] fp32 (W <= S, contiguous rows), `valid`
+    [B, H, S] bool and `positions` [B] (the query's)."""
+    b, h, slots = score.shape
+    width = weights.shape[-1]
+    k = min(top_k, slots)
+    tiles = triton.cdiv(width, CANDIDATE_BLOCK)
+    candidates = torch.empty(b * h, tiles, k, dtype=torch.float32, device=score.device)
+    _lru_candidates[(b * h, tiles)](weights, candidates, width, K=k, BLOCK=CANDIDATE_BLOCK, num_warps=2)
+    _lru_update[(b * h, triton.cdiv(slots, UPDATE_BLOCK))](
+        score, weights, candidates, valid.view(torch.uint8), positions, width, slots, tiles, h, threshold, K=k,
+        CANDIDATES=triton.next_power_of_2(tiles * k), BLOCK=UPDATE_BLOCK, num_warps=4)

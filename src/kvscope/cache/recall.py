@@ -49,41 +49,62 @@ def window(policy) -> int:
 
 
 class Tier:
-    """One layer's waiting tokens: a CPU store of `capacity` slots per row, their positions, scores and validity."""
+    """One layer's waiting tokens: host buffers of `capacity` slots per row, their positions, scores and validity.
+
+    The host buffers are slot-major ([slots, B, H, ...]; the stores' are [B, H, slots, ...]) so that the slots one
+    eviction adds, and the slots a recall streams back, are one contiguous span: a copy between pinned memory and the
+    GPU is then asynchronous. A strided span of pinned memory would be copied through a pageable temporary, which
+    blocks the host until the GPU's queue drains, once per layer and chunk."""
 
     def __init__(self, layer, capacity: int):
         st = layer.state
-        b, h = st.valid.shape[:2]
+        self.rows = tuple(st.valid.shape[:2])
         self.kind = recall_format(layer.settings.kv_dtype or _dense_name(layer.compute_dtype))
         self.dtype = layer.compute_dtype
         self.head_dim = layer.head_dim
-        pin = st.valid.is_cuda  # pinned host memory: copies to and from it are asynchronous
-        self.store = _host_store(self.kind, b, h, capacity, self.head_dim, self.dtype, pin)
-        self.position = _host((b, h, capacity), torch.long, pin)
-        self.score = _host((b, h, capacity), torch.float32, pin)
-        self.valid = _host((b, h, capacity), torch.bool, pin)
+        self.pin = st.valid.is_cuda  # pinned host memory: copies to and from it are asynchronous
+        self.capacity = capacity
+        self.buffers = self._allocate(capacity)
         # Invariant: slots [0, used) of every row were written (invalid ones pad the rows that evicted fewer), and
         # nothing reads past `used`: the buffers are allocated unwritten.
         self.used = 0
-        self.stream = torch.cuda.Stream(device=st.valid.device) if pin else None
+        self.stream = torch.cuda.Stream(device=st.valid.device) if self.pin else None
+
+    def _allocate(self, capacity: int) -> dict[tuple, torch.Tensor]:
+        """Every host buffer, allocated pinned at once: a pageable buffer pinned afterwards would be allocated, zeroed
+        and copied once more (gigabytes for a long prompt)."""
+        from kvscope.cache.arena import TORCH_TYPES
+
+        b, h = self.rows
+        out = {("store", name): _host((capacity, b, h, *shape[3:]), TORCH_TYPES[k], self.pin)
+               for name, shape, k in layout_of(self.kind, b, h, capacity, self.head_dim, self.dtype)}
+        for name, dtype in (("position", torch.long), ("score", torch.float32), ("valid", torch.bool)):
+            out[(name,)] = _host((capacity, b, h), dtype, self.pin)
+        return out
 
     @property
     def nbytes(self) -> int:
-        return self.store.nbytes + self.position.nbytes + self.score.nbytes + self.valid.nbytes
+        return sum(t.nbytes for t in self.buffers.values())
 
-    def add(self, layer, evict: torch.Tensor) -> None:
-        """Move the slots `evict` marks ([B, H, S] bool) here, before the layer invalidates them."""
-        count = int(evict.sum(-1).max())
-        if count == 0:
+    def rows_of(self, name: str, span: slice) -> torch.Tensor:
+        """[B, H, n] of the per-slot buffer `name` (position, score, valid) over `span`, as a host view."""
+        return self.buffers[(name,)][span].movedim(0, 2)
+
+    def add(self, layer, evict: torch.Tensor, count: int) -> None:
+        """Move the slots `evict` marks ([B, H, S] bool) here, before the layer invalidates them. `count` is a bound
+        the host knows on what any row evicts (the layer's held-token bound minus what it keeps), so no device read
+        is needed: rows that evict fewer are padded with slots marked not valid."""
+        count = min(count, layer.capacity)
+        if count <= 0:
             return
+        if self.used + count > self.capacity:  # a bound above the tier's room (a cache continued from earlier turns)
+            self._grow(self.used + count)
         st = layer.state
         slots = torch.argsort((~evict).to(torch.int8), dim=-1, stable=True)[:, :, :count]  # evicted slots first
-        k, v = read_slots(layer, slots)
-        staging = make_store(self.kind, *k.shape[:3], self.head_dim, self.dtype, k.device)  # quantized on the device
-        staging.write_range(0, k, v)
-        parts = {**{("store", n): t for n, t in staging.tensors().items()},
+        parts = {**{("store", n): t for n, t in self._stored(layer, slots).items()},
                  ("position",): st.position.gather(-1, slots), ("score",): st.score.gather(-1, slots),
                  ("valid",): evict.gather(-1, slots)}
+        parts = {key: t.movedim(2, 0).contiguous() for key, t in parts.items()}  # slot-major, as the host buffers
         span = slice(self.used, self.used + count)
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream())
@@ -95,22 +116,42 @@ class Tier:
             self._copy(span, parts)
         self.used += count
 
+    def _stored(self, layer, slots: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tier-format tensors [B, H, n, ...] of a layer's `slots`: the store's own bytes when the tier keeps its
+        format (exact, and no dequantizing of the whole store), else re-quantized on the device (int4 waits as int8)."""
+        if self.kind == (layer.settings.kv_dtype or _dense_name(layer.compute_dtype)):
+            return {n: _gather(t, slots) for n, t in layer.store.tensors().items()}
+        k, v = read_slots(layer, slots)
+        staging = make_store(self.kind, *k.shape[:3], self.head_dim, self.dtype, k.device)
+        staging.write_range(0, k, v)
+        return staging.tensors()
+
     def _copy(self, span: slice, parts: dict) -> None:
         for key, t in parts.items():
-            target = getattr(self.store, key[1]) if key[0] == "store" else getattr(self, key[0])
-            target[:, :, span].copy_(t, non_blocking=True)
+            self.buffers[key][span].copy_(t, non_blocking=True)
+
+    def _grow(self, need: int) -> None:
+        self.wait()
+        old, self.capacity = self.buffers, max(need, 2 * self.capacity)
+        self.buffers = self._allocate(self.capacity)
+        for key, t in old.items():
+            self.buffers[key][:self.used].copy_(t[:self.used])
 
     def wait(self) -> None:
         if self.stream is not None:
             self.stream.synchronize()
 
+    def to_device(self, name: str, span: slice, device) -> torch.Tensor:
+        """[B, H, n] of the per-slot buffer `name` over `span`, on `device`."""
+        return self.buffers[(name,)][span].to(device, non_blocking=True).movedim(0, 2)
+
     def keys_values(self, index: torch.Tensor | slice, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the tier slots `index` (a slice, or [B, H, n] per row), dequantized on `device`."""
-        if isinstance(index, slice):
-            raw = {n: t[:, :, index] for n, t in self.store.tensors().items()}
+        raw = {key[1]: t for key, t in self.buffers.items() if key[0] == "store"}
+        if isinstance(index, slice):  # one contiguous span: an asynchronous copy from pinned memory
+            moved = {n: t[index].to(device, non_blocking=True).movedim(0, 2).contiguous() for n, t in raw.items()}
         else:
-            raw = {n: _gather(t, index) for n, t in self.store.tensors().items()}
-        moved = {n: t.to(device, non_blocking=True) for n, t in raw.items()}
+            moved = {n: _gather(t.movedim(0, 2), index).to(device, non_blocking=True) for n, t in raw.items()}
         n = next(iter(moved.values())).shape[2]
         return wrap_store(self.kind, moved).read(n, self.dtype)
 
@@ -124,16 +165,6 @@ def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def _host(shape, dtype, pin: bool) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, pin_memory=pin)
-
-
-def _host_store(kind: str, b: int, h: int, capacity: int, head_dim: int, dtype: torch.dtype, pin: bool):
-    """The tier's store on host buffers allocated pinned at once: a pageable buffer pinned afterwards would be
-    allocated, zeroed and copied once more (gigabytes for a long prompt)."""
-    from kvscope.cache.arena import TORCH_TYPES
-
-    tensors = {name: torch.empty(shape, dtype=TORCH_TYPES[k], pin_memory=pin)
-               for name, shape, k in layout_of(kind, b, h, capacity, head_dim, dtype)}
-    return make_store(kind, b, h, capacity, head_dim, dtype, "cpu", tensors)
 
 
 def _dense_name(dtype: torch.dtype) -> str:
@@ -164,13 +195,14 @@ def recall(layer, tier: Tier, query: torch.Tensor, positions: torch.Tensor, scal
     for start in range(0, t, step):  # the waiting tokens, one chunk on the GPU at a time
         end = min(t, start + step)
         kb, _ = tier.keys_values(slice(start, end), device)
-        logits.append(_logits(query, kb, tier.valid[:, :, start:end].to(device), scaling))
+        logits.append(_logits(query, kb, tier.to_device("valid", slice(start, end), device), scaling))
     weights = torch.cat(logits, -1).softmax(-1)  # [B, H, g*W, S + T]
     del logits
     weights = weights.reshape(b, h, query.shape[1] // h, query.shape[2], -1).mean(2)  # [B, H, W, S + T]
-    both = SlotState(valid=torch.cat([st.valid, tier.valid[:, :, :t].to(device)], -1),
-                     position=torch.cat([st.position, tier.position[:, :, :t].to(device)], -1),
-                     score=torch.cat([st.score, tier.score[:, :, :t].to(device)], -1), newest=st.newest.clone())
+    held = slice(0, t)
+    both = SlotState(valid=torch.cat([st.valid, tier.to_device("valid", held, device)], -1),
+                     position=torch.cat([st.position, tier.to_device("position", held, device)], -1),
+                     score=torch.cat([st.score, tier.to_device("score", held, device)], -1), newest=st.newest.clone())
     policy = settings.policy
     policy.observe(both, Observation(weights, positions, rows=query.shape[2], first=True))
     del weights

@@ -15,7 +15,6 @@ replayed, so nothing here may depend on a value the host would have to read, and
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from kvscope.cache import fused
 from kvscope.policies.base import Observation, select_evictions
@@ -49,7 +48,7 @@ def insert(layer, key: torch.Tensor, value: torch.Tensor, position: torch.Tensor
 
 def attend(layer, query: torch.Tensor, slot: torch.Tensor, position: torch.Tensor, scaling: float) -> torch.Tensor:
     """Attention [B, Hq, 1, D] of one query per row over every slot; a policy that reads attention observes it."""
-    from kvscope.cache.layer import attention_weights, grouped_attention
+    from kvscope.cache.layer import attention_weights, grouped_attention, to_width
 
     st, policy = layer.state, layer.settings.policy
     observe = policy.query_rows() != 0
@@ -68,7 +67,7 @@ def attend(layer, query: torch.Tensor, slot: torch.Tensor, position: torch.Tenso
         if observe:
             weights = attention_weights(query, k, mask, scaling)
     if observe:
-        policy.observe(st, Observation(F.pad(weights, (0, layer.capacity - weights.shape[-1])), position[:, None]))
+        policy.observe(st, Observation(to_width(weights, layer.capacity), position[:, None]))
     return out
 
 

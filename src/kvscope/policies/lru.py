@@ -23,6 +23,8 @@ from kvscope.errors import usage
 from kvscope.policies._checks import fraction, non_negative_int, positive_int
 from kvscope.policies.base import Observation, Policy, SlotState, pool_in_position_order
 
+FUSED_TOP_K = 16  # the fused update unrolls one pass per top-k slot: a larger top_k runs as PyTorch ops
+
 
 @dataclass
 class LRU(Policy):
@@ -60,15 +62,17 @@ class LRU(Policy):
 
     def _observe_one(self, state: SlotState, obs: Observation) -> None:
         """A decode step's query: "in the top k" is "at or above the k-th largest weight" (ties at it count too), so
-        the update is one `topk` and one fused launch (kvscope.cache.observe_triton) instead of a dozen ops."""
+        on CUDA the update is two fused launches that find that weight themselves (kvscope.cache.observe_triton)
+        instead of a `topk` and a dozen ops."""
         from kvscope.cache import fused
 
         w = obs.weights[:, :, 0]  # [B, H, S]
-        kth = w.topk(min(self.top_k, w.shape[-1]), dim=-1).values[..., -1]  # [B, H]
         position = obs.query_position[:, 0]  # [B]
-        if fused.run(state.score, "observe_triton.lru_decode", state.score, w, kth, state.valid, position,
-                     self.threshold)[0]:
+        if self.top_k <= FUSED_TOP_K and w.is_contiguous() and fused.run(
+                state.score, "observe_triton.lru_decode", state.score, w, state.valid, position, self.threshold,
+                self.top_k)[0]:
             return
+        kth = w.topk(min(self.top_k, w.shape[-1]), dim=-1).values[..., -1]  # [B, H]
         used = ((w > self.threshold) | ((w >= kth[..., None]) & (w > 0))) & state.valid
         when = position.to(torch.float32)[:, None, None]
         torch.maximum(state.score, torch.where(used, when, -1.0), out=state.score)
