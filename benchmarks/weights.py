@@ -120,7 +120,9 @@ def part_gpu(args) -> dict:
         predicted = search.max_batch(spec, w, total)
         row["capacity"] = {"predicted": predicted}
         left = args.deadline - (time.monotonic() - start)
-        if left < args.capacity_seconds:
+        if fmt not in args.capacity_formats.split(","):
+            row["capacity"]["skipped"] = "not in --capacity-formats"
+        elif left < args.capacity_seconds:
             row["capacity"]["skipped"] = f"{left:.0f} s left of --deadline {args.deadline}"
         else:
             row["capacity"].update(_capacity_run(model, spec, predicted))
@@ -259,6 +261,8 @@ def main(argv=None) -> int:
     p.add_argument("--formats", default="int4,int8,fp8", help="formats of the gpu part, after bf16")
     p.add_argument("--new", type=int, default=64, help="decode steps timed per run of the gpu part")
     p.add_argument("--deadline", type=float, default=220, help="seconds the gpu part may take (default 220)")
+    p.add_argument("--capacity-formats", default="bf16,int4,int8,fp8",
+                   help="formats whose capacity run is measured (int4 prefills slowly at a large batch: minutes)")
     p.add_argument("--capacity-seconds", type=float, default=40,
                    help="time left that a measured capacity run needs to start (default 40)")
     args = p.parse_args(argv)

@@ -147,6 +147,30 @@ def test_a_continued_cache_grows_its_tier(tiny):
     assert max(cache.recalled_tokens) > 0
 
 
+def test_the_question_weights_are_one_softmax_over_resident_and_waiting_tokens(tiny, monkeypatch):
+    """The two passes over the keys (maximum and denominator, then weights) give the softmax of every logit at once."""
+    from kvscope.cache import recall as module
+
+    checked = []
+    original = module._question_weights
+
+    def spy(layer, tier, query, scaling):
+        got = original(layer, tier, query, scaling)
+        keys = torch.cat([layer.store.read(layer.capacity, query.dtype)[0],
+                          tier.keys_values(slice(0, tier.used), query.device)[0]], 2)
+        valid = torch.cat([layer.state.valid, tier.to_device("valid", slice(0, tier.used), query.device)], -1)
+        b, hq, w, _ = query.shape
+        h = keys.shape[1]
+        want = module._logits(query, keys, valid, scaling).softmax(-1).reshape(b, h, hq // h, w, -1).mean(2)
+        checked.append(torch.allclose(got, want, atol=1e-6))
+        return got
+
+    monkeypatch.setattr(module, "_question_weights", spy)
+    cache = BudgetedCache(tiny, "snapkv", budget_tokens=SNAP, chunk_size=CHUNK, recall="cpu")
+    generate(tiny, ids(batch=2), cache, max_new_tokens=1, chunk_size=CHUNK)
+    assert checked and all(checked)
+
+
 def test_gpu_side_stays_within_budget_plus_one_chunk_and_the_tier_is_freed(tiny, monkeypatch):
     sizes = []
     original = BudgetedLayer._chunk

@@ -52,7 +52,7 @@ def _lru_update(score_ptr, w_ptr, cand_ptr, valid_ptr, pos_ptr, width, slots, ti
     bh = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, CANDIDATES)
     x = tl.load(cand_ptr + bh * tiles * K + c, mask=c < tiles * K, other=-1.0)
-    for i in tl.static_range(K):
+    for _ in tl.static_range(K):
         kth, x = _take_largest(x, c, CANDIDATES)
     s = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = s < slots

@@ -145,6 +145,14 @@ class Tier:
         """[B, H, n] of the per-slot buffer `name` over `span`, on `device`."""
         return self.buffers[(name,)][span].to(device, non_blocking=True).movedim(0, 2)
 
+    def keys(self, span: slice, device) -> torch.Tensor:
+        """Keys of the tier slots `span` on `device`: for a dense tier only the keys cross to the GPU (half the
+        bytes); a quantized one keeps keys and values in one buffer, so both go."""
+        keys = self.buffers.get(("store", "keys"))
+        if keys is None or keys.dtype != self.dtype:
+            return self.keys_values(span, device)[0]
+        return keys[span].to(device, non_blocking=True).movedim(0, 2)
+
     def keys_values(self, index: torch.Tensor | slice, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the tier slots `index` (a slice, or [B, H, n] per row), dequantized on `device`."""
         raw = {key[1]: t for key, t in self.buffers.items() if key[0] == "store"}
@@ -187,18 +195,7 @@ def recall(layer, tier: Tier, query: torch.Tensor, positions: torch.Tensor, scal
     tier.wait()
     st, settings = layer.state, layer.settings
     device, capacity, t = st.valid.device, layer.capacity, tier.used
-    b, h = st.valid.shape[:2]
-    step = max(1, layer.room)
-    k, _ = layer.store.read(capacity, query.dtype)
-    logits = [_logits(query, k, st.valid, scaling)]
-    del k
-    for start in range(0, t, step):  # the waiting tokens, one chunk on the GPU at a time
-        end = min(t, start + step)
-        kb, _ = tier.keys_values(slice(start, end), device)
-        logits.append(_logits(query, kb, tier.to_device("valid", slice(start, end), device), scaling))
-    weights = torch.cat(logits, -1).softmax(-1)  # [B, H, g*W, S + T]
-    del logits
-    weights = weights.reshape(b, h, query.shape[1] // h, query.shape[2], -1).mean(2)  # [B, H, W, S + T]
+    weights = _question_weights(layer, tier, query, scaling)  # [B, H, W, S + T]
     held = slice(0, t)
     both = SlotState(valid=torch.cat([st.valid, tier.to_device("valid", held, device)], -1),
                      position=torch.cat([st.position, tier.to_device("position", held, device)], -1),
@@ -214,6 +211,7 @@ def recall(layer, tier: Tier, query: torch.Tensor, positions: torch.Tensor, scal
     count = int(back.sum(-1).max())
     order = torch.argsort((~back).to(torch.int8), dim=-1, stable=True)[:, :, :count]
     free = torch.argsort(st.valid.to(torch.int8), dim=-1, stable=True)[:, :, :count]
+    step = max(1, layer.room)
     for start in range(0, count, step):
         part, slots = order[:, :, start:start + step], free[:, :, start:start + step]
         kb, vb = tier.keys_values(part.cpu(), device)
@@ -222,6 +220,48 @@ def recall(layer, tier: Tier, query: torch.Tensor, positions: torch.Tensor, scal
         st.score.scatter_(-1, slots, both.score[:, :, capacity:].gather(-1, part))
         st.valid.scatter_(-1, slots, back.gather(-1, part))
     return count
+
+
+def _key_chunks(layer, tier: Tier, dtype: torch.dtype):
+    """(keys [B, H, n, D], valid [B, H, n]) of the resident slots, then of the waiting tokens one chunk at a time."""
+    device, step = layer.state.valid.device, max(1, layer.room)
+    yield layer.store.read(layer.capacity, dtype)[0], layer.state.valid
+    for start in range(0, tier.used, step):
+        span = slice(start, min(tier.used, start + step))
+        yield tier.keys(span, device), tier.to_device("valid", span, device)
+
+
+def _question_weights(layer, tier: Tier, query: torch.Tensor, scaling: float) -> torch.Tensor:
+    """[B, H, W, S + T]: each question query's softmax over the resident then the waiting tokens, averaged over the
+    query heads of each KV head. Two passes over the keys, one chunk on the GPU at a time: the first finds each query
+    head's maximum logit and softmax denominator, the second writes the averaged weights. The fp32 logits of every
+    token at once would take g (query heads per KV head) times the weights' bytes: 4x for Llama 3, more than a chunk
+    of KV at a long prompt."""
+    b, hq, w, _ = query.shape
+    h = layer.state.valid.shape[1]
+    top = sums = None
+    for keys, valid in _key_chunks(layer, tier, query.dtype):
+        logits = _logits(query, keys, valid, scaling)  # [B, H, g*W, n]
+        chunk_top = logits.amax(-1)
+        new_top = chunk_top if top is None else torch.maximum(top, chunk_top)
+        shift = _finite(new_top)
+        part = torch.exp(logits - shift[..., None]).sum(-1)
+        sums = part if sums is None else sums * torch.exp(_finite(top) - shift).masked_fill(top.isneginf(), 0) + part
+        top = new_top
+    shift, sums = _finite(top)[..., None], sums.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    out = torch.empty(b, h, w, layer.capacity + tier.used, dtype=torch.float32, device=query.device)
+    at = 0
+    for keys, valid in _key_chunks(layer, tier, query.dtype):
+        weights = torch.exp(_logits(query, keys, valid, scaling) - shift) / sums
+        n = weights.shape[-1]
+        out[..., at:at + n] = weights.reshape(b, h, hq // h, w, n).mean(2)
+        at += n
+    return out
+
+
+def _finite(x: torch.Tensor) -> torch.Tensor:
+    """`x` with -inf (a query that has seen no valid token yet) as 0, so that subtracting it gives no NaN."""
+    return x.masked_fill(x.isneginf(), 0.0)
 
 
 def _logits(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float) -> torch.Tensor:
