@@ -137,3 +137,50 @@ def test_stacked_projections_on_the_cpu():
             out.append(generate(model, ids, cache, attention_mask=mask, max_new_tokens=10, decode="static")
                        .sequences.tolist())
         assert out[0] == out[1]
+
+
+@pytest.mark.parametrize("policy, evict_batch", [("lru", 1), ("snapkv", 4), ("streaming_llm", 3)])
+def test_a_compacted_cache_decodes_within_budget_plus_one_slots(tiny, policy, evict_batch, monkeypatch):
+    """After a chunked prefill that evicted, tokens sit anywhere in budget + chunk slots; the static decode compacts
+    them and then reads budget + 1 slots a step, and no token of any row ever lies above that (what it reads is
+    everything there is), over enough steps to evict and refill the queue several times."""
+    budget = max(16, policies.get(policy).min_budget() + evict_batch + 1)
+    highest, original = [], DecodeStep.__call__
+
+    def watched(self):
+        out = original(self)
+        for layer in self.layers:
+            held = layer.state.valid.nonzero()
+            highest.append((int(held[:, -1].max()) if held.numel() else -1, layer.decode_width))
+        return out
+
+    monkeypatch.setattr(DecodeStep, "__call__", watched)
+    out = both(tiny, policy, budget=budget, evict_batch=evict_batch, new=40)
+    assert out["static"] == out["forward"]
+    assert highest and all(width == budget + 1 for _, width in highest)
+    assert all(top < width for top, width in highest)
+
+
+def test_compacting_moves_no_token(tiny):
+    """Compaction permutes slots: the same positions, keys, values and scores, now in the lowest slots."""
+    ids, mask = batch(length=40)
+    cache = BudgetedCache(tiny, "random", budget_tokens=16, chunk_size=8)  # survivors anywhere in the 24 slots
+    generate(tiny, ids, cache, attention_mask=mask, max_new_tokens=1, chunk_size=8)
+    layer = cache.layers[1]
+    st = layer.state
+
+    def by_position():
+        k, v = layer.store.read(layer.capacity, torch.float32)
+        return {(r, h, int(st.position[r, h, s])): (k[r, h, s].clone(), v[r, h, s].clone(), float(st.score[r, h, s]))
+                for r, h, s in st.valid.nonzero().tolist()}
+
+    before = by_position()
+    assert int(st.valid.nonzero()[:, -1].max()) >= 16  # the prefill left tokens above the budget's slots
+    with torch.inference_mode():  # the cache's tensors were made under inference mode, as generate() runs
+        layer.compact()
+    after = by_position()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[p][0], after[p][0]) and torch.equal(before[p][1], after[p][1])
+               and before[p][2] == after[p][2] for p in before)
+    held = st.valid.sum(-1)
+    assert all(bool(st.valid[r, h, :held[r, h]].all()) for r in range(2) for h in range(held.shape[1]))

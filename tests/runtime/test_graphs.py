@@ -81,6 +81,14 @@ def test_graphs_are_reused_by_the_next_generation_with_the_same_cache(models):
     assert again == first
 
 
+def _live_blocks():
+    """Allocated block sizes -> count, from the allocator's snapshot."""
+    from collections import Counter
+
+    return Counter(b["size"] for seg in torch.cuda.memory_snapshot() for b in seg["blocks"]
+                   if b["state"] == "active_allocated")
+
+
 def test_deleting_a_cache_frees_its_gpu_memory_at_once(models):
     """Everything a cache allocated goes with it. A first cache of the same shapes runs before the baseline: the
     kernels' small per-process constants (the decode kernel's strides tensor for these shapes, 512 bytes) are made
@@ -89,14 +97,16 @@ def test_deleting_a_cache_frees_its_gpu_memory_at_once(models):
     run(model, "graph", "lru", cache=BudgetedCache(model, "lru", budget_tokens=2048, chunk_size=16), new=8)
     gc.collect()
     torch.cuda.empty_cache()
-    before = torch.cuda.memory_allocated()
+    before, baseline = torch.cuda.memory_allocated(), _live_blocks()
     gc.disable()
     try:
         cache = BudgetedCache(model, "lru", budget_tokens=2048, chunk_size=16)
         run(model, "graph", "lru", cache=cache, new=8)
-        assert torch.cuda.memory_allocated() > before + cache.settings.arena.nbytes // 2
+        arena = cache.settings.arena.nbytes
+        assert torch.cuda.memory_allocated() > before + arena // 2
         del cache
-        assert torch.cuda.memory_allocated() == before
+        left = _live_blocks() - baseline  # what is allocated now and was not before, for the message
+        assert torch.cuda.memory_allocated() == before, (arena, sorted(left.items(), key=lambda kv: -kv[0])[:8])
     finally:
         gc.enable()
 

@@ -10,6 +10,8 @@ update's time at a 2k budget):
 2. `_lru_update`: grid (B * H, tiles of UPDATE_BLOCK slots): each program takes the k-th largest of its row's
    candidates the same way (a row's k largest are among its tiles' k largest), then updates its tile's scores.
 
+One warp per program: the passes are chains of small reductions, which one warp does with shuffles alone (more warps
+add a shared-memory round trip to each; the profile of a 2k-budget decode had the update at 6 us per layer with 4).
 Weights past the observed width count as 0 (the width a padded copy would have to the capacity); a removed weight
 becomes -2, below any weight and the -1 of lanes past the row, so it is never taken again."""
 
@@ -73,7 +75,7 @@ def lru_decode(score: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor, 
     k = min(top_k, slots)
     tiles = triton.cdiv(width, CANDIDATE_BLOCK)
     candidates = torch.empty(b * h, tiles, k, dtype=torch.float32, device=score.device)
-    _lru_candidates[(b * h, tiles)](weights, candidates, width, K=k, BLOCK=CANDIDATE_BLOCK, num_warps=2)
+    _lru_candidates[(b * h, tiles)](weights, candidates, width, K=k, BLOCK=CANDIDATE_BLOCK, num_warps=1)
     _lru_update[(b * h, triton.cdiv(slots, UPDATE_BLOCK))](
         score, weights, candidates, valid.view(torch.uint8), positions, width, slots, tiles, h, threshold, K=k,
-        CANDIDATES=triton.next_power_of_2(tiles * k), BLOCK=UPDATE_BLOCK, num_warps=4)
+        CANDIDATES=triton.next_power_of_2(tiles * k), BLOCK=UPDATE_BLOCK, num_warps=1)

@@ -214,6 +214,8 @@ class Int4Store(_Store):
     and never re-quantized.
     """
 
+    GROUPED = True  # keys quantized per group of slots: slots cannot be moved one by one
+
     TENSORS = ("packed", "key_params", "tail_params", "value_params", "residual")
     KERNEL = 3
     GRAPH_SAFE = False  # the ring position (head, count) and the flush schedule live on the host

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from kvscope.cache.store import layout_of, make_store, wrap_store
+from kvscope.cache.store import gather_slots, layout_of, make_store, wrap_store
 from kvscope.errors import usage
 from kvscope.kvformats import recall_format
 from kvscope.policies.base import Observation, SlotState, select_evictions
@@ -120,7 +120,7 @@ class Tier:
         """The tier-format tensors [B, H, n, ...] of a layer's `slots`: the store's own bytes when the tier keeps its
         format (exact, and no dequantizing of the whole store), else re-quantized on the device (int4 waits as int8)."""
         if self.kind == (layer.settings.kv_dtype or _dense_name(layer.compute_dtype)):
-            return {n: _gather(t, slots) for n, t in layer.store.tensors().items()}
+            return {n: gather_slots(t, slots) for n, t in layer.store.tensors().items()}
         k, v = read_slots(layer, slots)
         staging = make_store(self.kind, *k.shape[:3], self.head_dim, self.dtype, k.device)
         staging.write_range(0, k, v)
@@ -159,16 +159,9 @@ class Tier:
         if isinstance(index, slice):  # one contiguous span: an asynchronous copy from pinned memory
             moved = {n: t[index].to(device, non_blocking=True).movedim(0, 2).contiguous() for n, t in raw.items()}
         else:
-            moved = {n: _gather(t.movedim(0, 2), index).to(device, non_blocking=True) for n, t in raw.items()}
+            moved = {n: gather_slots(t.movedim(0, 2), index).to(device, non_blocking=True) for n, t in raw.items()}
         n = next(iter(moved.values())).shape[2]
         return wrap_store(self.kind, moved).read(n, self.dtype)
-
-
-def _gather(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`t`'s slots `index` [B, H, n] along dim 2. One-byte float types are gathered as bytes: CPU gather has no fp8."""
-    raw = t.view(torch.uint8) if t.element_size() == 1 and t.is_floating_point() else t
-    out = raw.gather(2, index.reshape(*index.shape, *[1] * (t.dim() - 3)).expand(*index.shape, *t.shape[3:]))
-    return out.view(t.dtype)
 
 
 def _host(shape, dtype, pin: bool) -> torch.Tensor:
@@ -234,34 +227,28 @@ def _key_chunks(layer, tier: Tier, dtype: torch.dtype):
 def _question_weights(layer, tier: Tier, query: torch.Tensor, scaling: float) -> torch.Tensor:
     """[B, H, W, S + T]: each question query's softmax over the resident then the waiting tokens, averaged over the
     query heads of each KV head. Two passes over the keys, one chunk on the GPU at a time: the first finds each query
-    head's maximum logit and softmax denominator, the second writes the averaged weights. The fp32 logits of every
-    token at once would take g (query heads per KV head) times the weights' bytes: 4x for Llama 3, more than a chunk
-    of KV at a long prompt."""
-    b, hq, w, _ = query.shape
+    head's log-sum-exp, the second writes the averaged weights. The fp32 logits of every token at once would take g
+    (query heads per KV head) times the weights' bytes: 4x for Llama 3, more than a chunk of KV at a long prompt."""
+    b, hq, w, d = query.shape
     h = layer.state.valid.shape[1]
-    top = sums = None
+    grouped = query.reshape(b, h, (hq // h) * w, d).float() * scaling  # once, not per chunk
+
+    def logits(keys, valid):
+        return (grouped @ keys.float().transpose(-1, -2)).masked_fill_(~valid[:, :, None, :], float("-inf"))
+
+    lse = None
     for keys, valid in _key_chunks(layer, tier, query.dtype):
-        logits = _logits(query, keys, valid, scaling)  # [B, H, g*W, n]
-        chunk_top = logits.amax(-1)
-        new_top = chunk_top if top is None else torch.maximum(top, chunk_top)
-        shift = _finite(new_top)
-        part = torch.exp(logits - shift[..., None]).sum(-1)
-        sums = part if sums is None else sums * torch.exp(_finite(top) - shift).masked_fill(top.isneginf(), 0) + part
-        top = new_top
-    shift, sums = _finite(top)[..., None], sums.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+        part = torch.logsumexp(logits(keys, valid), -1)  # [B, H, g*W]
+        lse = part if lse is None else torch.logaddexp(lse, part)
+    lse = lse.clamp_min(-1e30)[..., None]  # a query with no valid token: weights 0, not NaN
     out = torch.empty(b, h, w, layer.capacity + tier.used, dtype=torch.float32, device=query.device)
     at = 0
     for keys, valid in _key_chunks(layer, tier, query.dtype):
-        weights = torch.exp(_logits(query, keys, valid, scaling) - shift) / sums
+        weights = logits(keys, valid).sub_(lse).exp_()
         n = weights.shape[-1]
-        out[..., at:at + n] = weights.reshape(b, h, hq // h, w, n).mean(2)
+        out[..., at:at + n] = weights.view(b, h, hq // h, w, n).mean(2)
         at += n
     return out
-
-
-def _finite(x: torch.Tensor) -> torch.Tensor:
-    """`x` with -inf (a query that has seen no valid token yet) as 0, so that subtracting it gives no NaN."""
-    return x.masked_fill(x.isneginf(), 0.0)
 
 
 def _logits(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float) -> torch.Tensor:

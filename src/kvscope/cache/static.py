@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from kvscope.cache import fused
-from kvscope.policies.base import Observation, select_evictions
+from kvscope.policies.base import Observation, select_evictions, widen
 
 
 def insert(layer, key: torch.Tensor, value: torch.Tensor, position: torch.Tensor, ptr: torch.Tensor,
@@ -48,26 +48,28 @@ def insert(layer, key: torch.Tensor, value: torch.Tensor, position: torch.Tensor
 
 def attend(layer, query: torch.Tensor, slot: torch.Tensor, position: torch.Tensor, scaling: float) -> torch.Tensor:
     """Attention [B, Hq, 1, D] of one query per row over every slot; a policy that reads attention observes it."""
-    from kvscope.cache.layer import attention_weights, grouped_attention, to_width
+    from kvscope.cache.layer import attention_weights, grouped_attention
 
     st, policy = layer.state, layer.settings.policy
     observe = policy.query_rows() != 0
     own = slot[:, :, 0]
+    width = layer.decode_width  # the slots a decode step can find a token in (see BudgetedLayer.compact)
     ran, out = (False, None)
     if layer.fusable:
         ran, out = fused.run(st.valid, "attention_triton.decode_attention", layer.store, query, st.valid, own,
-                             layer.capacity, scaling, observe)
+                             width, scaling, observe)
     weights = None
     if ran and observe:
         out, weights = out
     elif not ran:
-        k, v = layer.store.read(layer.capacity, query.dtype)
-        mask = st.valid[:, :, None, :]  # the token's own slot is valid already
+        k, v = layer.store.read(width, query.dtype)
+        mask = st.valid[:, :, None, :width]  # the token's own slot is valid already
         out = grouped_attention(query, k, v, mask, scaling)
         if observe:
             weights = attention_weights(query, k, mask, scaling)
     if observe:
-        policy.observe(st, Observation(to_width(weights, layer.capacity), position[:, None]))
+        wide = weights if policy.narrow_decode_weights else widen(weights, layer.capacity)
+        policy.observe(st, Observation(wide, position[:, None]))
     return out
 
 

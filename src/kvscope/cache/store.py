@@ -26,6 +26,14 @@ def layout_of(kv: str, batch: int, heads: int, slots: int, head_dim: int, dtype:
     return formats_layout(kv, batch, heads, slots, head_dim, TYPE_NAMES[dtype])
 
 
+def gather_slots(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`t` [B, H, S, ...]'s slots `index` [B, H, n] along dim 2. One-byte float types are gathered as bytes (no fp8
+    gather on the CPU)."""
+    raw = t.view(torch.uint8) if t.element_size() == 1 and t.is_floating_point() else t
+    out = raw.gather(2, index.reshape(*index.shape, *[1] * (t.dim() - 3)).expand(*index.shape, *t.shape[3:]))
+    return out.view(t.dtype)
+
+
 class DenseStore:
     """Keys and values at full precision in [batch, kv_heads, slots, head_dim] buffers."""
 

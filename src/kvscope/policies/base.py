@@ -69,6 +69,9 @@ class Policy:
     paper: ClassVar[str] = ""
     attention: ClassVar[str] = "none"
     evicts: ClassVar[bool] = True
+    # a decode step's weights may be narrower than the slot state (the slots a compacted cache reads: the rest hold
+    # no token); a policy that cannot take that gets them padded with zeros to every slot
+    narrow_decode_weights: ClassVar[bool] = False
     seed: int = field(default=0, repr=False)
 
     def __init_subclass__(cls, **kwargs) -> None:
@@ -184,3 +187,9 @@ def pool_in_position_order(scores: torch.Tensor, state: SlotState, kernel: int, 
         pooled = F.avg_pool1d(flat, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
     pooled = torch.empty_like(scores).scatter(-1, order, pooled.reshape(b, h, s))
     return pooled.masked_fill(~state.valid, float("-inf")) if mode == "max" else pooled
+
+
+def widen(weights: torch.Tensor, slots: int) -> torch.Tensor:
+    """Attention weights [..., n] padded with zeros to every slot of the row; as they are when n is that already
+    (F.pad copies even when it pads nothing: a launch per layer and decode step)."""
+    return weights if weights.shape[-1] == slots else F.pad(weights, (0, slots - weights.shape[-1]))

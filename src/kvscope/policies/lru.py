@@ -21,7 +21,7 @@ import torch
 
 from kvscope.errors import usage
 from kvscope.policies._checks import fraction, non_negative_int, positive_int
-from kvscope.policies.base import Observation, Policy, SlotState, pool_in_position_order
+from kvscope.policies.base import Observation, Policy, SlotState, pool_in_position_order, widen
 
 FUSED_TOP_K = 16  # the fused update unrolls one pass per top-k slot: a larger top_k runs as PyTorch ops
 
@@ -32,6 +32,7 @@ class LRU(Policy):
     paper = ("least-recently-used caching; 'use' = attention above a threshold or in the top-k of a step; "
              "neighbour pooling from Li et al. 2024, SnapKV, arXiv:2404.14469")
     attention = "all"
+    narrow_decode_weights = True  # the fused update reads past the weights' width as 0; the PyTorch one pads
     threshold: float = 0.01
     top_k: int = 8
     spread: int = 7
@@ -49,7 +50,7 @@ class LRU(Policy):
     def observe(self, state: SlotState, obs: Observation) -> None:
         if obs.weights.shape[2] == 1 and self.top_k:
             return self._observe_one(state, obs)
-        w = obs.weights  # [B, H, Q, S]
+        w = widen(obs.weights, state.score.shape[-1])  # [B, H, Q, S]
         used = w > self.threshold
         k = min(self.top_k, w.shape[-1])
         if k:
@@ -72,6 +73,7 @@ class LRU(Policy):
                 state.score, "observe_triton.lru_decode", state.score, w, state.valid, position, self.threshold,
                 self.top_k)[0]:
             return
+        w = widen(w, state.score.shape[-1])
         kth = w.topk(min(self.top_k, w.shape[-1]), dim=-1).values[..., -1]  # [B, H]
         used = ((w > self.threshold) | ((w >= kth[..., None]) & (w > 0))) & state.valid
         when = position.to(torch.float32)[:, None, None]
@@ -81,3 +83,4 @@ class LRU(Policy):
         if self.spread == 1:
             return state.score
         return pool_in_position_order(state.score, state, self.spread, mode="max")
+
