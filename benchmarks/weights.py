@@ -202,7 +202,8 @@ def render(directory: Path = DATA) -> list[str]:
         _write_section("weights-cpu", md)
         written.append("weights-cpu")
     if (directory / CUDA_FILE).exists():
-        _write_section("weights-cuda", _render_cuda(json.loads((directory / CUDA_FILE).read_text())))
+        more = {f.name: json.loads(f.read_text()) for f in sorted(directory.glob("weights-cuda.*.json"))}
+        _write_section("weights-cuda", _render_cuda(json.loads((directory / CUDA_FILE).read_text()), more))
         written.append("weights-cuda")
     return written
 
@@ -221,7 +222,19 @@ def _capacity_cell(cap: dict) -> str:
     return "not measured"
 
 
-def _render_cuda(d: dict) -> str:
+def _render_cuda(d: dict, more: dict[str, dict] | None = None) -> str:
+    """The section: the main run's table, then each further run (`weights-cuda.<name>.json`, with its own bf16 row:
+    ratios are within one run)."""
+    md = _cuda_head(d) + _cuda_table(d)
+    for name, extra in (more or {}).items():
+        m = extra["meta"]
+        md += (f"\n\nA further run (`docs/data/{name}`), ratios against its own bf16 row: commit {m['commit']}, "
+               f"{m['date']}, `{m['command']}`{' (' + extra['note'] + ')' if extra.get('note') else ''}.\n\n"
+               + _cuda_table(extra))
+    return md
+
+
+def _cuda_head(d: dict) -> str:
     md = section_head(f"Weight formats on the GPU: bytes, decode speed, capacity ({d['model']}, random bf16 weights)",
                       d["meta"], f"docs/data/{CUDA_FILE}", "python -m benchmarks.weights --render", "weights-cuda")
     md += ("One process, dense bf16 first. Bytes: `torch.cuda.memory_allocated()` after the load from a clean "
@@ -229,6 +242,10 @@ def _render_cuda(d: dict) -> str:
            f"{d['decode_context']}-token prompts, {d['decode_new']} steps timed after the CUDA graphs are captured, "
            f"tokens/s per sequence. Capacity: the planner's largest batch of {d['capacity_context']}-token prompts + "
            f"{d['capacity_new']} new tokens (kvscope runtime, bf16 KV, full cache), and one measured run at it.\n\n")
+    return md
+
+
+def _cuda_table(d: dict) -> str:
     base = d["formats"].get("bf16", {}).get("decode", {})
     rows = []
     for fmt, r in d["formats"].items():
@@ -246,7 +263,7 @@ def _render_cuda(d: dict) -> str:
                      "planned": f"{r.get('planned_bytes', 0):,}",
                      "err": f"{r['error_pct']:+.3f}%" if "error_pct" in r else r.get("error", ""),
                      "b1": speed("1"), "b32": speed("32"), "batch": cap.get("predicted", "not measured"), "ran": ran})
-    return md + table(rows, [("fmt", "weights"), ("alloc", "allocated bytes"), ("planned", "planned bytes"),
+    return table(rows, [("fmt", "weights"), ("alloc", "allocated bytes"), ("planned", "planned bytes"),
                              ("err", "error"), ("b1", "decode tok/s, batch 1"), ("b32", "batch 32"),
                              ("batch", "largest batch at 4k (planner)"), ("ran", "measured at it")])
 
