@@ -96,6 +96,17 @@ def test_a_format_measured_to_decode_slowly_ranks_after_eviction(measured_in):
     assert measured.decode_ratio("fp8", 1) is None
 
 
+def test_a_format_measured_in_a_further_run_is_compared_with_that_runs_dense_row(measured_in):
+    (measured_in / "weights-cuda.json").write_text(json.dumps(
+        {"decode": {"bf16": {"1": 200.0}, "int8": {"1": 40.0}}}))
+    (measured_in / "weights-cuda.int4.json").write_text(json.dumps(
+        {"model": "llama-3.1-8b", "device": "H200", "decode": {"bf16": {"1": 212.0}, "int4": {"1": 271.4}}}))
+    assert measured.decode_ratio("int4", 1) == 271.4 / 212.0  # not against the other run's 200
+    assert measured.decode_ratio("int8", 1) == 0.2
+    assert measured.decode_change("int4") == "decode 212 -> 271 tok/s at batch 1 (+28%) (llama-3.1-8b on H200)"
+    assert measured.decode_ratio("fp8", 1) is None
+
+
 def test_no_weights_fix_for_a_model_int4_cannot_group():
     spec = ModelSpec.from_catalogue("smollm2-135m")  # hidden 576: not a multiple of 128
     w = Workload(batch=4, context=2000, new_tokens=16, runtime="kvscope")

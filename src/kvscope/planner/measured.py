@@ -1,6 +1,6 @@
 """What a weight format was measured to cost, read from the data files `python -m benchmarks.weights` writes
-(docs/data/weights-cpu.json: perplexity on the embedded model; docs/data/weights-cuda.json: decode speed on the
-H200). Nothing here is a number of its own: a format without a measurement says "not measured".
+(docs/data/weights-cpu.json: perplexity on the embedded model; docs/data/weights-cuda.json and the further runs
+weights-cuda.<name>.json: decode speed on the H200). Nothing here is a number of its own: a format without a measurement says "not measured".
 
 The files are found in the source checkout kvscope runs from (an editable install); an installed wheel has none, and
 says "not measured" too.
@@ -25,15 +25,27 @@ def _read(name: str) -> dict:
         return {}
 
 
+def _cuda_run(fmt: str) -> dict:
+    """The GPU run that measured `fmt`'s decode: weights-cuda.json, else a further run (weights-cuda.<name>.json,
+    each with its own dense row); {} where none did."""
+    names = ["weights-cuda.json"] + sorted(p.name for p in DATA.glob("weights-cuda.*.json"))
+    for name in names:
+        data = _read(name)
+        if (data.get("decode") or {}).get(fmt):
+            return data
+    return {}
+
+
 def _decode_rows(fmt: str) -> tuple[dict, dict]:
-    """Measured decode tokens/s per batch ("1", "32", ...) of the dense weights and of `fmt` ({} where none)."""
-    rows = _read("weights-cuda.json").get("decode") or {}
+    """Measured decode tokens/s per batch ("1", "32", ...) of the dense weights and of `fmt` in one run ({} where
+    none)."""
+    rows = _cuda_run(fmt).get("decode") or {}
     return rows.get("bf16") or {}, rows.get(fmt) or {}
 
 
 def decode_change(fmt: str) -> str:
     """Decode tokens/s of `fmt` against the dense weights measured in the same run, per batch, or "not measured"."""
-    data = _read("weights-cuda.json")
+    data = _cuda_run(fmt)
     base, mine = _decode_rows(fmt)
     parts = []
     for batch in sorted(mine, key=int):
