@@ -1,6 +1,7 @@
 """What a weight format was measured to cost, read from the data files `python -m benchmarks.weights` writes
 (docs/data/weights-cpu.json: perplexity on the embedded model; docs/data/weights-cuda.json and the further runs
-weights-cuda.<name>.json: decode speed on the H200). Nothing here is a number of its own: a format without a measurement says "not measured".
+weights-cuda.<name>.json: decode speed on the H200). Nothing here is a number of its own: a format without a
+measurement says "not measured".
 
 The files are found in the source checkout kvscope runs from (an editable install); an installed wheel has none, and
 says "not measured" too.
