@@ -75,3 +75,25 @@ def test_lru_observes_through_the_fused_update(device, monkeypatch):
         states.append(st.score.cpu())
     assert fused.ran("observe_triton.lru_decode")
     assert torch.equal(states[0], states[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("layout", ["column", "expanded"])
+def test_positions_need_not_be_contiguous(device, layout):
+    """The query positions come as a column of [B, n] positions (a prefill ending in a one-token piece) or as one
+    position expanded over the batch (a forward without position_ids): each row still gets its own."""
+    from kvscope.cache.observe_triton import lru_decode
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA")
+    g = torch.Generator().manual_seed(5)
+    w = torch.softmax(torch.randn(3, 2, 40, generator=g), -1)
+    valid = torch.ones(3, 2, 40, dtype=torch.bool)
+    score = torch.zeros(3, 2, 40)
+    columns = torch.tensor([[1, 30], [2, 31], [3, 32]])
+    position = columns[:, 1] if layout == "column" else torch.tensor(33).expand(3)  # stride 2, or 0
+    assert not position.is_contiguous()
+    want = reference(score, w, valid, position, 0.01, 8)
+    got = score.to(device)
+    lru_decode(got, w.to(device), valid.to(device), position.to(device), 0.01, 8)
+    assert torch.equal(got.cpu(), want)

@@ -122,18 +122,17 @@ def test_a_left_padded_row_recalls_its_own_oldest_tokens(tiny):
             assert sorted(st.position[row, h][st.valid[row, h]].tolist()) == list(range(BUDGET))
 
 
-def test_a_continued_cache_grows_its_tier(tiny):
-    """A prompt added to a cache that holds tokens evicts more than the new prompt: the tier grows instead of
-    overflowing, and the row keeps its budget."""
-    cache = BudgetedCache(tiny, "snapkv", budget_tokens=SNAP, chunk_size=CHUNK, recall="cpu", evict_batch=4)
-    first = generate(tiny, ids(), cache, max_new_tokens=3, chunk_size=CHUNK)
-    grown = {}
+def test_a_continued_cache_fits_its_tier(tiny):
+    """A prompt added to a cache that holds tokens evicts what was held too: the tier is sized for the prompt plus
+    evict_batch - 1 (the most a row can evict beyond the prompt), and the row keeps its budget."""
     from kvscope.cache.recall import Tier
 
-    original = Tier._grow
+    cache = BudgetedCache(tiny, "snapkv", budget_tokens=SNAP, chunk_size=CHUNK, recall="cpu", evict_batch=4)
+    first = generate(tiny, ids(), cache, max_new_tokens=3, chunk_size=CHUNK)
+    grown, original = [], Tier._grow
 
     def spy(self, need):
-        grown["need"] = need
+        grown.append(need)
         return original(self, need)
 
     Tier._grow = spy
@@ -142,13 +141,37 @@ def test_a_continued_cache_grows_its_tier(tiny):
                  max_new_tokens=2, chunk_size=CHUNK)
     finally:
         Tier._grow = original
-    assert grown["need"] > 2 * CHUNK + 1  # the tier was sized for the new prompt, and took more
+    assert grown == []
+    assert cache.recall_bytes(2 * CHUNK + 1, 1, torch.float32) == \
+        Tier(cache.layers[0], 2 * CHUNK + 1 + 3).nbytes * len(cache.layers)
     assert cache.held_tokens() <= SNAP
     assert max(cache.recalled_tokens) > 0
 
 
+def test_a_tier_grows_keeping_what_it_holds(tiny):
+    """The tier's safety net: more evictions than its size make it grow, and what it held is still there."""
+    from kvscope.cache.recall import Tier
+
+    cache = BudgetedCache(tiny, "snapkv", budget_tokens=SNAP, chunk_size=CHUNK)
+    prefill(tiny, cache, ids())
+    layer = cache.layers[0]
+    st = layer.state
+    tier = Tier(layer, 4)
+    with torch.inference_mode():
+        first = torch.zeros_like(st.valid)
+        first[..., :3] = True
+        tier.add(layer, first & st.valid, 3)
+        rest = st.valid & ~first
+        tier.add(layer, rest, int(rest.sum(-1).max()))
+    assert tier.capacity > 4 and tier.used == 3 + int(rest.sum(-1).max())
+    k, _ = tier.keys_values(slice(0, 3), "cpu")
+    stored, _ = layer.store.read(layer.capacity, torch.float32)
+    assert torch.equal(k, stored[:, :, :3])
+    assert torch.equal(tier.to_device("position", slice(0, 3), "cpu"), st.position[:, :, :3])
+
+
 def test_the_question_weights_are_one_softmax_over_resident_and_waiting_tokens(tiny, monkeypatch):
-    """The two passes over the keys (maximum and denominator, then weights) give the softmax of every logit at once."""
+    """The two passes over the keys (log-sum-exp, then weights) give the softmax of every logit at once."""
     from kvscope.cache import recall as module
 
     checked = []
@@ -161,7 +184,10 @@ def test_the_question_weights_are_one_softmax_over_resident_and_waiting_tokens(t
         valid = torch.cat([layer.state.valid, tier.to_device("valid", slice(0, tier.used), query.device)], -1)
         b, hq, w, _ = query.shape
         h = keys.shape[1]
-        want = module._logits(query, keys, valid, scaling).softmax(-1).reshape(b, h, hq // h, w, -1).mean(2)
+        grouped = query.reshape(b, h, (hq // h) * w, query.shape[-1]).float()
+        logits = (grouped @ keys.float().transpose(-1, -2)) * scaling
+        logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
+        want = logits.softmax(-1).reshape(b, h, hq // h, w, -1).mean(2)
         checked.append(torch.allclose(got, want, atol=1e-6))
         return got
 

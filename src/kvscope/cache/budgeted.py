@@ -228,8 +228,13 @@ class BudgetedCache(Cache):
         from kvscope.kvformats import recall_tier_bytes
 
         dense = TYPE_NAMES[dtype]
-        return recall_tier_bytes(self.num_layers, batch, self.kv_heads, prompt_tokens, self.head_dim,
-                                 self.kv_dtype or dense, dense)
+        return recall_tier_bytes(self.num_layers, batch, self.kv_heads, self._tier_tokens(prompt_tokens),
+                                 self.head_dim, self.kv_dtype or dense, dense)
+
+    def _tier_tokens(self, prompt_tokens: int) -> int:
+        """Tier slots per row for a prompt: what it can evict. A row evicts what it held before (at most the budget),
+        plus the prompt, less what it keeps (at least budget - evict_batch + 1): prompt + evict_batch - 1 at most."""
+        return prompt_tokens + self.evict_batch - 1
 
     def begin_prefill(self, prompt_tokens: int, batch: int, dtype: torch.dtype) -> None:
         """kvscope's runtime starts a prompt: with recall, its evictions wait in CPU memory (after checking there is
@@ -244,7 +249,7 @@ class BudgetedCache(Cache):
             raise usage(f"the recall tier may need {format_bytes(need)} of host memory for {batch} x {prompt_tokens} "
                         f"prompt tokens, but {format_bytes(free)} is available",
                         expected="a shorter prompt or batch, or no recall", fix="recall (--recall)")
-        self.settings.recall_state, self.settings.recall_capacity = "record", prompt_tokens
+        self.settings.recall_state, self.settings.recall_capacity = "record", self._tier_tokens(prompt_tokens)
 
     def last_prefill_forward(self) -> None:
         if self.settings.recall is not None:

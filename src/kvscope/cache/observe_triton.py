@@ -70,7 +70,9 @@ def _lru_update(score_ptr, w_ptr, cand_ptr, valid_ptr, pos_ptr, width, slots, ti
 def lru_decode(score: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,
                threshold: float, top_k: int) -> None:
     """`score` [B, H, S] fp32 updated in place from `weights` [B, H, W] fp32 (W <= S, contiguous rows), `valid`
-    [B, H, S] bool and `positions` [B] (the query's)."""
+    [B, H, S] bool and `positions` [B] (the query's: often a strided column of [B, n] positions, or an expanded
+    scalar, so made contiguous: the kernel reads them as one row)."""
+    positions = positions.contiguous()
     b, h, slots = score.shape
     width = weights.shape[-1]
     k = min(top_k, slots)

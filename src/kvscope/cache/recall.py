@@ -86,10 +86,6 @@ class Tier:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.buffers.values())
 
-    def rows_of(self, name: str, span: slice) -> torch.Tensor:
-        """[B, H, n] of the per-slot buffer `name` (position, score, valid) over `span`, as a host view."""
-        return self.buffers[(name,)][span].movedim(0, 2)
-
     def add(self, layer, evict: torch.Tensor, count: int) -> None:
         """Move the slots `evict` marks ([B, H, S] bool) here, before the layer invalidates them. `count` is a bound
         the host knows on what any row evicts (the layer's held-token bound minus what it keeps), so no device read
@@ -97,8 +93,8 @@ class Tier:
         count = min(count, layer.capacity)
         if count <= 0:
             return
-        if self.used + count > self.capacity:  # a bound above the tier's room (a cache continued from earlier turns)
-            self._grow(self.used + count)
+        if self.used + count > self.capacity:  # the host's bound, not what rows evict, can pass the tier's size
+            self._grow(self.used + count + layer.room)
         st = layer.state
         slots = torch.argsort((~evict).to(torch.int8), dim=-1, stable=True)[:, :, :count]  # evicted slots first
         parts = {**{("store", n): t for n, t in self._stored(layer, slots).items()},
@@ -132,7 +128,7 @@ class Tier:
 
     def _grow(self, need: int) -> None:
         self.wait()
-        old, self.capacity = self.buffers, max(need, 2 * self.capacity)
+        old, self.capacity = self.buffers, need
         self.buffers = self._allocate(self.capacity)
         for key, t in old.items():
             self.buffers[key][:self.used].copy_(t[:self.used])
@@ -249,12 +245,3 @@ def _question_weights(layer, tier: Tier, query: torch.Tensor, scaling: float) ->
         out[..., at:at + n] = weights.view(b, h, hq // h, w, n).mean(2)
         at += n
     return out
-
-
-def _logits(query: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor, scaling: float) -> torch.Tensor:
-    """[B, H, g*W, n] fp32 logits of the grouped queries against `keys` [B, H, n, D]; -inf where not `valid`."""
-    b, hq, w, d = query.shape
-    h = keys.shape[1]
-    grouped = query.reshape(b, h, (hq // h) * w, d).float()
-    out = (grouped @ keys.float().transpose(-1, -2)) * scaling
-    return out.masked_fill(~valid[:, :, None, :], float("-inf"))
