@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kvscope import policies
-from kvscope.cache import BudgetedCache
+from kvscope.cache import BudgetedCache, static
 from kvscope.runtime import generate
 from kvscope.runtime.step import DecodeStep
 from tests.conftest import TINY, build_tiny
@@ -177,7 +177,7 @@ def test_compacting_moves_no_token(tiny):
     before = by_position()
     assert int(st.valid.nonzero()[:, -1].max()) >= 16  # the prefill left tokens above the budget's slots
     with torch.inference_mode():  # the cache's tensors were made under inference mode, as generate() runs
-        layer.compact()
+        static.compact(layer)
     after = by_position()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[p][0], after[p][0]) and torch.equal(before[p][1], after[p][1])

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from kvscope._compat import cache_base_classes
 from kvscope.cache import fused
 from kvscope.cache.stats import EvictionEvent, LayerCounters, LayerStats
-from kvscope.cache.store import gather_slots, make_store
+from kvscope.cache.store import make_store
 from kvscope.errors import KvscopeError, usage
 from kvscope.kvformats import attention_block_rows
 from kvscope.policies.base import Observation, SlotState, select_evictions, widen
@@ -85,7 +85,7 @@ class BudgetedLayer(CacheLayerMixin):
         # attention over [0, fill) (no mask to build); padding, an eviction or a hole ends it
         self.dense = True
         self.upper = 0  # host-side upper bound on tokens held by any row (no device sync needed to know it)
-        self.decode_width = self.capacity  # slots a decode step reads (narrower once compacted: see `compact`)
+        self.decode_width = self.capacity  # slots a decode step reads (narrower once compacted: static.compact)
         self.free, self.free_next = None, 0  # queue of free slots, rebuilt after each eviction
         # the fused decode attention's tl.dot needs a power-of-two head_dim of at least 16
         self.fusable = (fused.DECODE_ATTENTION and fused.available(key_states) and head_dim >= 16
@@ -144,31 +144,6 @@ class BudgetedLayer(CacheLayerMixin):
             self.upper = min(self.upper, self.fill)
             # still dense when every slot below the new fill holds a token of every row
             self.dense = self.dense and bool(st.valid[:, :, :self.fill].all())
-
-    def compact(self) -> None:
-        """Move every row's tokens to its lowest slots, in slot order (kvscope's static decode calls this before
-        decoding). Why: a chunked prefill leaves tokens anywhere in budget + chunk slots, and a decode step's attention
-        reads every slot it may find a token in. After compacting, a row's tokens sit below the most it holds, and
-        the decode step keeps them there: it fills the lowest free slots first (the queue), so the j-th new token
-        after a refill goes below (tokens held at the refill) + j + 1, what the row holds once it is in; a row holds
-        at most budget + 1 tokens (eviction follows the insert that takes it over). So a decode step reads
-        `decode_width` = budget + 1 slots, not budget + chunk (2049 of 2560 at a 2048 budget and 512-token chunks).
-        A permutation of slots changes no token and no score; int4 keys are quantized per group of 64 slots, so an
-        int4 store, and an offloaded one, keep their slots and are read whole."""
-        if not self.is_initialized or self.settings.offloader is not None or not self.settings.policy.evicts:
-            return
-        if getattr(self.store, "GROUPED", False):
-            return
-        if not self.dense:  # a dense cache holds its tokens in [0, fill) already
-            st = self.state
-            order = torch.argsort((~st.valid).to(torch.int8), dim=-1, stable=True)  # held slots first, in order
-            for t in self.store.tensors().values():
-                t.copy_(gather_slots(t, order))
-            for t in (st.valid, st.position, st.score):
-                t.copy_(t.gather(-1, order))
-            self.contiguous = False
-            self.free = None
-        self.decode_width = min(self.capacity, self.settings.budget_tokens + 1)
 
     def rescore(self) -> None:
         """The policy's scores of every stored token from `on_insert` alone (a copy switched to another policy)."""

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from kvscope.cache import fused
+from kvscope.cache.store import gather_slots
 from kvscope.policies.base import Observation, select_evictions, widen
 
 
@@ -53,7 +54,7 @@ def attend(layer, query: torch.Tensor, slot: torch.Tensor, position: torch.Tenso
     st, policy = layer.state, layer.settings.policy
     observe = policy.query_rows() != 0
     own = slot[:, :, 0]
-    width = layer.decode_width  # the slots a decode step can find a token in (see BudgetedLayer.compact)
+    width = layer.decode_width  # the slots a decode step can find a token in (see compact)
     ran, out = (False, None)
     if layer.fusable:
         ran, out = fused.run(st.valid, "attention_triton.decode_attention", layer.store, query, st.valid, own,
@@ -71,6 +72,34 @@ def attend(layer, query: torch.Tensor, slot: torch.Tensor, position: torch.Tenso
         wide = weights if policy.narrow_decode_weights else widen(weights, layer.capacity)
         policy.observe(st, Observation(wide, position[:, None]))
     return out
+
+
+def compact(layer) -> None:
+    """Move every row's tokens to its lowest slots, in slot order (kvscope's static decode calls this before
+    decoding). Why: a chunked prefill leaves tokens anywhere in budget + chunk slots, and a decode step's attention
+    reads every slot it may find a token in. After compacting, a row's tokens sit below the most it holds, and the
+    decode step keeps them there: it fills the lowest free slots first (the queue), so the j-th new token after a
+    refill goes below (tokens held at the refill) + j + 1, what the row holds once it is in; a row holds at most
+    budget + 1 tokens (eviction follows the insert that takes it over). So a decode step reads `decode_width` =
+    budget + 1 slots, not budget + chunk (2049 of 2560 at a 2048 budget and 512-token chunks). A permutation of slots
+    changes no token and no score; int4 keys are quantized per group of 64 slots, so an int4 store, and an offloaded
+    one, keep their slots and are read whole."""
+    if not layer.is_initialized:
+        return
+    layer.decode_width = layer.capacity  # read whole unless compacted below (a copy may carry a narrower width)
+    s = layer.settings
+    if s.offloader is not None or not s.policy.evicts or getattr(layer.store, "GROUPED", False):
+        return
+    if not layer.dense:  # a dense cache holds its tokens in [0, fill) already
+        st = layer.state
+        order = torch.argsort((~st.valid).to(torch.int8), dim=-1, stable=True)  # held slots first, in order
+        for t in layer.store.tensors().values():
+            t.copy_(gather_slots(t, order))
+        for t in (st.valid, st.position, st.score):
+            t.copy_(t.gather(-1, order))
+        layer.contiguous = False
+        layer.free = None
+    layer.decode_width = min(layer.capacity, s.budget_tokens + 1)
 
 
 def evict(layer) -> None:

@@ -65,8 +65,8 @@ class StaticDecoder:
         self.cache = cache
         self.layers = list(cache.layers)
         self.settings = cache.settings
-        for layer in self.layers:  # each step then reads budget + 1 slots, not budget + chunk (BudgetedLayer.compact)
-            layer.compact()
+        for layer in self.layers:  # each step then reads budget + 1 slots, not budget + chunk (static.compact)
+            static.compact(layer)
         self.run = self._stepper(weights, cache, positions)
         self.run.positions.copy_(positions[:, 0])
         first = self.layers[0]
