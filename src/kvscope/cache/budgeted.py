@@ -223,7 +223,8 @@ class BudgetedCache(Cache):
 
     # --- the recall tier (kvscope.cache.recall) --------------------------------------------------------------------
     def recall_bytes(self, prompt_tokens: int, batch: int, dtype: torch.dtype) -> int:
-        """Host memory the recall tier can take for a prompt of `prompt_tokens` (every token evicted once)."""
+        """Host memory the recall tier can take for a prompt of `prompt_tokens`: every prompt token evicted once, and
+        up to evict_batch - 1 tokens held before it (`_tier_tokens`)."""
         from kvscope.cache.arena import TYPE_NAMES
         from kvscope.kvformats import recall_tier_bytes
 

@@ -59,7 +59,8 @@ class Tier:
     def __init__(self, layer, capacity: int):
         st = layer.state
         self.rows = tuple(st.valid.shape[:2])
-        self.kind = recall_format(layer.settings.kv_dtype or _dense_name(layer.compute_dtype))
+        self.store_kind = layer.settings.kv_dtype or _dense_name(layer.compute_dtype)  # the layer's own format
+        self.kind = recall_format(self.store_kind)  # the tier's
         self.dtype = layer.compute_dtype
         self.head_dim = layer.head_dim
         self.pin = st.valid.is_cuda  # pinned host memory: copies to and from it are asynchronous
@@ -115,7 +116,7 @@ class Tier:
     def _stored(self, layer, slots: torch.Tensor) -> dict[str, torch.Tensor]:
         """The tier-format tensors [B, H, n, ...] of a layer's `slots`: the store's own bytes when the tier keeps its
         format (exact, and no dequantizing of the whole store), else re-quantized on the device (int4 waits as int8)."""
-        if self.kind == (layer.settings.kv_dtype or _dense_name(layer.compute_dtype)):
+        if self.kind == self.store_kind:
             return {n: gather_slots(t, slots) for n, t in layer.store.tensors().items()}
         k, v = read_slots(layer, slots)
         staging = make_store(self.kind, *k.shape[:3], self.head_dim, self.dtype, k.device)

@@ -37,17 +37,17 @@ def _cuda_run(fmt: str) -> dict:
     return {}
 
 
-def _decode_rows(fmt: str) -> tuple[dict, dict]:
-    """Measured decode tokens/s per batch ("1", "32", ...) of the dense weights and of `fmt` in one run ({} where
+def _decode_rows(data: dict, fmt: str) -> tuple[dict, dict]:
+    """Decode tokens/s per batch ("1", "32", ...) of the dense weights and of `fmt` in one run's `data` ({} where
     none)."""
-    rows = _cuda_run(fmt).get("decode") or {}
+    rows = data.get("decode") or {}
     return rows.get("bf16") or {}, rows.get(fmt) or {}
 
 
 def decode_change(fmt: str) -> str:
     """Decode tokens/s of `fmt` against the dense weights measured in the same run, per batch, or "not measured"."""
     data = _cuda_run(fmt)
-    base, mine = _decode_rows(fmt)
+    base, mine = _decode_rows(data, fmt)
     parts = []
     for batch in sorted(mine, key=int):
         if base.get(batch) and mine[batch]:
@@ -60,7 +60,7 @@ def decode_change(fmt: str) -> str:
 
 def decode_ratio(fmt: str, batch: int) -> float | None:
     """`fmt`'s measured decode tokens/s over the dense weights' at the measured batch nearest `batch`, or None."""
-    base, mine = _decode_rows(fmt)
+    base, mine = _decode_rows(_cuda_run(fmt), fmt)
     both = [b for b in mine if mine[b] and base.get(b)]
     if not both:
         return None

@@ -83,4 +83,3 @@ class LRU(Policy):
         if self.spread == 1:
             return state.score
         return pool_in_position_order(state.score, state, self.spread, mode="max")
-
