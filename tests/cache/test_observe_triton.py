@@ -24,11 +24,11 @@ def reference(score, w, valid, position, threshold, k):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("slots", [5, 300, 2560])
+@pytest.mark.parametrize("slots", [5, 300, 2560, 9000])  # 9000: past ROW_MAX, the two-launch path
 @pytest.mark.parametrize("narrower", [0, 1])
 @pytest.mark.parametrize("top_k", [1, 8, 16])
-@pytest.mark.parametrize("ties", [False, True])
-def test_matches_topk(device, slots, narrower, top_k, ties):
+@pytest.mark.parametrize("weights", ["plain", "ties", "peaks"])
+def test_matches_topk(device, slots, narrower, top_k, weights):
     from kvscope.cache.observe_triton import lru_decode
 
     if device == "cuda" and not torch.cuda.is_available():
@@ -36,8 +36,10 @@ def test_matches_topk(device, slots, narrower, top_k, ties):
     g = torch.Generator().manual_seed(slots + top_k)
     width = slots - narrower * (slots // 3)  # weights of the slots written so far: narrower than the row
     w = torch.rand(2, 3, width, generator=g)
-    if ties:  # a handful of distinct values, zeros among them: the k-th largest is tied
+    if weights == "ties":  # a handful of distinct values, zeros among them: the k-th largest is tied
         w = (w * 4).floor()
+    if weights == "peaks":  # a dozen weights above the threshold: at k <= 12 the top k adds nothing to them
+        w[..., ::max(1, width // 12)] += width / 8
     w = w / w.sum(-1, keepdim=True).clamp_min(1e-9)
     valid = torch.rand(2, 3, slots, generator=g) > 0.2
     score = torch.rand(2, 3, slots, generator=g) * 10

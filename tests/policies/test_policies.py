@@ -40,6 +40,19 @@ def test_registry_lists_every_policy():
                                     "streaming_llm", "tova"]
 
 
+@pytest.mark.parametrize("name", policies.available())
+def test_insert_score_says_what_on_insert_writes(name):
+    """A fused insert writes `insert_score` instead of calling `on_insert`: the two must agree."""
+    policy = policies.get(name)
+    s = state_of([9, 4, 7])
+    s.score.fill_(-5.0)
+    insert_all(policy, s, torch.randn(1, 1, 3, 4))
+    expected = {"zero": torch.zeros(3), "position": torch.tensor([9.0, 4.0, 7.0])}
+    if policy.insert_score is not None:
+        assert torch.equal(s.score[0, 0], expected[policy.insert_score])
+    assert policies.get("lru").insert_score == "position" and policies.get("knorm").insert_score is None
+
+
 def test_select_evictions_breaks_ties_by_age_and_skips_invalid():
     s = state_of([5, 1, 3, 0, 4], valid=[True, True, True, False, True])
     ev = select_evictions(torch.zeros(1, 1, 5), s, budget=2)

@@ -97,8 +97,9 @@ def test_silu_mul(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kv_dtype", [None, "int8", "fp8"])
 @pytest.mark.parametrize("with_rope", [False, True])
+@pytest.mark.parametrize("policy", ["lru", "streaming_llm"])  # the two scores the kernel writes: position, zero
 @torch.inference_mode()
-def test_insert_kernel_writes_what_the_torch_path_writes(device, kv_dtype, with_rope):
+def test_insert_kernel_writes_what_the_torch_path_writes(device, kv_dtype, with_rope, policy):
     from kvscope.cache import static_triton
     from kvscope.runtime.kernels import rotate
 
@@ -106,7 +107,7 @@ def test_insert_kernel_writes_what_the_torch_path_writes(device, kv_dtype, with_
     model = build_tiny().to(device, dtype)
     caches = []
     for _ in range(2):
-        cache = BudgetedCache(model, "lru", budget_tokens=12, kv_dtype=kv_dtype, chunk_size=4)
+        cache = BudgetedCache(model, policy, budget_tokens=12, kv_dtype=kv_dtype, chunk_size=4)
         generate(model, torch.randint(3, 256, (2, 20), generator=torch.Generator().manual_seed(0)).to(device), cache,
                  max_new_tokens=1, chunk_size=4, decode="forward")
         static.refill(cache.layers[0])
@@ -130,13 +131,14 @@ def test_insert_kernel_writes_what_the_torch_path_writes(device, kv_dtype, with_
     b.state.position.scatter_(-1, slot_b, position[:, None, None].expand(2, 2, 1))
     b.state.valid.scatter_(-1, slot_b, True)
     torch.maximum(b.state.newest, position[:, None, None].expand(2, 2, 1), out=b.state.newest)
+    b.settings.policy.on_insert(b.state, slot_b, kb)
     assert torch.equal(slot_a, slot_b)
     close = torch.equal if device == "cpu" else lambda x, y: torch.allclose(x.float(), y.float(), atol=1e-2, rtol=1e-2)
     assert close(qa, qb) and close(ka, kb)
     if device == "cpu" or not with_rope:  # bit for bit; with RoPE on the GPU, as close as the rotation above
         for name, t in a.store.tensors().items():
             assert torch.equal(t.view(torch.uint8), b.store.tensors()[name].view(torch.uint8)), name
-    for name in ("valid", "position", "newest"):
+    for name in ("valid", "position", "newest", "score"):
         assert torch.equal(getattr(a.state, name), getattr(b.state, name)), name
 
 

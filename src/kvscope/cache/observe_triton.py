@@ -1,20 +1,24 @@
-"""Two launches for lru's decode-step update (imported only on CUDA with Triton).
+"""lru's decode-step update in one launch per layer (imported only on CUDA with Triton).
 
 A slot is used by the newest query when its weight is above the threshold or among the query's top k (at or above
 the k-th largest weight, ties at it counting too); a used slot's score becomes the query's position. The k-th largest
 weight comes from the kernels themselves, not from `torch.topk` (a radix select and a sort; replacing them took lru
-from 0.773 to 0.826 of a full cache's decode speed on the H200, budget 2048):
+from 0.773 to 0.826 of a full cache's decode speed on the H200, budget 2048).
 
-1. `_lru_candidates`: grid (B * H, tiles of CANDIDATE_BLOCK slots): each program takes its tile's k largest weights
-   (k passes, each taking the largest and removing one copy of it) into a scratch row.
-2. `_lru_update`: grid (B * H, tiles of UPDATE_BLOCK slots): each program takes the k-th largest of its row's
-   candidates the same way (a row's k largest are among its tiles' k largest), then updates its tile's scores.
+- `_lru_row` (rows up to ROW_MAX slots, a decode at a budget below ROW_MAX): grid (B * H,), one program holds its
+  whole row. When k weights are above the threshold already, the top k adds nothing (its k-th largest is above the
+  threshold too) and the program skips the search; otherwise it takes the k-th largest in k passes, each taking the
+  largest and removing one copy of it.
+- Longer rows, two launches: `_lru_candidates`, grid (B * H, tiles of CANDIDATE_BLOCK slots), takes each tile's k
+  largest the same way into a scratch row; `_lru_update`, grid (B * H, tiles of UPDATE_BLOCK slots), takes the k-th
+  largest of its row's candidates (a row's k largest are among its tiles' k largest), then updates its tile.
 
-Warps, from two H200 profiles of a 2k-budget decode (32 layers; 2,560 slots read in the first, 2,049 in the second):
-the candidates kernel runs one warp per program (its passes are chains of small reductions, which one warp does with
-shuffles alone): 92 us a step with two warps, 72 with one; the update keeps four: 189 us a step with four, 378 with one.
-Weights past the observed width count as 0 (the width a padded copy would have to the capacity); a removed weight
-becomes -2, below any weight and the -1 of lanes past the row, so it is never taken again."""
+Warps of the two-launch path, from two H200 profiles of a 2k-budget decode (32 layers; 2,560 slots read in the first,
+2,049 in the second): the candidates kernel runs one warp per program (its passes are chains of small reductions,
+which one warp does with shuffles alone): 92 us a step with two warps, 72 with one; the update keeps four: 189 us a
+step with four, 378 with one. Weights past the observed width count as 0 (the width a padded copy would have to the
+capacity); a removed weight becomes -2, below any weight and the -1 of lanes past the row, so it is never taken again.
+"""
 
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ from kvscope.cache.quant_triton import _jit
 
 CANDIDATE_BLOCK = 256
 UPDATE_BLOCK = 1024
+ROW_MAX = 8192  # the longest row one program holds (32 values a thread at 8 warps)
 
 
 @triton.jit
@@ -34,6 +39,25 @@ def _take_largest(x, lanes, width: tl.constexpr):
     top = tl.max(x, 0)
     first = tl.min(tl.where(x == top, lanes, width), 0)
     return top, tl.where(lanes == first, -2.0, x)
+
+
+@_jit("width", "heads", "slots")
+def _lru_row(score_ptr, w_ptr, valid_ptr, pos_ptr, width, heads, slots, threshold, K: tl.constexpr,
+             BLOCK: tl.constexpr):
+    bh = tl.program_id(0).to(tl.int64)
+    s = tl.arange(0, BLOCK)
+    m = s < width  # past the width a weight is 0: never used, its score unchanged
+    w = tl.load(w_ptr + bh * width + s, mask=m, other=0.0)
+    used = w > threshold
+    if tl.sum(used.to(tl.int32), 0) < K:
+        x = tl.where(m, w, -1.0)
+        for _ in tl.static_range(K):
+            kth, x = _take_largest(x, s, BLOCK)
+        used = used | ((w >= kth) & (w > 0.0))
+    used = used & tl.load(valid_ptr + bh * slots + s, mask=m, other=0).to(tl.int1)
+    when = tl.load(pos_ptr + bh // heads).to(tl.float32)
+    old = tl.load(score_ptr + bh * slots + s, mask=m, other=0.0)
+    tl.store(score_ptr + bh * slots + s, tl.where(used, tl.maximum(old, when), old), mask=m)
 
 
 @_jit("width")
@@ -76,6 +100,11 @@ def lru_decode(score: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor, 
     b, h, slots = score.shape
     width = weights.shape[-1]
     k = min(top_k, slots)
+    if width <= ROW_MAX:
+        block = triton.next_power_of_2(width)
+        _lru_row[(b * h,)](score, weights, valid.view(torch.uint8), positions, width, h, slots, threshold, K=k,
+                           BLOCK=block, num_warps=max(1, min(8, block // 512)))
+        return
     tiles = triton.cdiv(width, CANDIDATE_BLOCK)
     candidates = torch.empty(b * h, tiles, k, dtype=torch.float32, device=score.device)
     _lru_candidates[(b * h, tiles)](weights, candidates, width, K=k, BLOCK=CANDIDATE_BLOCK, num_warps=1)

@@ -43,7 +43,9 @@ def insert(layer, key: torch.Tensor, value: torch.Tensor, position: torch.Tensor
         st.position.scatter_(-1, slot, pos)
         st.valid.scatter_(-1, slot, True)
         torch.maximum(st.newest, pos, out=st.newest)
-    layer.settings.policy.on_insert(st, slot, key)
+    policy = layer.settings.policy
+    if not ran or policy.insert_score is None:  # the fused insert wrote any other score itself
+        policy.on_insert(st, slot, key)
     return slot
 
 

@@ -1,6 +1,7 @@
 """One launch for a decode token's RoPE and insert (kvscope.cache.static.insert): rotate the queries and the key,
 take the queue's slot, write the key and value (dense stores; a quantized store's own write kernel runs after), mark
-the slot valid with its position and raise the row's newest position. Imported only on CUDA with Triton.
+the slot valid with its position, raise the row's newest position and write the policy's score when it is one the
+kernel knows (`Policy.insert_score`). Imported only on CUDA with Triton.
 
 RoPE rounds as the model's PyTorch ops do (kvscope.runtime.kernels.rotate): each product and the sum go to the model
 dtype."""
@@ -11,6 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
+SCORES = {"zero": 1, "position": 2}  # the insert scores this kernel writes (kvscope.policies.base.Policy.insert_score)
 _ARGS = ("heads", "qheads", "slots", "qlen", "qsb", "qsh", "ksb", "ksh", "vsb", "vsh")
 
 
@@ -36,8 +38,9 @@ def _rope(x_ptr, cos_ptr, sin_ptr, b, HALF: tl.constexpr, BLOCK: tl.constexpr):
 
 @triton.jit(do_not_specialize=_ARGS)
 def _insert(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, queue_ptr, ptr_ptr, pos_ptr, valid_ptr,
-            position_ptr, newest_ptr, slot_ptr, heads, qheads, slots, qlen, qsb, qsh, ksb, ksh, vsb, vsh,
-            HALF: tl.constexpr, BLOCK: tl.constexpr, ROPE: tl.constexpr, WRITE_KV: tl.constexpr):
+            position_ptr, newest_ptr, slot_ptr, score_ptr, heads, qheads, slots, qlen, qsb, qsh, ksb, ksh, vsb, vsh,
+            HALF: tl.constexpr, BLOCK: tl.constexpr, ROPE: tl.constexpr, WRITE_KV: tl.constexpr,
+            SCORE: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     i = tl.program_id(1)
     if i < qheads:  # a query head: rotate it (nothing else to do)
@@ -63,6 +66,10 @@ def _insert(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, queue_p
         tl.store(position_ptr + bh * slots + slot, pos)
         tl.store(newest_ptr + bh, tl.maximum(tl.load(newest_ptr + bh), pos))
         tl.store(slot_ptr + bh, slot)
+        if SCORE == 1:
+            tl.store(score_ptr + bh * slots + slot, 0.0)
+        if SCORE == 2:
+            tl.store(score_ptr + bh * slots + slot, pos.to(tl.float32))
 
 
 def insert(layer, key: torch.Tensor, value: torch.Tensor, position: torch.Tensor, ptr: torch.Tensor,
@@ -84,7 +91,8 @@ def _launch(layer, key, value, position, ptr, slot, rope, write_kv: bool) -> Non
     qheads = q.shape[1] if rope is not None else 0
     keys, values = (store.keys, store.values) if write_kv else (st.position, st.position)
     _insert[(b, qheads + h)](q, key, value, cos.contiguous(), sin.contiguous(), keys, values, queue, ptr, position,
-                             st.valid.view(torch.uint8), st.position, st.newest, slot, h, qheads, st.valid.shape[-1],
-                             queue.shape[-1], q.stride(0), q.stride(1), key.stride(0), key.stride(1),
-                             value.stride(0), value.stride(1), HALF=d // 2, BLOCK=triton.next_power_of_2(d // 2),
-                             ROPE=rope is not None, WRITE_KV=write_kv, num_warps=1)
+                             st.valid.view(torch.uint8), st.position, st.newest, slot, st.score, h, qheads,
+                             st.valid.shape[-1], queue.shape[-1], q.stride(0), q.stride(1), key.stride(0),
+                             key.stride(1), value.stride(0), value.stride(1), HALF=d // 2,
+                             BLOCK=triton.next_power_of_2(d // 2), ROPE=rope is not None, WRITE_KV=write_kv,
+                             SCORE=SCORES.get(layer.settings.policy.insert_score, 0), num_warps=1)

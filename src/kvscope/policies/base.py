@@ -72,12 +72,18 @@ class Policy:
     # a decode step's weights may be narrower than the slot state (the slots a compacted cache reads: the rest hold
     # no token); a policy that cannot take that gets them padded with zeros to every slot
     narrow_decode_weights: ClassVar[bool] = False
+    # what `on_insert` writes, when it is one of these: "zero" or "position" (the token's own), which kernels that
+    # insert a token can write in the same launch; None (the default of a class with its own on_insert): only
+    # `on_insert` knows
+    insert_score: ClassVar[str | None] = "zero"
     seed: int = field(default=0, repr=False)
 
     def __init_subclass__(cls, **kwargs) -> None:
         # A class that names itself is a policy users can pick: it registers itself, as transformers' cache layers
         # do, so the registry never imports the policies back. Intermediate bases (no `name` of their own) do not.
         super().__init_subclass__(**kwargs)
+        if "on_insert" in cls.__dict__ and "insert_score" not in cls.__dict__:
+            cls.insert_score = None  # a policy's own on_insert, unless it says what it writes
         if "name" in cls.__dict__:
             REGISTRY[cls.name] = cls
 
@@ -158,14 +164,19 @@ def select_evictions(scores: torch.Tensor, state: SlotState, budget: int) -> tor
     """
     count = state.valid.sum(-1, keepdim=True)
     excess = (count - budget).clamp_min(0)
-    evict = torch.zeros_like(state.valid)
-    scores = scores.masked_fill(~state.valid, float("inf"))
-    # two stable sorts = lexicographic order by (score, position)
-    by_pos = torch.argsort(state.position, dim=-1, stable=True)
-    by_score = torch.argsort(scores.gather(-1, by_pos), dim=-1, stable=True)
-    order = by_pos.gather(-1, by_score)
+    order = score_then_age(scores, state).argsort(dim=-1)
     rank = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
-    return evict.scatter(-1, order, rank < excess)
+    return torch.zeros_like(state.valid).scatter(-1, order, rank < excess)
+
+
+def score_then_age(scores: torch.Tensor, state: SlotState) -> torch.Tensor:
+    """Int64 [B, H, S] keys in the order (score, position), invalid slots last: one sort instead of two stable ones
+    (by position, then by score). The high 32 bits are the fp32 score's bits mapped to a signed order (-0.0 counts as
+    0.0, as it compares); the low 32 are the position (below 2**31; a row holds each position once)."""
+    bits = (scores.to(torch.float32) + 0.0).view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # negative floats: flip the magnitude so larger bits sort lower
+    key = (ordered.to(torch.int64) << 32) | state.position
+    return key.masked_fill(~state.valid, torch.iinfo(torch.int64).max)
 
 
 def pool_in_position_order(scores: torch.Tensor, state: SlotState, kernel: int, mode: str = "avg") -> torch.Tensor:

@@ -32,6 +32,7 @@ class LRU(Policy):
     paper = ("least-recently-used caching; 'use' = attention above a threshold or in the top-k of a step; "
              "neighbour pooling from Li et al. 2024, SnapKV, arXiv:2404.14469")
     attention = "all"
+    insert_score = "position"
     narrow_decode_weights = True  # the fused update reads past the weights' width as 0; the PyTorch one pads
     threshold: float = 0.01
     top_k: int = 8
