@@ -8,7 +8,7 @@ from 0.773 to 0.826 of a full cache's decode speed on the H200, budget 2048).
 - `_lru_row` (rows up to ROW_MAX slots, a decode at a budget below ROW_MAX): grid (B * H,), one program holds its
   whole row. When k weights are above the threshold already, the top k adds nothing (its k-th largest is above the
   threshold too) and the program skips the search; otherwise it takes the k-th largest in k passes, each taking the
-  largest and removing one copy of it.
+  largest and removing one copy of it: one max reduction over int64 keys that hold the value and the lane.
 - Longer rows, two launches: `_lru_candidates`, grid (B * H, tiles of CANDIDATE_BLOCK slots), takes each tile's k
   largest the same way into a scratch row; `_lru_update`, grid (B * H, tiles of UPDATE_BLOCK slots), takes the k-th
   largest of its row's candidates (a row's k largest are among its tiles' k largest), then updates its tile.
@@ -17,7 +17,7 @@ Warps of the two-launch path, from two H200 profiles of a 2k-budget decode (32 l
 2,049 in the second): the candidates kernel runs one warp per program (its passes are chains of small reductions,
 which one warp does with shuffles alone): 92 us a step with two warps, 72 with one; the update keeps four: 189 us a
 step with four, 378 with one. Weights past the observed width count as 0 (the width a padded copy would have to the
-capacity); a removed weight becomes -2, below any weight and the -1 of lanes past the row, so it is never taken again.
+capacity); a removed weight becomes -2, below any weight, so it is never taken before one.
 """
 
 from __future__ import annotations
@@ -30,15 +30,22 @@ from kvscope.cache.quant_triton import _jit
 
 CANDIDATE_BLOCK = 256
 UPDATE_BLOCK = 1024
+REMOVED = tl.constexpr(-(1 << 62))  # its high 32 bits are the fp32 bits of -2.0
 ROW_MAX = 8192  # the longest row one program holds (32 values a thread at 8 warps)
 
 
 @triton.jit
-def _take_largest(x, lanes, width: tl.constexpr):
-    """(the largest value of `x`, `x` with one copy of it removed)."""
-    top = tl.max(x, 0)
-    first = tl.min(tl.where(x == top, lanes, width), 0)
-    return top, tl.where(lanes == first, -2.0, x)
+def _keyed(x, lanes, width: tl.constexpr):
+    """Int64 keys of `x` (fp32, lanes past a row at -1) in the order of their values, equal values by lane (lower
+    first): each key is unique, so one max reduction takes the largest value and one copy of it."""
+    return (x.to(tl.int32, bitcast=True).to(tl.int64) << 32) | (width - 1 - lanes).to(tl.int64)
+
+
+@triton.jit
+def _take_largest(keys):
+    """(the largest value of `keys`, `keys` with that one removed: it becomes a key whose value is -2.0)."""
+    top = tl.max(keys, 0)
+    return (top >> 32).to(tl.int32).to(tl.float32, bitcast=True), tl.where(keys == top, REMOVED, keys)
 
 
 @_jit("width", "heads", "slots")
@@ -50,9 +57,9 @@ def _lru_row(score_ptr, w_ptr, valid_ptr, pos_ptr, width, heads, slots, threshol
     w = tl.load(w_ptr + bh * width + s, mask=m, other=0.0)
     used = w > threshold
     if tl.sum(used.to(tl.int32), 0) < K:
-        x = tl.where(m, w, -1.0)
+        keys = _keyed(tl.where(m, w, -1.0), s, BLOCK)
         for _ in tl.static_range(K):
-            kth, x = _take_largest(x, s, BLOCK)
+            kth, keys = _take_largest(keys)
         used = used | ((w >= kth) & (w > 0.0))
     used = used & tl.load(valid_ptr + bh * slots + s, mask=m, other=0).to(tl.int1)
     when = tl.load(pos_ptr + bh // heads).to(tl.float32)
@@ -66,10 +73,10 @@ def _lru_candidates(w_ptr, out_ptr, width, K: tl.constexpr, BLOCK: tl.constexpr)
     tile = tl.program_id(1)
     lanes = tl.arange(0, BLOCK)
     s = tile * BLOCK + lanes
-    x = tl.load(w_ptr + bh * width + s, mask=s < width, other=-1.0)
+    keys = _keyed(tl.load(w_ptr + bh * width + s, mask=s < width, other=-1.0), lanes, BLOCK)
     base = out_ptr + (bh * tl.num_programs(1) + tile) * K
     for i in tl.static_range(K):
-        top, x = _take_largest(x, lanes, BLOCK)
+        top, keys = _take_largest(keys)
         tl.store(base + i, top)
 
 
@@ -78,9 +85,9 @@ def _lru_update(score_ptr, w_ptr, cand_ptr, valid_ptr, pos_ptr, width, slots, ti
                 K: tl.constexpr, CANDIDATES: tl.constexpr, BLOCK: tl.constexpr):
     bh = tl.program_id(0).to(tl.int64)
     c = tl.arange(0, CANDIDATES)
-    x = tl.load(cand_ptr + bh * tiles * K + c, mask=c < tiles * K, other=-1.0)
+    keys = _keyed(tl.load(cand_ptr + bh * tiles * K + c, mask=c < tiles * K, other=-1.0), c, CANDIDATES)
     for _ in tl.static_range(K):
-        kth, x = _take_largest(x, c, CANDIDATES)
+        kth, keys = _take_largest(keys)
     s = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = s < slots
     w = tl.load(w_ptr + bh * width + s, mask=s < width, other=0.0)

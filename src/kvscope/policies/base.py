@@ -185,7 +185,8 @@ def pool_in_position_order(scores: torch.Tensor, state: SlotState, kernel: int, 
     `avg`: the mean over the neighbours (SnapKV's smoothing; invalid slots sort last and count with their own score).
     `max`: the largest score among the valid neighbours (a token inherits its neighbours' score); invalid slots
     neither give nor receive a score (they come back as -inf)."""
-    key = state.position.masked_fill(~state.valid, torch.iinfo(torch.long).max)
+    # int32 keys (positions are below 2**31): a radix sort of half the passes of int64's
+    key = state.position.to(torch.int32).masked_fill(~state.valid, torch.iinfo(torch.int32).max)
     order = key.argsort(dim=-1)
     if mode == "max":
         scores = scores.masked_fill(~state.valid, float("-inf"))
