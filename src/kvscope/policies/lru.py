@@ -64,7 +64,7 @@ class LRU(Policy):
 
     def _observe_one(self, state: SlotState, obs: Observation) -> None:
         """A decode step's query: "in the top k" is "at or above the k-th largest weight" (ties at it count too), so
-        on CUDA the update is two fused launches that find that weight themselves (kvscope.cache.observe_triton)
+        on CUDA the update is fused launches that find that weight themselves (kvscope.cache.observe_triton)
         instead of a `topk` and a dozen ops."""
         from kvscope.cache import fused
 
