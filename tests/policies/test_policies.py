@@ -50,7 +50,12 @@ def test_insert_score_says_what_on_insert_writes(name):
     expected = {"zero": torch.zeros(3), "position": torch.tensor([9.0, 4.0, 7.0])}
     if policy.insert_score is not None:
         assert torch.equal(s.score[0, 0], expected[policy.insert_score])
+
+
+def test_insert_score_defaults_to_none_for_a_policy_with_its_own_on_insert():
     assert policies.get("lru").insert_score == "position" and policies.get("knorm").insert_score is None
+    with pytest.raises(TypeError, match="insert_score"):
+        type("Odd", (policies.Policy,), {"insert_score": "one"})
 
 
 def test_select_evictions_breaks_ties_by_age_and_skips_invalid():

@@ -48,6 +48,15 @@ def _take_largest(keys):
     return (top >> 32).to(tl.int32).to(tl.float32, bitcast=True), tl.where(keys == top, REMOVED, keys)
 
 
+@triton.jit
+def _mark_used(score_ptr, valid_ptr, pos_ptr, bh, heads, slots, s, m, used):
+    """Scores of the slots `s` (mask `m`) of row `bh`: a used, valid slot's becomes the query's position."""
+    used = used & tl.load(valid_ptr + bh * slots + s, mask=m, other=0).to(tl.int1)
+    when = tl.load(pos_ptr + bh // heads).to(tl.float32)
+    old = tl.load(score_ptr + bh * slots + s, mask=m, other=0.0)
+    tl.store(score_ptr + bh * slots + s, tl.where(used, tl.maximum(old, when), old), mask=m)
+
+
 @_jit("width", "heads", "slots")
 def _lru_row(score_ptr, w_ptr, valid_ptr, pos_ptr, width, heads, slots, threshold, K: tl.constexpr,
              BLOCK: tl.constexpr):
@@ -61,10 +70,7 @@ def _lru_row(score_ptr, w_ptr, valid_ptr, pos_ptr, width, heads, slots, threshol
         for _ in tl.static_range(K):
             kth, keys = _take_largest(keys)
         used = used | ((w >= kth) & (w > 0.0))
-    used = used & tl.load(valid_ptr + bh * slots + s, mask=m, other=0).to(tl.int1)
-    when = tl.load(pos_ptr + bh // heads).to(tl.float32)
-    old = tl.load(score_ptr + bh * slots + s, mask=m, other=0.0)
-    tl.store(score_ptr + bh * slots + s, tl.where(used, tl.maximum(old, when), old), mask=m)
+    _mark_used(score_ptr, valid_ptr, pos_ptr, bh, heads, slots, s, m, used)
 
 
 @_jit("width")
@@ -91,11 +97,7 @@ def _lru_update(score_ptr, w_ptr, cand_ptr, valid_ptr, pos_ptr, width, slots, ti
     s = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     m = s < slots
     w = tl.load(w_ptr + bh * width + s, mask=s < width, other=0.0)
-    valid = tl.load(valid_ptr + bh * slots + s, mask=m, other=0).to(tl.int1)
-    used = ((w > threshold) | ((w >= kth) & (w > 0.0))) & valid
-    when = tl.load(pos_ptr + bh // heads).to(tl.float32)
-    old = tl.load(score_ptr + bh * slots + s, mask=m, other=0.0)
-    tl.store(score_ptr + bh * slots + s, tl.where(used, tl.maximum(old, when), old), mask=m)
+    _mark_used(score_ptr, valid_ptr, pos_ptr, bh, heads, slots, s, m, (w > threshold) | ((w >= kth) & (w > 0.0)))
 
 
 def lru_decode(score: torch.Tensor, weights: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor,

@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-SCORES = {"zero": 1, "position": 2}  # the insert scores this kernel writes (kvscope.policies.base.Policy.insert_score)
+from kvscope.policies.base import INSERT_SCORES
+
 _ARGS = ("heads", "qheads", "slots", "qlen", "qsb", "qsh", "ksb", "ksh", "vsb", "vsh")
 
 
@@ -66,9 +67,9 @@ def _insert(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, keys_ptr, values_ptr, queue_p
         tl.store(position_ptr + bh * slots + slot, pos)
         tl.store(newest_ptr + bh, tl.maximum(tl.load(newest_ptr + bh), pos))
         tl.store(slot_ptr + bh, slot)
-        if SCORE == 1:
+        if SCORE == 1:  # INSERT_SCORES: "zero"
             tl.store(score_ptr + bh * slots + slot, 0.0)
-        if SCORE == 2:
+        if SCORE == 2:  # "position"
             tl.store(score_ptr + bh * slots + slot, pos.to(tl.float32))
 
 
@@ -95,4 +96,9 @@ def _launch(layer, key, value, position, ptr, slot, rope, write_kv: bool) -> Non
                              st.valid.shape[-1], queue.shape[-1], q.stride(0), q.stride(1), key.stride(0),
                              key.stride(1), value.stride(0), value.stride(1), HALF=d // 2,
                              BLOCK=triton.next_power_of_2(d // 2), ROPE=rope is not None, WRITE_KV=write_kv,
-                             SCORE=SCORES.get(layer.settings.policy.insert_score, 0), num_warps=1)
+                             SCORE=_score_code(layer.settings.policy.insert_score), num_warps=1)
+
+
+def _score_code(insert_score: str | None) -> int:
+    """The kernel's SCORE: 0 writes none (the policy's on_insert runs), then 1 + the index in INSERT_SCORES."""
+    return 0 if insert_score is None else 1 + INSERT_SCORES.index(insert_score)

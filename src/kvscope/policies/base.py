@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from kvscope.errors import usage
 
+INSERT_SCORES = ("zero", "position")  # the `Policy.insert_score`s an insert kernel can write (besides None)
 KEEP = float("inf")  # the score of a slot that must not be evicted
 REGISTRY: dict[str, type[Policy]] = {}  # name -> class, filled by `Policy.__init_subclass__`
 
@@ -72,8 +73,8 @@ class Policy:
     # a decode step's weights may be narrower than the slot state (the slots a compacted cache reads: the rest hold
     # no token); a policy that cannot take that gets them padded with zeros to every slot
     narrow_decode_weights: ClassVar[bool] = False
-    # what `on_insert` writes, when it is one of these: "zero" or "position" (the token's own), which kernels that
-    # insert a token can write in the same launch; None (the default of a class with its own on_insert): only
+    # what `on_insert` writes, when it is one of INSERT_SCORES: "zero" or "position" (the token's own), which kernels
+    # that insert a token can write in the same launch; None (the default of a class with its own on_insert): only
     # `on_insert` knows
     insert_score: ClassVar[str | None] = "zero"
     seed: int = field(default=0, repr=False)
@@ -84,6 +85,9 @@ class Policy:
         super().__init_subclass__(**kwargs)
         if "on_insert" in cls.__dict__ and "insert_score" not in cls.__dict__:
             cls.insert_score = None  # a policy's own on_insert, unless it says what it writes
+        if cls.insert_score is not None and cls.insert_score not in INSERT_SCORES:
+            raise TypeError(f"{cls.__name__}.insert_score must be None or one of {INSERT_SCORES}, "
+                            f"got {cls.insert_score!r}")
         if "name" in cls.__dict__:
             REGISTRY[cls.name] = cls
 
