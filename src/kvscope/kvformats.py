@@ -19,6 +19,7 @@ Formats (per layer, per KV head, per token, head_dim = d):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -176,9 +177,34 @@ def recall_format(kv: str) -> str:
     return "int8" if kv == "int4" else kv
 
 
-def recall_tier_bytes(layers: int, batch: int, heads: int, tokens: int, head_dim: int, kv: str, dense: str) -> int:
-    """Host bytes of a recall tier holding `tokens` per row: the stored keys and values, and each slot's position
-    (8 B), score (4 B) and validity (1 B). The cache allocates it; the planner prices it."""
-    store = store_layout(recall_format(kv), batch, heads, tokens, head_dim, dense)
-    return layers * (layout_bytes(store, align=False) + batch * heads * tokens * (8 + 4 + 1))
+RecordField = tuple[str, tuple[int, ...], str, int]  # (name, shape per slot, element type, byte offset)
+RECALL_META = (("position", (), "int64"), ("score", (), "fp32"), ("valid", (), "bool"))
 
+
+def recall_records(kv: str, head_dim: int, dense: str) -> list[tuple[list[RecordField], int]]:
+    """The recall tier's host records, as (fields, bytes): every waiting slot of every (sequence, KV head) row is one
+    record of each, so what one eviction moves is one contiguous span of each record buffer (one copy each way).
+    The first record holds what scoring the question reads: position, score, validity and the keys (for a quantized
+    format every store tensor: keys and values share them); the second, a dense format's values. Fields go largest
+    element first, so each starts aligned to its type; a record is padded to 8 bytes."""
+    fmt = recall_format(kv)
+    store = [(name, shape[3:], t) for name, shape, t in store_layout(fmt, 1, 1, 1, head_dim, dense)]
+    meta = list(RECALL_META)
+    first, second = (meta + store[:1], store[1:]) if fmt in DTYPE_BYTES else (meta + store, [])
+    return [_record(fields) for fields in (first, second) if fields]
+
+
+def _record(fields) -> tuple[list[RecordField], int]:
+    out, offset = [], 0
+    for name, shape, t in sorted(fields, key=lambda f: -ELEMENT_BYTES[f[2]]):  # stable: equal sizes keep their order
+        out.append((name, shape, t, offset))
+        offset += math.prod(shape) * ELEMENT_BYTES[t]
+    return out, -(-offset // 8) * 8
+
+
+def recall_tier_bytes(layers: int, batch: int, heads: int, tokens: int, head_dim: int, kv: str, dense: str) -> int:
+    """Host bytes of a recall tier holding `tokens` per row: its records (`recall_records`: the stored keys and
+    values in the tier's format, each slot's position, score and validity, padding). The cache allocates it; the
+    planner prices it."""
+    per_slot = sum(size for _, size in recall_records(kv, head_dim, dense))
+    return layers * batch * heads * tokens * per_slot

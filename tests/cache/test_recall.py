@@ -74,7 +74,7 @@ def prefill(model, cache, prompt):
     return generate(model, prompt, cache, max_new_tokens=1, chunk_size=CHUNK)
 
 
-@pytest.mark.parametrize("kv_dtype", [None, "int8", "int4"])
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "int4", "fp8"])
 def test_the_question_brings_back_what_early_chunks_evicted(tiny, tiny64, kv_dtype):
     tiny = model_for(kv_dtype, tiny, tiny64)
     without = BudgetedCache(tiny, FlipAtEnd(), budget_tokens=BUDGET, chunk_size=CHUNK, kv_dtype=kv_dtype)
@@ -158,27 +158,37 @@ def test_a_tier_grows_keeping_what_it_holds(tiny):
     st = layer.state
     tier = Tier(layer, 4)
     with torch.inference_mode():
-        first = torch.zeros_like(st.valid)
-        first[..., :3] = True
-        tier.add(layer, first & st.valid, 3)
-        rest = st.valid & ~first
-        tier.add(layer, rest, int(rest.sum(-1).max()))
-    assert tier.capacity > 4 and tier.used == 3 + int(rest.sum(-1).max())
+        slots = torch.arange(st.valid.shape[-1]).expand_as(st.valid)
+        tier.add(layer, slots[..., :3], st.valid[..., :3])
+        tier.add(layer, slots[..., 3:], st.valid[..., 3:])
+    assert tier.capacity > 4 and tier.used == st.valid.shape[-1]
     k, _ = tier.keys_values(slice(0, 3), "cpu")
     stored, _ = layer.store.read(layer.capacity, torch.float32)
     assert torch.equal(k, stored[:, :, :3])
     assert torch.equal(tier.to_device("position", slice(0, 3), "cpu"), st.position[:, :, :3])
+    k, v = tier.keys_values(slice(0, tier.used), "cpu")
+    assert torch.equal(k, stored) and torch.equal(tier.to_device("valid", slice(0, tier.used), "cpu"), st.valid)
+    assert torch.equal(tier.to_device("score", slice(0, tier.used), "cpu"), st.score)
 
 
-def test_the_question_weights_are_one_softmax_over_resident_and_waiting_tokens(tiny, monkeypatch):
-    """The two passes over the keys (log-sum-exp, then weights) give the softmax of every logit at once."""
+@pytest.mark.parametrize("kv_dtype,span_bytes", [(None, None), (None, 1), ("int8", 1)])
+def test_the_question_weights_are_one_softmax_over_resident_and_waiting_tokens(tiny, monkeypatch, kv_dtype,
+                                                                               span_bytes):
+    """The two passes over the keys (log-sum-exp, then weights), in one span or one chunk of slots at a time, give
+    the softmax of every logit at once, and the waiting tokens' fields as the tier holds them."""
     from kvscope.cache import recall as module
+
+    if span_bytes is not None:
+        monkeypatch.setattr(module, "SPAN_BYTES", span_bytes)
 
     checked = []
     original = module._question_weights
 
     def spy(layer, tier, query, scaling):
-        got = original(layer, tier, query, scaling)
+        got, waiting = original(layer, tier, query, scaling)
+        held = slice(0, tier.used)
+        checked.extend(torch.equal(waiting[name], tier.to_device(name, held, query.device))
+                       for name in ("position", "score", "valid"))
         keys = torch.cat([layer.store.read(layer.capacity, query.dtype)[0],
                           tier.keys_values(slice(0, tier.used), query.device)[0]], 2)
         valid = torch.cat([layer.state.valid, tier.to_device("valid", slice(0, tier.used), query.device)], -1)
@@ -189,10 +199,10 @@ def test_the_question_weights_are_one_softmax_over_resident_and_waiting_tokens(t
         logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
         want = logits.softmax(-1).reshape(b, h, hq // h, w, -1).mean(2)
         checked.append(torch.allclose(got, want, atol=1e-6))
-        return got
+        return got, waiting
 
     monkeypatch.setattr(module, "_question_weights", spy)
-    cache = BudgetedCache(tiny, "snapkv", budget_tokens=SNAP, chunk_size=CHUNK, recall="cpu")
+    cache = BudgetedCache(tiny, "snapkv", budget_tokens=SNAP, chunk_size=CHUNK, recall="cpu", kv_dtype=kv_dtype)
     generate(tiny, ids(batch=2), cache, max_new_tokens=1, chunk_size=CHUNK)
     assert checked and all(checked)
 
@@ -313,7 +323,7 @@ def test_on_cuda_the_tier_is_pinned_and_recalls_as_on_the_cpu():
         original = BudgetedLayer._recall
 
         def spy(self, *args, seen=seen, original=original):
-            seen["pinned"] = self.tier.buffers[("position",)].is_pinned() if self.tier.stream is not None else None
+            seen["pinned"] = all(t.is_pinned() for t in self.tier.buffers) if self.tier.stream is not None else None
             return original(self, *args)
 
         BudgetedLayer._recall = spy

@@ -19,7 +19,7 @@ from kvscope.cache.stats import EvictionEvent, LayerCounters, LayerStats
 from kvscope.cache.store import make_store
 from kvscope.errors import KvscopeError, usage
 from kvscope.kvformats import attention_block_rows
-from kvscope.policies.base import Observation, SlotState, select_evictions, widen
+from kvscope.policies.base import Observation, SlotState, eviction_order, widen
 
 _, CacheLayerMixin = cache_base_classes()
 
@@ -333,14 +333,14 @@ class BudgetedLayer(CacheLayerMixin):
         keep = s.budget_tokens - s.evict_batch + 1  # evict a few more than needed: the next evictions are skipped
         # the policy scores for what stays (`keep`, not the budget): a part it protects that grows with the budget
         # (h2o's recent share) must fit in `keep`, or the row would hold more than `upper` says
-        evict = select_evictions(s.policy.keep_scores(st, keep), st, keep)
+        order, excess = eviction_order(s.policy.keep_scores(st, keep), st, keep)
+        leaves = torch.arange(order.shape[-1], device=order.device) < excess  # [B, H, S]: in eviction order
+        evict = torch.zeros_like(st.valid).scatter(-1, order, leaves)
         self.counters.record(evict, st.position, st.newest)
         if s.recall_state == "record":  # a bounded prefill with recall: the evicted tokens wait in CPU memory
-            from kvscope.cache.recall import Tier
+            from kvscope.cache.recall import move_to_tier
 
-            if self.tier is None:
-                self.tier = Tier(self, s.recall_capacity)
-            self.tier.add(self, evict, self.upper - keep)  # `upper` still bounds what a row held
+            self.tier = move_to_tier(self, self.tier, order, leaves, self.upper - keep)  # `upper`: what a row held
         if s.collector is not None:
             self._emit(evict)
         st.valid &= ~evict

@@ -7,9 +7,10 @@ moves the evicted tokens (in the store's own format: fp8/int8 stay small; int4 w
 per 64-slot group) with their positions and scores to CPU memory (pinned on CUDA) instead of dropping them. When the
 last prefill chunk reaches a layer, before that chunk attends: the chunk's last queries (the question: the policy's
 observation window, or `RECALL_WINDOW` rows for a policy that observes every query) attend to every older token,
-resident or waiting (the waiting ones stream through the GPU one chunk at a time); the policy scores them all with that
+resident or waiting (the waiting ones stream through the GPU a span at a time); the policy scores them all with that
 attention as it scores an observation; the best `budget` are the ones resident when the chunk attends. The others are
-dropped and the tier is freed. KV on the GPU never exceeds budget + one chunk, plus one chunk in flight.
+dropped and the tier is freed. KV on the GPU never exceeds budget + one chunk, plus one span of waiting keys in
+flight (its logits at most SPAN_BYTES).
 
 Only kvscope's runtime (`kvscope.runtime.generate`) says which forward is a prompt's last; `model.generate()` prefills
 in one forward and never recalls. Copies to the tier run on a side CUDA stream and overlap the next chunk's compute.
@@ -17,15 +18,20 @@ in one forward and never recalls. Copies to the tier run on a side CUDA stream a
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-from kvscope.cache.store import gather_slots, layout_of, make_store, wrap_store
+from kvscope.cache.arena import TORCH_TYPES
+from kvscope.cache.store import gather_slots, make_store, wrap_store
 from kvscope.errors import usage
-from kvscope.kvformats import recall_format
+from kvscope.kvformats import ELEMENT_BYTES, RECALL_META, recall_format, recall_records
 from kvscope.policies.base import Observation, SlotState, select_evictions
 
 RECALL_WINDOW = 32  # question rows that score the recall, for a policy that observes every query (h2o, lru)
 MODES = ("cpu",)
+META_NAMES = tuple(name for name, _, _ in RECALL_META)
+SPAN_BYTES = 16 * 1024**2  # fp32 logits of one span of waiting tokens that the question's scoring holds at once
 
 
 def check_recall(policy, offload: bool, recall: str | None) -> None:
@@ -48,13 +54,25 @@ def window(policy) -> int:
     return RECALL_WINDOW if rows < 0 else rows
 
 
-class Tier:
-    """One layer's waiting tokens: host buffers of `capacity` slots per row, their positions, scores and validity.
+def move_to_tier(layer, tier, order: torch.Tensor, leaves: torch.Tensor, bound: int):
+    """An eviction during a recorded prefill: the evicted slots go to `tier` (made on first use); returns the tier.
+    The first `bound` slots of `order` ([B, H, S], eviction order) hold every row's evicted ones (`bound` is a host-side
+    bound on what any row evicts: no device read); `leaves` marks which of them go. Rows that evict fewer move a few
+    kept or empty slots too, marked not valid in the tier."""
+    bound = min(bound, layer.capacity)
+    if bound > 0:
+        tier = tier or Tier(layer, layer.settings.recall_capacity)
+        tier.add(layer, order[:, :, :bound], leaves[:, :, :bound])
+    return tier
 
-    The host buffers are slot-major ([slots, B, H, ...]; the stores' are [B, H, slots, ...]) so that the slots one
-    eviction adds, and the slots a recall streams back, are one contiguous span: a copy between pinned memory and the
-    GPU is then asynchronous. A strided span of pinned memory would be copied through a pageable temporary, which
-    blocks the host until the GPU's queue drains, once per layer and chunk."""
+
+class Tier:
+    """One layer's waiting tokens: host records (kvscope.kvformats.recall_records) of `capacity` slots per row.
+
+    Each record buffer is [slots, B, H, bytes] (slot-major; the stores are [B, H, slots, ...]) with every field of a
+    slot side by side, so the slots one eviction adds, and the slots a recall streams back, are one contiguous span of
+    each buffer: one asynchronous copy each way. (A strided span of pinned memory is copied through a pageable
+    temporary, which blocks the host until the GPU's queue drains; a copy per field is a launch per field.)"""
 
     def __init__(self, layer, capacity: int):
         st = layer.state
@@ -62,7 +80,8 @@ class Tier:
         self.store_kind = layer.settings.kv_dtype or _dense_name(layer.compute_dtype)  # the layer's own format
         self.kind = recall_format(self.store_kind)  # the tier's
         self.dtype = layer.compute_dtype
-        self.head_dim = layer.head_dim
+        self.records = recall_records(self.store_kind, layer.head_dim, _dense_name(self.dtype))
+        self.store_names = [f[0] for fields, _ in self.records for f in fields if f[0] not in META_NAMES]
         self.pin = st.valid.is_cuda  # pinned host memory: copies to and from it are asynchronous
         self.capacity = capacity
         self.buffers = self._allocate(capacity)
@@ -71,98 +90,112 @@ class Tier:
         self.used = 0
         self.stream = torch.cuda.Stream(device=st.valid.device) if self.pin else None
 
-    def _allocate(self, capacity: int) -> dict[tuple, torch.Tensor]:
-        """Every host buffer, allocated pinned at once: a pageable buffer pinned afterwards would be allocated, zeroed
-        and copied once more (gigabytes for a long prompt)."""
-        from kvscope.cache.arena import TORCH_TYPES
-
-        b, h = self.rows
-        out = {("store", name): _host((capacity, b, h, *shape[3:]), TORCH_TYPES[k], self.pin)
-               for name, shape, k in layout_of(self.kind, b, h, capacity, self.head_dim, self.dtype)}
-        for name, dtype in (("position", torch.long), ("score", torch.float32), ("valid", torch.bool)):
-            out[(name,)] = _host((capacity, b, h), dtype, self.pin)
-        return out
+    def _allocate(self, capacity: int) -> list[torch.Tensor]:
+        """Every record buffer, allocated pinned at once: a pageable buffer pinned afterwards would be allocated,
+        zeroed and copied once more (gigabytes for a long prompt)."""
+        return [torch.empty((capacity, *self.rows, size), dtype=torch.uint8, pin_memory=self.pin)
+                for _, size in self.records]
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.buffers.values())
+        return sum(t.nbytes for t in self.buffers)
 
-    def add(self, layer, evict: torch.Tensor, count: int) -> None:
-        """Move the slots `evict` marks ([B, H, S] bool) here, before the layer invalidates them. `count` is a bound
-        the host knows on what any row evicts (the layer's held-token bound minus what it keeps), so no device read
-        is needed: rows that evict fewer are padded with slots marked not valid."""
-        count = min(count, layer.capacity)
-        if count <= 0:
-            return
-        if self.used + count > self.capacity:  # the host's bound, not what rows evict, can pass the tier's size
-            self._grow(self.used + count + layer.room)
+    def add(self, layer, slots: torch.Tensor, leaves: torch.Tensor) -> None:
+        """Move a layer's `slots` ([B, H, n]) here, before the layer invalidates them; `leaves` [B, H, n] marks the
+        ones evicted (the others are kept or empty: not valid here). One gather per field writes straight into the
+        records' places of a device staging buffer, then one copy per record crosses to the host."""
+        n = slots.shape[-1]
+        if self.used + n > self.capacity:  # the host's bound, not what rows evict, can pass the tier's size
+            self._grow(self.used + n + layer.room)
+        staging = [torch.empty((n, *self.rows, size), dtype=torch.uint8, device=slots.device)
+                   for _, size in self.records]
+        fields = {name: t.movedim(0, 2) for name, t in _views(staging, self.records).items()}  # [B, H, n, ...]
         st = layer.state
-        slots = torch.argsort((~evict).to(torch.int8), dim=-1, stable=True)[:, :, :count]  # evicted slots first
-        parts = {**{("store", n): t for n, t in self._stored(layer, slots).items()},
-                 ("position",): st.position.gather(-1, slots), ("score",): st.score.gather(-1, slots),
-                 ("valid",): evict.gather(-1, slots)}
-        parts = {key: t.movedim(2, 0).contiguous() for key, t in parts.items()}  # slot-major, as the host buffers
-        span = slice(self.used, self.used + count)
+        torch.gather(st.position, -1, slots, out=fields["position"])
+        torch.gather(st.score, -1, slots, out=fields["score"])
+        fields["valid"].copy_(leaves)
+        self._gather_store(layer, slots, fields)
+        span = slice(self.used, self.used + n)
         if self.stream is not None:
             self.stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.stream):
-                self._copy(span, parts)
-            for t in parts.values():  # their memory is reused once the copy is done, not when the tier is freed
+                self._copy(span, staging)
+            for t in staging:  # their memory is reused once the copy is done, not when the tier is freed
                 t.record_stream(self.stream)
         else:
-            self._copy(span, parts)
-        self.used += count
+            self._copy(span, staging)
+        self.used += n
 
-    def _stored(self, layer, slots: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The tier-format tensors [B, H, n, ...] of a layer's `slots`: the store's own bytes when the tier keeps its
-        format (exact, and no dequantizing of the whole store), else re-quantized on the device (int4 waits as int8)."""
+    def _gather_store(self, layer, slots: torch.Tensor, fields: dict[str, torch.Tensor]) -> None:
+        """The tier-format store tensors of a layer's `slots` into `fields`: the store's own bytes when the tier keeps
+        its format (exact, and no dequantizing of the whole store), else re-quantized on the device (int4 waits as
+        int8)."""
         if self.kind == self.store_kind:
-            return {n: gather_slots(t, slots) for n, t in layer.store.tensors().items()}
+            for name, t in layer.store.tensors().items():
+                gather_slots(t, slots, out=fields[name])
+            return
         k, v = read_slots(layer, slots)
-        staging = make_store(self.kind, *k.shape[:3], self.head_dim, self.dtype, k.device)
+        staging = make_store(self.kind, *k.shape[:3], layer.head_dim, self.dtype, k.device)
         staging.write_range(0, k, v)
-        return staging.tensors()
+        for name, t in staging.tensors().items():
+            fields[name].copy_(t)
 
-    def _copy(self, span: slice, parts: dict) -> None:
-        for key, t in parts.items():
-            self.buffers[key][span].copy_(t, non_blocking=True)
+    def _copy(self, span: slice, staging: list[torch.Tensor]) -> None:
+        for buffer, t in zip(self.buffers, staging):
+            buffer[span].copy_(t, non_blocking=True)
 
     def _grow(self, need: int) -> None:
         self.wait()
         old, self.capacity = self.buffers, need
         self.buffers = self._allocate(self.capacity)
-        for key, t in old.items():
-            self.buffers[key][:self.used].copy_(t[:self.used])
+        for new, t in zip(self.buffers, old):
+            new[:self.used].copy_(t[:self.used])
 
     def wait(self) -> None:
         if self.stream is not None:
             self.stream.synchronize()
 
-    def to_device(self, name: str, span: slice, device) -> torch.Tensor:
-        """[B, H, n] of the per-slot buffer `name` over `span`, on `device`."""
-        return self.buffers[(name,)][span].to(device, non_blocking=True).movedim(0, 2)
+    def first_record(self, span: slice, device) -> dict[str, torch.Tensor]:
+        """The fields of the first record (what scoring reads) over `span`, [B, H, n, ...] on `device`: one copy."""
+        moved = self.buffers[0][span].to(device, non_blocking=True)
+        return {name: t.movedim(0, 2) for name, t in _views([moved], self.records[:1]).items()}
 
-    def keys(self, span: slice, device) -> torch.Tensor:
-        """Keys of the tier slots `span` on `device`: for a dense tier only the keys cross to the GPU (half the
-        bytes); a quantized one keeps keys and values in one buffer, so both go."""
-        keys = self.buffers.get(("store", "keys"))
-        if keys is None or keys.dtype != self.dtype:
-            return self.keys_values(span, device)[0]
-        return keys[span].to(device, non_blocking=True).movedim(0, 2)
+    def to_device(self, name: str, span: slice, device) -> torch.Tensor:
+        """[B, H, n, ...] of the field `name` over `span`, on `device` (its whole record crosses)."""
+        for buffer, record in zip(self.buffers, self.records):
+            if any(f[0] == name for f in record[0]):
+                moved = buffer[span].to(device, non_blocking=True)
+                return _views([moved], [record])[name].movedim(0, 2)
+        raise KeyError(name)
+
+    def keys(self, fields: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+        """Keys [B, H, n, D] from the fields of the first record (`first_record`), in `dtype`: a dense tier's as they
+        are, a quantized one's dequantized."""
+        if "keys" in fields:
+            return fields["keys"].to(dtype)
+        return self._store(fields).read(fields["valid"].shape[-1], dtype)[0]
 
     def keys_values(self, index: torch.Tensor | slice, device) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of the tier slots `index` (a slice, or [B, H, n] per row), dequantized on `device`."""
-        raw = {key[1]: t for key, t in self.buffers.items() if key[0] == "store"}
         if isinstance(index, slice):  # one contiguous span: an asynchronous copy from pinned memory
-            moved = {n: t[index].to(device, non_blocking=True).movedim(0, 2).contiguous() for n, t in raw.items()}
-        else:
-            moved = {n: gather_slots(t.movedim(0, 2), index).to(device, non_blocking=True) for n, t in raw.items()}
-        n = next(iter(moved.values())).shape[2]
-        return wrap_store(self.kind, moved).read(n, self.dtype)
+            moved = [t[index].to(device, non_blocking=True).movedim(0, 2) for t in self.buffers]
+        else:  # each row's records gathered on the host, then one copy per record
+            moved = [gather_slots(t.movedim(0, 2), index).to(device, non_blocking=True) for t in self.buffers]
+        fields = _views(moved, self.records)
+        return self._store(fields).read(fields["valid"].shape[-1], self.dtype)
+
+    def _store(self, fields: dict[str, torch.Tensor]):
+        return wrap_store(self.kind, {name: fields[name].contiguous() for name in self.store_names})
 
 
-def _host(shape, dtype, pin: bool) -> torch.Tensor:
-    return torch.empty(shape, dtype=dtype, pin_memory=pin)
+def _views(buffers: list[torch.Tensor], records) -> dict[str, torch.Tensor]:
+    """Every field of `records` as a typed view [..., *shape] of its record buffer [..., bytes]."""
+    out = {}
+    for buffer, (fields, _) in zip(buffers, records):
+        for name, shape, kind, offset in fields:
+            t = buffer[..., offset:offset + math.prod(shape) * ELEMENT_BYTES[kind]].view(TORCH_TYPES[kind])
+            out[name] = t.unflatten(-1, shape) if shape else t[..., 0]
+    return out
 
 
 def _dense_name(dtype: torch.dtype) -> str:
@@ -184,12 +217,11 @@ def recall(layer, tier: Tier, query: torch.Tensor, positions: torch.Tensor, scal
     among them), drop the rest. Returns how many came back (in the row that took the most)."""
     tier.wait()
     st, settings = layer.state, layer.settings
-    device, capacity, t = st.valid.device, layer.capacity, tier.used
-    weights = _question_weights(layer, tier, query, scaling)  # [B, H, W, S + T]
-    held = slice(0, t)
-    both = SlotState(valid=torch.cat([st.valid, tier.to_device("valid", held, device)], -1),
-                     position=torch.cat([st.position, tier.to_device("position", held, device)], -1),
-                     score=torch.cat([st.score, tier.to_device("score", held, device)], -1), newest=st.newest.clone())
+    device, capacity = st.valid.device, layer.capacity
+    weights, waiting = _question_weights(layer, tier, query, scaling)  # [B, H, W, S + T]; fields [B, H, T]
+    both = SlotState(valid=torch.cat([st.valid, waiting["valid"]], -1),
+                     position=torch.cat([st.position, waiting["position"]], -1),
+                     score=torch.cat([st.score, waiting["score"]], -1), newest=st.newest.clone())
     policy = settings.policy
     policy.observe(both, Observation(weights, positions, rows=query.shape[2], first=True))
     del weights
@@ -212,37 +244,50 @@ def recall(layer, tier: Tier, query: torch.Tensor, positions: torch.Tensor, scal
     return count
 
 
-def _key_chunks(layer, tier: Tier, dtype: torch.dtype):
-    """(keys [B, H, n, D], valid [B, H, n]) of the resident slots, then of the waiting tokens one chunk at a time."""
-    device, step = layer.state.valid.device, max(1, layer.room)
-    yield layer.store.read(layer.capacity, dtype)[0], layer.state.valid
-    for start in range(0, tier.used, step):
-        span = slice(start, min(tier.used, start + step))
-        yield tier.keys(span, device), tier.to_device("valid", span, device)
+def _key_chunks(layer, tier: Tier, dtype: torch.dtype, span: int):
+    """(keys [B, H, n, D], valid [B, H, n], the first record's fields or None) of the resident slots, then of the
+    waiting tokens `span` at a time."""
+    device = layer.state.valid.device
+    yield layer.store.read(layer.capacity, dtype)[0], layer.state.valid, None
+    for start in range(0, tier.used, span):
+        fields = tier.first_record(slice(start, min(tier.used, start + span)), device)
+        yield tier.keys(fields, dtype), fields["valid"], fields
 
 
-def _question_weights(layer, tier: Tier, query: torch.Tensor, scaling: float) -> torch.Tensor:
-    """[B, H, W, S + T]: each question query's softmax over the resident then the waiting tokens, averaged over the
-    query heads of each KV head. Two passes over the keys, one chunk on the GPU at a time: the first finds each query
-    head's log-sum-exp, the second writes the averaged weights. The fp32 logits of every token at once would take g
-    (query heads per KV head) times the weights' bytes: 4x for Llama 3, more than a chunk of KV at a long prompt."""
+def _question_weights(layer, tier: Tier, query: torch.Tensor, scaling: float):
+    """([B, H, W, S + T]: each question query's softmax over the resident then the waiting tokens, averaged over the
+    query heads of each KV head; the waiting tokens' position, score and validity [B, H, T] on the device).
+
+    Two passes over the keys, a span of waiting tokens on the GPU at a time: the first finds each query head's
+    log-sum-exp (and keeps the per-slot fields it streamed), the second writes the averaged weights. The fp32 logits of
+    every token at once would take g (query heads per KV head) times the weights' bytes: 4x for Llama 3, more than a
+    chunk of KV at a long prompt. A span's logits take at most SPAN_BYTES: few launches, little memory."""
     b, hq, w, d = query.shape
     h = layer.state.valid.shape[1]
-    grouped = query.reshape(b, h, (hq // h) * w, d).float() * scaling  # once, not per chunk
+    rows = (hq // h) * w
+    grouped = query.reshape(b, h, rows, d).float() * scaling  # once, not per span
+    span = max(1, layer.room, SPAN_BYTES // (b * h * rows * 4))
 
     def logits(keys, valid):
         return (grouped @ keys.float().transpose(-1, -2)).masked_fill_(~valid[:, :, None, :], float("-inf"))
 
-    lse = None
-    for keys, valid in _key_chunks(layer, tier, query.dtype):
+    waiting = {name: torch.empty(b, h, tier.used, dtype=TORCH_TYPES[kind], device=query.device)
+               for name, _, kind in RECALL_META}
+    lse, at = None, 0
+    for keys, valid, fields in _key_chunks(layer, tier, query.dtype, span):
         part = torch.logsumexp(logits(keys, valid), -1)  # [B, H, g*W]
         lse = part if lse is None else torch.logaddexp(lse, part)
+        if fields is not None:
+            n = valid.shape[-1]
+            for name in META_NAMES:
+                waiting[name][..., at:at + n].copy_(fields[name])
+            at += n
     lse = lse.clamp_min(-1e30)[..., None]  # a query with no valid token: weights 0, not NaN
     out = torch.empty(b, h, w, layer.capacity + tier.used, dtype=torch.float32, device=query.device)
     at = 0
-    for keys, valid in _key_chunks(layer, tier, query.dtype):
+    for keys, valid, _ in _key_chunks(layer, tier, query.dtype, span):
         weights = logits(keys, valid).sub_(lse).exp_()
         n = weights.shape[-1]
         out[..., at:at + n] = weights.view(b, h, hq // h, w, n).mean(2)
         at += n
-    return out
+    return out, waiting

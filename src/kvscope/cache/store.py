@@ -26,12 +26,16 @@ def layout_of(kv: str, batch: int, heads: int, slots: int, head_dim: int, dtype:
     return formats_layout(kv, batch, heads, slots, head_dim, TYPE_NAMES[dtype])
 
 
-def gather_slots(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`t` [B, H, S, ...]'s slots `index` [B, H, n] along dim 2. One-byte float types are gathered as bytes (no fp8
-    gather on the CPU)."""
-    raw = t.view(torch.uint8) if t.element_size() == 1 and t.is_floating_point() else t
-    out = raw.gather(2, index.reshape(*index.shape, *[1] * (t.dim() - 3)).expand(*index.shape, *t.shape[3:]))
-    return out.view(t.dtype)
+def gather_slots(t: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`t` [B, H, S, ...]'s slots `index` [B, H, n] along dim 2, into `out` (any strides) when given. One-byte float
+    types are gathered as bytes (no fp8 gather on the CPU)."""
+    as_bytes = t.element_size() == 1 and t.is_floating_point()
+    raw = t.view(torch.uint8) if as_bytes else t
+    index = index.reshape(*index.shape, *[1] * (t.dim() - 3)).expand(*index.shape, *t.shape[3:])
+    if out is None:
+        return raw.gather(2, index).view(t.dtype)
+    torch.gather(raw, 2, index, out=out.view(torch.uint8) if as_bytes else out)
+    return out
 
 
 class DenseStore:

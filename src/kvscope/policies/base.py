@@ -166,11 +166,16 @@ def select_evictions(scores: torch.Tensor, state: SlotState, budget: int) -> tor
 
     Lowest score goes first; equal scores go oldest-position first. Invalid slots are never selected.
     """
-    count = state.valid.sum(-1, keepdim=True)
-    excess = (count - budget).clamp_min(0)
-    order = score_then_age(scores, state).argsort(dim=-1)
+    order, excess = eviction_order(scores, state, budget)
     rank = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
     return torch.zeros_like(state.valid).scatter(-1, order, rank < excess)
+
+
+def eviction_order(scores: torch.Tensor, state: SlotState, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(every slot [B, H, S] in eviction order: lowest score first, equal scores oldest first, invalid slots last;
+    how many of each row's first slots go [B, H, 1]) so that each row keeps at most `budget` tokens."""
+    excess = (state.valid.sum(-1, keepdim=True) - budget).clamp_min(0)
+    return score_then_age(scores, state).argsort(dim=-1), excess
 
 
 def score_then_age(scores: torch.Tensor, state: SlotState) -> torch.Tensor:
