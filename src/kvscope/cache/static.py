@@ -49,8 +49,11 @@ def insert(layer, key: torch.Tensor, value: torch.Tensor, position: torch.Tensor
     return slot
 
 
-def attend(layer, query: torch.Tensor, slot: torch.Tensor, position: torch.Tensor, scaling: float) -> torch.Tensor:
-    """Attention [B, Hq, 1, D] of one query per row over every slot; a policy that reads attention observes it."""
+def attend(layer, query: torch.Tensor, slot: torch.Tensor, position: torch.Tensor, scaling: float,
+           defer=None) -> torch.Tensor:
+    """Attention [B, Hq, 1, D] of one query per row over every slot; a policy that reads attention observes it.
+    `defer(fn, *tensors)`, when given, runs the observation off the step's path (kvscope.runtime.step): it writes
+    only the policy's scores, which nothing reads before the step ends."""
     from kvscope.cache.layer import attention_weights, grouped_attention
 
     st, policy = layer.state, layer.settings.policy
@@ -72,7 +75,11 @@ def attend(layer, query: torch.Tensor, slot: torch.Tensor, position: torch.Tenso
             weights = attention_weights(query, k, mask, scaling)
     if observe:
         wide = weights if policy.narrow_decode_weights else widen(weights, layer.capacity)
-        policy.observe(st, Observation(wide, position[:, None]))
+        observation = Observation(wide, position[:, None])
+        if defer is None:
+            policy.observe(st, observation)
+        else:
+            defer(lambda: policy.observe(st, observation), wide, weights)
     return out
 
 

@@ -24,6 +24,33 @@ def _linear(x: torch.Tensor, wb) -> torch.Tensor:
     return F.linear(x, wb[0], wb[1])
 
 
+class SideStream:
+    """Work of a step that nothing on its path reads before the step ends (a policy's observation: it writes only the
+    policy's scores), on a second CUDA stream forked where the work is issued and joined at the step's end (`join`),
+    so it overlaps the rest of the layer instead of waiting its turn. The observation of lru at a 2k budget runs on 8
+    of the H200's 132 SMs for 9 us a layer: about 0.29 ms of a 5.3 ms step. On the CPU the work runs in place.
+
+    The tensors the work reads are held until the join: the allocator may not hand their memory to later work of the
+    step (the next layer's weights) while the second stream still reads it, in a capture as in an eager step."""
+
+    def __init__(self, device):
+        self.stream = torch.cuda.Stream(device=device) if torch.device(device).type == "cuda" else None
+        self.held: list[torch.Tensor] = []
+
+    def __call__(self, fn, *tensors) -> None:
+        if self.stream is None:
+            return fn()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            fn()
+        self.held.extend(tensors)
+
+    def join(self) -> None:
+        if self.stream is not None:
+            torch.cuda.current_stream().wait_stream(self.stream)
+            self.held.clear()
+
+
 class DecodeStep:
     """The decode step of `weights` (a `_compat.DecodeWeights`) over the layers of one `BudgetedCache`."""
 
@@ -33,6 +60,7 @@ class DecodeStep:
         self.ptr = cache.settings.queue_ptr
         self.tokens = torch.zeros(batch, dtype=torch.long, device=device)  # this step's input ids [B]
         self.positions = torch.zeros(batch, dtype=torch.long, device=device)  # their true positions [B]
+        self.side = SideStream(device)
 
     def __call__(self) -> torch.Tensor:
         """Logits [B, V] of the next token; inserts this step's tokens and advances positions and the queue."""
@@ -53,7 +81,7 @@ class DecodeStep:
             k = k.view(b, 1, w.kv_heads, w.head_dim).transpose(1, 2)  # [B, H, 1, D]
             v = v.view(b, 1, w.kv_heads, w.head_dim).transpose(1, 2)
             slot = static.insert(layer, k, v, self.positions, self.ptr, rope=(q, cos, sin))  # RoPE in place
-            attn = static.attend(layer, q, slot, self.positions, w.scaling)  # [B, Hq, 1, D]
+            attn = static.attend(layer, q, slot, self.positions, w.scaling, defer=self.side)  # [B, Hq, 1, D]
             o = _linear(attn.transpose(1, 2).reshape(b, 1, w.heads * w.head_dim), lw.o)
             x = add_rmsnorm(residual, o, lw.post_norm, w.eps)
             if lw.gate_up is not None:
@@ -62,6 +90,7 @@ class DecodeStep:
                 delta = _linear(silu_mul(gu[..., :half], gu[..., half:]), lw.down)
             else:
                 delta = _linear(silu_mul(_linear(x, lw.gate), _linear(x, lw.up)), lw.down)
+        self.side.join()  # before the positions the observations read advance
         x = add_rmsnorm(residual, delta, w.norm, w.eps)
         self.positions.add_(1)
         self.ptr.add_(1)
