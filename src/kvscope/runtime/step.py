@@ -36,6 +36,7 @@ class SideStream:
     def __init__(self, device):
         self.stream = torch.cuda.Stream(device=device) if torch.device(device).type == "cuda" else None
         self.held: list[torch.Tensor] = []
+        self.forked = False
 
     def __call__(self, fn, *tensors) -> None:
         if self.stream is None:
@@ -44,11 +45,14 @@ class SideStream:
         with torch.cuda.stream(self.stream):
             fn()
         self.held.extend(tensors)
+        self.forked = True
 
     def join(self) -> None:
-        if self.stream is not None:
+        """Only after a fork: in a capture, waiting on a stream the capture never forked to is an error."""
+        if self.forked:
             torch.cuda.current_stream().wait_stream(self.stream)
             self.held.clear()
+            self.forked = False
 
 
 class DecodeStep:
