@@ -112,7 +112,7 @@ def part_gpu(args) -> dict:
         print("gpu bytes", fmt, row, flush=True)
         _save(args, CUDA_FILE, out)
         row["decode"] = {}
-        for batch in (1, 32):
+        for batch in (1, 32) if not args.no_decode else ():
             row["decode"][str(batch)] = _decode(model, spec, batch, args.new)
             print("gpu decode", fmt, batch, row["decode"][str(batch)], flush=True)
             _save(args, CUDA_FILE, out)
@@ -125,7 +125,9 @@ def part_gpu(args) -> dict:
         elif left < args.capacity_seconds:
             row["capacity"]["skipped"] = f"{left:.0f} s left of --deadline {args.deadline}"
         else:
-            row["capacity"].update(_capacity_run(model, spec, predicted))
+            probes = _capacity_probes(model, spec, predicted, args, start)
+            row["capacity"].update(probes[0])
+            row["capacity"]["probes"] = probes
             row["capacity"]["planned_peak"] = plan(spec, w.with_(batch=predicted), gpu_memory=total,
                                                    advice=False).peak_bytes
         print("gpu capacity", fmt, row["capacity"], flush=True)
@@ -150,20 +152,45 @@ def _decode(model, spec, batch: int, new: int) -> dict:
     return {"tps": None, "error": error}
 
 
+def _capacity_probes(model, spec, predicted: int, args, start: float) -> list[dict]:
+    """The planner's batch, then (`--capacity-probes`) one less after an OOM, one more after a run that fits, until a
+    batch that fits sits next to one that does not, or the probes or the deadline run out."""
+    probes = [_capacity_run(model, spec, predicted)]
+    while len(probes) < args.capacity_probes and args.deadline - (time.monotonic() - start) > args.capacity_seconds:
+        tried = {p["batch"]: p["ok"] for p in probes}
+        fits = [b for b, ok in tried.items() if ok]
+        fails = [b for b, ok in tried.items() if not ok]
+        if fits and fails and min(fails) == max(fits) + 1:
+            break
+        batch = max(fits) + 1 if fits and not fails else (min(fails) - 1)
+        probes.append(_capacity_run(model, spec, batch))
+        print("gpu capacity probe", probes[-1], flush=True)
+    return probes
+
+
 def _capacity_run(model, spec, batch: int) -> dict:
+    """One generation of `batch` 4096-token prompts + 16 new tokens: whether it fits, its allocated and reserved
+    peaks, and for an OOM the phase it reached and what the allocator held then (reserved, allocated, and the free
+    bytes inside split blocks: fragmentation)."""
     from kvscope.cache import BudgetedCache
     from kvscope.runtime import generate
 
     base = clean()
     t = time.perf_counter()
+    seen = {"phase": "setup"}
     try:
         ids = torch.randint(10, spec.vocab_size, (batch, 4096), device="cuda")
         cache = BudgetedCache(model, "full", budget_tokens=4096 + 16)
-        generate(model, ids, cache, max_new_tokens=16)
+        generate(model, ids, cache, max_new_tokens=16, on_phase=lambda phase, *_: seen.update(phase=phase))
         torch.cuda.synchronize()
-        result = {"ok": True, "peak": torch.cuda.max_memory_allocated(), "baseline": base}
+        result = {"ok": True, "peak": torch.cuda.max_memory_allocated(), "baseline": base,
+                  "peak_reserved": torch.cuda.max_memory_reserved()}
     except torch.OutOfMemoryError as exc:
-        result = {"ok": False, "error": str(exc).split("\n")[0][:200]}
+        stats = torch.cuda.memory_stats()
+        result = {"ok": False, "error": str(exc).split("\n")[0][:200], "phase": seen["phase"],
+                  "reserved_at_oom": stats.get("reserved_bytes.all.current"),
+                  "allocated_at_oom": stats.get("allocated_bytes.all.current"),
+                  "inactive_split_at_oom": stats.get("inactive_split_bytes.all.current")}
     finally:
         ids = cache = None
         clean()
@@ -209,14 +236,24 @@ def render(directory: Path = DATA) -> list[str]:
 
 
 def _capacity_cell(cap: dict) -> str:
+    if len(cap.get("probes", [])) > 1:
+        return "; ".join(f"{p['batch']}: {_probe_cell(p)}" for p in cap["probes"])
+    return _probe_cell(cap)
+
+
+def _probe_cell(cap: dict) -> str:
     if cap.get("ok"):
         if not {"peak", "planned_peak"} <= set(cap):
             return "ran"
         peak, planned = cap["peak"], cap["planned_peak"]
         error = 100 * (planned - peak) / peak
-        return f"ran, peak {peak / 2**30:.2f} GiB, planned {planned / 2**30:.2f} GiB ({error:+.2f}%)"
+        reserved = f", reserved {cap['peak_reserved'] / 2**30:.2f} GiB" if cap.get("peak_reserved") else ""
+        return f"ran, peak {peak / 2**30:.2f} GiB{reserved}, planned {planned / 2**30:.2f} GiB ({error:+.2f}%)"
     if cap.get("ok") is False:
-        return f"OOM: {cap.get('error', '')}"
+        where = f" in {cap['phase']}" if cap.get("phase") else ""
+        held = (f" (reserved {cap['reserved_at_oom'] / 2**30:.2f} GiB, allocated {cap['allocated_at_oom'] / 2**30:.2f})"
+                if cap.get("reserved_at_oom") else "")
+        return f"OOM{where}{held}: {cap.get('error', '')}"
     if "skipped" in cap:
         return f"not run ({cap['skipped']})"
     return "not measured"
@@ -282,6 +319,10 @@ def main(argv=None) -> int:
                    help="formats whose capacity run is measured (int4 prefills slowly at a large batch: minutes)")
     p.add_argument("--capacity-seconds", type=float, default=40,
                    help="time left that a measured capacity run needs to start (default 40)")
+    p.add_argument("--capacity-probes", type=int, default=1,
+                   help="capacity runs per format: the planner's batch, then one less after an OOM or one more after "
+                        "a fit, until the boundary shows (default 1)")
+    p.add_argument("--no-decode", action="store_true", help="skip the decode timings (bytes and capacity only)")
     args = p.parse_args(argv)
     args.command = command_line()
     if args.render:

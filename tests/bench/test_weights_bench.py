@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 
+import pytest
 from benchmarks import common
 
 from kvscope.planner import measured
@@ -67,3 +69,21 @@ def test_sections_render_from_data(tmp_path, monkeypatch):
     missing = " | ".join(["not measured"] * 4)
     assert f"| int8 | 0 | 0 | load: ImportError: no | {missing} |" in text
     assert "rebuild this section with `python -m benchmarks.weights --render`" in text
+
+
+@pytest.mark.parametrize("predicted,largest,want", [(248, 246, [248, 247, 246]), (244, 246, [244, 245, 246, 247]),
+                                                    (246, 246, [246, 247])])
+def test_capacity_probes_walk_to_the_boundary(monkeypatch, predicted, largest, want):
+    """From the planner's batch, one less after an OOM, one more after a fit, until a fit sits next to an OOM."""
+    monkeypatch.setattr(wb, "_capacity_run", lambda model, spec, batch: {"ok": batch <= largest, "batch": batch})
+    args = argparse.Namespace(capacity_probes=8, deadline=1e9, capacity_seconds=0)
+    probes = wb._capacity_probes(None, None, predicted, args, time.monotonic())
+    assert [p["batch"] for p in probes] == want
+    cell = wb._capacity_cell({"probes": probes})
+    assert f"{largest}: ran" in cell and f"{largest + 1}: OOM" in cell
+
+
+def test_capacity_probes_stop_at_their_count(monkeypatch):
+    monkeypatch.setattr(wb, "_capacity_run", lambda model, spec, batch: {"ok": False, "batch": batch})
+    args = argparse.Namespace(capacity_probes=2, deadline=1e9, capacity_seconds=0)
+    assert [p["batch"] for p in wb._capacity_probes(None, None, 248, args, time.monotonic())] == [248, 247]
