@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 from pathlib import Path
 
@@ -243,17 +244,22 @@ def _capacity_cell(cap: dict) -> str:
 
 def _probe_cell(cap: dict) -> str:
     if cap.get("ok"):
-        if not {"peak", "planned_peak"} <= set(cap):
+        if "peak" not in cap:
             return "ran"
-        peak, planned = cap["peak"], cap["planned_peak"]
-        error = 100 * (planned - peak) / peak
-        reserved = f", reserved {cap['peak_reserved'] / 2**30:.2f} GiB" if cap.get("peak_reserved") else ""
-        return f"ran, peak {peak / 2**30:.2f} GiB{reserved}, planned {planned / 2**30:.2f} GiB ({error:+.2f}%)"
+        parts = [f"peak {cap['peak'] / 2**30:.2f} GiB"]
+        if cap.get("peak_reserved"):
+            parts.append(f"reserved {cap['peak_reserved'] / 2**30:.2f} GiB")
+        if "planned_peak" in cap:
+            error = 100 * (cap["planned_peak"] - cap["peak"]) / cap["peak"]
+            parts.append(f"planned {cap['planned_peak'] / 2**30:.2f} GiB ({error:+.2f}%)")
+        return "ran, " + ", ".join(parts)
     if cap.get("ok") is False:
-        where = f" in {cap['phase']}" if cap.get("phase") else ""
+        asked = re.search(r"Tried to allocate ([\d.]+ [KMG]iB)", cap.get("error", ""))
+        if not (cap.get("phase") and asked):  # an older record: its message as it was kept
+            return f"OOM: {cap.get('error', '')}"
         held = (f" (reserved {cap['reserved_at_oom'] / 2**30:.2f} GiB, allocated {cap['allocated_at_oom'] / 2**30:.2f})"
                 if cap.get("reserved_at_oom") else "")
-        return f"OOM{where}{held}: {cap.get('error', '')}"
+        return f"OOM in {cap['phase']} asking for {asked.group(1)}{held}"
     if "skipped" in cap:
         return f"not run ({cap['skipped']})"
     return "not measured"

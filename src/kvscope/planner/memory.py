@@ -232,8 +232,14 @@ def phases(spec: ModelSpec, w: Workload) -> list[Phase]:
     out = hf_phases(spec, w, weights) if w.runtime == "hf" else kvscope_phases(spec, w, weights)
     if w.weights is None:
         return out
-    return [replace(p, activations=p.activations + product_temporary_bytes(spec, w, phase_tokens(w, p.name)))
-            for p in out]
+    sets = weight_format(w.weights).prefill_slack_sets  # what a prefill's freed temporaries leave reserved
+    return [_with_products(p, product_temporary_bytes(spec, w, phase_tokens(w, p.name)), sets) for p in out]
+
+
+def _with_products(p: Phase, temporary: int, sets: int) -> Phase:
+    """A phase with its products' temporaries allocated, and in a prefill `sets` more of them reserved."""
+    return replace(p, activations=p.activations + temporary, slack=p.slack + (sets * temporary if p.name == "prefill"
+                                                                               else 0))
 
 
 def overhead_bytes(phases: list[Phase]) -> int:
