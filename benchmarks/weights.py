@@ -81,6 +81,9 @@ def part_cpu(args) -> dict:
 
 
 # --- gpu -------------------------------------------------------------------------------------------------------------
+PREFILL_BATCH = 8  # prompts of the prefill timing: 32k tokens, long enough for the products to dominate
+
+
 def part_gpu(args) -> dict:
     from kvscope.models import load
     from kvscope.models.spec import ModelSpec
@@ -117,6 +120,10 @@ def part_gpu(args) -> dict:
             row["decode"][str(batch)] = _decode(model, spec, batch, args.new)
             print("gpu decode", fmt, batch, row["decode"][str(batch)], flush=True)
             _save(args, CUDA_FILE, out)
+        if not args.no_decode:
+            row["prefill"] = _prefill(model, spec, PREFILL_BATCH, 4096)
+            print("gpu prefill", fmt, row["prefill"], flush=True)
+            _save(args, CUDA_FILE, out)
         w = Workload(batch=1, context=4096, new_tokens=16, runtime="kvscope", policy="full", weights=weights)
         predicted = search.max_batch(spec, w, total)
         row["capacity"] = {"predicted": predicted}
@@ -151,6 +158,28 @@ def _decode(model, spec, batch: int, new: int) -> dict:
             error = f"{mode}: {type(exc).__name__}: {exc}"[:300]
             clean()
     return {"tps": None, "error": error}
+
+
+def _prefill(model, spec, batch: int, context: int) -> dict:
+    """Prefill tokens/s of `batch` prompts of `context` tokens through kvscope's runtime (its default chunks), the
+    second of two runs (the first compiles and warms the allocator)."""
+    from kvscope.cache import BudgetedCache
+    from kvscope.runtime import generate
+
+    ids = torch.randint(10, spec.vocab_size, (batch, context), device="cuda")
+    try:
+        for _ in range(2):
+            clean()
+            cache = BudgetedCache(model, "full", budget_tokens=context + 1)
+            seconds = generate(model, ids, cache, max_new_tokens=1).prefill_seconds
+            cache = None
+    except Exception as exc:  # noqa: BLE001 - one format failing must not lose the others
+        return {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    finally:
+        ids = cache = None
+        clean()
+    return {"batch": batch, "context": context, "seconds": round(seconds, 3),
+            "tps": round(batch * context / seconds, 1)}
 
 
 def _capacity_probes(model, spec, predicted: int, args, start: float) -> list[dict]:
@@ -305,10 +334,20 @@ def _cuda_table(d: dict) -> str:
         rows.append({"fmt": fmt, "alloc": f"{r.get('allocated_bytes', 0):,}",
                      "planned": f"{r.get('planned_bytes', 0):,}",
                      "err": f"{r['error_pct']:+.3f}%" if "error_pct" in r else r.get("error", ""),
-                     "b1": speed("1"), "b32": speed("32"), "batch": cap.get("predicted", "not measured"), "ran": ran})
+                     "b1": speed("1"), "b32": speed("32"), "prefill": _prefill_cell(r, d),
+                     "batch": cap.get("predicted", "not measured"), "ran": ran})
     return table(rows, [("fmt", "weights"), ("alloc", "allocated bytes"), ("planned", "planned bytes"),
                              ("err", "error"), ("b1", "decode tok/s, batch 1"), ("b32", "batch 32"),
+                             ("prefill", f"prefill tok/s, {PREFILL_BATCH} x 4k"),
                              ("batch", "largest batch at 4k (planner)"), ("ran", "measured at it")])
+
+
+def _prefill_cell(r: dict, d: dict) -> str:
+    mine, base = r.get("prefill", {}), d["formats"].get("bf16", {}).get("prefill", {})
+    if not mine.get("tps"):
+        return mine.get("error", "not measured")
+    ratio = f" ({mine['tps'] / base['tps']:.2f}x)" if base.get("tps") and r is not d["formats"].get("bf16") else ""
+    return f"{mine['tps']:,.0f}{ratio}"
 
 
 def main(argv=None) -> int:

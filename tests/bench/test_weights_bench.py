@@ -22,10 +22,11 @@ def cuda_run() -> dict:
             "decode_context": 1024, "decode_new": 64, "capacity_context": 4096, "capacity_new": 16, "decode": {},
             "formats": {
                 "bf16": {"allocated_bytes": 16_060_522_752, "planned_bytes": 16_060_522_496, "error_pct": 0.0,
-                         "decode": {"1": {"tps": 200.0}, "32": {"tps": 150.0}},
+                         "decode": {"1": {"tps": 200.0}, "32": {"tps": 150.0}}, "prefill": {"tps": 20000.0},
                          "capacity": {"predicted": 237, "skipped": "9 s left of --deadline 105"}},
                 "int4": {"allocated_bytes": 5_809_700_000, "planned_bytes": 5_809_643_520, "error_pct": 0.001,
                          "decode": {"1": {"tps": 300.0}, "32": {"tps": None, "error": "auto: RuntimeError: x"}},
+                         "prefill": {"tps": 5000.0},
                          "capacity": {"predicted": 255, "ok": True, "peak": 100 * 2**30, "planned_peak": 101 * 2**30}},
                 "int8": {"error": "load: ImportError: no"}}}
 
@@ -61,12 +62,12 @@ def test_sections_render_from_data(tmp_path, monkeypatch):
     text = page.read_text()
     assert "| int8 | 20.2 | +1.00% | 5/6 | 100 | 100 | 75% | 12 |" in text
     assert "- int4: not run on the CPU: --weights int4 needs a CUDA GPU" in text
-    row = "| int4 | 5,809,700,000 | 5,809,643,520 | +0.001% | 300.0 (1.50x) | auto: RuntimeError: x | 255 | " \
-        "ran, peak 100.00 GiB, planned 101.00 GiB (+1.00%) |"
+    row = "| int4 | 5,809,700,000 | 5,809,643,520 | +0.001% | 300.0 (1.50x) | auto: RuntimeError: x | " \
+        "5,000 (0.25x) | 255 | ran, peak 100.00 GiB, planned 101.00 GiB (+1.00%) |"
     assert row in text
-    assert "| bf16 | 16,060,522,752 | 16,060,522,496 | +0.000% | 200.0 | 150.0 | 237 | not run (9 s left of " \
+    assert "| bf16 | 16,060,522,752 | 16,060,522,496 | +0.000% | 200.0 | 150.0 | 20,000 | 237 | not run (9 s left of " \
         "--deadline 105) |" in text
-    missing = " | ".join(["not measured"] * 4)
+    missing = " | ".join(["not measured"] * 5)
     assert f"| int8 | 0 | 0 | load: ImportError: no | {missing} |" in text
     assert "rebuild this section with `python -m benchmarks.weights --render`" in text
 
