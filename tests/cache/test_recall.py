@@ -207,6 +207,31 @@ def test_the_question_weights_are_one_softmax_over_resident_and_waiting_tokens(t
     assert checked and all(checked)
 
 
+@pytest.mark.parametrize("policy", ["snapkv", "tova"])
+def test_a_span_of_the_question_holds_at_most_span_bytes(tiny, monkeypatch, policy):
+    """What one span puts on the device (its record, fp32 keys, the question's logits) stays within SPAN_BYTES, also
+    for tova, whose one observed query makes the logits small and the keys the bound."""
+    from kvscope.cache import recall as module
+
+    monkeypatch.setattr(module, "SPAN_BYTES", 16 * 1024)
+    spans, original = [], module.Tier.first_record
+
+    def spy(self, span, device):
+        fields = original(self, span, device)
+        spans.append((self, span.stop - span.start))
+        return fields
+
+    monkeypatch.setattr(module.Tier, "first_record", spy)
+    cache = BudgetedCache(tiny, policy, budget_tokens=SNAP, chunk_size=CHUNK, recall="cpu")
+    generate(tiny, ids(batch=2, length=2 * PROMPT), cache, max_new_tokens=1, chunk_size=CHUNK)
+    layer = cache.layers[0]
+    b, h = layer.state.valid.shape[:2]
+    rows = min(module.window(cache.settings.policy), CHUNK) * tiny.config.num_attention_heads // h  # the last chunk's
+    per_token = b * h * (spans[0][0].records[0][1] + layer.head_dim * 4 + rows * 4)
+    assert spans and max(n for _, n in spans) * per_token <= 16 * 1024
+    assert len(spans) > 2 * len(cache.layers)  # the tier took more than one span a pass
+
+
 def test_gpu_side_stays_within_budget_plus_one_chunk_and_the_tier_is_freed(tiny, monkeypatch):
     sizes = []
     original = BudgetedLayer._chunk

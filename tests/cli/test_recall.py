@@ -22,8 +22,9 @@ def test_plan_prices_the_recall_tier(capsys):
     spec = spec_for("llama-3.1-8b")
     w = Workload(batch=2, context=32768, new_tokens=16, runtime="kvscope", budget_tokens=2048, policy="snapkv",
                  recall="cpu")
-    # bf16: 32 layers x 8 KV heads x (2 x 128 x 2 B of keys and values + 13 B of position, score, validity)
-    assert d["host_bytes"] == recall_host_bytes(spec, w) == 32 * 2 * 8 * 32768 * (2 * 128 * 2 + 13)
+    # bf16: 32 layers x 8 KV heads x two records a slot: position, score, keys and validity (8 + 4 + 256 + 1, padded
+    # to 272 B), then the values (256 B)
+    assert d["host_bytes"] == recall_host_bytes(spec, w) == 32 * 2 * 8 * 32768 * (272 + 256)
     code, out, _ = run(capsys, "plan", "llama-3.1-8b", "--context", "32768", "--runtime", "kvscope", "--budget", "2048",
                        "--policy", "snapkv", "--format", "json")
     assert json.loads(out)["host_bytes"] == 0

@@ -160,6 +160,27 @@ def test_a_failed_capture_falls_back_to_eager_with_one_warning(models, monkeypat
     assert sum("capture failed" in str(w.message) for w in caught) == 1
 
 
+def test_an_oom_in_a_capture_after_the_side_stream_forked_comes_out_as_an_oom(models, monkeypatch):
+    """lru's observation forks a second stream in every layer; an OOM in a later layer of a capture still reaches the
+    caller as an OOM (the doctor reads it), not as a capture that failed on an unjoined stream."""
+    from kvscope.cache import static
+
+    model = models[torch.float32]
+    original = static.insert
+
+    def insert(layer, *args, **kwargs):
+        if layer.index == 1 and torch.cuda.is_current_stream_capturing():
+            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+        return original(layer, *args, **kwargs)
+
+    monkeypatch.setattr(static, "insert", insert)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(torch.OutOfMemoryError, match="test"):
+            run(model, "graph", "lru")
+    assert not any("capture failed" in str(w.message) for w in caught)
+
+
 def test_dense_prefill_and_graph_decode_match_plain_generate_in_fp32(models):
     model = models[torch.float32]
     ids = torch.randint(3, 512, (2, 300), generator=torch.Generator().manual_seed(3)).cuda()  # no padding

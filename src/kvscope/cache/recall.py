@@ -10,7 +10,7 @@ observation window, or `RECALL_WINDOW` rows for a policy that observes every que
 resident or waiting (the waiting ones stream through the GPU a span at a time); the policy scores them all with that
 attention as it scores an observation; the best `budget` are the ones resident when the chunk attends. The others are
 dropped and the tier is freed. KV on the GPU never exceeds budget + one chunk, plus one span of waiting keys in
-flight (its logits at most SPAN_BYTES).
+flight (what a span holds on the device is at most SPAN_BYTES).
 
 Only kvscope's runtime (`kvscope.runtime.generate`) says which forward is a prompt's last; `model.generate()` prefills
 in one forward and never recalls. Copies to the tier run on a side CUDA stream and overlap the next chunk's compute.
@@ -31,7 +31,9 @@ from kvscope.policies.base import Observation, SlotState, select_evictions
 RECALL_WINDOW = 32  # question rows that score the recall, for a policy that observes every query (h2o, lru)
 MODES = ("cpu",)
 META_NAMES = tuple(name for name, _, _ in RECALL_META)
-SPAN_BYTES = 16 * 1024**2  # fp32 logits of one span of waiting tokens that the question's scoring holds at once
+# device bytes one span of waiting tokens holds while the question scores it (`_span`): half of one 512-token chunk of
+# Llama-3-8B's KV (all layers); at 32k under snapkv the prefill's peak is no higher with the tier than without
+SPAN_BYTES = 32 * 1024**2
 
 
 def check_recall(policy, offload: bool, recall: str | None) -> None:
@@ -261,12 +263,12 @@ def _question_weights(layer, tier: Tier, query: torch.Tensor, scaling: float):
     Two passes over the keys, a span of waiting tokens on the GPU at a time: the first finds each query head's
     log-sum-exp (and keeps the per-slot fields it streamed), the second writes the averaged weights. The fp32 logits of
     every token at once would take g (query heads per KV head) times the weights' bytes: 4x for Llama 3, more than a
-    chunk of KV at a long prompt. A span's logits take at most SPAN_BYTES: few launches, little memory."""
+    chunk of KV at a long prompt. A span holds at most SPAN_BYTES (`_span`): few launches, little memory."""
     b, hq, w, d = query.shape
     h = layer.state.valid.shape[1]
     rows = (hq // h) * w
     grouped = query.reshape(b, h, rows, d).float() * scaling  # once, not per span
-    span = max(1, layer.room, SPAN_BYTES // (b * h * rows * 4))
+    span = _span(tier, b * h, rows, d)
 
     def logits(keys, valid):
         return (grouped @ keys.float().transpose(-1, -2)).masked_fill_(~valid[:, :, None, :], float("-inf"))
@@ -291,3 +293,14 @@ def _question_weights(layer, tier: Tier, query: torch.Tensor, scaling: float):
         out[..., at:at + n] = weights.view(b, h, hq // h, w, n).mean(2)
         at += n
     return out, waiting
+
+
+def _span(tier: Tier, rows_bh: int, rows: int, head_dim: int) -> int:
+    """Waiting tokens one span of the question's scoring takes so that what it holds on the device stays within
+    SPAN_BYTES: per token and (sequence, KV head) row, its first record as it crossed, its keys in fp32, the fp32
+    logits of the `rows` question rows, and for a quantized tier the contiguous copy and the keys and values it
+    dequantizes. A policy that observes one query (tova) has few rows, so the keys, not the logits, bound it."""
+    per_token = tier.records[0][1] + head_dim * 4 + rows * 4
+    if "keys" not in tier.store_names:  # quantized: keys and values dequantized together, from a contiguous copy
+        per_token += tier.records[0][1] + 2 * head_dim * torch.finfo(tier.dtype).bits // 8
+    return max(1, SPAN_BYTES // (rows_bh * per_token))

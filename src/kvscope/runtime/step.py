@@ -13,6 +13,8 @@ Shapes in comments: B rows, Hq query heads, H KV heads, D head_dim, N hidden, I 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -50,9 +52,17 @@ class SideStream:
     def join(self) -> None:
         """Only after a fork: in a capture, waiting on a stream the capture never forked to is an error."""
         if self.forked:
-            torch.cuda.current_stream().wait_stream(self.stream)
-            self.held.clear()
-            self.forked = False
+            try:
+                torch.cuda.current_stream().wait_stream(self.stream)
+            finally:
+                self.held.clear()
+                self.forked = False
+
+    def join_after_error(self) -> None:
+        """A step that raised still joins, so that a capture it was part of can end and its own error (an OOM, for
+        the doctor) comes out, not the capture's complaint of an unjoined stream; an error joining is dropped."""
+        with contextlib.suppress(Exception):  # the step's own error is the one to raise
+            self.join()
 
 
 class DecodeStep:
@@ -69,9 +79,23 @@ class DecodeStep:
     def __call__(self) -> torch.Tensor:
         """Logits [B, V] of the next token; inserts this step's tokens and advances positions and the queue."""
         w = self.w
-        b = self.tokens.shape[0]
         residual = F.embedding(self.tokens, w.embed)[:, None, :]  # [B, 1, N]
         cos, sin = w.rotary(residual, self.positions[:, None])  # [B, 1, D]
+        try:
+            delta = self._layers(residual, cos, sin)
+        except BaseException:
+            self.side.join_after_error()
+            raise
+        self.side.join()  # before the positions the observations read advance
+        x = add_rmsnorm(residual, delta, w.norm, w.eps)
+        self.positions.add_(1)
+        self.ptr.add_(1)
+        return _linear(x[:, 0], w.lm_head)  # [B, V]
+
+    def _layers(self, residual: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Every layer of the step on `residual` [B, 1, N] (updated in place); the last layer's MLP output."""
+        w = self.w
+        b = self.tokens.shape[0]
         delta = None
         nq, nk = w.heads * w.head_dim, w.kv_heads * w.head_dim
         for layer, lw in zip(self.layers, w.layers):
@@ -94,8 +118,4 @@ class DecodeStep:
                 delta = _linear(silu_mul(gu[..., :half], gu[..., half:]), lw.down)
             else:
                 delta = _linear(silu_mul(_linear(x, lw.gate), _linear(x, lw.up)), lw.down)
-        self.side.join()  # before the positions the observations read advance
-        x = add_rmsnorm(residual, delta, w.norm, w.eps)
-        self.positions.add_(1)
-        self.ptr.add_(1)
-        return _linear(x[:, 0], w.lm_head)  # [B, V]
+        return delta
