@@ -208,8 +208,8 @@ def part_monitor(model, spec, args) -> dict:
 
 def part_profile(model, spec, args) -> dict:
     """Where a batch-1 decode step's GPU time goes: torch.profiler over graph replays. `full` (the default): 1k
-    context, 32 replays. An evicting `--profile-policy`: budget 2048 on a 4,096-token prompt, `evict_batch=32`, 64
-    replays (two evictions), as the policies part decodes."""
+    context, 32 replays. An evicting `--profile-policy`: budget 2048 on a 4,096-token prompt (the policies part uses
+    32k: the decode after it is the same, the prefill shorter), `evict_batch=32`, 64 replays (two evictions)."""
     policy = args.profile_policy
     if policy == "full":
         ids, steps = torch.randint(10, spec.vocab_size, (1, 1024), device="cuda"), 32

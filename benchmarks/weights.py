@@ -193,6 +193,8 @@ def _capacity_probes(model, spec, predicted: int, args, start: float) -> list[di
         if fits and fails and min(fails) == max(fits) + 1:
             break
         batch = max(fits) + 1 if fits and not fails else (min(fails) - 1)
+        if batch < 1:
+            break
         probes.append(_capacity_run(model, spec, batch))
         print("gpu capacity probe", probes[-1], flush=True)
     return probes
@@ -266,8 +268,10 @@ def render(directory: Path = DATA) -> list[str]:
 
 
 def _capacity_cell(cap: dict) -> str:
-    if len(cap.get("probes", [])) > 1:
-        return "; ".join(f"{p['batch']}: {_probe_cell(p)}" for p in cap["probes"])
+    probes = cap.get("probes", [])
+    if len(probes) > 1:  # the first probe is the planner's batch: its planned peak goes with it
+        first = {**probes[0], "planned_peak": cap["planned_peak"]} if "planned_peak" in cap else probes[0]
+        return "; ".join(f"{p['batch']}: {_probe_cell(p)}" for p in [first, *probes[1:]])
     return _probe_cell(cap)
 
 
@@ -313,7 +317,8 @@ def _cuda_head(d: dict) -> str:
            "allocator, less the model's buffers (RoPE), against `kvscope plan`. Decode: kvscope's runtime, "
            f"{d['decode_context']}-token prompts, {d['decode_new']} steps timed after the CUDA graphs are captured, "
            f"tokens/s per sequence. Capacity: the planner's largest batch of {d['capacity_context']}-token prompts + "
-           f"{d['capacity_new']} new tokens (kvscope runtime, bf16 KV, full cache), and one measured run at it.\n\n")
+           f"{d['capacity_new']} new tokens (kvscope runtime, bf16 KV, full cache), and the runs measured from it "
+           "(with more than one, each batch tried and what it did).\n\n")
     return md
 
 

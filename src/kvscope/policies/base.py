@@ -105,7 +105,9 @@ class Policy:
         state.score.scatter_(-1, slots, 0.0)
 
     def observe(self, state: SlotState, obs: Observation) -> None:
-        """Update `state.score` from attention weights (only called when `attention != "none"`)."""
+        """Update `state.score` from attention weights (only called when `attention != "none"`). Write nothing else:
+        on CUDA a decode step's observation runs on a second stream, joined at the step's end (kvscope.runtime.step),
+        and nothing on the step's path reads the scores before then."""
 
     def keep_scores(self, state: SlotState, budget: int) -> torch.Tensor:
         raise NotImplementedError

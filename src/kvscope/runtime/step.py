@@ -43,7 +43,7 @@ class SideStream:
     def __call__(self, fn, *tensors) -> None:
         if self.stream is None:
             return fn()
-        self.stream.wait_stream(torch.cuda.current_stream())
+        self.stream.wait_stream(torch.cuda.current_stream(self.stream.device))  # the step's device, not the default
         with torch.cuda.stream(self.stream):
             fn()
         self.held.extend(tensors)
@@ -53,7 +53,7 @@ class SideStream:
         """Only after a fork: in a capture, waiting on a stream the capture never forked to is an error."""
         if self.forked:
             try:
-                torch.cuda.current_stream().wait_stream(self.stream)
+                torch.cuda.current_stream(self.stream.device).wait_stream(self.stream)
             finally:
                 self.held.clear()
                 self.forked = False
