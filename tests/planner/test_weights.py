@@ -133,6 +133,14 @@ def test_measured_effects_come_from_the_data_files(tmp_path, monkeypatch):
                                                   "batch 32 (-20%) (llama-3.1-8b on H200)")
         assert measured.perplexity_change("int8") == "perplexity 10.000 -> 10.100 (+1.00%; smollm2-135m on CPU)"
         assert measured.perplexity_change("fp8") == "perplexity not measured"
+        assert measured.prefill_change("int8") == "prefill speed not measured"
+        (tmp_path / "weights-cuda.later.json").write_text(json.dumps(
+            {"model": "llama-3.1-8b", "device": "H200", "formats": {
+                "bf16": {"prefill": {"batch": 8, "context": 4096, "tps": 31046.3}},
+                "int4": {"prefill": {"batch": 8, "context": 4096, "tps": 2044.6}}}}))
+        measured._read.cache_clear()
+        assert measured.prefill_change("int4") == ("prefill 31,046 -> 2,045 tok/s for 8 x 4096 tokens (-93%; "
+                                                   "llama-3.1-8b on H200)")
     finally:
         measured._read.cache_clear()
 

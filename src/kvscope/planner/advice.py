@@ -135,7 +135,8 @@ def _slow_formats(batch: int) -> list[str]:
 
 def weights_tradeoff(spec: ModelSpec, w: Workload, fmt: str) -> str:
     """What `--weights fmt` frees and buys, in numbers: weight bytes before and after, the KV tokens the freed memory
-    holds, and the measured decode speed and perplexity change (kvscope.planner.measured; "not measured" if none)."""
+    holds, and the measured decode and prefill speed and perplexity change (kvscope.planner.measured; "not measured"
+    if none)."""
     from kvscope.planner import measured
 
     before = spec.weights_bytes(w.dtype, w.tp, weights=w.weights)
@@ -144,7 +145,7 @@ def weights_tradeoff(spec: ModelSpec, w: Workload, fmt: str) -> str:
     tokens = freed // spec.kv_bytes_per_token(w.kv_dtype, w.tp)
     return (f"frees {format_bytes(freed)} of weight memory (weights {format_bytes(before)} -> {format_bytes(after)}), "
             f"not KV: that memory holds {tokens:,} more {w.kv_dtype} KV tokens; {measured.decode_change(fmt)}; "
-            f"{measured.perplexity_change(fmt)}")
+            f"{measured.prefill_change(fmt)}; {measured.perplexity_change(fmt)}")
 
 
 def _weights_fix(spec: ModelSpec, w: Workload, fmt: str, add) -> None:

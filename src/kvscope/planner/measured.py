@@ -68,6 +68,21 @@ def decode_ratio(fmt: str, batch: int) -> float | None:
     return mine[nearest] / base[nearest]
 
 
+def prefill_change(fmt: str) -> str:
+    """Prefill tokens/s of `fmt` against the dense weights measured in the same run (benchmarks.weights times a batch
+    of 4k prompts), or "not measured"."""
+    names = ["weights-cuda.json"] + sorted(p.name for p in DATA.glob("weights-cuda.*.json"))
+    for name in names:
+        data = _read(name)
+        rows = data.get("formats") or {}
+        mine, base = (rows.get(fmt) or {}).get("prefill") or {}, (rows.get("bf16") or {}).get("prefill") or {}
+        if mine.get("tps") and base.get("tps"):
+            a, b = base["tps"], mine["tps"]
+            return (f"prefill {a:,.0f} -> {b:,.0f} tok/s for {mine['batch']} x {mine['context']} tokens "
+                    f"({(b - a) / a:+.0%}; {data.get('model', '?')} on {data.get('device', '?')})")
+    return f"prefill speed {NOT_MEASURED}"
+
+
 def perplexity_change(fmt: str) -> str:
     """Perplexity of `fmt` against the dense weights on the same text, or "not measured"."""
     data = _read("weights-cpu.json")
