@@ -28,7 +28,8 @@ from benchmarks.quality_cases import passkey_cases, perplexity_ids
 from benchmarks.quality_runners import budget_for, kvscope_passkey, log, ppl_stream, run_direct
 
 DATA = ROOT / "docs" / "data" / "recall.json"
-KVPRESS = ROOT / "docs" / "data" / "quality-2k-30.base.json"
+# kvpress's rows of the same cases: 2k (30 cases, 28 presses), 4k (10 cases, 28 presses)
+KVPRESS = [ROOT / "docs" / "data" / "quality-2k-30.base.json", ROOT / "docs" / "data" / "recall.kvpress-4k.json"]
 DEPTHS = "0.05,0.15,0.25,0.35,0.45,0.55,0.65,0.75,0.85,0.95"
 MODES = ("one-chunk", "chunked", "recall")
 

@@ -159,17 +159,18 @@ def _earlier_runs(meta: dict) -> str:
     return "\n".join(lines) + "\n\n" if lines else ""
 
 
-def render(data: dict, kvpress_path: Path, data_path: str = "docs/data/recall.json") -> str:
+def render(data: dict, kvpress_paths: list[Path], data_path: str = "docs/data/recall.json") -> str:
+    """The section; `kvpress_paths`: the quality benchmark's runs whose kvpress rows are compared (by case id)."""
     md = section_head(TITLE, data["meta"], data_path, f"python -m benchmarks.recall --render --out {data_path}",
                       "recall")
-    text, rows = passkey_table(data, _rows(kvpress_path))
+    text, rows = passkey_table(data, [r for path in kvpress_paths for r in _rows(path)])
     md += _earlier_runs(data["meta"])
     md += ("Passkey, question after the text, the embedded SmolLM2-135M on the CPU, fp32. One chunk: the policy sees "
            "the whole prompt before it evicts (at 2k, rows from `docs/data/quality-2k-30.kvscope.json`, the same "
            "cases; at 4k, this data's own). "
            f"Chunked: kvscope run's default bounded prefill of {data['chunk']} tokens, the device holding budget + one "
            "chunk. Recall: the same, with `recall=\"cpu\"`. kvpress: the best of its presses on the same token ids "
-           f"(`{_rel(kvpress_path)}`).\n\n")
+           f"({', '.join(f'`{_rel(p)}`' for p in kvpress_paths if Path(p).exists())}).\n\n")
     md += text + "\n\n"
     md += f"**Verdict.** {verdict(rows)}.\n\nDevice memory: {memory_line(data)}.\n\n"
     md += "Time per case on this CPU (2 shared cores, other work running):\n\n" + seconds_table(data) + "\n\n"
