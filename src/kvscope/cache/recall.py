@@ -22,7 +22,7 @@ import math
 
 import torch
 
-from kvscope.cache.arena import TORCH_TYPES
+from kvscope.cache.arena import TORCH_TYPES, TYPE_NAMES
 from kvscope.cache.store import gather_slots, make_store, wrap_store
 from kvscope.errors import usage
 from kvscope.kvformats import ELEMENT_BYTES, RECALL_META, recall_format, recall_records
@@ -79,10 +79,10 @@ class Tier:
     def __init__(self, layer, capacity: int):
         st = layer.state
         self.rows = tuple(st.valid.shape[:2])
-        self.store_kind = layer.settings.kv_dtype or _dense_name(layer.compute_dtype)  # the layer's own format
+        self.store_kind = layer.settings.kv_dtype or TYPE_NAMES[layer.compute_dtype]  # the layer's own format
         self.kind = recall_format(self.store_kind)  # the tier's
         self.dtype = layer.compute_dtype
-        self.records = recall_records(self.store_kind, layer.head_dim, _dense_name(self.dtype))
+        self.records = recall_records(self.store_kind, layer.head_dim, TYPE_NAMES[self.dtype])
         self.store_names = [f[0] for fields, _ in self.records for f in fields if f[0] not in META_NAMES]
         self.pin = st.valid.is_cuda  # pinned host memory: copies to and from it are asynchronous
         self.capacity = capacity
@@ -198,12 +198,6 @@ def _views(buffers: list[torch.Tensor], records) -> dict[str, torch.Tensor]:
             t = buffer[..., offset:offset + math.prod(shape) * ELEMENT_BYTES[kind]].view(TORCH_TYPES[kind])
             out[name] = t.unflatten(-1, shape) if shape else t[..., 0]
     return out
-
-
-def _dense_name(dtype: torch.dtype) -> str:
-    from kvscope.cache.arena import TYPE_NAMES
-
-    return TYPE_NAMES[dtype]
 
 
 def read_slots(layer, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,9 +14,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-import torch
-
 from kvscope.cache import BudgetedCache
+from kvscope.cache.arena import TYPE_NAMES
 from kvscope.kvformats import INT4_RESIDUAL, kv_format
 
 
@@ -151,8 +150,8 @@ def slot_bytes(model, kv_dtype: str | None) -> int:
     from kvscope import _compat
 
     layers, _, kv_heads, head_dim = _compat.attention_heads(model)
-    return layers * kv_heads * kv_format(kv_dtype or _dense_name(model)).bytes_per_head_token(head_dim,
-                                                                                             _dense_bytes(model))
+    fmt = kv_format(kv_dtype or TYPE_NAMES[next(model.parameters()).dtype])  # None: the model's own dtype
+    return layers * kv_heads * fmt.bytes_per_head_token(head_dim, _dense_bytes(model))
 
 
 def fixed_bytes(model, kv_dtype: str | None) -> int:
@@ -167,7 +166,3 @@ def fixed_bytes(model, kv_dtype: str | None) -> int:
 
 def _dense_bytes(model) -> int:
     return next(model.parameters()).element_size()
-
-
-def _dense_name(model) -> str:
-    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[next(model.parameters()).dtype]
