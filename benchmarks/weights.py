@@ -116,11 +116,11 @@ def part_gpu(args) -> dict:
         print("gpu bytes", fmt, row, flush=True)
         _save(args, CUDA_FILE, out)
         row["decode"] = {}
-        for batch in (1, 32) if not args.no_decode else ():
-            row["decode"][str(batch)] = _decode(model, spec, batch, args.new)
-            print("gpu decode", fmt, batch, row["decode"][str(batch)], flush=True)
-            _save(args, CUDA_FILE, out)
         if not args.no_decode:
+            for batch in (1, 32):
+                row["decode"][str(batch)] = _decode(model, spec, batch, args.new)
+                print("gpu decode", fmt, batch, row["decode"][str(batch)], flush=True)
+                _save(args, CUDA_FILE, out)
             row["prefill"] = _prefill(model, spec, PREFILL_BATCH, 4096)
             print("gpu prefill", fmt, row["prefill"], flush=True)
             _save(args, CUDA_FILE, out)

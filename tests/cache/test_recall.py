@@ -165,10 +165,10 @@ def test_a_tier_grows_keeping_what_it_holds(tiny):
     k, _ = tier.keys_values(slice(0, 3), "cpu")
     stored, _ = layer.store.read(layer.capacity, torch.float32)
     assert torch.equal(k, stored[:, :, :3])
-    assert torch.equal(tier.to_device("position", slice(0, 3), "cpu"), st.position[:, :, :3])
+    assert torch.equal(tier.first_record(slice(0, 3), "cpu")["position"], st.position[:, :, :3])
     k, v = tier.keys_values(slice(0, tier.used), "cpu")
-    assert torch.equal(k, stored) and torch.equal(tier.to_device("valid", slice(0, tier.used), "cpu"), st.valid)
-    assert torch.equal(tier.to_device("score", slice(0, tier.used), "cpu"), st.score)
+    assert torch.equal(k, stored) and torch.equal(tier.first_record(slice(0, tier.used), "cpu")["valid"], st.valid)
+    assert torch.equal(tier.first_record(slice(0, tier.used), "cpu")["score"], st.score)
 
 
 @pytest.mark.parametrize("kv_dtype,span_bytes", [(None, None), (None, 1), ("int8", 1)])
@@ -187,11 +187,11 @@ def test_the_question_weights_are_one_softmax_over_resident_and_waiting_tokens(t
     def spy(layer, tier, query, scaling):
         got, waiting = original(layer, tier, query, scaling)
         held = slice(0, tier.used)
-        checked.extend(torch.equal(waiting[name], tier.to_device(name, held, query.device))
+        checked.extend(torch.equal(waiting[name], tier.first_record(held, query.device)[name])
                        for name in ("position", "score", "valid"))
         keys = torch.cat([layer.store.read(layer.capacity, query.dtype)[0],
                           tier.keys_values(slice(0, tier.used), query.device)[0]], 2)
-        valid = torch.cat([layer.state.valid, tier.to_device("valid", slice(0, tier.used), query.device)], -1)
+        valid = torch.cat([layer.state.valid, tier.first_record(slice(0, tier.used), query.device)["valid"]], -1)
         b, hq, w, _ = query.shape
         h = keys.shape[1]
         grouped = query.reshape(b, h, (hq // h) * w, query.shape[-1]).float()

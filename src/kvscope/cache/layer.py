@@ -19,7 +19,7 @@ from kvscope.cache.stats import EvictionEvent, LayerCounters, LayerStats
 from kvscope.cache.store import make_store
 from kvscope.errors import KvscopeError, usage
 from kvscope.kvformats import attention_block_rows
-from kvscope.policies.base import Observation, SlotState, eviction_order, widen
+from kvscope.policies.base import Observation, SlotState, eviction_order, marked, widen
 
 _, CacheLayerMixin = cache_base_classes()
 
@@ -334,8 +334,7 @@ class BudgetedLayer(CacheLayerMixin):
         # the policy scores for what stays (`keep`, not the budget): a part it protects that grows with the budget
         # (h2o's recent share) must fit in `keep`, or the row would hold more than `upper` says
         order, excess = eviction_order(s.policy.keep_scores(st, keep), st, keep)
-        leaves = torch.arange(order.shape[-1], device=order.device) < excess  # [B, H, S]: in eviction order
-        evict = torch.zeros_like(st.valid).scatter(-1, order, leaves)
+        leaves, evict = marked(order, excess, st.valid)  # in eviction order; over the slots
         self.counters.record(evict, st.position, st.newest)
         if s.recall_state == "record":  # a bounded prefill with recall: the evicted tokens wait in CPU memory
             from kvscope.cache.recall import move_to_tier

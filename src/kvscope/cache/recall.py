@@ -162,14 +162,6 @@ class Tier:
         moved = self.buffers[0][span].to(device, non_blocking=True)
         return {name: t.movedim(0, 2) for name, t in _views([moved], self.records[:1]).items()}
 
-    def to_device(self, name: str, span: slice, device) -> torch.Tensor:
-        """[B, H, n, ...] of the field `name` over `span`, on `device` (its whole record crosses)."""
-        for buffer, record in zip(self.buffers, self.records):
-            if any(f[0] == name for f in record[0]):
-                moved = buffer[span].to(device, non_blocking=True)
-                return _views([moved], [record])[name].movedim(0, 2)
-        raise KeyError(name)
-
     def keys(self, fields: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """Keys [B, H, n, D] from the fields of the first record (`first_record`), in `dtype`: a dense tier's as they
         are, a quantized one's dequantized."""

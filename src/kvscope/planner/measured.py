@@ -26,11 +26,15 @@ def _read(name: str) -> dict:
         return {}
 
 
+def _cuda_run_names() -> list[str]:
+    """The GPU runs of benchmarks.weights, the main one first."""
+    return ["weights-cuda.json"] + sorted(p.name for p in DATA.glob("weights-cuda.*.json"))
+
+
 def _cuda_run(fmt: str) -> dict:
     """The GPU run that measured `fmt`'s decode: weights-cuda.json, else a further run (weights-cuda.<name>.json,
     each with its own dense row); {} where none did."""
-    names = ["weights-cuda.json"] + sorted(p.name for p in DATA.glob("weights-cuda.*.json"))
-    for name in names:
+    for name in _cuda_run_names():
         data = _read(name)
         if (data.get("decode") or {}).get(fmt):
             return data
@@ -71,8 +75,7 @@ def decode_ratio(fmt: str, batch: int) -> float | None:
 def prefill_change(fmt: str) -> str:
     """Prefill tokens/s of `fmt` against the dense weights measured in the same run (benchmarks.weights times a batch
     of 4k prompts), or "not measured"."""
-    names = ["weights-cuda.json"] + sorted(p.name for p in DATA.glob("weights-cuda.*.json"))
-    for name in names:
+    for name in _cuda_run_names():
         data = _read(name)
         rows = data.get("formats") or {}
         mine, base = (rows.get(fmt) or {}).get("prefill") or {}, (rows.get("bf16") or {}).get("prefill") or {}

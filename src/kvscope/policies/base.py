@@ -169,8 +169,7 @@ def select_evictions(scores: torch.Tensor, state: SlotState, budget: int) -> tor
     Lowest score goes first; equal scores go oldest-position first. Invalid slots are never selected.
     """
     order, excess = eviction_order(scores, state, budget)
-    rank = torch.arange(scores.shape[-1], device=scores.device).expand_as(order)
-    return torch.zeros_like(state.valid).scatter(-1, order, rank < excess)
+    return marked(order, excess, state.valid)[1]
 
 
 def eviction_order(scores: torch.Tensor, state: SlotState, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,6 +177,13 @@ def eviction_order(scores: torch.Tensor, state: SlotState, budget: int) -> tuple
     how many of each row's first slots go [B, H, 1]) so that each row keeps at most `budget` tokens."""
     excess = (state.valid.sum(-1, keepdim=True) - budget).clamp_min(0)
     return score_then_age(scores, state).argsort(dim=-1), excess
+
+
+def marked(order: torch.Tensor, excess: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(which slots of `order` go, in eviction order [B, H, S]; the same as a mask over the slots [B, H, S]) for
+    `eviction_order`'s result."""
+    leaves = torch.arange(order.shape[-1], device=order.device) < excess
+    return leaves, torch.zeros_like(valid).scatter(-1, order, leaves)
 
 
 def score_then_age(scores: torch.Tensor, state: SlotState) -> torch.Tensor:
