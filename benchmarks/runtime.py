@@ -149,13 +149,21 @@ def part_capacity(model, spec, args) -> dict:
     weights = spec.weights_bytes("bf16")
     out = {"total_bytes": total, "outside_bytes": outside, "weights_bytes": weights, "context": 4096, "new": 16,
            "runs": []}
-    for runtime, kv in [("kvscope", k) for k in args.kv_dtypes.split(",")] + [("hf", "bf16")]:
-        out["runs"].append(_largest_batch(model, spec, runtime, kv, total, weights, outside, args))
-        _save(args, "capacity", out)
+    kvs = args.kv_dtypes.split(",")
+    # plain generate() keeps bf16 KV only: it is measured beside kvscope's bf16 run
+    for runtime, kv in [("kvscope", k) for k in kvs] + ([("hf", "bf16")] if "bf16" in kvs else []):
+        def keep(run: dict, i: int = len(out["runs"])) -> None:
+            out["runs"][i:] = [run]
+            _save(args, "capacity", out)
+
+        keep(_largest_batch(model, spec, runtime, kv, total, weights, outside, args, on_probe=keep))
     return out
 
 
-def _largest_batch(model, spec, runtime: str, kv: str, total: int, weights: int, outside: int, args) -> dict:
+def _largest_batch(model, spec, runtime: str, kv: str, total: int, weights: int, outside: int, args,
+                   on_probe=lambda run: None) -> dict:
+    """The largest batch that runs, searched from the planner's; `on_probe` gets the run's record after every probe
+    (saved as it goes: a timeout keeps the probes done)."""
     context, new = 4096, 16
     w = Workload(batch=1, context=context, new_tokens=new, runtime=runtime, kv_dtype=kv,
                  policy="full" if runtime == "kvscope" else None)
@@ -172,16 +180,21 @@ def _largest_batch(model, spec, runtime: str, kv: str, total: int, weights: int,
         probes.append({"batch": b, "ok": good, "peak": peak, "planned_peak": planned.peak_bytes,
                        "planned_fits": planned.fits, "seconds": round(time.perf_counter() - t, 1), "error": error})
         print("capacity", runtime, kv, probes[-1], flush=True)
+        on_probe(record(max((p["batch"] for p in probes if p["ok"]), default=0), False))
         return good
+
+    def record(best: int, exact: bool) -> dict:
+        ideal = (total - weights - outside) / spec.kv_bytes_per_token(kv)
+        return {"runtime": runtime, "kv_dtype": kv, "predicted": predicted, "measured": best,
+                "tokens_in_flight": best * (context + new),
+                "share_of_ideal": round(best * (context + new) / ideal, 4), "ideal_tokens": int(ideal),
+                "exact": exact, "probes": probes}
 
     try:
         best, exact = search.largest_from(ok, predicted, 1, 4 * predicted), True
     except _OutOfProbes:
         best, exact = max((p["batch"] for p in probes if p["ok"]), default=0), False
-    ideal = (total - weights - outside) / spec.kv_bytes_per_token(kv)
-    return {"runtime": runtime, "kv_dtype": kv, "predicted": predicted, "measured": best,
-            "tokens_in_flight": best * (context + new), "share_of_ideal": round(best * (context + new) / ideal, 4),
-            "ideal_tokens": int(ideal), "exact": exact, "probes": probes}
+    return record(best, exact)
 
 
 def _one_run(model, ids, runtime: str, kv: str, context: int, new: int) -> None:
@@ -283,7 +296,7 @@ def part_cpu(model, spec, args) -> dict:
 
 
 def _save(args, part: str, data: dict) -> None:
-    path = Path(args.out) / f"runtime-{part}.json"
+    path = Path(args.out) / (f"runtime-{part}.{args.tag}.json" if args.tag else f"runtime-{part}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = {"device": device_line(), "date": time.strftime("%Y-%m-%d"), "commit": commit(), "command": args.command}
     path.write_text(json.dumps({"meta": meta, **data}, indent=1, default=str))
@@ -298,7 +311,10 @@ def main(argv=None) -> int:
     p.add_argument("--new", type=int, default=128, help="decode steps timed per kvscope run")
     p.add_argument("--plain-new", type=int, default=32, help="decode steps timed per plain generate() run")
     p.add_argument("--policies", default="lru,snapkv,streaming_llm,h2o,tova,sliding_window")
-    p.add_argument("--kv-dtypes", default="bf16", help="KV dtypes for the capacity part (bf16,int8,int4)")
+    p.add_argument("--kv-dtypes", default="bf16", help="KV dtypes for the capacity part (bf16,int8,int4); plain "
+                   "generate() is measured beside bf16")
+    p.add_argument("--tag", help="a further run of a part: saved as runtime-<part>.<tag>.json, rendered below the "
+                   "section's main run (capacity)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--profile-policy", default="full", help="the profile part's policy (evicting: budget 2048, 4k)")
     p.add_argument("--max-probes", type=int, default=5, help="capacity runs per runtime and KV dtype at most")

@@ -35,17 +35,27 @@ def _policies(d: dict) -> str:
                              ("evicted", "evicted tokens")])
 
 
-def _capacity(d: dict) -> str:
+def _capacity(d: dict, more: dict[str, dict] | None = None) -> str:
     md = (f"4,096-token prompts + {d['new']} new tokens. GPU {d['total_bytes']:,} bytes, weights "
           f"{d['weights_bytes']:,}, outside PyTorch (CUDA context) {d['outside_bytes']:,}; ideal = (GPU - weights - "
           "context) / KV bytes per token. Each probe is a real run; `exact` means the search bracketed the largest "
           "batch (it ran and the next one did not).\n\n")
+    md += _capacity_runs(d)
+    for name, extra in (more or {}).items():
+        m = extra["meta"]
+        md += (f"\n\nA further run (`docs/data/{name}`): commit {m['commit']}, {m['date']}, `{m['command']}`; GPU "
+               f"{extra['total_bytes']:,} bytes, outside PyTorch {extra['outside_bytes']:,}.\n\n"
+               + _capacity_runs(extra))
+    return md
+
+
+def _capacity_runs(d: dict) -> str:
     rows = [{**r, "share": f"{100 * r['share_of_ideal']:.1f}%"} for r in d["runs"]]
-    md += table(rows, [("runtime", "runtime"), ("kv_dtype", "KV"), ("measured", "largest batch"),
-                       ("predicted", "planner"), ("tokens_in_flight", "tokens in flight"), ("share", "of ideal"),
-                       ("exact", "exact")])
     probes = [{"runtime": r["runtime"], "kv": r["kv_dtype"], **p, "err": _err(p)} for r in d["runs"]
               for p in r["probes"]]
+    md = table(rows, [("runtime", "runtime"), ("kv_dtype", "KV"), ("measured", "largest batch"),
+                      ("predicted", "planner"), ("tokens_in_flight", "tokens in flight"), ("share", "of ideal"),
+                      ("exact", "exact")])
     md += "\nProbes (peak = `max_memory_allocated` over the baseline; planned = `kvscope plan` peak):\n\n"
     return md + table(probes, [("runtime", "runtime"), ("kv", "KV"), ("batch", "batch"), ("ok", "ran"),
                                ("peak", "peak bytes"), ("planned_peak", "planned bytes"), ("err", "planner error"),
@@ -118,4 +128,5 @@ def render(directory: Path) -> None:
         data = f"docs/data/runtime-{part}.json"
         rebuild = "python -m benchmarks.runtime --render docs/data"
         head = section_head(title, d["meta"], data, rebuild, f"runtime-{part}")
-        write_section(f"runtime-{part}", head + body(d))
+        more = {f.name: json.loads(f.read_text()) for f in sorted(directory.glob(f"runtime-{part}.*.json"))}
+        write_section(f"runtime-{part}", head + (body(d, more) if more else body(d)))
