@@ -124,6 +124,12 @@ ALIGN = 256  # every tensor of the allocation starts at a multiple of this many 
 QUEUE_MIN = 64  # free-slot queue entries of a cache with no room above its budget (refilled every QUEUE_MIN steps)
 
 Layout = list[tuple[str, tuple[int, ...], str]]  # (name, shape, element type)
+# A quantized store's read dequantizes every slot of its layer, all rows, into a [2, B, H, slots, D] dense tensor that
+# lives until that layer's attention is done. One buffer in the cache's allocation serves every layer (layers run one
+# at a time): as a fresh tensor each read, the allocator split the freed block between reads and then could not find
+# it whole (H200, llama-3.1-8b shape, int8 KV at 424 x 4112 tokens: an OOM asking for 6.65 GiB with the planner's
+# peak 2 GB under the GPU; docs/benchmarks.md, runtime-capacity).
+READ_BUFFER = "read_buffer"
 
 
 def store_layout(kv: str, batch: int, heads: int, slots: int, head_dim: int, dense: str) -> Layout:
@@ -145,7 +151,8 @@ def store_layout(kv: str, batch: int, heads: int, slots: int, head_dim: int, den
 def cache_layout(layers: int, batch: int, heads: int, head_dim: int, kv: str, dense: str, budget: int,
                  room: int) -> Layout:
     """Every tensor of a cache's one allocation: per layer its store, its slot state (valid, true position, the
-    policy's score, the newest position of each row) and its free-slot queue; one queue pointer."""
+    policy's score, the newest position of each row) and its free-slot queue; one queue pointer; for a quantized
+    store, one `READ_BUFFER` all layers share: the dense keys and values a read dequantizes into."""
     slots = budget + room
     rows = (batch, heads)
     queue = min(slots, room if room else QUEUE_MIN)
@@ -156,7 +163,10 @@ def cache_layout(layers: int, batch: int, heads: int, head_dim: int, kv: str, de
         out += [(p + "valid", (*rows, slots), "bool"), (p + "position", (*rows, slots), "int64"),
                 (p + "score", (*rows, slots), "fp32"), (p + "newest", (*rows, 1), "int64"),
                 (p + "queue", (*rows, queue), "int64"), (p + "slot_out", (*rows, 1), "int64")]
-    return out + [("queue_ptr", (), "int64")]
+    out.append(("queue_ptr", (), "int64"))
+    if kv not in DTYPE_BYTES:
+        out.append((READ_BUFFER, (2, batch, heads, slots, head_dim), dense))
+    return out
 
 
 def layout_bytes(layout: Layout, align: bool = True) -> int:

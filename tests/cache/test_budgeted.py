@@ -288,6 +288,41 @@ def test_one_allocation_for_every_layer(tiny):
     assert all(layer.capacity == 20 + 8 for layer in cache.layers)
 
 
+@pytest.mark.parametrize("kv", ["int8", "fp8"])  # int4 needs head_dim 64: tests/cache/test_quant.py on the GPU
+def test_a_quantized_cache_reads_into_one_buffer_of_its_allocation(tiny, kv, monkeypatch):
+    """Every layer's read gets the same [2, B, H, slots, D] buffer of the cache's allocation (kvscope.kvformats
+    .READ_BUFFER): no layer's dequantized keys and values come from a fresh allocation."""
+    from kvscope.cache import quant
+    from kvscope.kvformats import READ_BUFFER
+
+    cache = BudgetedCache(tiny, "full", budget_tokens=64, kv_dtype=kv)
+    given = []
+    store = quant._PerTokenStore  # int8 and fp8 share its read
+    read = store.read
+
+    def spy(self, upto, dtype, out=None):
+        given.append(out)
+        return read(self, upto, dtype, out)
+
+    monkeypatch.setattr(store, "read", spy)
+    ids, mask = prompt(batch=2, length=30)
+    generate(tiny, ids, cache, attention_mask=mask, max_new_tokens=3, chunk_size=8)
+    buffer = cache.settings.arena.views[READ_BUFFER]
+    assert buffer.shape == (2, 2, cache.kv_heads, cache.layers[0].capacity, cache.head_dim)
+    assert buffer.untyped_storage().data_ptr() == cache.settings.arena.buffer.untyped_storage().data_ptr()
+    assert given and all(out is buffer for out in given)
+    assert cache.settings.arena.nbytes == cache.allocation_bytes(2, torch.float32, 8)
+
+
+def test_a_dense_cache_has_no_read_buffer(tiny):
+    from kvscope.kvformats import READ_BUFFER
+
+    cache = BudgetedCache(tiny, "full", budget_tokens=64)
+    ids, mask = prompt(batch=2, length=30)
+    generate(tiny, ids, cache, attention_mask=mask, max_new_tokens=3, chunk_size=8)
+    assert READ_BUFFER not in cache.settings.arena.views
+
+
 def test_a_policy_that_never_evicts_has_no_room_above_its_budget(tiny):
     cache = BudgetedCache(tiny, "full", budget_tokens=50, chunk_size=8)
     ids, mask = prompt(batch=1, length=30, pad=0)

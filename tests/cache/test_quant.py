@@ -236,6 +236,12 @@ def test_fused_kernels_agree_with_eager_ops(name, dtype, monkeypatch):
         assert got.dtype == dtype and got.shape == ref.shape
         torch.testing.assert_close(got, ref, rtol=2**-7, atol=1e-6)  # an FMA may round the last bit differently
     assert eager.error() < BOUND[name] and fused.error() < BOUND[name]
+    monkeypatch.setattr(fused_mod, "USE_TRITON", True)  # into the cache's read buffer: the same values, in place
+    b, h, slots, d = fused.store.shape if name == "int4" else fused.store.data.shape[:3] + fused.store.data.shape[4:]
+    buffer = torch.empty(2, b, h, slots, d, dtype=dtype, device="cuda")
+    got = fused.store.read(150, dtype, out=buffer)
+    assert got[0].untyped_storage().data_ptr() == buffer.untyped_storage().data_ptr()
+    torch.testing.assert_close(torch.stack(got), torch.stack(fused.store.read(150, dtype)), rtol=0, atol=0)
 
 
 def test_int4_tensors_are_everything():

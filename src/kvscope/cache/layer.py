@@ -18,7 +18,7 @@ from kvscope.cache import fused
 from kvscope.cache.stats import EvictionEvent, LayerCounters, LayerStats
 from kvscope.cache.store import make_store
 from kvscope.errors import KvscopeError, usage
-from kvscope.kvformats import attention_block_rows
+from kvscope.kvformats import READ_BUFFER, attention_block_rows
 from kvscope.policies.base import Observation, SlotState, eviction_order, marked, widen
 
 _, CacheLayerMixin = cache_base_classes()
@@ -218,7 +218,7 @@ class BudgetedLayer(CacheLayerMixin):
         if fuse:
             out = self._decode(query, slots, upto, scaling, positions if policy.query_rows() else None)
         else:
-            k, v = self.store.read(upto, query.dtype)
+            k, v = self._read(upto, query.dtype)
             if self.dense:  # plain causal attention over [0, upto), the chunk at its end
                 out = causal_attention(query, k, v, scaling)
             else:
@@ -275,7 +275,7 @@ class BudgetedLayer(CacheLayerMixin):
         if ran and observe:
             out, weights = out
         elif not ran:
-            k, v = self.store.read(upto, query.dtype)
+            k, v = self._read(upto, query.dtype)
             mask = self.state.valid[:, :, :upto].scatter(-1, own[..., None], True)[:, :, None, :]
             out = grouped_attention(query, k, v, mask, scaling)
             if observe:
@@ -284,6 +284,13 @@ class BudgetedLayer(CacheLayerMixin):
             weights = widen(weights, self.capacity)
             self.settings.policy.observe(self.state, Observation(weights, positions))
         return out
+
+    def _read(self, upto: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of slots [0, upto) for attention; a quantized store dequantizes into the read buffer all
+        layers share (kvscope.kvformats.READ_BUFFER), which lives until this layer's attention is done."""
+        arena = self.settings.arena
+        out = arena.views.get(READ_BUFFER) if arena is not None else None
+        return self.store.read(upto, dtype) if out is None else self.store.read(upto, dtype, out=out)
 
     def _take_slots(self, n: int) -> tuple[torch.Tensor, int]:
         b, h = self.state.valid.shape[:2]

@@ -10,9 +10,10 @@ back in place). The byte layout is the one `kvscope.kvformats` prices, to the by
 
 Every store allocates once, in `__init__`. `read` dequantizes keys and values of [0, upto) together into one fresh
 [2, B, H, upto, D] tensor (fused path: [2, B, H, slots, D], so the size and strides are the same at every step) and
-returns its two halves; nothing loops over tokens. `nbytes` does not count that output: like the `.to(dtype)` of a
-dense read it is a transient of the attention step. On CUDA, when Triton is installed,
-the per-step work (quantize-and-write, read, the int4 ring write) runs as one fused kernel each
+returns its two halves; nothing loops over tokens. `read(..., out=)` gives the fused read that tensor to fill (the
+cache's shared read buffer, kvscope.kvformats.READ_BUFFER); the eager read allocates its own. `nbytes` does not
+count that output: like the `.to(dtype)` of a dense read it is a transient of the attention step. On CUDA, when
+Triton is installed, the per-step work (quantize-and-write, read, the int4 ring write) runs as one fused kernel each
 (kvscope.cache.quant_triton, dispatched by kvscope.cache.fused). The eager code is the reference, used on CPU and
 as the fallback (`KVSCOPE_TRITON=0` forces it); the int4 flush, once every 64 tokens, is always eager.
 
@@ -100,8 +101,8 @@ class _PerTokenStore(_Store):
         _bytes(self.data).scatter_(2, index.expand(codes.shape), _bytes(codes))
         self.params.scatter_(2, index.expand(params.shape), params)
 
-    def read(self, upto: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        ran, kv = _fast(self.data, "pertoken_read", self, upto, dtype, self.FP8)
+    def read(self, upto: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        ran, kv = _fast(self.data, "pertoken_read", self, upto, dtype, self.FP8, out)
         if ran:
             return kv[0, :, :, :upto], kv[1, :, :, :upto]
         # [2, B, H, upto, ...] views in; a fresh contiguous [2, B, H, upto, D] out
@@ -251,8 +252,8 @@ class Int4Store(_Store):
         return b, h, s, 2 * half
 
     # --- reading ---------------------------------------------------------------------------------------------------
-    def read(self, upto: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        ran, kv = _fast(self.packed, "int4_read", self, upto, dtype)
+    def read(self, upto: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        ran, kv = _fast(self.packed, "int4_read", self, upto, dtype, out)
         if ran:
             return kv[0, :, :, :upto], kv[1, :, :, :upto]
         kv = self._dequantize(self._decoded_slots(upto), dtype)[:, :, :, :upto]

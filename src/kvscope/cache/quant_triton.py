@@ -172,17 +172,19 @@ def _pertoken_read(data_ptr, params_ptr, out_ptr, upto, slots, heads, dsb, dsh, 
     tl.store(out, x.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def _output(b: int, h: int, slots: int, d: int, dtype, device) -> torch.Tensor:
-    """[2, B, H, slots, D] of which a read fills [0, upto): one allocation size per store (the caching allocator
-    reuses it at once) and the same strides at every step, as `DenseStore.read` gives."""
+def _output(b: int, h: int, slots: int, d: int, dtype, device, out: torch.Tensor | None = None) -> torch.Tensor:
+    """[2, B, H, slots, D] of which a read fills [0, upto): `out` when it is that tensor (the cache's read buffer,
+    kvscope.kvformats.READ_BUFFER), else a fresh one; the same strides at every step, as `DenseStore.read` gives."""
+    if out is not None and out.shape == (2, b, h, slots, d) and out.dtype == dtype and out.is_contiguous():
+        return out
     return torch.empty(2, b, h, slots, d, dtype=dtype, device=device)
 
 
-def pertoken_read(store, upto: int, dtype, fp8: bool) -> torch.Tensor:
+def pertoken_read(store, upto: int, dtype, fp8: bool, out: torch.Tensor | None = None) -> torch.Tensor:
     """[2, B, H, slots, D]: keys and values of slots [0, upto) in [:, :, :, :upto], the rest unset."""
     data, params = store.data, store.params
     b, h, slots, _, d = data.shape
-    out = _output(b, h, slots, d, dtype, data.device)
+    out = _output(b, h, slots, d, dtype, data.device, out)
     _pertoken_read[(triton.cdiv(upto, BLOCK_S), b * h, 2)](
         data, params, out, upto, slots, h, *data.stride()[:4], *params.stride()[:4], D=d,
         BLOCK_D=triton.next_power_of_2(d), BLOCK=BLOCK_S, FP8=fp8)
@@ -208,12 +210,12 @@ def _int4_read(packed_ptr, kp_ptr, tp_ptr, vp_ptr, res_ptr, out_ptr, upto, slots
     tl.store(out, x.to(out_ptr.dtype.element_ty), mask=m)
 
 
-def int4_read(store, upto: int, dtype) -> torch.Tensor:
+def int4_read(store, upto: int, dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """[2, B, H, slots, D]: keys and values of slots [0, upto) in [:, :, :, :upto], the rest unset."""
     packed, res = store.packed, store.residual
     _, b, h, slots, half = packed.shape
     d = 2 * half
-    out = _output(b, h, slots, d, dtype, packed.device)
+    out = _output(b, h, slots, d, dtype, packed.device, out)
     kp, tp, vp = store.key_params, store.tail_params, store.value_params
     _int4_read[(triton.cdiv(upto, BLOCK_S), b * h, 2)](
         packed, kp, tp, vp, res, out, upto, slots, h, store.groups * INT4_GROUP, *packed.stride()[:4], *kp.stride()[:4],

@@ -163,17 +163,14 @@ def attention_temporaries(spec: ModelSpec, w: Workload, queries: int, slots: int
     """Bytes kvscope's attention holds at once for `queries` new tokens against `slots` cached ones, in one layer:
     the validity snapshot [B, Hkv, S]; for one block of query rows (`attention_block_rows`), the boolean mask
     [B, Hkv, rows, S], its copy per query head [B, Hq, rows, S] and the additive mask sdpa makes from it in the model
-    dtype (last dim padded to 16); and the dequantized keys and values of a quantized store."""
+    dtype (last dim padded to 16). (A quantized store's dequantized keys and values are in the cache's allocation:
+    kvscope.kvformats.READ_BUFFER.)"""
     s = DTYPE_BYTES[w.dtype]
     heads = max(1, spec.num_heads // w.tp)
     kv_heads = spec.kv_heads_per_gpu(w.tp)
     padded = -(-slots // 16) * 16
     rows = min(queries, attention_block_rows(w.batch, heads, kv_heads, slots, s))
-    masks = w.batch * kv_heads * slots + w.batch * rows * (kv_heads * slots + heads * slots + heads * padded * s)
-    dequant = 0
-    if w.kv_dtype not in DTYPE_BYTES:
-        dequant = 2 * w.batch * kv_heads * slots * spec.head_dim * s
-    return masks + dequant
+    return w.batch * kv_heads * slots + w.batch * rows * (kv_heads * slots + heads * slots + heads * padded * s)
 
 
 def decode_step_temporaries(spec: ModelSpec, w: Workload, slots: int) -> int:
