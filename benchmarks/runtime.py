@@ -168,6 +168,7 @@ def _largest_batch(model, spec, runtime: str, kv: str, total: int, weights: int,
     w = Workload(batch=1, context=context, new_tokens=new, runtime=runtime, kv_dtype=kv,
                  policy="full" if runtime == "kvscope" else None)
     predicted = search.max_batch(spec, w, total)
+    start = args.start if args.start and runtime == "kvscope" else predicted
     probes: list[dict] = []
 
     def ok(b: int) -> bool:
@@ -191,7 +192,7 @@ def _largest_batch(model, spec, runtime: str, kv: str, total: int, weights: int,
                 "exact": exact, "probes": probes}
 
     try:
-        best, exact = search.largest_from(ok, predicted, 1, 4 * predicted), True
+        best, exact = search.largest_from(ok, start, 1, 4 * predicted), True
     except _OutOfProbes:
         best, exact = max((p["batch"] for p in probes if p["ok"]), default=0), False
     return record(best, exact)
@@ -317,6 +318,7 @@ def main(argv=None) -> int:
                    "section's main run (capacity)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--profile-policy", default="full", help="the profile part's policy (evicting: budget 2048, 4k)")
+    p.add_argument("--start", type=int, help="the capacity part's first kvscope batch (default: the planner's largest)")
     p.add_argument("--max-probes", type=int, default=5, help="capacity runs per runtime and KV dtype at most")
     p.add_argument("--cpu-new", type=int, default=48, help="decode steps timed per run of the cpu part")
     args = p.parse_args(argv)

@@ -130,6 +130,19 @@ Layout = list[tuple[str, tuple[int, ...], str]]  # (name, shape, element type)
 # it whole (H200, llama-3.1-8b shape, int8 KV at 424 x 4112 tokens: an OOM asking for 6.65 GiB with the planner's
 # peak 2 GB under the GPU; docs/benchmarks.md, runtime-capacity).
 READ_BUFFER = "read_buffer"
+INT4_FLUSH_BLOCK_BYTES = 128 * 1024**2  # an int4 flush decodes at most about this many bytes of fp32 K/V at once
+
+
+def flush_temporary_bytes(kv: str, batch: int, heads: int, slots: int, head_dim: int) -> int:
+    """What an int4 store's flush (kvscope.cache.quant.Int4Store._flush) holds at once, 0 for the other formats: its
+    per-slot masks over the whole store (the fp32 marker, its ring age, four booleans: 13 bytes a slot at their
+    peak) and about three copies of one block of rows decoded to fp32, a block being INT4_FLUSH_BLOCK_BYTES or one
+    row of the whole store, whichever is larger (a flush after evictions may span every slot)."""
+    if kv != "int4":
+        return 0
+    row = 2 * heads * slots * head_dim * 4
+    block = min(batch * row, max(INT4_FLUSH_BLOCK_BYTES, row))
+    return 13 * batch * heads * slots + 3 * block
 
 
 def store_layout(kv: str, batch: int, heads: int, slots: int, head_dim: int, dense: str) -> Layout:

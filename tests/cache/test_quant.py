@@ -334,3 +334,36 @@ def test_planner_prices_what_the_cache_allocates(tiny64, kv_dtype):
     expected += batch * tiny_spec.kv_fixed_bytes(kv_dtype, "fp32")  # the int4 window, in the model's fp32
     assert cache.allocated_bytes == expected
     assert cache.bytes_per_token(4) * tiny_spec.num_layers == tiny_spec.kv_bytes_per_token(kv_dtype)
+
+
+def test_an_int4_flush_a_row_at_a_time_is_the_same_flush(monkeypatch):
+    """The flush decodes a block of rows at a time (quant.FLUSH_BLOCK_BYTES): one row per block gives the same
+    store, byte for byte, as every row at once, through range writes, scattered writes and evictions."""
+    from kvscope.cache import quant
+
+    whole, rows = Emulated("int4", b=3, seed=11), Emulated("int4", b=3, seed=11)
+    for step in range(160):
+        for em, block in ((whole, 1 << 40), (rows, 1)):
+            monkeypatch.setattr(quant, "FLUSH_BLOCK_BYTES", block)
+            em.step(1 if step % 30 else 45, budget=100)
+    for (name, a), b in zip(whole.store.tensors().items(), rows.store.tensors().values()):
+        assert torch.equal(a, b), name
+    assert rows.error() < BOUND["int4"]
+
+
+def test_an_int4_flush_decodes_only_the_key_groups_it_touches(monkeypatch):
+    """A flush after range writes decodes the span of the flushed slots, whole key groups, not the whole store."""
+    spans = []
+    decode = Int4Store._dequantize
+
+    def spy(self, n, dtype, lo=0):
+        spans.append((lo, n))
+        return decode(self, n, dtype, lo)
+
+    monkeypatch.setattr(Int4Store, "_dequantize", spy)
+    em = Emulated("int4", slots=400, seed=3)
+    for _ in range(300):
+        em.step(1, budget=400)
+    flushes = [s for s in spans if s != (0, 400)]
+    assert flushes and all(hi - lo <= 128 and lo % 64 == 0 for lo, hi in flushes), flushes
+    assert em.error() < BOUND["int4"]

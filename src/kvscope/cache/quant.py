@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from kvscope.cache import fused
 from kvscope.cache.store import allocate, layout_of
 from kvscope.errors import usage
-from kvscope.kvformats import INT4_GROUP, INT4_RESIDUAL
+from kvscope.kvformats import INT4_FLUSH_BLOCK_BYTES, INT4_GROUP, INT4_RESIDUAL
 
 FP16_MAX = 65504.0
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
@@ -166,6 +166,7 @@ def _bytes(t: torch.Tensor) -> torch.Tensor:
 # --- int4 (KIVI) ---------------------------------------------------------------------------------------------------
 
 R = INT4_RESIDUAL
+FLUSH_BLOCK_BYTES = INT4_FLUSH_BLOCK_BYTES  # the planner prices it: kvscope.kvformats.flush_temporary_bytes
 EMPTY = -(R + 1.0)  # value-scale marker of a slot never written (see Int4Store)
 
 
@@ -267,24 +268,29 @@ class Int4Store(_Store):
         full = self.groups * INT4_GROUP
         return upto if upto >= full else -(-upto // INT4_GROUP) * INT4_GROUP
 
-    def _dequantize(self, n: int, dtype: torch.dtype) -> torch.Tensor:
-        """Keys and values of slots [0, n) as stored in the codes, [2, B, H, n, D] in `dtype` (ring not applied)."""
+    def _dequantize(self, n: int, dtype: torch.dtype, lo: int = 0) -> torch.Tensor:
+        """Keys and values of slots [lo, n) as stored in the codes, [2, B, H, n - lo, D] in `dtype` (ring not
+        applied); `lo` below the key groups' end is a group boundary."""
         b, h, _, d = self.shape
-        g = min(n // INT4_GROUP, self.groups)
-        kg, cg = g * INT4_GROUP, d // INT4_GROUP
-        codes = F.embedding(self.packed[:, :, :, :n].int(), _nibbles(dtype, self.packed.device)).view(2, b, h, n, d)
-        out = torch.empty(2, b, h, n, d, dtype=dtype, device=codes.device)
-        if g:
-            kp = self.key_params[:, :, :g, :, None]  # [B, H, g, 2, 1, D]
-            torch.addcmul(kp[:, :, :, 1], codes[0, :, :, :kg].view(b, h, g, INT4_GROUP, d), kp[:, :, :, 0],
-                          out=out[0, :, :, :kg].view(b, h, g, INT4_GROUP, d))
-        if n > kg:
-            tp = self.tail_params[:, :, :n - kg, :, :, None]  # [B, H, t, 2, cg, 1]
-            torch.addcmul(tp[:, :, :, 1], codes[0, :, :, kg:].view(b, h, n - kg, cg, INT4_GROUP), tp[:, :, :, 0],
-                          out=out[0, :, :, kg:].view(b, h, n - kg, cg, INT4_GROUP))
-        vp = self.value_params[:, :, :n, :, :, None]  # [B, H, n, 2, cg, 1]
-        torch.addcmul(vp[:, :, :, 1], codes[1].view(b, h, n, cg, INT4_GROUP), vp[:, :, :, 0],
-                      out=out[1].view(b, h, n, cg, INT4_GROUP))
+        kg, cg = self.groups * INT4_GROUP, d // INT4_GROUP
+        g0, g1 = min(lo, kg) // INT4_GROUP, min(n // INT4_GROUP, self.groups)  # the key groups in [lo, n)
+        mid = max(lo, g1 * INT4_GROUP)  # keys in [lo, mid) decode by group, [mid, n) per token (the tail)
+        codes = F.embedding(self.packed[:, :, :, lo:n].int(), _nibbles(dtype, self.packed.device))
+        codes = codes.view(2, b, h, n - lo, d)
+        out = torch.empty(2, b, h, n - lo, d, dtype=dtype, device=codes.device)
+        if g1 > g0:
+            kp = self.key_params[:, :, g0:g1, :, None]  # [B, H, g, 2, 1, D]
+            shape = (b, h, g1 - g0, INT4_GROUP, d)
+            torch.addcmul(kp[:, :, :, 1], codes[0, :, :, :mid - lo].view(shape), kp[:, :, :, 0],
+                          out=out[0, :, :, :mid - lo].view(shape))
+        if n > mid:
+            tp = self.tail_params[:, :, mid - kg:n - kg, :, :, None]  # [B, H, t, 2, cg, 1]
+            shape = (b, h, n - mid, cg, INT4_GROUP)
+            torch.addcmul(tp[:, :, :, 1], codes[0, :, :, mid - lo:].view(shape), tp[:, :, :, 0],
+                          out=out[0, :, :, mid - lo:].view(shape))
+        vp = self.value_params[:, :, lo:n, :, :, None]  # [B, H, n, 2, cg, 1]
+        torch.addcmul(vp[:, :, :, 1], codes[1].view(b, h, n - lo, cg, INT4_GROUP), vp[:, :, :, 0],
+                      out=out[1].view(b, h, n - lo, cg, INT4_GROUP))
         return out
 
     # --- writing ---------------------------------------------------------------------------------------------------
@@ -335,45 +341,85 @@ class Int4Store(_Store):
 
         Invariant kept: afterwards every touched slot has m >= 0 and its codes are its token's; every key group
         holding a touched slot is re-quantized over the slots that hold a token; nothing else changes.
+
+        Only the span of slots the flush touches is decoded and quantized again (whole key groups), a block of rows
+        at a time, so its temporaries stay under about 3 x FLUSH_BLOCK_BYTES at any batch and cache size; decoding
+        the whole store each time took [2, B, H, S, D] fp32 copies (H200, llama-3.1-8b shape, 658 x 4112 tokens:
+        an OOM asking for 10.3 GiB) and time in proportion to the cache, not to the tokens flushed.
         """
         m = self.value_params[:, :, :, 0, 0].float()  # [B, H, S]
         oldest = (self.head - self.count) % R
         pending = (m < 0) & (m > EMPTY)
         flushed = pending & (torch.remainder(-1 - m - oldest, R) < flush)  # ring age < flush
-        x = self._dequantize(self.shape[2], torch.float32)  # [2, B, H, S, D]
-        ring = self.residual.gather(3, _ring_index(m)[None, ..., None].expand(x.shape)).float()
-        x = torch.where(flushed[None, ..., None], ring, x)
-        touched = flushed
-        if keys.shape[2]:
-            x.scatter_(3, slots[None, ..., None].expand(2, *keys.shape), torch.stack((keys, values)).float())
-            touched = touched.scatter(2, slots, True)
-        holds = (m >= 0) | touched  # slots whose token counts for its key group's range
-        self._quantize_values(x[1], touched)
-        self._quantize_keys(x[0], touched, holds)
+        touched = flushed.scatter(2, slots, True) if keys.shape[2] else flushed
+        lo, hi = self._span(touched)
+        b, h, _, d = self.shape
+        rows = max(1, FLUSH_BLOCK_BYTES // (2 * h * max(1, hi - lo) * d * 4))
+        for r in range(0, b if hi > lo else 0, rows):
+            part = slice(r, r + rows)
+            self._rows(part)._flush_span(lo, hi, m[part], flushed[part], touched[part], slots[part], keys[part],
+                                         values[part])
         self.count -= flush
         self.flushed = True
 
-    def _quantize_values(self, v: torch.Tensor, touched: torch.Tensor) -> None:
+    def _span(self, touched: torch.Tensor) -> tuple[int, int]:
+        """[lo, hi): the slots a flush touches in any row, widened to whole key groups (one host sync)."""
+        where = touched.any(1).any(0).nonzero()
+        if not where.numel():
+            return 0, 0
+        first, last = where[0, 0].item(), where[-1, 0].item()
+        kg = self.groups * INT4_GROUP
+        lo = first // INT4_GROUP * INT4_GROUP if first < kg else first
+        hi = min(kg, -(-(last + 1) // INT4_GROUP) * INT4_GROUP) if last < kg else last + 1
+        return lo, hi
+
+    def _rows(self, part: slice) -> Int4Store:
+        """A view of rows `part` of this store: its tensors are views of this store's, its ring position the same."""
+        view = object.__new__(Int4Store)
+        view.groups, view.head, view.count = self.groups, self.head, self.count
+        view.packed, view.residual = self.packed[:, part], self.residual[:, part]
+        view.key_params, view.tail_params = self.key_params[part], self.tail_params[part]
+        view.value_params = self.value_params[part]
+        return view
+
+    def _flush_span(self, lo: int, hi: int, m, flushed, touched, slots, keys, values) -> None:
+        """The flush of slots [lo, hi) (whole key groups below the groups' end)."""
+        x = self._dequantize(hi, torch.float32, lo)  # [2, B, H, hi - lo, D]
+        ring = self.residual.gather(3, _ring_index(m[..., lo:hi])[None, ..., None].expand(x.shape)).float()
+        x = torch.where(flushed[None, :, :, lo:hi, None], ring, x)
+        del ring
+        if keys.shape[2]:
+            x.scatter_(3, (slots - lo)[None, ..., None].expand(2, *keys.shape), torch.stack((keys, values)).float())
+        holds = (m[..., lo:hi] >= 0) | touched[..., lo:hi]  # slots whose token counts for its key group's range
+        self._quantize_values(x[1], touched[..., lo:hi], lo)
+        self._quantize_keys(x[0], touched[..., lo:hi], holds, lo)
+
+    def _quantize_values(self, v: torch.Tensor, touched: torch.Tensor, lo: int) -> None:
         b, h, s, d = v.shape
         codes, params = _int4(v.view(b, h, s, d // INT4_GROUP, INT4_GROUP), dim=-1)
-        _update(self.packed[1], _pack(codes.view(b, h, s, d)), touched[..., None])
-        _update(self.value_params, params.transpose(-1, -2), touched[..., None, None])  # -> [B, H, S, 2, cg]
+        _update(self.packed[1, :, :, lo:lo + s], _pack(codes.view(b, h, s, d)), touched[..., None])
+        _update(self.value_params[:, :, lo:lo + s], params.transpose(-1, -2), touched[..., None, None])
 
-    def _quantize_keys(self, k: torch.Tensor, touched: torch.Tensor, holds: torch.Tensor) -> None:
+    def _quantize_keys(self, k: torch.Tensor, touched: torch.Tensor, holds: torch.Tensor, lo: int) -> None:
+        """Keys of slots [lo, lo + s): whole key groups, then per token in the tail."""
         b, h, s, d = k.shape
-        g, kg = self.groups, self.groups * INT4_GROUP
-        if g:
-            grouped = k[:, :, :kg].view(b, h, g, INT4_GROUP, d)
-            codes, params = _int4(grouped, dim=3, holds=holds[:, :, :kg].view(b, h, g, INT4_GROUP, 1))
-            regroup = touched[:, :, :kg].view(b, h, g, INT4_GROUP).any(-1)  # [B, H, g]
-            _update(self.key_params, params, regroup[..., None, None])  # params [B, H, g, 2, D]
-            in_regroup = regroup[..., None].expand(b, h, g, INT4_GROUP).reshape(b, h, kg, 1)
-            _update(self.packed[0, :, :, :kg], _pack(codes.view(b, h, kg, d)), in_regroup)
-        if s > kg:
-            tail = k[:, :, kg:]
-            codes, params = _int4(tail.reshape(b, h, s - kg, d // INT4_GROUP, INT4_GROUP), dim=-1)
-            _update(self.packed[0, :, :, kg:], _pack(codes.view(b, h, s - kg, d)), touched[:, :, kg:, None])
-            _update(self.tail_params, params.transpose(-1, -2), touched[:, :, kg:, None, None])
+        kg = self.groups * INT4_GROUP
+        mid = min(max(lo, kg), lo + s) - lo  # k[:, :, :mid] are whole key groups
+        if mid:
+            g0, g = lo // INT4_GROUP, mid // INT4_GROUP
+            grouped = k[:, :, :mid].view(b, h, g, INT4_GROUP, d)
+            codes, params = _int4(grouped, dim=3, holds=holds[:, :, :mid].view(b, h, g, INT4_GROUP, 1))
+            regroup = touched[:, :, :mid].view(b, h, g, INT4_GROUP).any(-1)  # [B, H, g]
+            _update(self.key_params[:, :, g0:g0 + g], params, regroup[..., None, None])  # params [B, H, g, 2, D]
+            in_regroup = regroup[..., None].expand(b, h, g, INT4_GROUP).reshape(b, h, mid, 1)
+            _update(self.packed[0, :, :, lo:lo + mid], _pack(codes.view(b, h, mid, d)), in_regroup)
+        if s > mid:
+            t0 = lo + mid - kg  # the tail's first slot, as an index of tail_params
+            tail = k[:, :, mid:]
+            codes, params = _int4(tail.reshape(b, h, s - mid, d // INT4_GROUP, INT4_GROUP), dim=-1)
+            _update(self.packed[0, :, :, lo + mid:lo + s], _pack(codes.view(b, h, s - mid, d)),
+                    touched[:, :, mid:, None])
+            _update(self.tail_params[:, :, t0:t0 + s - mid], params.transpose(-1, -2), touched[:, :, mid:, None, None])
 
 
 def _int4(x: torch.Tensor, dim: int, holds: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

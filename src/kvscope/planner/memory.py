@@ -26,6 +26,7 @@ from kvscope.kvformats import (
     DTYPE_BYTES,
     attention_block_rows,
     cache_layout,
+    flush_temporary_bytes,
     layout_bytes,
     recall_tier_bytes,
     store_layout,
@@ -163,14 +164,15 @@ def attention_temporaries(spec: ModelSpec, w: Workload, queries: int, slots: int
     """Bytes kvscope's attention holds at once for `queries` new tokens against `slots` cached ones, in one layer:
     the validity snapshot [B, Hkv, S]; for one block of query rows (`attention_block_rows`), the boolean mask
     [B, Hkv, rows, S], its copy per query head [B, Hq, rows, S] and the additive mask sdpa makes from it in the model
-    dtype (last dim padded to 16). (A quantized store's dequantized keys and values are in the cache's allocation:
-    kvscope.kvformats.READ_BUFFER.)"""
+    dtype (last dim padded to 16); an int4 store's flush (kvscope.kvformats.flush_temporary_bytes). (A quantized
+    store's dequantized keys and values are in the cache's allocation: kvscope.kvformats.READ_BUFFER.)"""
     s = DTYPE_BYTES[w.dtype]
     heads = max(1, spec.num_heads // w.tp)
     kv_heads = spec.kv_heads_per_gpu(w.tp)
     padded = -(-slots // 16) * 16
     rows = min(queries, attention_block_rows(w.batch, heads, kv_heads, slots, s))
-    return w.batch * kv_heads * slots + w.batch * rows * (kv_heads * slots + heads * slots + heads * padded * s)
+    masks = w.batch * kv_heads * slots + w.batch * rows * (kv_heads * slots + heads * slots + heads * padded * s)
+    return masks + flush_temporary_bytes(w.kv_dtype, w.batch, kv_heads, slots, spec.head_dim)
 
 
 def decode_step_temporaries(spec: ModelSpec, w: Workload, slots: int) -> int:
