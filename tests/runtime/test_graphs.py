@@ -201,3 +201,26 @@ def test_stacked_projections_decode_as_the_separate_ones(models):
     for policy, budget in (("full", 80), ("lru", 24)):  # full never evicts: room for the prompt and every new token
         assert run(fused, "graph", policy, budget=budget) == run(plain, "graph", policy, budget=budget) == \
             run(fused, "forward", policy, budget=budget)
+
+
+def test_the_side_stream_is_made_before_the_cache_and_once_per_device(models, monkeypatch):
+    """Making the first CUDA stream takes memory outside PyTorch's allocator: generate() asks for the decode step's
+    second stream before it allocates the cache, and every step on a device shares that one stream."""
+    from kvscope.runtime import generate as gen_mod
+    from kvscope.runtime import step
+
+    order = []
+    make = step.side_stream
+    monkeypatch.setattr(gen_mod, "side_stream", lambda device: (order.append("stream"), make(device))[1])
+    allocate = BudgetedCache.allocate
+
+    def allocate_after(self, *a, **k):
+        order.append("cache")
+        return allocate(self, *a, **k)
+
+    monkeypatch.setattr(BudgetedCache, "allocate", allocate_after)
+    model = models[torch.float32]
+    ids = torch.randint(0, TINY["vocab_size"], (2, 12), device="cuda")
+    generate(model, ids, BudgetedCache(model, "lru", budget_tokens=8), max_new_tokens=4, decode="graph")
+    assert order[:2] == ["stream", "cache"]
+    assert step.side_stream("cuda") is step.side_stream(torch.device("cuda", torch.cuda.current_device()))

@@ -26,6 +26,7 @@ from kvscope.errors import usage
 from kvscope.planner.workload import DEFAULT_CHUNK, PREFILL_TOKENS, prefill_chunk
 from kvscope.runtime.decoders import make_decoder
 from kvscope.runtime.sampling import Sampling
+from kvscope.runtime.step import side_stream
 from kvscope.runtime.stops import StopRule, Stops
 
 PhaseCallback = Callable[[str, int, int], None]  # (phase, done, total)
@@ -97,6 +98,7 @@ def generate(model, input_ids: torch.Tensor, cache, *, attention_mask: torch.Ten
     if check_fit and hasattr(cache, "check_request"):
         cache.check_request(int(mask.sum(-1).max()), max_new_tokens)
     chunk_size = prefill_chunk(ids.shape[0], chunk_size, prefill_tokens)
+    side_stream(device)  # CUDA memory the decode step needs outside PyTorch's allocator: before the cache fills it
     if hasattr(cache, "allocate"):  # the whole cache, before any activation exists (kvscope.cache.arena)
         cache.allocate(ids.shape[0], min(chunk_size, ids.shape[1]), next(model.parameters()).dtype, device)
     positions = positions_from_mask(mask) + _next_positions(cache, ids.shape[0], device)[:, None]

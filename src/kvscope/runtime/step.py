@@ -26,6 +26,24 @@ def _linear(x: torch.Tensor, wb) -> torch.Tensor:
     return F.linear(x, wb[0], wb[1])
 
 
+_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def side_stream(device) -> torch.cuda.Stream | None:
+    """The second stream of decode steps on `device` (None on the CPU), made once per process. kvscope's runtime asks
+    for it before it allocates the cache: making the first stream sets up CUDA's stream pool, memory outside
+    PyTorch's allocator, which a GPU the cache has filled cannot give (H200, int8 KV at 426 x 4112 tokens:
+    `CUDA error: out of memory` from `torch.cuda.Stream()` after the prefill, a crash rather than an OOM)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if device not in _STREAMS:
+        _STREAMS[device] = torch.cuda.Stream(device=device)
+    return _STREAMS[device]
+
+
 class SideStream:
     """Work of a step that nothing on its path reads before the step ends (a policy's observation: it writes only the
     policy's scores), on a second CUDA stream forked where the work is issued and joined at the step's end (`join`),
@@ -36,7 +54,7 @@ class SideStream:
     step (the next layer's weights) while the second stream still reads it, in a capture as in an eager step."""
 
     def __init__(self, device):
-        self.stream = torch.cuda.Stream(device=device) if torch.device(device).type == "cuda" else None
+        self.stream = side_stream(device)
         self.held: list[torch.Tensor] = []
         self.forked = False
 
