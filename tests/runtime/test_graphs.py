@@ -206,8 +206,11 @@ def test_stacked_projections_decode_as_the_separate_ones(models):
 def test_the_side_stream_is_made_before_the_cache_and_once_per_device(models, monkeypatch):
     """Making the first CUDA stream takes memory outside PyTorch's allocator: generate() asks for the decode step's
     second stream before it allocates the cache, and every step on a device shares that one stream."""
-    from kvscope.runtime import generate as gen_mod
+    import importlib
+
     from kvscope.runtime import step
+
+    gen_mod = importlib.import_module("kvscope.runtime.generate")  # the module, not the function of that name
 
     order = []
     make = step.side_stream
