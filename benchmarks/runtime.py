@@ -126,14 +126,15 @@ def part_policies(model, spec, args) -> dict:
     return {"new": args.new, "rounds": args.rounds, "rows": rows}
 
 
-def _oom_probe(run) -> tuple[bool, int | None, str]:
+def _oom_probe(run) -> tuple[bool, int | None, str, int]:
+    """(ran, peak over the baseline, the OOM's first line, the baseline: weights, buffers, the prompt ids)."""
     base = clean()
     try:
         run()
         torch.cuda.synchronize()
-        return True, torch.cuda.max_memory_allocated() - base, ""
+        return True, torch.cuda.max_memory_allocated() - base, "", base
     except torch.OutOfMemoryError as exc:
-        return False, None, str(exc).split("\n")[0][:160]
+        return False, None, str(exc).split("\n")[0][:160], base
     finally:
         clean()
 
@@ -176,9 +177,9 @@ def _largest_batch(model, spec, runtime: str, kv: str, total: int, weights: int,
             raise _OutOfProbes
         ids = torch.randint(10, spec.vocab_size, (b, context), device="cuda")
         t = time.perf_counter()
-        good, peak, error = _oom_probe(lambda: _one_run(model, ids, runtime, kv, context, new))
+        good, peak, error, base = _oom_probe(lambda: _one_run(model, ids, runtime, kv, context, new))
         planned = plan(spec, w.with_(batch=b), gpu_memory=total, advice=False)
-        probes.append({"batch": b, "ok": good, "peak": peak, "planned_peak": planned.peak_bytes,
+        probes.append({"batch": b, "ok": good, "peak": peak, "baseline": base, "planned_peak": planned.peak_bytes,
                        "planned_fits": planned.fits, "seconds": round(time.perf_counter() - t, 1), "error": error})
         print("capacity", runtime, kv, probes[-1], flush=True)
         on_probe(record(max((p["batch"] for p in probes if p["ok"]), default=0), False))

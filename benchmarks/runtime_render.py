@@ -51,19 +51,24 @@ def _capacity(d: dict, more: dict[str, dict] | None = None) -> str:
 
 def _capacity_runs(d: dict) -> str:
     rows = [{**r, "share": f"{100 * r['share_of_ideal']:.1f}%"} for r in d["runs"]]
-    probes = [{"runtime": r["runtime"], "kv": r["kv_dtype"], **p, "err": _err(p)} for r in d["runs"]
-              for p in r["probes"]]
+    probes = [{"runtime": r["runtime"], "kv": r["kv_dtype"], **p, "err": _err(p, d["weights_bytes"])}
+              for r in d["runs"] for p in r["probes"]]
     md = table(rows, [("runtime", "runtime"), ("kv_dtype", "KV"), ("measured", "largest batch"),
                       ("predicted", "planner"), ("tokens_in_flight", "tokens in flight"), ("share", "of ideal"),
                       ("exact", "exact")])
-    md += "\nProbes (peak = `max_memory_allocated` over the baseline; planned = `kvscope plan` peak):\n\n"
+    md += ("\nProbes (peak = `max_memory_allocated` over the baseline; planned = `kvscope plan` peak, weights "
+           "included; planner error = planned against peak + baseline, the baseline being the weights, the model's "
+           "buffers and the prompt's ids where the run recorded it, the weights alone in runs that did not):\n\n")
     return md + table(probes, [("runtime", "runtime"), ("kv", "KV"), ("batch", "batch"), ("ok", "ran"),
                                ("peak", "peak bytes"), ("planned_peak", "planned bytes"), ("err", "planner error"),
                                ("planned_fits", "planner: fits"), ("seconds", "s")])
 
 
-def _err(p: dict) -> str:
-    return "" if not p.get("peak") else f"{(p['planned_peak'] - p['peak']) / p['peak']:+.2%}"
+def _err(p: dict, weights: int) -> str:
+    if not p.get("peak"):
+        return ""
+    measured = p["peak"] + p.get("baseline", weights)
+    return f"{(p['planned_peak'] - measured) / measured:+.2%}"
 
 
 def _monitor(d: dict) -> str:
