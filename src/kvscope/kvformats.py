@@ -14,7 +14,7 @@ Formats (per layer, per KV head, per token, head_dim = d):
   that is a multiple of `INT4_GROUP`. Per-channel key scales cost 4 * d bytes per group of `INT4_GROUP` slots, i.e.
   d / 16 bytes per slot; a store whose slot count is not a multiple of `INT4_GROUP` quantizes the keys of its last
   (slots % INT4_GROUP) slots per token like values instead (the same d / 16 bytes per slot), so the price per token
-  below is exact for any slot count (kvscope.cache.quant.Int4Store).
+  below is exact for any slot count (kvscope.cache.quant_int4.Int4Store).
 """
 
 from __future__ import annotations
@@ -134,10 +134,10 @@ INT4_FLUSH_BLOCK_BYTES = 128 * 1024**2  # an int4 flush decodes at most about th
 
 
 def flush_temporary_bytes(kv: str, batch: int, heads: int, slots: int, head_dim: int) -> int:
-    """What an int4 store's flush (kvscope.cache.quant.Int4Store._flush) holds at once, 0 for the other formats: its
-    per-slot masks over the whole store (the fp32 marker, its ring age, four booleans: 13 bytes a slot at their
-    peak) and about three copies of one block of rows decoded to fp32, a block being INT4_FLUSH_BLOCK_BYTES or one
-    row of the whole store, whichever is larger (a flush after evictions may span every slot)."""
+    """What an int4 store's flush (kvscope.cache.quant_int4.Int4Store._flush) holds at once, 0 for the other
+    formats: its per-slot masks over the whole store (the fp32 marker, its ring age, four booleans: 13 bytes a slot
+    at their peak) and about three copies of one block of rows decoded to fp32, a block being INT4_FLUSH_BLOCK_BYTES
+    or one row of the whole store, whichever is larger (a flush after evictions may span every slot)."""
     if kv != "int4":
         return 0
     row = 2 * heads * slots * head_dim * 4

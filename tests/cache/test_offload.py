@@ -67,7 +67,7 @@ def test_offload_with_an_odd_number_of_layers():
 
 
 def test_int4_offload_plan_copies_ring_and_markers_until_a_flush():
-    from kvscope.cache.quant import Int4Store
+    from kvscope.cache.quant_int4 import Int4Store
 
     store = Int4Store(1, 2, 300, 64, torch.float32, "cpu")
     x = torch.randn(1, 2, 100, 64)

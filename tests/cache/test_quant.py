@@ -8,7 +8,7 @@ import torch
 from kvscope import _compat, policies
 from kvscope.cache import BudgetedCache
 from kvscope.cache import fused as fused_mod
-from kvscope.cache.quant import Int4Store
+from kvscope.cache.quant_int4 import Int4Store
 from kvscope.cache.store import make_store
 from kvscope.errors import UsageError
 from kvscope.kvformats import DTYPE_BYTES, INT4_RESIDUAL, kv_format
@@ -337,14 +337,14 @@ def test_planner_prices_what_the_cache_allocates(tiny64, kv_dtype):
 
 
 def test_an_int4_flush_a_row_at_a_time_is_the_same_flush(monkeypatch):
-    """The flush decodes a block of rows at a time (quant.FLUSH_BLOCK_BYTES): one row per block gives the same
+    """The flush decodes a block of rows at a time (quant_int4.FLUSH_BLOCK_BYTES): one row per block gives the same
     store, byte for byte, as every row at once, through range writes, scattered writes and evictions."""
-    from kvscope.cache import quant
+    from kvscope.cache import quant_int4
 
     whole, rows = Emulated("int4", b=3, seed=11), Emulated("int4", b=3, seed=11)
     for step in range(160):
         for em, block in ((whole, 1 << 40), (rows, 1)):
-            monkeypatch.setattr(quant, "FLUSH_BLOCK_BYTES", block)
+            monkeypatch.setattr(quant_int4, "FLUSH_BLOCK_BYTES", block)
             em.step(1 if step % 30 else 45, budget=100)
     for (name, a), b in zip(whole.store.tensors().items(), rows.store.tensors().values()):
         assert torch.equal(a, b), name

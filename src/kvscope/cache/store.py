@@ -96,9 +96,9 @@ def store_class(kv_dtype: str | None, compute_dtype: torch.dtype):
     fmt = kv_format(kv_dtype)
     if not fmt.quantized:
         return DenseStore, DENSE_TORCH[fmt.name]
-    from kvscope.cache.quant import QUANTIZED
+    from kvscope.cache.quant import quantized_stores
 
-    return QUANTIZED[fmt.name], compute_dtype
+    return quantized_stores()[fmt.name], compute_dtype
 
 
 def make_store(kv_dtype: str | None, batch: int, heads: int, slots: int, head_dim: int, compute_dtype: torch.dtype,
