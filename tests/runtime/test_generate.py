@@ -146,3 +146,24 @@ def test_fed_tokens_say_what_the_cache_holds(tiny):
     gen = generate(tiny, ids, cache, max_new_tokens=8, eos_token_id=plain[2])
     assert gen.lengths == [plain.index(plain[2])]
     assert cache.held_tokens() == 10 + gen.fed_tokens and gen.fed_tokens == gen.sequences.shape[1]
+
+
+@pytest.mark.parametrize("message,oom", [("CUDA error: out of memory", True),
+                                         ("CUDA error: an illegal memory access was encountered", False)])
+def test_a_driver_allocation_that_fails_is_an_oom(tiny, monkeypatch, message, oom):
+    """A CUDA driver allocation outside PyTorch's allocator (a stream, a graph) that fails is an OOM for the callers
+    (torch.OutOfMemoryError, the original chained); any other driver error passes through as it was."""
+    import importlib
+
+    gen_mod = importlib.import_module("kvscope.runtime.generate")
+
+    def fails(*args, **kwargs):
+        raise torch.AcceleratorError(message)
+
+    monkeypatch.setattr(gen_mod, "make_decoder", fails)
+    ids = torch.randint(0, 256, (1, 8))
+    with pytest.raises(torch.OutOfMemoryError if oom else torch.AcceleratorError) as caught:
+        generate(tiny, ids, BudgetedCache(tiny, "full", budget_tokens=32), max_new_tokens=4)
+    assert type(caught.value) is (torch.OutOfMemoryError if oom else torch.AcceleratorError)
+    if oom:
+        assert "out of memory" in str(caught.value) and isinstance(caught.value.__cause__, torch.AcceleratorError)

@@ -15,6 +15,7 @@ batch costs at most one extra step.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,6 +65,27 @@ def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
     return (mask.long().cumsum(-1) - 1).clamp_min(0)
 
 
+def driver_oom_as_oom(fn):
+    """`fn`, with a CUDA driver allocation that fails raised as `torch.OutOfMemoryError`. Memory outside PyTorch's
+    allocator (a stream, a CUDA graph, a kernel's module, a cuBLAS workspace) that a full GPU cannot give comes out as
+    `AcceleratorError: CUDA error: out of memory`; for every caller (the doctor, `kvscope run`, the server) it is the
+    same fault as an allocator OOM, and is handled as one."""
+    driver_error = getattr(torch, "AcceleratorError", None)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as exc:
+            if driver_error is None or not isinstance(exc, driver_error) or "out of memory" not in str(exc):
+                raise
+            first = str(exc).splitlines()[0]
+            raise torch.OutOfMemoryError(f"{first} (a CUDA driver allocation, outside PyTorch's allocator)") from exc
+
+    return wrapper
+
+
+@driver_oom_as_oom
 @torch.inference_mode()
 def generate(model, input_ids: torch.Tensor, cache, *, attention_mask: torch.Tensor | None = None,
              max_new_tokens: int = 32, chunk_size: int = DEFAULT_CHUNK, eos_token_id: int | list[int] | None = None,
