@@ -29,7 +29,7 @@ TITLE = "Decode attention kernel, one layer, `llama-3-8b` attention shape"
 
 def case(batch: int, kv_dtype, tunings: bool, slots: int = 8256, hq: int = 32, h: int = 8, d: int = 128) -> list[dict]:
     from kvscope.cache import attention_triton as at  # needs Triton: imported only to measure, not to render
-    from kvscope.cache.layer import grouped_attention
+    from kvscope.cache.attention import grouped_attention
     from kvscope.cache.store import make_store
 
     g = torch.Generator(device="cuda").manual_seed(0)

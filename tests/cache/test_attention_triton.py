@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from kvscope.cache.layer import attention_weights, grouped_attention
+from kvscope.cache.attention import attention_weights, grouped_attention
 from kvscope.cache.store import make_store
 
 triton = pytest.importorskip("triton")

@@ -145,7 +145,7 @@ def test_insert_kernel_writes_what_the_torch_path_writes(device, kv_dtype, with_
 @pytest.mark.parametrize("device", DEVICES)
 def test_decode_attention_skips_empty_tiles_exactly(device):
     from kvscope.cache import attention_triton
-    from kvscope.cache.layer import attention_weights, grouped_attention
+    from kvscope.cache.attention import attention_weights, grouped_attention
     from kvscope.cache.store import make_store
 
     dtype = setup(device)

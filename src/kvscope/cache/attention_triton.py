@@ -227,7 +227,7 @@ def decode_attention(store, query: torch.Tensor, valid: torch.Tensor, own: torch
     query [B, Hq, 1, D]; valid bool [B, H, slots]; own long [B, H]: the slot the query's own token was written to,
     visible even when that token is padding (and so not valid). With `weights`, returns (output, weights) where
     weights [B, H, 1, upto] fp32 is the softmax averaged over each KV head's query heads (what
-    `layer.attention_weights` gives a policy), from the kernel's own logits: no second pass over the keys. `tuning`
+    `attention.attention_weights` gives a policy), from the kernel's own logits: no second pass over the keys. `tuning`
     (SPLIT, BLOCK_N, NUM_WARPS) replaces the format's tuned launch settings (`TUNING[store.KERNEL]`), for
     benchmarks."""
     b, hq, _, d = query.shape

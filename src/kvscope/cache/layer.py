@@ -11,10 +11,10 @@ Invariants (tests check them):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from kvscope._compat import cache_base_classes
 from kvscope.cache import fused
+from kvscope.cache.attention import attention_weights, causal_attention, grouped_attention
 from kvscope.cache.stats import EvictionEvent, LayerCounters, LayerStats
 from kvscope.cache.store import make_store
 from kvscope.errors import KvscopeError, usage
@@ -218,7 +218,7 @@ class BudgetedLayer(CacheLayerMixin):
         if fuse:
             out = self._decode(query, slots, upto, scaling, positions if policy.query_rows() else None)
         else:
-            k, v = self._read(upto, query.dtype)
+            k, v = self.read(upto, query.dtype)
             if self.dense:  # plain causal attention over [0, upto), the chunk at its end
                 out = causal_attention(query, k, v, scaling)
             else:
@@ -275,7 +275,7 @@ class BudgetedLayer(CacheLayerMixin):
         if ran and observe:
             out, weights = out
         elif not ran:
-            k, v = self._read(upto, query.dtype)
+            k, v = self.read(upto, query.dtype)
             mask = self.state.valid[:, :, :upto].scatter(-1, own[..., None], True)[:, :, None, :]
             out = grouped_attention(query, k, v, mask, scaling)
             if observe:
@@ -285,12 +285,15 @@ class BudgetedLayer(CacheLayerMixin):
             self.settings.policy.observe(self.state, Observation(weights, positions))
         return out
 
-    def _read(self, upto: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of slots [0, upto) for attention; a quantized store dequantizes into the read buffer all
-        layers share (kvscope.kvformats.READ_BUFFER), which lives until this layer's attention is done."""
+    def read(self, upto: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of slots [0, upto) in `dtype`; a quantized store dequantizes into the read buffer all
+        layers share (kvscope.kvformats.READ_BUFFER): they hold until the next read of any layer, and every read is
+        used before the next one starts (layers, and the steps of one, run in order on one stream)."""
         arena = self.settings.arena
         out = arena.views.get(READ_BUFFER) if arena is not None else None
-        return self.store.read(upto, dtype) if out is None else self.store.read(upto, dtype, out=out)
+        if out is None or out.dtype != dtype:
+            return self.store.read(upto, dtype)
+        return self.store.read(upto, dtype, out=out)
 
     def _take_slots(self, n: int) -> tuple[torch.Tensor, int]:
         b, h = self.state.valid.shape[:2]
@@ -380,42 +383,3 @@ class BudgetedLayer(CacheLayerMixin):
                           bytes=self.store.nbytes, evicted_age_mean=(age_sum / evicted) if evicted else None,
                           evicted_position_min=pmin if evicted else None,
                           evicted_position_max=pmax if evicted else None)
-
-
-def _grouped(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """[B, Hq, n, D] -> [B, Hkv, g*n, D]: the query heads sharing a KV head side by side (no KV repeat needed)."""
-    b, hq, n, d = query.shape
-    return query.reshape(b, kv_heads, (hq // kv_heads) * n, d)
-
-
-def _grouped_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
-    b, h, n, s = mask.shape
-    return mask[:, :, None].expand(b, h, group, n, s).reshape(b, h, group * n, s)
-
-
-def causal_attention(query, keys, values, scaling) -> torch.Tensor:
-    """Attention of the last n slots' queries [B, Hq, n, D] over keys/values [B, H, S, D], each query seeing every
-    slot up to its own (causal, aligned to the end): no mask is built (SDPA's lower-right causal bias, GQA native)."""
-    from torch.nn.attention.bias import causal_lower_right
-
-    n, s = query.shape[2], keys.shape[2]
-    return F.scaled_dot_product_attention(query, keys, values, attn_mask=causal_lower_right(n, s), scale=scaling,
-                                          enable_gqa=query.shape[1] != keys.shape[1])
-
-
-def grouped_attention(query, keys, values, mask, scaling) -> torch.Tensor:
-    b, hq, n, d = query.shape
-    h = keys.shape[1]
-    out = F.scaled_dot_product_attention(_grouped(query, h), keys, values, attn_mask=_grouped_mask(mask, hq // h),
-                                         scale=scaling)
-    return out.reshape(b, hq, n, d)
-
-
-def attention_weights(query, keys, mask, scaling) -> torch.Tensor:
-    """Softmax attention [B, Hkv, n, S], averaged over the query heads of each KV head, computed in fp32."""
-    b, hq, n, _ = query.shape
-    h = keys.shape[1]
-    g = hq // h
-    logits = (_grouped(query, h).float() @ keys.float().transpose(-1, -2)) * scaling
-    logits = logits.masked_fill(~_grouped_mask(mask, g), float("-inf"))
-    return logits.softmax(-1).reshape(b, h, g, n, -1).mean(2)

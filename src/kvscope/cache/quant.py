@@ -11,7 +11,8 @@ back in place). The byte layout is the one `kvscope.kvformats` prices, to the by
 Every store allocates once, in `__init__`. `read` dequantizes keys and values of [0, upto) together into one fresh
 [2, B, H, upto, D] tensor (fused path: [2, B, H, slots, D], so the size and strides are the same at every step) and
 returns its two halves; nothing loops over tokens. `read(..., out=)` gives the fused read that tensor to fill (the
-cache's shared read buffer, kvscope.kvformats.READ_BUFFER); the eager read allocates its own. `nbytes` does not
+cache's shared read buffer, kvscope.kvformats.READ_BUFFER); so does the eager read of fp8 and int8 (int4's eager
+read, the CPU reference, allocates its own). `nbytes` does not
 count that output: like the `.to(dtype)` of a dense read it is a transient of the attention step. On CUDA, when
 Triton is installed, the per-step work (quantize-and-write, read, the int4 ring write) runs as one fused kernel each
 (kvscope.cache.quant_triton, dispatched by kvscope.cache.fused). The eager code is the reference, used on CPU and
@@ -102,9 +103,10 @@ class _PerTokenStore(_Store):
         ran, kv = _fast(self.data, "pertoken_read", self, upto, dtype, self.FP8, out)
         if ran:
             return kv[0, :, :, :upto], kv[1, :, :, :upto]
-        # [2, B, H, upto, ...] views in; a fresh contiguous [2, B, H, upto, D] out
+        # [2, B, H, upto, ...] views in; out: [:, :, :, :upto] of the read buffer, or a fresh [2, B, H, upto, D]
         kv = self.dequantize(self.data[:, :, :upto].permute(3, 0, 1, 2, 4),
-                             self.params[:, :, :upto].permute(3, 0, 1, 2, 4), dtype)
+                             self.params[:, :, :upto].permute(3, 0, 1, 2, 4), dtype,
+                             None if out is None else out[:, :, :, :upto])
         return kv[0], kv[1]
 
 
@@ -127,9 +129,9 @@ class Int8Store(_PerTokenStore):
         return codes, params
 
     @staticmethod
-    def dequantize(codes, params, dtype) -> torch.Tensor:
+    def dequantize(codes, params, dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         # one kernel: uint8 codes and fp16 parameters are promoted inside addcmul, written straight to `dtype`
-        out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
+        out = torch.empty(codes.shape, dtype=dtype, device=codes.device) if out is None else out
         return torch.addcmul(params[..., 1:], codes, params[..., :1], out=out)
 
 
@@ -150,9 +152,11 @@ class Fp8Store(_PerTokenStore):
         return codes, scale
 
     @staticmethod
-    def dequantize(codes, params, dtype) -> torch.Tensor:
+    def dequantize(codes, params, dtype, out: torch.Tensor | None = None) -> torch.Tensor:
         # float8 has no mixed-type arithmetic: widen first
-        return codes.to(dtype, memory_format=torch.contiguous_format).mul_(params)
+        if out is None:
+            return codes.to(dtype, memory_format=torch.contiguous_format).mul_(params)
+        return out.copy_(codes).mul_(params)
 
 
 def _bytes(t: torch.Tensor) -> torch.Tensor:

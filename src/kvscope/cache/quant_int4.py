@@ -210,10 +210,12 @@ class Int4Store(_Store):
 
     def _span(self, touched: torch.Tensor) -> tuple[int, int]:
         """[lo, hi): the slots a flush touches in any row, widened to whole key groups (one host sync)."""
-        where = touched.any(1).any(0).nonzero()
-        if not where.numel():
+        columns = touched.any(1).any(0)  # [S]
+        index = torch.arange(columns.shape[0], device=columns.device)
+        first, last = torch.stack((torch.where(columns, index, columns.shape[0]).amin(),
+                                   torch.where(columns, index, -1).amax())).tolist()
+        if last < 0:
             return 0, 0
-        first, last = where[0, 0].item(), where[-1, 0].item()
         kg = self.groups * INT4_GROUP
         lo = first // INT4_GROUP * INT4_GROUP if first < kg else first
         hi = min(kg, -(-(last + 1) // INT4_GROUP) * INT4_GROUP) if last < kg else last + 1

@@ -194,7 +194,7 @@ def _views(buffers: list[torch.Tensor], records) -> dict[str, torch.Tensor]:
 
 def read_slots(layer, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values [B, H, n, D] of `slots` [B, H, n] of a layer's store, in the compute dtype."""
-    k, v = layer.store.read(layer.capacity, layer.compute_dtype)
+    k, v = layer.read(layer.capacity, layer.compute_dtype)
     index = slots[..., None].expand(*slots.shape, k.shape[-1])
     return k.gather(2, index), v.gather(2, index)
 
@@ -236,7 +236,7 @@ def _key_chunks(layer, tier: Tier, dtype: torch.dtype, span: int):
     """(keys [B, H, n, D], valid [B, H, n], the first record's fields or None) of the resident slots, then of the
     waiting tokens `span` at a time."""
     device = layer.state.valid.device
-    yield layer.store.read(layer.capacity, dtype)[0], layer.state.valid, None
+    yield layer.read(layer.capacity, dtype)[0], layer.state.valid, None
     for start in range(0, tier.used, span):
         fields = tier.first_record(slice(start, min(tier.used, start + span)), device)
         yield tier.keys(fields, dtype), fields["valid"], fields

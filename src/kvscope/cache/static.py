@@ -54,7 +54,7 @@ def attend(layer, query: torch.Tensor, slot: torch.Tensor, position: torch.Tenso
     """Attention [B, Hq, 1, D] of one query per row over every slot; a policy that reads attention observes it.
     `defer(fn, *tensors)`, when given, runs the observation off the step's path (kvscope.runtime.step): it writes
     only the policy's scores, which nothing reads before the step ends."""
-    from kvscope.cache.layer import attention_weights, grouped_attention
+    from kvscope.cache.attention import attention_weights, grouped_attention
 
     st, policy = layer.state, layer.settings.policy
     observe = policy.query_rows() != 0
@@ -68,7 +68,7 @@ def attend(layer, query: torch.Tensor, slot: torch.Tensor, position: torch.Tenso
     if ran and observe:
         out, weights = out
     elif not ran:
-        k, v = layer.store.read(width, query.dtype)
+        k, v = layer.read(width, query.dtype)
         mask = st.valid[:, :, None, :width]  # the token's own slot is valid already
         out = grouped_attention(query, k, v, mask, scaling)
         if observe:
