@@ -98,6 +98,18 @@ def section_head(title: str, meta: dict, data: str, rebuild: str, section: str |
     return md
 
 
+def further_runs(more: dict[str, dict], body, what: str = "") -> str:
+    """The further runs of a section (`docs/data/<section>.<tag>.json`, by file name): each one's provenance line
+    (`what` says how to read it), then `body(run)`."""
+    md = ""
+    for name, extra in more.items():
+        m = extra["meta"]
+        note = f" ({extra['note']})" if extra.get("note") else ""
+        md += (f"\n\nA further run (`docs/data/{name}`){what}: commit {m['commit']}, {m['date']}, `{m['command']}`"
+               f"{note}.\n\n" + body(extra))
+    return md
+
+
 def render_command(script: str, section: str) -> tuple[str, str]:
     """(data path, the command that rewrites `section` from it) for a script's `--render`."""
     data = f"docs/data/{section}.json"

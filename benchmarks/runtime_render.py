@@ -6,7 +6,7 @@ import json
 import statistics
 from pathlib import Path
 
-from benchmarks.common import section_head, table, write_section
+from benchmarks.common import further_runs, section_head, table, write_section
 
 GIB = 1024**3
 
@@ -40,13 +40,8 @@ def _capacity(d: dict, more: dict[str, dict] | None = None) -> str:
           f"{d['weights_bytes']:,}, outside PyTorch (CUDA context) {d['outside_bytes']:,}; ideal = (GPU - weights - "
           "context) / KV bytes per token. Each probe is a real run; `exact` means the search bracketed the largest "
           "batch (it ran and the next one did not).\n\n")
-    md += _capacity_runs(d)
-    for name, extra in (more or {}).items():
-        m = extra["meta"]
-        md += (f"\n\nA further run (`docs/data/{name}`): commit {m['commit']}, {m['date']}, `{m['command']}`; GPU "
-               f"{extra['total_bytes']:,} bytes, outside PyTorch {extra['outside_bytes']:,}.\n\n"
-               + _capacity_runs(extra))
-    return md
+    return md + _capacity_runs(d) + further_runs(more or {}, lambda e: (
+        f"GPU {e['total_bytes']:,} bytes, outside PyTorch {e['outside_bytes']:,}.\n\n" + _capacity_runs(e)))
 
 
 def _capacity_runs(d: dict) -> str:

@@ -27,7 +27,17 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.common import ROOT, clean, command_line, commit, device_line, save_json, section_head, table
+from benchmarks.common import (
+    ROOT,
+    clean,
+    command_line,
+    commit,
+    device_line,
+    further_runs,
+    save_json,
+    section_head,
+    table,
+)
 from benchmarks.common import write_section as _write_section
 
 DATA = ROOT / "docs" / "data"
@@ -301,13 +311,7 @@ def _probe_cell(cap: dict) -> str:
 def _render_cuda(d: dict, more: dict[str, dict] | None = None) -> str:
     """The section: the main run's table, then each further run (`weights-cuda.<name>.json`, with its own bf16 row:
     ratios are within one run)."""
-    md = _cuda_head(d) + _cuda_table(d)
-    for name, extra in (more or {}).items():
-        m = extra["meta"]
-        md += (f"\n\nA further run (`docs/data/{name}`), ratios against its own bf16 row: commit {m['commit']}, "
-               f"{m['date']}, `{m['command']}`{' (' + extra['note'] + ')' if extra.get('note') else ''}.\n\n"
-               + _cuda_table(extra))
-    return md
+    return _cuda_head(d) + _cuda_table(d) + further_runs(more or {}, _cuda_table, ", ratios against its own bf16 row")
 
 
 def _cuda_head(d: dict) -> str:
