@@ -82,6 +82,16 @@ def test_a_weights_fix_says_it_frees_weight_memory_not_kv(measured_in):
     assert ranks.index("--weights int8") < ranks.index("--weights fp8") < ranks.index("--weights int4")
 
 
+@pytest.mark.parametrize("fmt", list(WEIGHT_FORMATS))
+def test_a_quantized_model_that_does_not_fit_gets_fixes_and_no_tensor_parallel_one(fmt):
+    """A weight format runs on one GPU's model: advice for a quantized workload offers no --tp (which would be a usage
+    error as printed); the other fixes keep the format."""
+    p = plan(SPEC, Workload(batch=300, context=4096, new_tokens=16, weights=fmt), gpu="H100-80GB")
+    assert not p.fits and p.advice
+    assert not [f for f in p.advice if "--tp" in f.option]
+    assert all(f.workload.weights == fmt for f in p.advice if f.workload is not None)
+
+
 def test_a_format_measured_to_decode_slowly_ranks_after_eviction(measured_in):
     (measured_in / "weights-cuda.json").write_text(json.dumps(
         {"decode": {"bf16": {"1": 200.0, "32": 100.0}, "int8": {"1": 40.0, "32": 34.0},

@@ -104,7 +104,7 @@ def advise(spec: ModelSpec, w: Workload, capacity: int) -> list[Fix]:
     if 1 <= c < w.context:
         add(f"shorten the prompt to {c} tokens", f"--context {c}", w.with_(context=c),
             f"drops {w.context - c} tokens of history (truncate or summarize it)")
-    for tp in (2, 4, 8):
+    for tp in (2, 4, 8) if w.weights is None else ():  # a weight format runs on one GPU's model only
         if tp > w.tp and spec.num_heads % tp == 0:
             before = len(fixes)
             add(f"split the model over {tp} GPUs (tensor parallel)", f"--tp {tp}", w.with_(tp=tp),
