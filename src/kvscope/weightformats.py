@@ -14,8 +14,10 @@ over their inner tensors in tests/models/test_quantize.py for the formats that r
 - `int4` weight-only (`Int4WeightOnlyConfig`, groups of `INT4_WEIGHT_GROUP` input channels, tinygemm's
   tile-packed layout, `Int4TilePackedTo4dTensor`; CUDA with compute capability 8.0 or newer, bf16 only): the weight
   padded to in' = a multiple of 1024 and out' = a multiple of 8, packed two values a byte (out' x in' / 2 bytes, as
-  int32), and a bf16 scale and zero point per (group, row): in' / group x out' x 2 x 2 bytes. Its product runs on the
-  packed weight (`aten._weight_int4pack_mm`), no weight-sized temporary (a padded bf16 copy of its input).
+  int32), and a bf16 scale and zero point per (group, row): in' / group x out' x 2 x 2 bytes. A product of fewer than
+  `INT4_DEQUANT_TOKENS` rows runs on the packed weight (`aten._weight_int4pack_mm`), no weight-sized temporary (a
+  padded bf16 copy of its input); a larger one on the weight unpacked to bf16 (kvscope.models.int4_prefill), which
+  holds 3 x out' x in' bytes at its peak.
 
 Only the decoder layers' projections are quantized (q, k, v, o, gate, up, down): the embeddings, the norms and the
 output head stay in the model dtype (the head is left alone as transformers' torchao integration does by default;
@@ -31,6 +33,7 @@ from kvscope.errors import usage
 INT4_WEIGHT_GROUP = 128  # input channels per int4 scale / zero point (torchao's default group size)
 INT4_PAD_IN = 1024  # tinygemm pads the input features to a multiple of this (inner_k_tiles 8 x 16 x 8)
 INT4_PAD_OUT = 8  # and the output features to a multiple of its n-tile
+INT4_DEQUANT_TOKENS = 1024  # an int4 product of this many rows or more runs on the weight unpacked to bf16
 TORCHAO_MIN = "0.18"  # the oldest torchao whose tensor subclasses and packing formats kvscope uses
 INSTALL = "pip install 'torchao>=0.18'  (or: pip install 'kvscope[weights]')"
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
@@ -67,13 +70,17 @@ class WeightFormat:
     def product_temporary_bytes(self, out_features: int, in_features: int, dtype: str, tokens: int = 1) -> int:
         """Bytes one matrix product of `tokens` rows holds besides its input and output (torchao 0.18's code paths):
         int8 converts the weight to the model dtype and scales a copy of the product; fp8 dequantizes the weight
-        through fp32 (the fp32 copy, the fp32 product, the result); int4 pads a bf16 copy of the input to in'."""
+        through fp32 (the fp32 copy, the fp32 product, the result); int4 pads a bf16 copy of the input to in', or
+        from INT4_DEQUANT_TOKENS rows unpacks the weight (its codes in two orders, then bf16)."""
         n, k, s = out_features, in_features, _BYTES[dtype]
         if self.name == "int8":
             return n * k * s + tokens * n * s
         if self.name == "fp8":
             return n * k * (4 + 4 + s)
-        return tokens * _round_up(k, INT4_PAD_IN) * 2
+        k_pad = _round_up(k, INT4_PAD_IN)
+        if tokens >= INT4_DEQUANT_TOKENS:
+            return 3 * _round_up(n, INT4_PAD_OUT) * k_pad
+        return tokens * k_pad * 2
 
     def device_requirement(self) -> str:
         if not self.cuda_only:

@@ -164,6 +164,10 @@ def quantize(model, name: str, device: str) -> None:
     if left:  # torchao skips a layer it cannot take instead of failing: say so rather than plan wrong bytes
         raise usage(f"torchao left {len(left)} layers in {fmt.name} unquantized (first: {left[0]})",
                     fix="--weights")
+    if fmt.name == "int4":  # products of many rows (prefill) on the weight unpacked to bf16
+        from kvscope.models.int4_prefill import replace_linears
+
+        replace_linears(model, layers)
 
 
 def weights_format_of(model) -> str | None:
