@@ -68,25 +68,29 @@ def layer(monkeypatch):
     """An Int4Linear over a dense weight, its unpacking faked as twice the weight (a product says its path)."""
     monkeypatch.setattr(ip, "_CHECKED", set())
     monkeypatch.setitem(ip._STATE, "off", None)
-    dense = torch.nn.Linear(32, 8, bias=False)
+    model = torch.nn.Sequential(torch.nn.Linear(32, 8, bias=False, dtype=torch.bfloat16))
     monkeypatch.setattr(ip, "dequantize", lambda w: 2 * w)
-    dense.weight.qdata = torch.zeros(1)  # what usable() keys a checked shape on
-    return ip.Int4Linear(dense)
+    monkeypatch.setattr(ip, "_on_nvidia", lambda weight: True)
+    model[0].weight.qdata = torch.zeros(1)  # what usable() keys a checked shape on
+    ip.replace_linears(model, ["0"])
+    return model[0]
 
 
 def test_many_rows_run_on_the_unpacked_weight_and_few_on_the_packed_one(layer, monkeypatch):
     monkeypatch.setattr(ip, "check", lambda w: 0.0)
-    few, many = torch.randn(2, 3, 32), torch.randn(1, INT4_DEQUANT_TOKENS, 32)
+    few, many = torch.randn(2, 3, 32, dtype=torch.bfloat16), torch.randn(1, INT4_DEQUANT_TOKENS, 32)
     with torch.no_grad():
         torch.testing.assert_close(layer(few), few @ layer.weight.t())
-        torch.testing.assert_close(layer(many), 2 * many @ layer.weight.t())
-    assert isinstance(layer, torch.nn.Linear) and layer.in_features == 32 and layer.out_features == 8
+        got = layer(many)  # an fp32 input goes in as bf16 and comes out fp32, as torchao's own product does
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, (2 * many.bfloat16() @ layer.weight.t()).float())
+    assert type(layer) is ip.Int4Linear and layer.in_features == 32 and layer.out_features == 8
 
 
 @pytest.mark.parametrize("check", [lambda w: 0.5, lambda w: float("nan"), lambda w: 1 / 0])
 def test_a_failed_check_turns_the_path_off_once_with_a_warning(layer, monkeypatch, check):
     monkeypatch.setattr(ip, "check", check)
-    many = torch.randn(INT4_DEQUANT_TOKENS, 32)
+    many = torch.randn(INT4_DEQUANT_TOKENS, 32, dtype=torch.bfloat16)
     with warnings.catch_warnings(record=True) as caught, torch.no_grad():
         warnings.simplefilter("always")
         for _ in range(3):
@@ -101,3 +105,22 @@ def test_the_planner_prices_the_unpacked_weight_from_the_threshold():
     assert fmt.product_temporary_bytes(14336, 4096, "bf16", below) == below * 4096 * 2
     assert fmt.product_temporary_bytes(14336, 4096, "bf16", INT4_DEQUANT_TOKENS) == 3 * 14336 * 4096
     assert fmt.product_temporary_bytes(4100, 1000, "bf16", 8192) == 3 * 4104 * 1024  # padded to the tile
+
+
+def test_an_oom_in_the_check_is_an_oom_and_leaves_the_path_on(layer, monkeypatch):
+    def oom(weight):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 176.00 MiB")
+
+    monkeypatch.setattr(ip, "check", oom)
+    with pytest.raises(torch.OutOfMemoryError), torch.no_grad():
+        layer(torch.randn(INT4_DEQUANT_TOKENS, 32, dtype=torch.bfloat16))
+    assert ip._STATE["off"] is None
+
+
+def test_off_an_nvidia_gpu_the_packed_product_runs(monkeypatch):
+    monkeypatch.setitem(ip._STATE, "off", None)
+    weight = torch.nn.Parameter(torch.zeros(8, 32))  # a CPU weight
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert not ip.usable(weight)
+    assert "NVIDIA GPUs only, not cpu" in str(caught[0].message)

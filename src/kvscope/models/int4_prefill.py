@@ -36,35 +36,42 @@ _STATE = {"off": None}  # why the path is off for this process, once it is
 
 class Int4Linear(torch.nn.Linear):
     """A linear layer holding torchao's int4 weight: products of `INT4_DEQUANT_TOKENS` rows or more run on the weight
-    unpacked to bf16, fewer on the packed weight. The same parameters as the layer it replaces (no new state)."""
-
-    def __init__(self, linear: torch.nn.Linear):
-        torch.nn.Module.__init__(self)  # not nn.Linear's: it would allocate a dense weight
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight, self.bias = linear.weight, linear.bias
+    unpacked to bf16, fewer on the packed weight. A layer becomes one by its class alone (`replace_linears`): its
+    parameters, hooks and mode stay as they were; no state is added."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // max(1, x.shape[-1])
         if rows < INT4_DEQUANT_TOKENS or not usable(self.weight):
             return F.linear(x, self.weight, self.bias)
-        return F.linear(x, dequantize(self.weight), self.bias)
+        pre = getattr(self.weight, "act_pre_scale", None)  # as torchao's own product: bf16 in, the input's dtype out
+        a = (x * pre if pre is not None else x).to(torch.bfloat16)
+        return F.linear(a, dequantize(self.weight), self.bias).to(x.dtype)
 
 
 def usable(weight) -> bool:
     """Whether this weight's large products may run dequantized: the path is on and its shape passed the check."""
     if _STATE["off"] is not None:
         return False
+    if not _on_nvidia(weight):
+        return _turn_off(f"tinygemm's layout is read on NVIDIA GPUs only, not {weight.device.type}"
+                         f"{' (ROCm)' if torch.version.hip else ''}")
     try:
         key = (weight.device, tuple(weight.shape), tuple(weight.qdata.shape))
         if key in _CHECKED:
             return True
         error = check(weight)
+    except torch.OutOfMemoryError:
+        raise  # the product itself would need that memory too: an OOM, for the caller
     except Exception as exc:  # noqa: BLE001 - any failure: the packed kernel stays, with the reason said
         return _turn_off(f"{type(exc).__name__}: {exc}")
     if not error <= CHECK_TOLERANCE:  # NaN included
         return _turn_off(f"a {tuple(weight.shape)} product was {error:.3g} off the packed kernel's")
     _CHECKED.add(key)
     return True
+
+
+def _on_nvidia(weight) -> bool:
+    return weight.device.type == "cuda" and not torch.version.hip  # tinygemm's tile layout differs on ROCm
 
 
 def check(weight) -> float:
@@ -84,7 +91,8 @@ def _turn_off(why: str) -> bool:
 
 def dequantize(weight) -> torch.Tensor:
     """The bf16 [out, in] weight an `Int4TilePackedTo4dTensor` stands for. Holds 3 x out' x in' bytes at its peak
-    (out', in': the padded shape): the codes in slot order, then in position order, and the bf16 result."""
+    (out', in': the padded shape): two bytes a code while the codes are unpacked and put in position order, then the
+    position-ordered codes (one byte) and the bf16 result (two)."""
     packed, scale_zero = weight.qdata, weight.scale_and_zero  # [n'/8, k'/128, 32, 4] int32; [k'/g, n', 2]
     nb, kb = packed.shape[:2]
     n, k = nb * BLOCK_ROWS, kb * BLOCK_COLS
@@ -94,7 +102,8 @@ def dequantize(weight) -> torch.Tensor:
     del codes
     groups = scale_zero.shape[0]
     scale, zero = scale_zero[..., 0].t()[..., None], scale_zero[..., 1].t()[..., None]  # [n', g, 1]
-    w.view(n, groups, k // groups).sub_(MID).mul_(scale).add_(zero)
+    grouped = w.view(n, groups, k // groups).sub_(MID)
+    torch.addcmul(zero, grouped, scale, out=grouped)  # one rounding, as the kernel's fused multiply-add
     out, inp = weight.shape
     return w[:out, :inp]
 
@@ -132,8 +141,9 @@ def slot_order(device, pack=None) -> torch.Tensor:
 
 
 def replace_linears(model, names) -> None:
-    """Swap the int4 layers `names` (fully qualified) of `model` for `Int4Linear`s holding the same parameters."""
+    """Make the int4 layers `names` (fully qualified) of `model` `Int4Linear`s: the class changes, nothing else (the
+    layers are plain `torch.nn.Linear`s: kvscope.models.quantize.targets checked them)."""
     for fqn in names:
-        parent, _, child = fqn.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, Int4Linear(getattr(owner, child)))
+        layer = model.get_submodule(fqn)
+        if type(layer) is torch.nn.Linear:
+            layer.__class__ = Int4Linear
