@@ -314,6 +314,24 @@ def test_a_quantized_cache_reads_into_one_buffer_of_its_allocation(tiny, kv, mon
     assert cache.settings.arena.nbytes == cache.allocation_bytes(2, torch.float32, 8)
 
 
+@pytest.mark.parametrize("kv", ["bf16", "int8"])
+def test_a_moved_arena_has_every_tensor_but_the_read_buffer(kv):
+    """A swap (Arena.moved) copies every tensor bit for bit and leaves out the read buffer, scratch of every read."""
+    from kvscope.cache.arena import Arena
+    from kvscope.kvformats import READ_BUFFER, cache_layout
+
+    arena = Arena(cache_layout(2, 3, 2, 64, kv, "bf16", 40, 8), "cpu")
+    arena.buffer.copy_(torch.randint(0, 256, arena.buffer.shape, dtype=torch.uint8))
+    moved = arena.moved("cpu")
+    assert moved.specs == arena.specs and moved.nbytes == arena.nbytes
+    same = {name: torch.equal(moved.views[name].reshape(-1).view(torch.uint8),
+                              arena.views[name].reshape(-1).view(torch.uint8)) for name in arena.views}
+    assert all(ok for name, ok in same.items() if name != READ_BUFFER)
+    assert (READ_BUFFER in same) == (kv == "int8")
+    read = arena.views.get(READ_BUFFER)
+    assert moved.swap_bytes == arena.nbytes - (0 if read is None else read.nbytes)
+
+
 def test_a_dense_cache_has_no_read_buffer(tiny):
     from kvscope.kvformats import READ_BUFFER
 

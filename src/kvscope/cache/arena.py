@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from kvscope.kvformats import ALIGN, ELEMENT_BYTES, Layout, layout_bytes
+from kvscope.kvformats import ALIGN, ELEMENT_BYTES, READ_BUFFER, Layout, layout_bytes
 
 TORCH_TYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn,
                "uint8": torch.uint8, "bool": torch.bool, "int64": torch.long}
@@ -28,22 +28,25 @@ class Arena:
     def __init__(self, specs: Layout, device, pin: bool = False, source: torch.Tensor | None = None):
         self.specs = specs
         total = layout_bytes(specs)
-        if source is not None:  # a copy of another arena's bytes (a swap)
-            self.buffer = torch.empty(total, dtype=torch.uint8, device=device, pin_memory=pin)
-            self.buffer.copy_(source, non_blocking=True)
-        else:
-            self.buffer = torch.zeros(total, dtype=torch.uint8, device=device, pin_memory=pin)
+        make = torch.zeros if source is None else torch.empty
+        self.buffer = make(total, dtype=torch.uint8, device=device, pin_memory=pin)
         self.views: dict[str, torch.Tensor] = {}
-        offset = 0
+        offset, kept = 0, total
         for name, shape, kind in specs:
             n = ELEMENT_BYTES[kind]
             for dim in shape:
                 n *= dim
+            if name == READ_BUFFER:  # scratch of every read, never read back: the end of what a swap copies
+                kept = offset
             self.views[name] = self.buffer[offset:offset + n].view(TORCH_TYPES[kind]).view(shape)
             offset += -(-n // ALIGN) * ALIGN
+        self.swap_bytes = kept  # what a swap copies: everything but the read buffer, which comes last in a layout
+        if source is not None:  # a copy of another arena's bytes (a swap)
+            self.buffer[:kept].copy_(source[:kept], non_blocking=True)
 
     def moved(self, device, pin: bool = False) -> Arena:
-        """The same tensors, bit for bit, in a new allocation on `device` (pinned host memory with `pin`)."""
+        """The same tensors, bit for bit, in a new allocation on `device` (pinned host memory with `pin`); a quantized
+        cache's read buffer (kvscope.kvformats.READ_BUFFER), which every read overwrites, is not copied."""
         return Arena(self.specs, device, pin=pin, source=self.buffer)
 
     @property

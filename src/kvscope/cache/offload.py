@@ -153,7 +153,8 @@ def swap(cache, direction: str) -> SwapReport:
         return SwapReport(direction, 0, 0.0, f"already on {target}")
     torch.cuda.synchronize()
     start = time.perf_counter()
-    # the whole allocation moves as one copy; the captured decode steps point at the old one and are dropped
+    # the allocation moves as one copy (all but a quantized cache's read buffer, scratch); the captured decode steps
+    # point at the old one and are dropped
     settings.arena = settings.arena.moved(target, pin=direction == "out")
     settings.queue_ptr = settings.arena.views["queue_ptr"]
     cache.decode_graphs.clear()
@@ -162,4 +163,4 @@ def swap(cache, direction: str) -> SwapReport:
             layer.rebind(settings.arena.take(f"{layer.index}."))
             layer.counters = layer.counters.moved_to(target)
     torch.cuda.synchronize()
-    return SwapReport(direction, settings.arena.nbytes, time.perf_counter() - start)
+    return SwapReport(direction, settings.arena.swap_bytes, time.perf_counter() - start)
