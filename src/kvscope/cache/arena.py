@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from kvscope.kvformats import ALIGN, ELEMENT_BYTES, READ_BUFFER, Layout, layout_bytes
+from kvscope.kvformats import ALIGN, ELEMENT_BYTES, READ_BUFFER, Layout, layout_bytes, store_layout
 
 TORCH_TYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.float8_e4m3fn,
                "uint8": torch.uint8, "bool": torch.bool, "int64": torch.long}
@@ -56,3 +56,13 @@ class Arena:
     def take(self, prefix: str) -> dict[str, torch.Tensor]:
         """The views whose names start with `prefix`, with the prefix removed."""
         return {name[len(prefix):]: t for name, t in self.views.items() if name.startswith(prefix)}
+
+
+def allocate(layout: Layout, device) -> dict[str, torch.Tensor]:
+    """Zeroed tensors of one store's `layout` (kvscope.kvformats.store_layout), when no arena provides them."""
+    return {name: torch.zeros(shape, dtype=TORCH_TYPES[kind], device=device) for name, shape, kind in layout}
+
+
+def layout_of(kv: str, batch: int, heads: int, slots: int, head_dim: int, dtype: torch.dtype) -> Layout:
+    """One store's layout in format `kv` for a torch compute `dtype`."""
+    return store_layout(kv, batch, heads, slots, head_dim, TYPE_NAMES[dtype])

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 
 from kvscope.cache import fused
-from kvscope.cache.store import allocate, layout_of
+from kvscope.cache.arena import allocate, layout_of
 
 FP16_MAX = 65504.0
 FP8_MAX = 448.0  # largest finite float8 e4m3fn
@@ -162,10 +162,3 @@ class Fp8Store(_PerTokenStore):
 def _bytes(t: torch.Tensor) -> torch.Tensor:
     """The same memory as uint8 (scatter is not implemented for float8)."""
     return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
-
-
-def quantized_stores() -> dict[str, type[_Store]]:
-    """The store class of each quantized KV format."""
-    from kvscope.cache.quant_int4 import Int4Store
-
-    return {"fp8": Fp8Store, "int8": Int8Store, "int4": Int4Store}

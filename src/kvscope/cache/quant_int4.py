@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kvscope.cache.arena import allocate, layout_of
 from kvscope.cache.quant import FP16_MAX, INT4_SPAN_MIN, _fast, _Store
-from kvscope.cache.store import allocate, layout_of
 from kvscope.errors import usage
 from kvscope.kvformats import INT4_FLUSH_BLOCK_BYTES, INT4_GROUP, INT4_RESIDUAL
 

@@ -9,21 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from kvscope.cache.arena import allocate, layout_of
 from kvscope.kvformats import kv_format
-from kvscope.kvformats import store_layout as formats_layout
-
-
-def allocate(layout, device) -> dict[str, torch.Tensor]:
-    """Zeroed tensors for a store's `layout` (kvscope.kvformats.store_layout), when no arena provides them."""
-    from kvscope.cache.arena import TORCH_TYPES
-
-    return {name: torch.zeros(shape, dtype=TORCH_TYPES[kind], device=device) for name, shape, kind in layout}
-
-
-def layout_of(kv: str, batch: int, heads: int, slots: int, head_dim: int, dtype: torch.dtype):
-    from kvscope.cache.arena import TYPE_NAMES
-
-    return formats_layout(kv, batch, heads, slots, head_dim, TYPE_NAMES[dtype])
 
 
 def gather_slots(t: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -96,9 +83,10 @@ def store_class(kv_dtype: str | None, compute_dtype: torch.dtype):
     fmt = kv_format(kv_dtype)
     if not fmt.quantized:
         return DenseStore, DENSE_TORCH[fmt.name]
-    from kvscope.cache.quant import quantized_stores
+    from kvscope.cache.quant import Fp8Store, Int8Store  # the quantized stores build on this module
+    from kvscope.cache.quant_int4 import Int4Store
 
-    return quantized_stores()[fmt.name], compute_dtype
+    return {"fp8": Fp8Store, "int8": Int8Store, "int4": Int4Store}[fmt.name], compute_dtype
 
 
 def make_store(kv_dtype: str | None, batch: int, heads: int, slots: int, head_dim: int, compute_dtype: torch.dtype,
