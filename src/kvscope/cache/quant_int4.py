@@ -201,6 +201,8 @@ class Int4Store(_Store):
         lo, hi = self._span(touched)
         b, h, _, d = self.shape
         rows = max(1, FLUSH_BLOCK_BYTES // (2 * h * max(1, hi - lo) * d * 4))
+        span = slice(lo, hi)
+        m, flushed, touched = m[..., span], flushed[..., span], touched[..., span]
         for r in range(0, b if hi > lo else 0, rows):
             part = slice(r, r + rows)
             self._rows(part)._flush_span(lo, hi, m[part], flushed[part], touched[part], slots[part], keys[part],
@@ -231,16 +233,17 @@ class Int4Store(_Store):
         return view
 
     def _flush_span(self, lo: int, hi: int, m, flushed, touched, slots, keys, values) -> None:
-        """The flush of slots [lo, hi) (whole key groups below the groups' end)."""
+        """The flush of slots [lo, hi) (whole key groups below the groups' end); `m`, `flushed` and `touched` are of
+        those slots."""
         x = self._dequantize(hi, torch.float32, lo)  # [2, B, H, hi - lo, D]
-        ring = self.residual.gather(3, _ring_index(m[..., lo:hi])[None, ..., None].expand(x.shape)).float()
-        x = torch.where(flushed[None, :, :, lo:hi, None], ring, x)
+        ring = self.residual.gather(3, _ring_index(m)[None, ..., None].expand(x.shape)).float()
+        x = torch.where(flushed[None, ..., None], ring, x)
         del ring
         if keys.shape[2]:
             x.scatter_(3, (slots - lo)[None, ..., None].expand(2, *keys.shape), torch.stack((keys, values)).float())
-        holds = (m[..., lo:hi] >= 0) | touched[..., lo:hi]  # slots whose token counts for its key group's range
-        self._quantize_values(x[1], touched[..., lo:hi], lo)
-        self._quantize_keys(x[0], touched[..., lo:hi], holds, lo)
+        holds = (m >= 0) | touched  # slots whose token counts for its key group's range
+        self._quantize_values(x[1], touched, lo)
+        self._quantize_keys(x[0], touched, holds, lo)
 
     def _quantize_values(self, v: torch.Tensor, touched: torch.Tensor, lo: int) -> None:
         b, h, s, d = v.shape
