@@ -182,8 +182,11 @@ def _largest_batch(model, spec, runtime: str, kv: str, total: int, weights: int,
         probes.append({"batch": b, "ok": good, "peak": peak, "baseline": base, "planned_peak": planned.peak_bytes,
                        "planned_fits": planned.fits, "seconds": round(time.perf_counter() - t, 1), "error": error})
         print("capacity", runtime, kv, probes[-1], flush=True)
-        on_probe(record(max((p["batch"] for p in probes if p["ok"]), default=0), False))
+        on_probe(record(best_so_far(), False))
         return good
+
+    def best_so_far() -> int:
+        return max((p["batch"] for p in probes if p["ok"]), default=0)
 
     def record(best: int, exact: bool) -> dict:
         ideal = (total - weights - outside) / spec.kv_bytes_per_token(kv)
@@ -195,7 +198,7 @@ def _largest_batch(model, spec, runtime: str, kv: str, total: int, weights: int,
     try:
         best, exact = search.largest_from(ok, start, 1, 4 * predicted), True
     except _OutOfProbes:
-        best, exact = max((p["batch"] for p in probes if p["ok"]), default=0), False
+        best, exact = best_so_far(), False
     return record(best, exact)
 
 

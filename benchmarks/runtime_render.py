@@ -39,7 +39,10 @@ def _capacity(d: dict, more: dict[str, dict] | None = None) -> str:
     md = (f"4,096-token prompts + {d['new']} new tokens. GPU {d['total_bytes']:,} bytes, weights "
           f"{d['weights_bytes']:,}, outside PyTorch (CUDA context) {d['outside_bytes']:,}; ideal = (GPU - weights - "
           "context) / KV bytes per token. Each probe is a real run; `exact` means the search bracketed the largest "
-          "batch (it ran and the next one did not).\n\n")
+          "batch (it ran and the next one did not). In the probes: peak = `max_memory_allocated` over the baseline; "
+          "planned = `kvscope plan` peak, weights included; planner error = planned against peak + baseline, the "
+          "baseline being the weights, the model's buffers and the prompt's ids where the run recorded it, the "
+          "weights alone in runs that did not.\n\n")
     return md + _capacity_runs(d) + further_runs(more or {}, lambda e: (
         f"GPU {e['total_bytes']:,} bytes, outside PyTorch {e['outside_bytes']:,}.\n\n" + _capacity_runs(e)))
 
@@ -51,9 +54,7 @@ def _capacity_runs(d: dict) -> str:
     md = table(rows, [("runtime", "runtime"), ("kv_dtype", "KV"), ("measured", "largest batch"),
                       ("predicted", "planner"), ("tokens_in_flight", "tokens in flight"), ("share", "of ideal"),
                       ("exact", "exact")])
-    md += ("\nProbes (peak = `max_memory_allocated` over the baseline; planned = `kvscope plan` peak, weights "
-           "included; planner error = planned against peak + baseline, the baseline being the weights, the model's "
-           "buffers and the prompt's ids where the run recorded it, the weights alone in runs that did not):\n\n")
+    md += "\nProbes:\n\n"
     return md + table(probes, [("runtime", "runtime"), ("kv", "KV"), ("batch", "batch"), ("ok", "ran"),
                                ("peak", "peak bytes"), ("planned_peak", "planned bytes"), ("err", "planner error"),
                                ("planned_fits", "planner: fits"), ("seconds", "s")])
