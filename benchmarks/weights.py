@@ -143,10 +143,10 @@ def part_gpu(args) -> dict:
         elif left < args.capacity_seconds:
             row["capacity"]["skipped"] = f"{left:.0f} s left of --deadline {args.deadline}"
         else:
-            probes = _capacity_probes(model, spec, predicted, args, start)
+            probes = _capacity_probes(model, spec, args.capacity_start or predicted, args, start)
             row["capacity"].update(probes[0])
             row["capacity"]["probes"] = probes
-            row["capacity"]["planned_peak"] = plan(spec, w.with_(batch=predicted), gpu_memory=total,
+            row["capacity"]["planned_peak"] = plan(spec, w.with_(batch=probes[0]["batch"]), gpu_memory=total,
                                                    advice=False).peak_bytes
         print("gpu capacity", fmt, row["capacity"], flush=True)
         _save(args, CUDA_FILE, out)
@@ -192,10 +192,10 @@ def _prefill(model, spec, batch: int, context: int) -> dict:
             "tps": round(batch * context / seconds, 1)}
 
 
-def _capacity_probes(model, spec, predicted: int, args, start: float) -> list[dict]:
-    """The planner's batch, then (`--capacity-probes`) one less after an OOM, one more after a run that fits, until a
+def _capacity_probes(model, spec, first: int, args, start: float) -> list[dict]:
+    """The planner's batch (or `--capacity-start`), then (`--capacity-probes`) one less after an OOM, one more after a run that fits, until a
     batch that fits sits next to one that does not, or the probes or the deadline run out."""
-    probes = [_capacity_run(model, spec, predicted)]
+    probes = [_capacity_run(model, spec, first)]
     while len(probes) < args.capacity_probes and args.deadline - (time.monotonic() - start) > args.capacity_seconds:
         tried = {p["batch"]: p["ok"] for p in probes}
         fits = [b for b, ok in tried.items() if ok]
@@ -376,6 +376,8 @@ def main(argv=None) -> int:
     p.add_argument("--capacity-probes", type=int, default=1,
                    help="capacity runs per format: the planner's batch, then one less after an OOM or one more after "
                         "a fit, until the boundary shows (default 1)")
+    p.add_argument("--capacity-start", type=int, default=None,
+                   help="first batch of the capacity probes (default: the planner's largest), to go on from a run")
     p.add_argument("--no-decode", action="store_true", help="skip the decode timings (bytes and capacity only)")
     args = p.parse_args(argv)
     args.command = command_line()

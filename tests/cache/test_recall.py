@@ -150,17 +150,18 @@ def test_a_continued_cache_fits_its_tier(tiny):
 
 def test_a_tier_grows_keeping_what_it_holds(tiny):
     """The tier's safety net: more evictions than its size make it grow, and what it held is still there."""
-    from kvscope.cache.recall import Tier
+    from kvscope.cache.recall import Staging, Tier
 
     cache = BudgetedCache(tiny, "snapkv", budget_tokens=SNAP, chunk_size=CHUNK)
     prefill(tiny, cache, ids())
     layer = cache.layers[0]
     st = layer.state
-    tier = Tier(layer, 4)
+    tier, staging = Tier(layer, 4), Staging(layer)
     with torch.inference_mode():
         slots = torch.arange(st.valid.shape[-1]).expand_as(st.valid)
-        tier.add(layer, slots[..., :3], st.valid[..., :3])
-        tier.add(layer, slots[..., 3:], st.valid[..., 3:])
+        tier.add(layer, slots[..., :3], st.valid[..., :3], staging)
+        tier.add(layer, slots[..., 3:], st.valid[..., 3:], staging)  # more than a staging set holds: it grows
+    assert staging.slots == st.valid.shape[-1] - 3
     assert tier.capacity > 4 and tier.used == st.valid.shape[-1]
     k, _ = tier.keys_values(slice(0, 3), "cpu")
     stored, _ = layer.store.read(layer.capacity, torch.float32)

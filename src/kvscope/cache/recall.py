@@ -24,6 +24,7 @@ import torch
 
 from kvscope.cache.arena import TORCH_TYPES, TYPE_NAMES
 from kvscope.cache.store import gather_slots, make_store, wrap_store
+from kvscope.cache.streams import side_stream
 from kvscope.errors import usage
 from kvscope.kvformats import ELEMENT_BYTES, RECALL_META, recall_format, recall_records
 from kvscope.policies.base import Observation, SlotState, select_evictions
@@ -63,9 +64,78 @@ def move_to_tier(layer, tier, order: torch.Tensor, leaves: torch.Tensor, bound: 
     kept or empty slots too, marked not valid in the tier."""
     bound = min(bound, layer.capacity)
     if bound > 0:
-        tier = tier or Tier(layer, layer.settings.recall_capacity)
-        tier.add(layer, order[:, :, :bound], leaves[:, :, :bound])
+        s = layer.settings
+        if s.recall_staging is None:  # one per prefill, shared by the layers (they evict one after another)
+            s.recall_staging = Staging(layer)
+        tier = tier or Tier(layer, s.recall_capacity)
+        tier.add(layer, order[:, :, :bound], leaves[:, :, :bound], s.recall_staging)
     return tier
+
+
+def _tier_records(layer):
+    """(the layer's store format, the tier's, the tier's host records) of a layer."""
+    store_kind = layer.settings.kv_dtype or TYPE_NAMES[layer.compute_dtype]
+    return store_kind, recall_format(store_kind), recall_records(store_kind, layer.head_dim,
+                                                                 TYPE_NAMES[layer.compute_dtype])
+
+
+class Staging:
+    """The device buffers a layer's evicted slots are gathered into before they cross to its tier, and the stream the
+    copies run on. Two sets, used in turn by every layer of a prefill, each for at most `room + evict_batch - 1` slots
+    (what one eviction moves); a set is written again only after the copy that read it is done, so the gathers never
+    wait on the copy before them. Kept for the whole prefill, so an eviction allocates nothing and its typed views of
+    the buffers are made once per size: an eviction is a few launches (a prefill at 32k evicts 2,048 times), and
+    the chunked prefill is bound by its launches on the host."""
+
+    def __init__(self, layer):
+        st = layer.state
+        self.rows = tuple(st.valid.shape[:2])
+        self.records = _tier_records(layer)[2]
+        self.slots = max(1, min(layer.capacity, layer.room + layer.settings.evict_batch - 1))
+        self.stream = side_stream(st.valid.device)
+        self.sets = [self._allocate(st.valid.device) for _ in range(2)]
+        self.done = [None, None]  # per set: the event recorded after the copy that last read it
+        self.turn = 0
+        self.views: dict[tuple[int, int], tuple[list[torch.Tensor], dict[str, torch.Tensor]]] = {}
+
+    def _allocate(self, device) -> list[torch.Tensor]:
+        bufs = [torch.empty((self.slots, *self.rows, size), dtype=torch.uint8, device=device)
+                for _, size in self.records]
+        if self.stream is not None:
+            for t in bufs:  # the side stream reads them: when freed, their memory waits for its queued copies
+                t.record_stream(self.stream)
+        return bufs
+
+    def take(self, n: int) -> tuple[int, list[torch.Tensor], dict[str, torch.Tensor]]:
+        """(the set, its record buffers [n, B, H, bytes], their fields [B, H, n, ...]) for `n` slots, once the copy
+        that last read that set is done (the current stream waits for it on the device, not the host)."""
+        if n > self.slots:  # a longer eviction than planned (not expected): larger sets, made once
+            self.slots, self.views = n, {}
+            self.sets = [self._allocate(self.sets[0][0].device) for _ in range(2)]
+        i, self.turn = self.turn, self.turn ^ 1
+        if self.done[i] is not None:
+            torch.cuda.current_stream().wait_event(self.done[i])
+        if (i, n) not in self.views:
+            bufs = [t[:n] for t in self.sets[i]]
+            self.views[i, n] = bufs, {name: t.movedim(0, 2) for name, t in _views(bufs, self.records).items()}
+        return (i, *self.views[i, n])
+
+    def cross(self, i: int, staged: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
+        """Copy set `i`'s `staged` buffers into `targets` (host): asynchronously on the side stream on CUDA."""
+        if self.stream is None:
+            for target, t in zip(targets, staged):
+                target.copy_(t)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            for target, t in zip(targets, staged):
+                target.copy_(t, non_blocking=True)
+            self.done[i] = self.done[i] or torch.cuda.Event()
+            self.done[i].record(self.stream)
+
+    def wait(self) -> None:
+        if self.stream is not None:
+            self.stream.synchronize()
 
 
 class Tier:
@@ -79,10 +149,8 @@ class Tier:
     def __init__(self, layer, capacity: int):
         st = layer.state
         self.rows = tuple(st.valid.shape[:2])
-        self.store_kind = layer.settings.kv_dtype or TYPE_NAMES[layer.compute_dtype]  # the layer's own format
-        self.kind = recall_format(self.store_kind)  # the tier's
+        self.store_kind, self.kind, self.records = _tier_records(layer)  # the layer's own format, the tier's
         self.dtype = layer.compute_dtype
-        self.records = recall_records(self.store_kind, layer.head_dim, TYPE_NAMES[self.dtype])
         self.store_names = [f[0] for fields, _ in self.records for f in fields if f[0] not in META_NAMES]
         self.pin = st.valid.is_cuda  # pinned host memory: copies to and from it are asynchronous
         self.capacity = capacity
@@ -90,7 +158,7 @@ class Tier:
         # Invariant: slots [0, used) of every row were written (invalid ones pad the rows that evicted fewer), and
         # nothing reads past `used`: the buffers are allocated unwritten.
         self.used = 0
-        self.stream = torch.cuda.Stream(device=st.valid.device) if self.pin else None
+        self.stream = side_stream(st.valid.device)  # the copies into the tier run here (Staging.cross)
 
     def _allocate(self, capacity: int) -> list[torch.Tensor]:
         """Every record buffer, allocated pinned at once: a pageable buffer pinned afterwards would be allocated,
@@ -102,30 +170,20 @@ class Tier:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.buffers)
 
-    def add(self, layer, slots: torch.Tensor, leaves: torch.Tensor) -> None:
+    def add(self, layer, slots: torch.Tensor, leaves: torch.Tensor, staging: Staging) -> None:
         """Move a layer's `slots` ([B, H, n]) here, before the layer invalidates them; `leaves` [B, H, n] marks the
         ones evicted (the others are kept or empty: not valid here). One gather per field writes straight into the
-        records' places of a device staging buffer, then one copy per record crosses to the host."""
+        records' places of one of `staging`'s sets, then one copy per record crosses to the host."""
         n = slots.shape[-1]
         if self.used + n > self.capacity:  # the host's bound, not what rows evict, can pass the tier's size
             self._grow(self.used + n + layer.room)
-        staging = [torch.empty((n, *self.rows, size), dtype=torch.uint8, device=slots.device)
-                   for _, size in self.records]
-        fields = {name: t.movedim(0, 2) for name, t in _views(staging, self.records).items()}  # [B, H, n, ...]
+        i, staged, fields = staging.take(n)
         st = layer.state
         torch.gather(st.position, -1, slots, out=fields["position"])
         torch.gather(st.score, -1, slots, out=fields["score"])
         fields["valid"].copy_(leaves)
         self._gather_store(layer, slots, fields)
-        span = slice(self.used, self.used + n)
-        if self.stream is not None:
-            self.stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(self.stream):
-                self._copy(span, staging)
-            for t in staging:  # their memory is reused once the copy is done, not when the tier is freed
-                t.record_stream(self.stream)
-        else:
-            self._copy(span, staging)
+        staging.cross(i, staged, [t[self.used:self.used + n] for t in self.buffers])
         self.used += n
 
     def _gather_store(self, layer, slots: torch.Tensor, fields: dict[str, torch.Tensor]) -> None:
@@ -133,18 +191,18 @@ class Tier:
         its format (exact, and no dequantizing of the whole store), else re-quantized on the device (int4 waits as
         int8)."""
         if self.kind == self.store_kind:
+            index = {}  # one expanded index per trailing shape (keys and values share theirs)
             for name, t in layer.store.tensors().items():
-                gather_slots(t, slots, out=fields[name])
+                shape = tuple(t.shape[3:])
+                if shape not in index:
+                    index[shape] = slots.reshape(*slots.shape, *[1] * len(shape)).expand(*slots.shape, *shape)
+                gather_slots(t, index[shape], out=fields[name])
             return
         k, v = read_slots(layer, slots)
         staging = make_store(self.kind, *k.shape[:3], layer.head_dim, self.dtype, k.device)
         staging.write_range(0, k, v)
         for name, t in staging.tensors().items():
             fields[name].copy_(t)
-
-    def _copy(self, span: slice, staging: list[torch.Tensor]) -> None:
-        for buffer, t in zip(self.buffers, staging):
-            buffer[span].copy_(t, non_blocking=True)
 
     def _grow(self, need: int) -> None:
         self.wait()
@@ -173,10 +231,24 @@ class Tier:
         """Keys and values of the tier slots `index` (a slice, or [B, H, n] per row), dequantized on `device`."""
         if isinstance(index, slice):  # one contiguous span: an asynchronous copy from pinned memory
             moved = [t[index].to(device, non_blocking=True).movedim(0, 2) for t in self.buffers]
-        else:  # each row's records gathered on the host, then one copy per record
-            moved = [gather_slots(t.movedim(0, 2), index).to(device, non_blocking=True) for t in self.buffers]
+        else:  # each row's records gathered on the host, whole records at a time, then one copy per record
+            flat = self._flat(index)
+            moved = [self._gather(t, flat).view(*index.shape, -1).to(device, non_blocking=True)
+                     for t in self.buffers]
         fields = _views(moved, self.records)
         return self._store(fields).read(fields["valid"].shape[-1], self.dtype)
+
+    def _flat(self, index: torch.Tensor) -> torch.Tensor:
+        """Host slots `index` [B, H, n] as record numbers of a buffer [capacity, B, H, bytes] seen as [records, bytes],
+        in [B, H, n] order."""
+        rows = math.prod(self.rows)
+        return (index * rows + torch.arange(rows).view(*self.rows, 1)).reshape(-1)
+
+    def _gather(self, buffer: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+        """The records `flat` of `buffer`, into pinned memory on CUDA (so the copy up is asynchronous): one row copy
+        per record, where an element-wise gather over the bytes took milliseconds per layer."""
+        out = torch.empty((flat.numel(), buffer.shape[-1]), dtype=torch.uint8, pin_memory=self.pin)
+        return torch.index_select(buffer.view(-1, buffer.shape[-1]), 0, flat, out=out)
 
     def _store(self, fields: dict[str, torch.Tensor]):
         return wrap_store(self.kind, {name: fields[name].contiguous() for name in self.store_names})

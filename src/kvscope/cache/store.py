@@ -14,11 +14,13 @@ from kvscope.kvformats import kv_format
 
 
 def gather_slots(t: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`t` [B, H, S, ...]'s slots `index` [B, H, n] along dim 2, into `out` (any strides) when given. One-byte float
-    types are gathered as bytes (no fp8 gather on the CPU)."""
+    """`t` [B, H, S, ...]'s slots `index` [B, H, n] along dim 2 (or `index` already expanded over t's trailing dims,
+    to share it among tensors of one shape), into `out` (any strides) when given. One-byte float types are gathered as
+    bytes (no fp8 gather on the CPU)."""
     as_bytes = t.element_size() == 1 and t.is_floating_point()
     raw = t.view(torch.uint8) if as_bytes else t
-    index = index.reshape(*index.shape, *[1] * (t.dim() - 3)).expand(*index.shape, *t.shape[3:])
+    if index.dim() != t.dim():
+        index = index.reshape(*index.shape, *[1] * (t.dim() - 3)).expand(*index.shape, *t.shape[3:])
     if out is None:
         return raw.gather(2, index).view(t.dtype)
     torch.gather(raw, 2, index, out=out.view(torch.uint8) if as_bytes else out)
