@@ -89,24 +89,34 @@ def _cpu(d: dict) -> str:
             f"({d['forward_vs_plain']}x), kvscope's own step {m['static']:.1f} ({d['static_vs_plain']}x).\n")
 
 
-def _recall(d: dict) -> str:
-    """Interleaved rounds with and without the tier; the medians' ratio and peaks against budget + one chunk."""
-    by = {m: [r for r in d["rows"] if (r["recall"] or "none") == m] for m in ("none", "cpu")}
+def _recall(d: dict, more: dict[str, dict] | None = None) -> str:
+    """Interleaved rounds with and without the tier; the medians' ratio and peaks against budget + one chunk; then each
+    further run the same way."""
     md = (f"A {d['context']:,}-token prompt in {d['chunk']}-token chunks under {d['policy']} at budget {d['budget']}, "
           "with and without `recall=\"cpu\"`, interleaved rounds. Peak: `max_memory_allocated` over the baseline "
           "(weights in the baseline): the cache's one allocation plus the prefill's temporaries. Budget + one chunk "
-          "of bf16 KV is the store's share of that allocation.\n\n")
+          "of bf16 KV is the store's share of that allocation. Ratio: the prefill with the tier over the one "
+          "without in the same round.\n\n")
     if d.get("note"):
         md += f"Note: {d['note']}.\n\n"
-    rows = [{**r, "recall": r["recall"] or "none", "peak_gib": f"{r['peak_over_base'] / GIB:.3f}",
-             "arena_gib": f"{r['arena_bytes'] / GIB:.3f}", "kv_gib": f"{r['kv_store_bytes'] / GIB:.3f}"}
-            for r in d["rows"]]
-    md += table(rows, [("round", "round"), ("recall", "recall"), ("prefill_s", "prefill s"),
-                       ("peak_gib", "peak over base GiB"), ("arena_gib", "cache allocation GiB"),
-                       ("kv_gib", "budget + chunk KV GiB"), ("recalled", "recalled tokens")])
+    return md + _recall_rounds(d) + further_runs(more or {}, _recall_rounds)
+
+
+def _recall_rounds(d: dict) -> str:
+    by = {m: {r["round"]: r for r in d["rows"] if (r["recall"] or "none") == m} for m in ("none", "cpu")}
+    rows = []
+    for r in d["rows"]:
+        other = by["none"].get(r["round"])
+        ratio = f"{r['prefill_s'] / other['prefill_s']:.2f}x" if r["recall"] and other else ""
+        rows.append({**r, "recall": r["recall"] or "none", "ratio": ratio,
+                     "peak_gib": f"{r['peak_over_base'] / GIB:.3f}", "arena_gib": f"{r['arena_bytes'] / GIB:.3f}",
+                     "kv_gib": f"{r['kv_store_bytes'] / GIB:.3f}"})
+    md = table(rows, [("round", "round"), ("recall", "recall"), ("prefill_s", "prefill s"), ("ratio", "ratio"),
+                      ("peak_gib", "peak over base GiB"), ("arena_gib", "cache allocation GiB"),
+                      ("kv_gib", "budget + chunk KV GiB"), ("recalled", "recalled tokens")])
     if by["none"] and by["cpu"]:
-        ratio = statistics.median(r["prefill_s"] for r in by["cpu"]) / statistics.median(
-            r["prefill_s"] for r in by["none"])
+        ratio = statistics.median(r["prefill_s"] for r in by["cpu"].values()) / statistics.median(
+            r["prefill_s"] for r in by["none"].values())
         md += f"\n\nPrefill with recall / without (medians): **{ratio:.2f}x** (target at most 1.3x).\n"
     return md
 

@@ -54,7 +54,8 @@ class WeightFormat:
     # docs/benchmarks.md weights-cuda): fp8 at 247 sequences reserved 2,034 MiB above its allocated peak, one set
     # (560 MiB) more than the dense slack (the planner then reserves 142,123 MiB against 142,104 measured; without it,
     # it said 248, which ran out of memory); int8 at 249 reserved 809 MiB above its peak, within the dense slack: 0.
-    # int4: not measured (its prefill at that batch runs for minutes), 0.
+    # int4 (prefill on the unpacked weight; dbe6ab7 and 2ace86f): 255 ran in two processes, reserving 984 and 878 MiB
+    # above its allocated peak, within the dense slack: 0 (256 ran in one, ran out of memory in decode in the other).
     prefill_slack_sets: int = 0
 
     def linear_bytes(self, out_features: int, in_features: int) -> int:

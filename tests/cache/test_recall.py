@@ -160,7 +160,7 @@ def test_a_tier_grows_keeping_what_it_holds(tiny):
     with torch.inference_mode():
         slots = torch.arange(st.valid.shape[-1]).expand_as(st.valid)
         tier.add(layer, slots[..., :3], st.valid[..., :3], staging)
-        tier.add(layer, slots[..., 3:], st.valid[..., 3:], staging)  # more than a staging set holds: it grows
+        tier.add(layer, slots[..., 3:], st.valid[..., 3:], staging)  # more than the staging holds: it grows
     assert staging.slots == st.valid.shape[-1] - 3
     assert tier.capacity > 4 and tier.used == st.valid.shape[-1]
     k, _ = tier.keys_values(slice(0, 3), "cpu")
