@@ -150,18 +150,17 @@ def test_a_continued_cache_fits_its_tier(tiny):
 
 def test_a_tier_grows_keeping_what_it_holds(tiny):
     """The tier's safety net: more evictions than its size make it grow, and what it held is still there."""
-    from kvscope.cache.recall import Staging, Tier
+    from kvscope.cache.recall import Tier
 
     cache = BudgetedCache(tiny, "snapkv", budget_tokens=SNAP, chunk_size=CHUNK)
     prefill(tiny, cache, ids())
     layer = cache.layers[0]
     st = layer.state
-    tier, staging = Tier(layer, 4), Staging(layer)
+    tier = Tier(layer, 4)
     with torch.inference_mode():
         slots = torch.arange(st.valid.shape[-1]).expand_as(st.valid)
-        tier.add(layer, slots[..., :3], st.valid[..., :3], staging)
-        tier.add(layer, slots[..., 3:], st.valid[..., 3:], staging)  # more than the staging holds: it grows
-    assert staging.slots == st.valid.shape[-1] - 3
+        tier.add(layer, slots[..., :3], st.valid[..., :3])
+        tier.add(layer, slots[..., 3:], st.valid[..., 3:])
     assert tier.capacity > 4 and tier.used == st.valid.shape[-1]
     k, _ = tier.keys_values(slice(0, 3), "cpu")
     stored, _ = layer.store.read(layer.capacity, torch.float32)
@@ -170,6 +169,26 @@ def test_a_tier_grows_keeping_what_it_holds(tiny):
     k, v = tier.keys_values(slice(0, tier.used), "cpu")
     assert torch.equal(k, stored) and torch.equal(tier.first_record(slice(0, tier.used), "cpu")["valid"], st.valid)
     assert torch.equal(tier.first_record(slice(0, tier.used), "cpu")["score"], st.score)
+
+
+@pytest.mark.parametrize("kv_dtype", [None, "int8", "int4", "fp8"])
+def test_the_staging_views_are_the_records_fields(tiny, tiny64, kv_dtype):
+    """An eviction's staging: each field view (one as_strided) covers the bytes the record layout gives it."""
+    from kvscope.cache.recall import Tier, _views
+
+    model = model_for(kv_dtype, tiny, tiny64)
+    cache = BudgetedCache(model, "snapkv", budget_tokens=SNAP, chunk_size=CHUNK, kv_dtype=kv_dtype)
+    prefill(model, cache, ids(batch=2))
+    tier = Tier(cache.layers[0], 8)
+    flat, staged, fields = tier._staging(5, "cpu")
+    assert [t.shape for t in staged] == [(5, *tier.rows, size) for _, size in tier.records]
+    assert sum(t.numel() for t in staged) == flat.numel()
+    expected = {name: t.movedim(0, 2) for name, t in _views(staged, tier.records).items()}
+    assert fields.keys() == expected.keys()
+    for name, t in expected.items():  # the same elements of the same memory
+        got = fields[name]
+        strides = [[st for st, size in zip(x.stride(), x.shape) if size > 1] for x in (got, t)]  # a dim of 1: any
+        assert (got.shape, got.dtype, got.data_ptr()) == (t.shape, t.dtype, t.data_ptr()) and strides[0] == strides[1]
 
 
 @pytest.mark.parametrize("kv_dtype,span_bytes", [(None, None), (None, 1), ("int8", 1)])

@@ -257,7 +257,7 @@ class BudgetedCache(Cache):
             self.settings.recall_state = "final"
 
     def end_prefill(self) -> None:
-        self.settings.recall_state = self.settings.recall_staging = None
+        self.settings.recall_state = None
         for layer in self.layers:
             if layer.is_initialized:
                 layer.tier = None

@@ -64,11 +64,8 @@ def move_to_tier(layer, tier, order: torch.Tensor, leaves: torch.Tensor, bound: 
     kept or empty slots too, marked not valid in the tier."""
     bound = min(bound, layer.capacity)
     if bound > 0:
-        s = layer.settings
-        if s.recall_staging is None:  # one per prefill, shared by the layers (they evict one after another)
-            s.recall_staging = Staging(layer)
-        tier = tier or Tier(layer, s.recall_capacity)
-        tier.add(layer, order[:, :, :bound], leaves[:, :, :bound], s.recall_staging)
+        tier = tier or Tier(layer, layer.settings.recall_capacity)
+        tier.add(layer, order[:, :, :bound], leaves[:, :, :bound])
     return tier
 
 
@@ -77,57 +74,6 @@ def _tier_records(layer):
     store_kind = layer.settings.kv_dtype or TYPE_NAMES[layer.compute_dtype]
     return store_kind, recall_format(store_kind), recall_records(store_kind, layer.head_dim,
                                                                  TYPE_NAMES[layer.compute_dtype])
-
-
-class Staging:
-    """The device buffers a layer's evicted slots are gathered into before they cross to its tier, and the stream the
-    copies run on. One set for every layer of a prefill, for at most `room + evict_batch - 1` slots (what one eviction
-    moves), written again only after the copy that read it is done: the current stream waits for that copy on the
-    device, and by then it is done: it was issued a layer earlier (at 32k on the H200 a layer's share of a chunk takes
-    about 2 ms; the copy is one eviction, about 2 MiB for the 8B shape). Kept for the whole prefill, so an eviction allocates nothing and its
-    typed views of the buffers are made once per size: an eviction is a few launches, where the chunked prefill is
-    bound by its launches on the host (a 32k prompt evicts 2,048 times)."""
-
-    def __init__(self, layer):
-        st = layer.state
-        self.rows = tuple(st.valid.shape[:2])
-        self.records = _tier_records(layer)[2]
-        self.stream = side_stream(st.valid.device)
-        self.done = None  # the event recorded after the copy that last read the buffers
-        self._allocate(max(1, min(layer.capacity, layer.room + layer.settings.evict_batch - 1)), st.valid.device)
-
-    def _allocate(self, slots: int, device) -> None:
-        self.slots, self.views = slots, {}
-        self.buffers = [torch.empty((slots, *self.rows, size), dtype=torch.uint8, device=device)
-                        for _, size in self.records]
-        if self.stream is not None:
-            for t in self.buffers:  # the side stream reads them: when freed, their memory waits for its queued copies
-                t.record_stream(self.stream)
-
-    def take(self, n: int) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
-        """(the record buffers [n, B, H, bytes], their fields [B, H, n, ...]) for `n` slots, once the copy that last
-        read them is done."""
-        if n > self.slots:  # a longer eviction than planned (not expected): larger buffers, made once
-            self._allocate(n, self.buffers[0].device)
-        if self.done is not None:
-            torch.cuda.current_stream().wait_event(self.done)
-        if n not in self.views:
-            bufs = [t[:n] for t in self.buffers]
-            self.views[n] = bufs, {name: t.movedim(0, 2) for name, t in _views(bufs, self.records).items()}
-        return self.views[n]
-
-    def cross(self, staged: list[torch.Tensor], targets: list[torch.Tensor]) -> None:
-        """Copy the `staged` buffers into `targets` (host): asynchronously on the side stream on CUDA."""
-        if self.stream is None:
-            for target, t in zip(targets, staged):
-                target.copy_(t)
-            return
-        self.stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self.stream):
-            for target, t in zip(targets, staged):
-                target.copy_(t, non_blocking=True)
-            self.done = self.done or torch.cuda.Event()
-            self.done.record(self.stream)
 
 
 class Tier:
@@ -162,21 +108,52 @@ class Tier:
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.buffers)
 
-    def add(self, layer, slots: torch.Tensor, leaves: torch.Tensor, staging: Staging) -> None:
+    def add(self, layer, slots: torch.Tensor, leaves: torch.Tensor) -> None:
         """Move a layer's `slots` ([B, H, n]) here, before the layer invalidates them; `leaves` [B, H, n] marks the
         ones evicted (the others are kept or empty: not valid here). One gather per field writes straight into the
-        records' places of `staging`'s buffers, then one copy per record crosses to the host."""
+        records' places of a device staging buffer, then one copy per record crosses to the host (on the side
+        stream on CUDA: it overlaps the next layer's compute)."""
         n = slots.shape[-1]
         if self.used + n > self.capacity:  # the host's bound, not what rows evict, can pass the tier's size
             self._grow(self.used + n + layer.room)
-        staged, fields = staging.take(n)
+        flat, staged, fields = self._staging(n, slots.device)
         st = layer.state
         torch.gather(st.position, -1, slots, out=fields["position"])
         torch.gather(st.score, -1, slots, out=fields["score"])
         fields["valid"].copy_(leaves)
         self._gather_store(layer, slots, fields)
-        staging.cross(staged, [t[self.used:self.used + n] for t in self.buffers])
+        targets = [t[self.used:self.used + n] for t in self.buffers]
+        if self.stream is None:
+            for target, t in zip(targets, staged):
+                target.copy_(t)
+        else:
+            self.stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.stream):
+                for target, t in zip(targets, staged):
+                    target.copy_(t, non_blocking=True)
+            flat.record_stream(self.stream)  # its memory is reused once the copy is done, not when the tier is freed
         self.used += n
+
+    def _staging(self, n: int, device) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor]]:
+        """One device buffer for `n` slots of every record, freed after its copy (so it adds nothing to the
+        prefill's peak): (the buffer, each record's part [n, B, H, bytes], each field [B, H, n, ...]). The views are
+        one `as_strided` each, from one typed view of the buffer per element type: an eviction is a few launches
+        and views (a 32k prompt evicts 2,048 times, and the chunked prefill is bound by its launches on the host;
+        slicing and reshaping a view per field took 20 of an eviction's 35 operations)."""
+        b, h = self.rows
+        flat = torch.empty(n * b * h * sum(size for _, size in self.records), dtype=torch.uint8, device=device)
+        typed, staged, fields, at = {}, [], {}, 0
+        for record, size in self.records:
+            staged.append(flat.as_strided((n, b, h, size), (b * h * size, h * size, size, 1), at))
+            for name, shape, kind, offset in record:
+                e = ELEMENT_BYTES[kind]  # a record's size and every part's start are multiples of 8 bytes
+                if kind not in typed:
+                    typed[kind] = flat.view(TORCH_TYPES[kind])
+                inner = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+                fields[name] = typed[kind].as_strided((b, h, n, *shape), (h * size // e, size // e, b * h * size // e,
+                                                                          *inner), (at + offset) // e)
+            at += n * b * h * size
+        return flat, staged, fields
 
     def _gather_store(self, layer, slots: torch.Tensor, fields: dict[str, torch.Tensor]) -> None:
         """The tier-format store tensors of a layer's `slots` into `fields`: the store's own bytes when the tier keeps

@@ -32,7 +32,6 @@ class CacheSettings:
     recall: str | None = None  # "cpu": prefill evictions wait in CPU memory for the question (kvscope.cache.recall)
     recall_state: str | None = None  # while kvscope's runtime prefills: "record", then "final" for the last forward
     recall_capacity: int = 0  # tokens per row the tier may have to hold (the prompt's)
-    recall_staging: object = field(default=None, repr=False)  # a prefill's device staging (kvscope.cache.recall)
     version: int = 0  # +1 at every new allocation: what was captured over an older one is stale
     fresh: bool = False  # allocated (zeroed) and not used yet
 
