@@ -96,7 +96,7 @@ class Tier:
         # Invariant: slots [0, used) of every row were written (invalid ones pad the rows that evicted fewer), and
         # nothing reads past `used`: the buffers are allocated unwritten.
         self.used = 0
-        self.stream = side_stream(st.valid.device)  # the copies into the tier run here (Staging.cross)
+        self.stream = side_stream(st.valid.device)  # the copies into the tier run here (`add`)
 
     def _allocate(self, capacity: int) -> list[torch.Tensor]:
         """Every record buffer, allocated pinned at once: a pageable buffer pinned afterwards would be allocated,
@@ -127,7 +127,7 @@ class Tier:
             for target, t in zip(targets, staged):
                 target.copy_(t)
         else:
-            self.stream.wait_stream(torch.cuda.current_stream())
+            self.stream.wait_stream(torch.cuda.current_stream(slots.device))
             with torch.cuda.stream(self.stream):
                 for target, t in zip(targets, staged):
                     target.copy_(t, non_blocking=True)
@@ -135,8 +135,9 @@ class Tier:
         self.used += n
 
     def _staging(self, n: int, device) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor]]:
-        """One device buffer for `n` slots of every record, freed after its copy (so it adds nothing to the
-        prefill's peak): (the buffer, each record's part [n, B, H, bytes], each field [B, H, n, ...]). The views are
+        """One device buffer for `n` slots of every record, freed when its copy is done (not kept for the prefill:
+        on the H200 at 32k the prefill's peak with the tier was then the one without it; a kept buffer added 2 MiB):
+        (the buffer, each record's part [n, B, H, bytes], each field [B, H, n, ...]). The views are
         one `as_strided` each, from one typed view of the buffer per element type: an eviction is a few launches
         and views (a 32k prompt evicts 2,048 times, and the chunked prefill is bound by its launches on the host;
         slicing and reshaping a view per field took 21 of an eviction's 35 operations)."""
@@ -146,7 +147,7 @@ class Tier:
         for record, size in self.records:
             staged.append(flat.as_strided((n, b, h, size), (b * h * size, h * size, size, 1), at))
             for name, shape, kind, offset in record:
-                e = ELEMENT_BYTES[kind]  # a record's size and every part's start are multiples of 8 bytes
+                e = ELEMENT_BYTES[kind]  # records are padded to 8 bytes, fields aligned to their own type
                 if kind not in typed:
                     typed[kind] = flat.view(TORCH_TYPES[kind])
                 inner = [math.prod(shape[i + 1:]) for i in range(len(shape))]

@@ -21,6 +21,9 @@ def gather_slots(t: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None 
     raw = t.view(torch.uint8) if as_bytes else t
     if index.dim() != t.dim():
         index = index.reshape(*index.shape, *[1] * (t.dim() - 3)).expand(*index.shape, *t.shape[3:])
+    elif index.shape[3:] != t.shape[3:]:  # gather would take a smaller one silently: a sub-block of each slot
+        raise ValueError(f"an expanded index must be [B, H, n, {', '.join(map(str, t.shape[3:]))}], got "
+                         f"{list(index.shape)}")
     if out is None:
         return raw.gather(2, index).view(t.dtype)
     torch.gather(raw, 2, index, out=out.view(torch.uint8) if as_bytes else out)
