@@ -319,7 +319,7 @@ def main(argv=None) -> int:
     p.add_argument("--kv-dtypes", default="bf16", help="KV dtypes for the capacity part (bf16,int8,int4); plain "
                    "generate() is measured beside bf16")
     p.add_argument("--tag", help="a further run of a part: saved as runtime-<part>.<tag>.json, rendered below the "
-                   "section's main run (capacity)")
+                   "section's main run (capacity, recall)")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--profile-policy", default="full", help="the profile part's policy (evicting: budget 2048, 4k)")
     p.add_argument("--start", type=int, help="the capacity part's first kvscope batch (default: the planner's largest)")

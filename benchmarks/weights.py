@@ -193,8 +193,8 @@ def _prefill(model, spec, batch: int, context: int) -> dict:
 
 
 def _capacity_probes(model, spec, first: int, args, start: float) -> list[dict]:
-    """The planner's batch (or `--capacity-start`), then (`--capacity-probes`) one less after an OOM, one more after a run that fits, until a
-    batch that fits sits next to one that does not, or the probes or the deadline run out."""
+    """The planner's batch (or `--capacity-start`), then (`--capacity-probes`) one less after an OOM, one more after a
+    run that fits, until a batch that fits sits next to one that does not, or the probes or the deadline run out."""
     probes = [_capacity_run(model, spec, first)]
     while len(probes) < args.capacity_probes and args.deadline - (time.monotonic() - start) > args.capacity_seconds:
         tried = {p["batch"]: p["ok"] for p in probes}

@@ -23,7 +23,7 @@ import math
 import torch
 
 from kvscope.cache.arena import TORCH_TYPES, TYPE_NAMES
-from kvscope.cache.store import gather_slots, make_store, wrap_store
+from kvscope.cache.store import gather_slots, make_store, slot_index, wrap_store
 from kvscope.cache.streams import side_stream
 from kvscope.errors import usage
 from kvscope.kvformats import ELEMENT_BYTES, RECALL_META, recall_format, recall_records
@@ -165,7 +165,7 @@ class Tier:
             for name, t in layer.store.tensors().items():
                 shape = tuple(t.shape[3:])
                 if shape not in index:
-                    index[shape] = slots.reshape(*slots.shape, *[1] * len(shape)).expand(*slots.shape, *shape)
+                    index[shape] = slot_index(slots, shape)
                 gather_slots(t, index[shape], out=fields[name])
             return
         k, v = read_slots(layer, slots)
@@ -237,7 +237,7 @@ def _views(buffers: list[torch.Tensor], records) -> dict[str, torch.Tensor]:
 def read_slots(layer, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Keys and values [B, H, n, D] of `slots` [B, H, n] of a layer's store, in the compute dtype."""
     k, v = layer.read(layer.capacity, layer.compute_dtype)
-    index = slots[..., None].expand(*slots.shape, k.shape[-1])
+    index = slot_index(slots, k.shape[3:])
     return k.gather(2, index), v.gather(2, index)
 
 

@@ -13,14 +13,19 @@ from kvscope.cache.arena import allocate, layout_of
 from kvscope.kvformats import kv_format
 
 
+def slot_index(index: torch.Tensor, trailing: tuple[int, ...]) -> torch.Tensor:
+    """Slots `index` [B, H, n] expanded over a tensor's `trailing` dims (after its slot dim): a gather's index."""
+    return index.reshape(*index.shape, *[1] * len(trailing)).expand(*index.shape, *trailing)
+
+
 def gather_slots(t: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`t` [B, H, S, ...]'s slots `index` [B, H, n] along dim 2 (or `index` already expanded over t's trailing dims,
-    to share it among tensors of one shape), into `out` (any strides) when given. One-byte float types are gathered as
-    bytes (no fp8 gather on the CPU)."""
+    """`t` [B, H, S, ...]'s slots `index` [B, H, n] along dim 2 (or `index` already expanded over t's trailing dims
+    by `slot_index`, to share it among tensors of one shape), into `out` (any strides) when given. One-byte float
+    types are gathered as bytes (no fp8 gather on the CPU)."""
     as_bytes = t.element_size() == 1 and t.is_floating_point()
     raw = t.view(torch.uint8) if as_bytes else t
     if index.dim() != t.dim():
-        index = index.reshape(*index.shape, *[1] * (t.dim() - 3)).expand(*index.shape, *t.shape[3:])
+        index = slot_index(index, t.shape[3:])
     elif index.shape[3:] != t.shape[3:]:  # gather would take a smaller one silently: a sub-block of each slot
         raise ValueError(f"an expanded index must be [B, H, n, {', '.join(map(str, t.shape[3:]))}], got "
                          f"{list(index.shape)}")
@@ -53,7 +58,7 @@ class DenseStore:
         return self.keys.nbytes + self.values.nbytes
 
     def write(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
-        index = slots[..., None].expand(*slots.shape, keys.shape[-1])
+        index = slot_index(slots, keys.shape[3:])
         self.keys.scatter_(2, index, keys.to(self.keys.dtype))
         self.values.scatter_(2, index, values.to(self.values.dtype))
 

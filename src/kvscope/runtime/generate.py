@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 import torch
 
 from kvscope import _compat
+from kvscope.cache.streams import side_stream
 from kvscope.errors import usage
 from kvscope.planner.workload import DEFAULT_CHUNK, PREFILL_TOKENS, prefill_chunk
 from kvscope.runtime.decoders import make_decoder
 from kvscope.runtime.sampling import Sampling
-from kvscope.runtime.step import side_stream
 from kvscope.runtime.stops import StopRule, Stops
 
 PhaseCallback = Callable[[str, int, int], None]  # (phase, done, total)
