@@ -50,7 +50,9 @@ def parse_args(argv=None):
                         "of the first key at depths 0.1, 0.5, 0.9)")
     p.add_argument("--max-new-tokens", type=int, default=10)
     p.add_argument("--out", type=Path, default=DATA)
-    p.add_argument("--resume", action="store_true", help="keep --out's rows and run only the cases it lacks")
+    p.add_argument("--resume", action="store_true", help="keep --out's rows and run only the rows it lacks")
+    p.add_argument("--rerun", default="", help="with --resume: modes whose rows in --out are measured again "
+                                               "(e.g. recall, after a change to the tier)")
     p.add_argument("--render", action="store_true", help="only rewrite the docs section from --out")
     a = p.parse_args(argv)
     a.lengths = [int(x) for x in a.lengths.split(",")]
@@ -59,17 +61,25 @@ def parse_args(argv=None):
     a.budgets = [float(x) for x in a.budgets.split(",")]
     a.policies = a.policies.split(",")
     a.ppl_texts = a.ppl_texts.split(",")
+    a.rerun = [m for m in a.rerun.split(",") if m]
+    if unknown := set(a.rerun) - set(MODES):
+        p.error(f"--rerun: unknown {', '.join(sorted(unknown))} (expected {', '.join(MODES)})")
+    if a.rerun and not a.resume:
+        p.error("--rerun needs --resume (it says which of --out's rows to measure again)")
     if unknown := set(a.ppl_texts) - {"story", "haystacks"}:
         p.error(f"--ppl-texts: unknown {', '.join(sorted(unknown))} (expected story, haystacks)")
     return a
 
 
-def bounded_rows(model, tok, case, policy, fractions, chunk, max_new) -> list[dict]:
+def bounded_rows(model, tok, case, policy, fractions, chunk, max_new, done=frozenset()) -> list[dict]:
+    """The chunked and recall rows of one case, but those in `done` ((case id, policy, fraction, mode))."""
     rows = []
     ids = torch.tensor([case.input_ids])
     for f in fractions:
         b = budget_for(f, case.length)
         for mode, recall in (("chunked", None), ("recall", "cpu")):
+            if (case.case_id, policy, f, mode) in done:
+                continue
             t = time.perf_counter()
             gen = run_direct(model, ids, policy, b, chunk, max_new, tok.eos_token_id, recall=recall)
             text = tok.decode(gen, skip_special_tokens=True)
@@ -124,25 +134,33 @@ def run(a) -> dict:
     data = {"meta": run_meta(), "args": recorded_args(a), "model": spec.name,
             "chunk": a.chunk, "passkey": [], "perplexity": []}
     cases = [c for n in a.lengths for c in passkey_cases(tok, (n,), a.depths, a.keys.get(n, 1))]
+    done = set()
     if a.resume and a.out.exists():  # a longer run over a shorter one: its cases are the same token ids
         old = json.loads(a.out.read_text())
-        data["passkey"] = old["passkey"]
+        data["passkey"] = [r for r in old["passkey"] if r["mode"] not in a.rerun]
         data["perplexity"] = old.get("perplexity", [])  # kept unless this run measures it again
-        done = {r["case_id"] for r in old["passkey"]}
+        done = {(r["case_id"], r["policy"], r["fraction"], r["mode"]) for r in data["passkey"]}
         data["meta"]["resumed"] = old["meta"]
-        cases = [c for c in cases if c.case_id not in done]
+        if a.rerun:
+            data["meta"]["rerun"] = a.rerun
+    cases = [c for c in cases if not _complete(c, a, done)]
     for i, case in enumerate(cases):
         t = time.perf_counter()
-        if a.one_chunk:
+        if a.one_chunk and not all((case.case_id, p, f, "one-chunk") in done for p in a.policies for f in a.budgets):
             data["passkey"] += one_chunk_rows(model, tok, case, a.policies, a.budgets, a.max_new_tokens)
         for policy in a.policies:
-            data["passkey"] += bounded_rows(model, tok, case, policy, a.budgets, a.chunk, a.max_new_tokens)
+            data["passkey"] += bounded_rows(model, tok, case, policy, a.budgets, a.chunk, a.max_new_tokens, done)
         save_json(data, a.out)  # after every case: a long run that stops keeps what it measured
         log(f"case {i + 1}/{len(cases)} {case.case_id} in {time.perf_counter() - t:.0f} s")
     if a.ppl_tokens:
         data["perplexity"] = perplexity(model, tok, a)
     save_json(data, a.out)
     return data
+
+
+def _complete(case, a, done: set) -> bool:
+    modes = ["chunked", "recall"] + (["one-chunk"] if a.one_chunk else [])
+    return all((case.case_id, p, f, m) in done for p in a.policies for f in a.budgets for m in modes)
 
 
 def main(argv=None) -> int:

@@ -192,39 +192,82 @@ def test_the_staging_views_are_the_records_fields(tiny, tiny64, kv_dtype):
 
 
 @pytest.mark.parametrize("kv_dtype,span_bytes", [(None, None), (None, 1), ("int8", 1)])
-def test_the_question_weights_are_one_softmax_over_resident_and_waiting_tokens(tiny, monkeypatch, kv_dtype,
-                                                                               span_bytes):
-    """The two passes over the keys (log-sum-exp, then weights), in one span or one chunk of slots at a time, give
-    the softmax of every logit at once, and the waiting tokens' fields as the tier holds them."""
+def test_the_question_attends_the_whole_prompt_in_one_softmax(tiny, monkeypatch, kv_dtype, span_bytes):
+    """The two passes over the keys (log-sum-exp, then weights and output), in one span or one slot at a time, give
+    the softmax of every logit at once: resident, waiting, and the last chunk's own keys up to each question row (in
+    the denominator and the output, not among the weights); the output is that softmax times every value; and the
+    waiting tokens' fields are as the tier holds them."""
     from kvscope.cache import recall as module
 
     if span_bytes is not None:
         monkeypatch.setattr(module, "SPAN_BYTES", span_bytes)
 
     checked = []
-    original = module._question_weights
+    original = module._question
 
-    def spy(layer, tier, query, scaling):
-        got, waiting = original(layer, tier, query, scaling)
+    def spy(layer, tier, query, scaling, chunk):
+        got, waiting, out = original(layer, tier, query, scaling, chunk)
         held = slice(0, tier.used)
         checked.extend(torch.equal(waiting[name], tier.first_record(held, query.device)[name])
                        for name in ("position", "score", "valid"))
-        keys = torch.cat([layer.store.read(layer.capacity, query.dtype)[0],
-                          tier.keys_values(slice(0, tier.used), query.device)[0]], 2)
-        valid = torch.cat([layer.state.valid, tier.first_record(slice(0, tier.used), query.device)["valid"]], -1)
+        own_k, own_v, real = chunk
+        resident = layer.store.read(layer.capacity, query.dtype)
+        waited = tier.keys_values(held, query.device)
+        keys = torch.cat([resident[0], waited[0], own_k], 2)
+        values = torch.cat([resident[1], waited[1], own_v], 2)
         b, hq, w, _ = query.shape
-        h = keys.shape[1]
-        grouped = query.reshape(b, h, (hq // h) * w, query.shape[-1]).float()
-        logits = (grouped @ keys.float().transpose(-1, -2)) * scaling
-        logits = logits.masked_fill(~valid[:, :, None, :], float("-inf"))
-        want = logits.softmax(-1).reshape(b, h, hq // h, w, -1).mean(2)
-        checked.append(torch.allclose(got, want, atol=1e-6))
-        return got, waiting
+        h, n = keys.shape[1], own_k.shape[2]
+        causal = torch.ones(w, n, dtype=torch.bool).tril(n - w)  # question row j sees the chunk up to itself
+        valid = torch.cat([layer.state.valid[:, :, None, :].expand(-1, -1, w, -1),
+                           tier.first_record(held, query.device)["valid"][:, :, None, :].expand(-1, -1, w, -1),
+                           (causal & real[:, None, :])[:, None].expand(-1, h, -1, -1)], -1)  # [B, H, W, all]
+        grouped = query.reshape(b, h, hq // h, w, query.shape[-1]).float()
+        logits = (grouped @ keys.float()[:, :, None].transpose(-1, -2)) * scaling
+        p = logits.masked_fill(~valid[:, :, None], float("-inf")).softmax(-1)  # [B, H, g, W, all]
+        checked.append(torch.allclose(got, p.mean(2)[..., :-n], atol=1e-6))  # the chunk's columns: not candidates
+        checked.append(bool((got.sum(-1) < 1 - 1e-3).all()))  # the chunk took part of every row's mass
+        want = (p @ values.float()[:, :, None]).reshape(b, hq, w, -1)
+        checked.append(torch.allclose(out, want, atol=1e-5))
+        return got, waiting, out
 
-    monkeypatch.setattr(module, "_question_weights", spy)
+    monkeypatch.setattr(module, "_question", spy)
     cache = BudgetedCache(tiny, "snapkv", budget_tokens=SNAP, chunk_size=CHUNK, recall="cpu", kv_dtype=kv_dtype)
     generate(tiny, ids(batch=2), cache, max_new_tokens=1, chunk_size=CHUNK)
     assert checked and all(checked)
+
+
+def test_the_question_rows_output_is_the_whole_prompts_attention(tiny, monkeypatch):
+    """The last forward's question rows (snapkv's window) leave each layer with the output the recall computed over
+    the whole prompt; the forward's other rows are there too."""
+    from kvscope.cache import layer as layer_module
+    from kvscope.cache import recall as module
+
+    exact, outputs = [], []
+    original, attend = module.recall, layer_module.BudgetedLayer.attend
+
+    def spy(*args):
+        count, out = original(*args)
+        exact.append(out.clone())
+        return count, out
+
+    def attend_spy(self, query, scaling, info):
+        final = self.settings.recall_state == "final"
+        out = attend(self, query, scaling, info)
+        if final:
+            outputs.append(out.clone())
+        return out
+
+    monkeypatch.setattr(module, "recall", spy)
+    monkeypatch.setattr(layer_module.BudgetedLayer, "attend", attend_spy)
+    chunk = 48  # the last forward (136 - 2 x 48 = 40 tokens) is longer than snapkv's 32-row window
+    cache = BudgetedCache(tiny, "snapkv", budget_tokens=SNAP, chunk_size=chunk, recall="cpu")
+    generate(tiny, ids(length=136), cache, max_new_tokens=1, chunk_size=chunk)
+    layers = tiny.config.num_hidden_layers
+    assert len(exact) == layers
+    assert len(outputs) == layers  # the prompt's last forward
+    for want, got in zip(exact, outputs):
+        assert torch.equal(got[:, :, -want.shape[2]:], want.to(got.dtype))
+        assert (got.shape[2], want.shape[2]) == (40, 32)
 
 
 @pytest.mark.parametrize("policy", ["snapkv", "tova"])

@@ -184,14 +184,19 @@ class BudgetedLayer(CacheLayerMixin):
         self.written = []  # (start, end) spans or scattered slot tensors, for the offload write-back
         self.dense = self.dense and info.all_real
         if self.settings.recall_state == "final" and self.tier is not None:
-            self._recall(query, info, scaling)
+            exact = self._recall(query, info, scaling, keys, values)
+        else:
+            exact = None
         outs = [self._chunk(query[:, :, s:s + step], keys[:, :, s:s + step], values[:, :, s:s + step],
                             info.positions[:, s:s + step], info.real[:, s:s + step], scaling)
                 for s in range(0, n, step)]
         if offloader is not None:
             offloader.write_back(self.index, self.store, self.written)
         self.seen += n
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        if exact is not None:  # the question's rows attend the whole prompt, not only what the recall kept
+            out[:, :, -exact.shape[2]:] = exact.to(out.dtype)
+        return out
 
     def _chunk(self, query, keys, values, positions, real, scaling):
         st, policy = self.state, self.settings.policy
@@ -236,16 +241,20 @@ class BudgetedLayer(CacheLayerMixin):
             self._evict()
         return out
 
-    def _recall(self, query: torch.Tensor, info, scaling: float) -> None:
-        """The prompt's last forward: bring back the waiting tokens its question needs (kvscope.cache.recall)."""
+    def _recall(self, query: torch.Tensor, info, scaling: float, keys: torch.Tensor, values: torch.Tensor
+                ) -> torch.Tensor:
+        """The prompt's last forward: bring back the waiting tokens its question needs (kvscope.cache.recall);
+        returns the question rows' attention output over the whole prompt. `keys`, `values`: the forward's own."""
         from kvscope.cache.recall import recall, window
 
-        w = window(self.settings.policy)
+        w = min(window(self.settings.policy), query.shape[2])
         tier, self.tier = self.tier, None
-        self.recalled = recall(self, tier, query[:, :, -w:], info.positions[:, -w:], scaling)
+        self.recalled, exact = recall(self, tier, query[:, :, -w:], info.positions[:, -w:], scaling,
+                                      (keys, values, info.real))
         self.upper = self.settings.budget_tokens
         self.contiguous = self.dense = False
         self.free = None
+        return exact
 
     def _check_room(self, n: int) -> None:
         """A policy that never evicts has no slots beyond its budget: refuse a chunk that would not fit."""
