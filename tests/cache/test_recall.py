@@ -277,22 +277,33 @@ def test_a_span_of_the_question_holds_at_most_span_bytes(tiny, monkeypatch, poli
     from kvscope.cache import recall as module
 
     monkeypatch.setattr(module, "SPAN_BYTES", 16 * 1024)
-    spans, original = [], module.Tier.first_record
+    spans = {"first": [], "all": []}  # the scoring pass streams first records, the second pass every record
+    first, every = module.Tier.first_record, module.Tier.fields
 
-    def spy(self, span, device):
-        fields = original(self, span, device)
-        spans.append((self, span.stop - span.start))
-        return fields
+    def spy_first(self, span, device):
+        spans["first"].append((self, span.stop - span.start))
+        return first(self, span, device)
 
-    monkeypatch.setattr(module.Tier, "first_record", spy)
+    def spy_every(self, index, device):
+        if isinstance(index, slice):  # a span; a recall's gather of the kept tokens is an index tensor
+            spans["all"].append((self, index.stop - index.start))
+        return every(self, index, device)
+
+    monkeypatch.setattr(module.Tier, "first_record", spy_first)
+    monkeypatch.setattr(module.Tier, "fields", spy_every)
     cache = BudgetedCache(tiny, policy, budget_tokens=SNAP, chunk_size=CHUNK, recall="cpu")
     generate(tiny, ids(batch=2, length=2 * PROMPT), cache, max_new_tokens=1, chunk_size=CHUNK)
     layer = cache.layers[0]
     b, h = layer.state.valid.shape[:2]
     rows = min(module.window(cache.settings.policy), CHUNK) * tiny.config.num_attention_heads // h  # the last chunk's
-    per_token = b * h * (spans[0][0].records[0][1] + layer.head_dim * 4 + rows * 4)
-    assert spans and max(n for _, n in spans) * per_token <= 16 * 1024
-    assert len(spans) > 2 * len(cache.layers)  # the tier took more than one span a pass
+    d = layer.head_dim
+    records = spans["first"][0][0].records
+    own, out = b * h * rows * CHUNK * 4, b * h * rows * d * 4  # held across the first pass, the second
+    first_token = b * h * (records[0][1] + d * 4 + rows * 4)
+    every_token = b * h * (sum(size for _, size in records) + 2 * d * 4 + rows * 4)
+    assert spans["first"] and max(n for _, n in spans["first"]) * first_token + own <= 16 * 1024
+    assert spans["all"] and max(n for _, n in spans["all"]) * every_token + out <= 16 * 1024
+    assert len(spans["all"]) > 2 * len(cache.layers)  # the tier took more than one span a pass
 
 
 def test_gpu_side_stays_within_budget_plus_one_chunk_and_the_tier_is_freed(tiny, monkeypatch):

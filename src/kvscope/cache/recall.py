@@ -322,15 +322,15 @@ def _question(layer, tier: Tier, query: torch.Tensor, scaling: float, chunk):
     h = layer.state.valid.shape[1]
     g = hq // h
     grouped = query.reshape(b, h, g * w, d).float() * scaling  # once, not per span
-    span = _span(tier, b * h, g * w, d)
 
     def logits(keys, valid):
         return (grouped @ keys.float().transpose(-1, -2)).masked_fill_(~valid[:, :, None, :], float("-inf"))
 
     waiting = {name: torch.empty(b, h, tier.used, dtype=TORCH_TYPES[kind], device=query.device)
                for name, _, kind in RECALL_META}
-    own = _chunk_logits(grouped, chunk, g, w)  # [B, H, g*W, n]
+    own = _chunk_logits(grouped, chunk, g, w)  # [B, H, g*W, n]: held through the first pass
     lse, at = torch.logsumexp(own, -1), 0  # [B, H, g*W]
+    span = _span(tier, b * h, g * w, d, values=False, held=own.nbytes)
     for keys, _, valid, fields in _key_chunks(layer, tier, query.dtype, span):
         lse = torch.logaddexp(lse, torch.logsumexp(logits(keys, valid), -1))
         n = valid.shape[-1]
@@ -339,14 +339,15 @@ def _question(layer, tier: Tier, query: torch.Tensor, scaling: float, chunk):
                 waiting[name][..., at:at + n].copy_(fields[name])
             at += n
     lse = lse[..., None]  # finite: every question row sees itself
-    out = own.sub_(lse).exp_() @ chunk[1].float()  # [B, H, g*W, D]
+    out = own.sub_(lse).exp_() @ chunk[1].float()  # [B, H, g*W, D]: held through the second pass
     del own
     weights = torch.empty(b, h, w, layer.capacity + tier.used, dtype=torch.float32, device=query.device)
-    at = 0
+    at, flat = 0, out.view(b * h, g * w, d)
+    span = _span(tier, b * h, g * w, d, values=True, held=out.nbytes)
     for keys, values, valid, _ in _key_chunks(layer, tier, query.dtype, span, values=True):
         part = logits(keys, valid).sub_(lse).exp_()
-        out.add_(part @ values.float())
         n = part.shape[-1]
+        flat.baddbmm_(part.view(b * h, g * w, n), values.float().view(b * h, n, d))  # in place: no temporary
         weights[..., at:at + n] = part.view(b, h, g, w, n).mean(2)
         at += n
     return weights, waiting, out.view(b, hq, w, d)
@@ -364,14 +365,14 @@ def _chunk_logits(grouped: torch.Tensor, chunk, groups: int, w: int) -> torch.Te
     return (grouped @ keys.float().transpose(-1, -2)).masked_fill_(~visible, float("-inf"))
 
 
-def _span(tier: Tier, rows_bh: int, rows: int, head_dim: int) -> int:
-    """Waiting tokens one span of the question takes so that what it holds on the device stays within SPAN_BYTES (the
-    second pass, which holds more): per token and (sequence, KV head) row, its records as they crossed, its keys and
-    values in fp32, the fp32 logits of the `rows` question rows, and for a quantized tier the contiguous copy and the
-    keys and values it dequantizes. A policy that observes one query (tova) has few rows, so the keys and values, not
-    the logits, bound it."""
-    records = sum(size for _, size in tier.records)
-    per_token = records + 2 * head_dim * 4 + rows * 4
+def _span(tier: Tier, rows_bh: int, rows: int, head_dim: int, values: bool, held: int) -> int:
+    """Waiting tokens one span of the question takes so that what it holds on the device, with the `held` bytes the
+    question keeps across spans, stays within SPAN_BYTES: per token and (sequence, KV head) row, the records it
+    crossed in (the first record alone without `values`), its keys (and `values`) in fp32, the fp32 logits of the
+    `rows` question rows, and for a quantized tier the contiguous copy and the keys and values it dequantizes. A
+    policy that observes one query (tova) has few rows, so the keys, not the logits, bound it."""
+    records = sum(size for _, size in tier.records) if values else tier.records[0][1]
+    per_token = records + (2 if values else 1) * head_dim * 4 + rows * 4
     if "keys" not in tier.store_names:  # quantized: keys and values dequantized together, from a contiguous copy
         per_token += records + 2 * head_dim * torch.finfo(tier.dtype).bits // 8
-    return max(1, SPAN_BYTES // (rows_bh * per_token))
+    return max(1, (SPAN_BYTES - held) // (rows_bh * per_token))
