@@ -350,7 +350,8 @@ def _question(layer, tier: Tier, query: torch.Tensor, scaling: float, chunk):
         flat.baddbmm_(part.view(b * h, g * w, n), values.float().view(b * h, n, d))  # in place: no temporary
         weights[..., at:at + n] = part.view(b, h, g, w, n).mean(2)
         at += n
-    return weights, waiting, out.view(b, hq, w, d)
+    # held in the query's dtype while the chunk attends (the prefill's peak): half the bytes of fp32 in bf16
+    return weights, waiting, out.view(b, hq, w, d).to(query.dtype)
 
 
 def _chunk_logits(grouped: torch.Tensor, chunk, groups: int, w: int) -> torch.Tensor:
