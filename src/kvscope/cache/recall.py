@@ -32,9 +32,10 @@ from kvscope.policies.base import Observation, SlotState, select_evictions
 RECALL_WINDOW = 32  # question rows that score the recall, for a policy that observes every query (h2o, lru)
 MODES = ("cpu",)
 META_NAMES = tuple(name for name, _, _ in RECALL_META)
-# device bytes one span of waiting tokens holds while the question scores it (`_span`): half of one 512-token chunk of
-# Llama-3-8B's KV (all layers); at 32k under snapkv the prefill's peak is no higher with the tier than without
-SPAN_BYTES = 32 * 1024**2
+# device bytes one span of waiting tokens holds while the question attends it (`_span`), with what the question holds
+# across spans: one 512-token chunk of Llama-3-8B's KV (all layers). The recall runs between two chunks, so this is
+# below the chunk attention's own temporaries; each span is a few dozen launches (32 MiB took 25 spans a layer at 32k)
+SPAN_BYTES = 64 * 1024**2
 
 
 def check_recall(policy, offload: bool, recall: str | None) -> None:
@@ -187,8 +188,7 @@ class Tier:
 
     def first_record(self, span: slice, device) -> dict[str, torch.Tensor]:
         """The fields of the first record (what scoring reads) over `span`, [B, H, n, ...] on `device`: one copy."""
-        moved = self.buffers[0][span].to(device, non_blocking=True)
-        return {name: t.movedim(0, 2) for name, t in _views([moved], self.records[:1]).items()}
+        return _views([self.buffers[0][span].to(device, non_blocking=True).movedim(0, 2)], self.records[:1])
 
     def keys(self, fields: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
         """Keys [B, H, n, D] from the fields of the first record (`first_record`), in `dtype`: a dense tier's as they
