@@ -7,6 +7,8 @@ question inside), so that one text's noise is not read as the tier's effect.
     python -m benchmarks.recall                    # 2k: the 30-case set (10 depths x 3 keys); 4k: 10 cases
     python -m benchmarks.recall --keys 2048:1,4096:1 --lengths 2048 --no-one-chunk   # 10 cases, bounded rows only
     python -m benchmarks.recall --render           # rewrite the docs section from docs/data/recall.json
+    python -m benchmarks.recall --budgets 0.025,0.05 --lengths 2048 --no-one-chunk --out docs/data/recall.low.json
+                                                   # a further run (docs/data/recall.<tag>.json), below the main one
 
 Cases and answers as in the quality benchmark (benchmarks/quality_cases.py): a 5-digit key hidden at a depth of real
 prose, the question after it, greedy decoding of 10 tokens, a case passes when the exact key appears. The kvpress rows
@@ -29,7 +31,8 @@ from benchmarks.quality_runners import budget_for, kvscope_passkey, log, ppl_str
 
 DATA = ROOT / "docs" / "data" / "recall.json"
 # kvpress's rows of the same cases: 2k (30 cases, 28 presses), 4k (10 cases, 28 presses)
-KVPRESS = [ROOT / "docs" / "data" / "quality-2k-30.base.json", ROOT / "docs" / "data" / "recall.kvpress-4k.json"]
+KVPRESS = [ROOT / "docs" / "data" / "quality-2k-30.base.json", ROOT / "docs" / "data" / "recall.kvpress-4k.json",
+           ROOT / "docs" / "data" / "quality-2k-30.low-kvpress.json"]  # 2.5% and 5%: the 7 best presses
 DEPTHS = "0.05,0.15,0.25,0.35,0.45,0.55,0.65,0.75,0.85,0.95"
 MODES = ("one-chunk", "chunked", "recall")
 
@@ -169,8 +172,18 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not args.render:
         run(args)
-    write_section("recall", render(json.loads(args.out.read_text()), KVPRESS, _relative(args.out)))
+    main_data = DATA if args.out.resolve() in further_paths() else args.out  # a further run renders the whole section
+    write_section("recall", render(json.loads(main_data.read_text()), KVPRESS, _relative(main_data), further()))
     return 0
+
+
+def further_paths() -> list[Path]:
+    return [p.resolve() for p in sorted(DATA.parent.glob("recall.*.json")) if p not in KVPRESS]
+
+
+def further() -> dict[str, dict]:
+    """The section's further runs: docs/data/recall.<tag>.json, but the kvpress rows it compares against."""
+    return {p.name: json.loads(p.read_text()) for p in further_paths()}
 
 
 def _relative(path: Path) -> str:

@@ -6,7 +6,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
-from benchmarks.common import ROOT, section_head, table
+from benchmarks.common import ROOT, further_runs, section_head, table
 
 TITLE = "Recall: what a bounded prefill evicts waits in CPU memory for the question"
 ONE_CHUNK = ROOT / "docs" / "data" / "quality-2k-30.kvscope.json"  # the one-chunk rows of the same cases
@@ -131,7 +131,7 @@ def memory_line(data: dict) -> str:
     chunk = data["chunk"]
     lines = []
     for n in sorted({_target(r["length"]) for r in data["passkey"]}):
-        for f in (0.125, 0.25):
+        for f in sorted({r["fraction"] for r in data["passkey"]}):
             b = round(f * n)
             lines.append(f"{n} tokens at {f:.1%}: kvscope holds at most {b} + {chunk} tokens "
                          f"({(b + chunk) * per / 2**20:.1f} MiB) on the device where a kvpress press first holds the "
@@ -159,11 +159,14 @@ def _earlier_runs(meta: dict) -> str:
     return "\n".join(lines) + "\n\n" if lines else ""
 
 
-def render(data: dict, kvpress_paths: list[Path], data_path: str = "docs/data/recall.json") -> str:
-    """The section; `kvpress_paths`: the quality benchmark's runs whose kvpress rows are compared (by case id)."""
+def render(data: dict, kvpress_paths: list[Path], data_path: str = "docs/data/recall.json",
+           more: dict[str, dict] | None = None) -> str:
+    """The section; `kvpress_paths`: the quality benchmark's runs whose kvpress rows are compared (by case id);
+    `more`: further runs (`docs/data/recall.<tag>.json` by file name), each with its own table and verdict."""
     md = section_head(TITLE, data["meta"], data_path, f"python -m benchmarks.recall --render --out {data_path}",
                       "recall")
-    text, rows = passkey_table(data, [r for path in kvpress_paths for r in _rows(path)])
+    kvpress = [r for path in kvpress_paths for r in _rows(path)]
+    text, rows = passkey_table(data, kvpress)
     md += _earlier_runs(data["meta"])
     md += ("Passkey, question after the text, the embedded SmolLM2-135M on the CPU, fp32. One chunk: the policy sees "
            "the whole prompt before it evicts (at 2k, rows from `docs/data/quality-2k-30.kvscope.json`, the same "
@@ -180,4 +183,10 @@ def render(data: dict, kvpress_paths: list[Path], data_path: str = "docs/data/re
                "Texts: the first 2048 tokens of the story, and the 2k passkey prompts of the first key at depths "
                "0.1, 0.5 and 0.9 (the same prose in other orders, with the key and the question):\n\n"
                + ppl_table(data) + f"\n\n**Perplexity verdict.** {ppl_verdict(data)}.\n")
-    return md
+    return md + further_runs(more or {}, lambda run: _further(run, kvpress))
+
+
+def _further(run: dict, kvpress: list[dict]) -> str:
+    text, rows = passkey_table(run, kvpress)
+    return (_earlier_runs(run["meta"]) + text + f"\n\n**Verdict.** {verdict(rows)}.\n\n"
+            f"Device memory: {memory_line(run)}.\n")

@@ -26,3 +26,24 @@ def test_worse_mean_is_missed_and_rows_without_text_are_the_story():
 
 def test_a_text_without_both_runs_is_left_out():
     assert ppl_rows({"perplexity": [_row("story", None, 25.0)]}) == []
+
+
+def _case(policy, mode, fraction, found, case_id="L2048-d05-r0"):
+    return {"policy": policy, "mode": mode, "fraction": fraction, "case_id": case_id, "length": 2045, "found": found,
+            "seconds": 1.0}
+
+
+def test_a_further_run_has_its_own_table_and_verdict_below_the_main_one():
+    from benchmarks.recall_render import render
+
+    meta = {"device": "CPU", "date": "2026-12-03", "commit": "abc1234", "command": "python -m benchmarks.recall"}
+    main = {"meta": meta, "chunk": 512, "passkey": [_case("lru", "chunked", 0.125, False),
+                                                    _case("lru", "recall", 0.125, True)]}
+    low = {"meta": {**meta, "commit": "def5678"}, "chunk": 512, "note": "low budgets",
+           "passkey": [_case("lru", "chunked", 0.025, False), _case("lru", "recall", 0.025, True)]}
+    text = render(main, [], more={"recall.low.json": low})
+    assert text.index("| 2048 | 12.5% | lru |") < text.index("`docs/data/recall.low.json`") < text.index(
+        "| 2048 | 2.5% | lru |")
+    assert "commit def5678" in text and "(low budgets)" in text
+    assert "lru 2048 at 2.5%: recall 1/1" in text
+    assert "best press not run (above it: not run)" in text  # no kvpress rows were given
