@@ -7,10 +7,12 @@ moves the evicted tokens (in the store's own format: fp8/int8 stay small; int4 w
 per 64-slot group) with their positions and scores to CPU memory (pinned on CUDA) instead of dropping them. When the
 last prefill chunk reaches a layer, before that chunk attends: the chunk's last queries (the question: the policy's
 observation window, or `RECALL_WINDOW` rows for a policy that observes every query) attend to every older token,
-resident or waiting (the waiting ones stream through the GPU a span at a time); the policy scores them all with that
-attention as it scores an observation; the best `budget` are the ones resident when the chunk attends. The others are
-dropped and the tier is freed. KV on the GPU never exceeds budget + one chunk, plus one span of waiting keys in
-flight (what a span holds on the device is at most SPAN_BYTES).
+resident or waiting (the waiting ones stream through the GPU a span at a time), and to the chunk up to themselves;
+the policy scores the older tokens with that attention as it scores an observation; the best `budget` are the ones
+resident when the chunk attends. The question's rows keep that attention's output (the whole prompt's, as a one-chunk
+prefill gives it); the chunk's other rows attend what is resident. The tokens not kept are dropped and the tier is
+freed. KV on the GPU never exceeds budget + one chunk, plus one span of waiting tokens in flight (what a span holds
+on the device is at most SPAN_BYTES).
 
 Only kvscope's runtime (`kvscope.runtime.generate`) says which forward is a prompt's last; `model.generate()` prefills
 in one forward and never recalls. Copies to the tier run on a side CUDA stream and overlap the next chunk's compute.
