@@ -270,6 +270,37 @@ def test_the_question_rows_output_is_the_whole_prompts_attention(tiny, monkeypat
         assert (got.shape[2], want.shape[2]) == (40, 32)
 
 
+@pytest.mark.parametrize("policy", ["snapkv", "lru"])
+def test_the_question_rows_attend_as_in_a_one_forward_prefill(tiny, monkeypatch, policy):
+    """At layer 0 (whose keys and values do not depend on what was evicted) the question rows' output with the tier
+    is the output of a prefill that keeps everything and takes the prompt in one forward."""
+    from kvscope.cache import layer as layer_module
+    from kvscope.cache import recall as module
+
+    exact, original = [], module.recall
+    monkeypatch.setattr(module, "recall", lambda *args: exact.append(original(*args)) or exact[-1])
+    prompt = ids(batch=2, length=136)
+    chunk = 48  # the last forward: 40 tokens
+    generate(tiny, prompt, BudgetedCache(tiny, policy, budget_tokens=SNAP, chunk_size=chunk, recall="cpu"),
+             max_new_tokens=1, chunk_size=chunk)
+    _, want_rows = exact[0]  # layer 0
+
+    outputs, attend = [], layer_module.BudgetedLayer.attend
+
+    def spy(self, query, scaling, info):
+        out = attend(self, query, scaling, info)
+        if self.index == 0 and not outputs:
+            outputs.append(out)
+        return out
+
+    monkeypatch.setattr(layer_module.BudgetedLayer, "attend", spy)
+    generate(tiny, prompt, BudgetedCache(tiny, "full", budget_tokens=136 + 1, chunk_size=136), max_new_tokens=1,
+             chunk_size=136)
+    w = want_rows.shape[2]
+    assert w == 32  # snapkv's window; lru observes every query and recalls with RECALL_WINDOW rows
+    torch.testing.assert_close(want_rows, outputs[0][:, :, -w:], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("policy", ["snapkv", "tova"])
 def test_a_span_of_the_question_holds_at_most_span_bytes(tiny, monkeypatch, policy):
     """What one span puts on the device (its record, fp32 keys, the question's logits) stays within SPAN_BYTES, also

@@ -214,7 +214,7 @@ class Tier:
         return _views(moved, self.records)
 
     def read(self, fields: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [B, H, n, D] in the compute dtype from `fields` (`fields`)."""
+        """Keys and values [B, H, n, D] in the compute dtype from the fields of every record (`Tier.fields`)."""
         return self._store(fields).read(fields["valid"].shape[-1], self.dtype)
 
     def _flat(self, index: torch.Tensor) -> torch.Tensor:
@@ -292,14 +292,12 @@ def _key_chunks(layer, tier: Tier, dtype: torch.dtype, span: int, values: bool =
     device = layer.state.valid.device
     k, v = layer.read(layer.capacity, dtype)
     yield k, v if values else None, layer.state.valid, None
-    for start in range(0, tier.used, span):
+    del k, v  # a read that copies (a store in another dtype) is a layer's store: not held through the spans
+    for start in range(0, tier.used, span):  # one span on the device at a time: its caller drops what it was given
         at = slice(start, min(tier.used, start + span))
-        if values:
-            fields = tier.fields(at, device)
-            yield *tier.read(fields), fields["valid"], fields
-        else:
-            fields = tier.first_record(at, device)
-            yield tier.keys(fields, dtype), None, fields["valid"], fields
+        fields = tier.fields(at, device) if values else tier.first_record(at, device)
+        yield *(tier.read(fields) if values else (tier.keys(fields, dtype), None)), fields["valid"], fields
+        del fields
 
 
 def _question(layer, tier: Tier, query: torch.Tensor, scaling: float, chunk):
@@ -308,17 +306,20 @@ def _question(layer, tier: Tier, query: torch.Tensor, scaling: float, chunk):
     attention output [B, Hq, W, D] over the whole prompt).
 
     Everything is the attention the question would have over the whole prompt, as in a one-chunk prefill: the last
-    chunk's own keys (`chunk`: keys and values [B, H, n, D], real [B, n]; the question is its last W rows, each seeing
-    the chunk up to itself) are in the softmax though they are not candidates (they are inserted after the recall),
-    and the question's output takes every waiting token's value, kept or not. Why the output: the chunk otherwise
-    attends only the `budget` tokens kept, so at every layer the question's hidden state is made from them, and what
-    the next layer's question asks for drifts. (On the embedded model at 2k, 5% budget, lru found 13 of 27 keys with
-    recall scoring alone, where a one-chunk prefill found 24 of 30.)
+    chunk's own keys (`chunk`: keys and values [B, H, n, D] as they arrived, not as a quantized store would round
+    them; real [B, n]; the question is its last W rows, each seeing the chunk up to itself) are in the softmax though
+    they are not candidates (they are inserted after the recall), and the question's output takes every waiting
+    token's value, kept or not. Why the output: the chunk otherwise attends only the `budget` tokens kept, so at every
+    layer the question's hidden state is made from them, and what the next layer's question asks for drifts. (On the
+    embedded model at 2k and a 5% budget, lru with recall found 15 of 30 keys with the scoring alone and 19 of 30 with
+    the output; a one-chunk prefill finds 24.)
 
     Two passes over the keys, a span of waiting tokens on the GPU at a time: the first finds each query head's
     log-sum-exp (and keeps the per-slot fields it streamed), the second writes the averaged weights and adds each
-    span's share of the output. The fp32 logits of every token at once would take g (query heads per KV head) times
-    the weights' bytes: 4x for Llama 3, more than a chunk of KV at a long prompt. A span holds at most SPAN_BYTES
+    span's share of the output. The chunk's own share is taken first, against its own log-sum-exp, and rescaled once
+    the whole one is known, so that its logits ([B, Hq, W, n], 64 MiB for Llama-3-70B at batch 16) are not held
+    through the first pass. The fp32 logits of every token at once would take g (query heads per KV head) times the
+    weights' bytes: 4x for Llama 3, more than a chunk of KV at a long prompt. A span holds at most SPAN_BYTES
     (`_span`): few launches, little memory."""
     b, hq, w, d = query.shape
     h = layer.state.valid.shape[1]
@@ -330,9 +331,12 @@ def _question(layer, tier: Tier, query: torch.Tensor, scaling: float, chunk):
 
     waiting = {name: torch.empty(b, h, tier.used, dtype=TORCH_TYPES[kind], device=query.device)
                for name, _, kind in RECALL_META}
-    own = _chunk_logits(grouped, chunk, g, w)  # [B, H, g*W, n]: held through the first pass
-    lse, at = torch.logsumexp(own, -1), 0  # [B, H, g*W]
-    span = _span(tier, b * h, g * w, d, values=False, held=own.nbytes)
+    own = _chunk_logits(grouped, chunk, g, w)  # [B, H, g*W, n]
+    own_lse = torch.logsumexp(own, -1, keepdim=True)  # finite: every question row sees itself
+    out = own.sub_(own_lse).exp_() @ chunk[1].float()  # [B, H, g*W, D]: the chunk's share, held through both passes
+    del own
+    lse, at = own_lse[..., 0], 0  # [B, H, g*W]
+    span = _span(tier, b * h, g * w, d, values=False, held=out.nbytes)
     for keys, _, valid, fields in _key_chunks(layer, tier, query.dtype, span):
         lse = torch.logaddexp(lse, torch.logsumexp(logits(keys, valid), -1))
         n = valid.shape[-1]
@@ -340,18 +344,19 @@ def _question(layer, tier: Tier, query: torch.Tensor, scaling: float, chunk):
             for name in META_NAMES:
                 waiting[name][..., at:at + n].copy_(fields[name])
             at += n
-    lse = lse[..., None]  # finite: every question row sees itself
-    out = own.sub_(lse).exp_() @ chunk[1].float()  # [B, H, g*W, D]: held through the second pass
-    del own
+        del keys, valid, fields
+    lse = lse[..., None]
+    out.mul_((own_lse - lse).exp_())  # the chunk's share against the whole prompt's softmax
     weights = torch.empty(b, h, w, layer.capacity + tier.used, dtype=torch.float32, device=query.device)
     at, flat = 0, out.view(b * h, g * w, d)
     span = _span(tier, b * h, g * w, d, values=True, held=out.nbytes)
-    for keys, values, valid, _ in _key_chunks(layer, tier, query.dtype, span, values=True):
+    for keys, values, valid, fields in _key_chunks(layer, tier, query.dtype, span, values=True):
         part = logits(keys, valid).sub_(lse).exp_()
         n = part.shape[-1]
         flat.baddbmm_(part.view(b * h, g * w, n), values.float().view(b * h, n, d))  # in place: no temporary
         weights[..., at:at + n] = part.view(b, h, g, w, n).mean(2)
         at += n
+        del keys, values, valid, fields, part
     # held in the query's dtype while the chunk attends (the prefill's peak): half the bytes of fp32 in bf16
     return weights, waiting, out.view(b, hq, w, d).to(query.dtype)
 
