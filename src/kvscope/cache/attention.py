@@ -9,15 +9,25 @@ import torch
 import torch.nn.functional as F
 
 
-def _grouped(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+def grouped_queries(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
     """[B, Hq, n, D] -> [B, Hkv, g*n, D]: the query heads sharing a KV head side by side (no KV repeat needed)."""
     b, hq, n, d = query.shape
     return query.reshape(b, kv_heads, (hq // kv_heads) * n, d)
 
 
-def _grouped_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
+def grouped_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
+    """[B, H, n, S] -> [B, H, g*n, S]: the mask of `grouped_queries`' rows."""
     b, h, n, s = mask.shape
     return mask[:, :, None].expand(b, h, group, n, s).reshape(b, h, group * n, s)
+
+
+def chunk_visible(real: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Bool [B, end - start, n]: which of a chunk's n tokens its query rows [start, end) see, in causal order; a
+    padding token (`real` [B, n] false) is seen only by its own query."""
+    n = real.shape[-1]
+    q = torch.arange(start, end, device=real.device)[:, None]
+    k = torch.arange(n, device=real.device)[None, :]
+    return ((k <= q)[None] & real[:, None, :]) | (k == q)[None]
 
 
 def causal_attention(query, keys, values, scaling) -> torch.Tensor:
@@ -33,7 +43,7 @@ def causal_attention(query, keys, values, scaling) -> torch.Tensor:
 def grouped_attention(query, keys, values, mask, scaling) -> torch.Tensor:
     b, hq, n, d = query.shape
     h = keys.shape[1]
-    out = F.scaled_dot_product_attention(_grouped(query, h), keys, values, attn_mask=_grouped_mask(mask, hq // h),
+    out = F.scaled_dot_product_attention(grouped_queries(query, h), keys, values, attn_mask=grouped_mask(mask, hq // h),
                                          scale=scaling)
     return out.reshape(b, hq, n, d)
 
@@ -43,6 +53,6 @@ def attention_weights(query, keys, mask, scaling) -> torch.Tensor:
     b, hq, n, _ = query.shape
     h = keys.shape[1]
     g = hq // h
-    logits = (_grouped(query, h).float() @ keys.float().transpose(-1, -2)) * scaling
-    logits = logits.masked_fill(~_grouped_mask(mask, g), float("-inf"))
+    logits = (grouped_queries(query, h).float() @ keys.float().transpose(-1, -2)) * scaling
+    logits = logits.masked_fill(~grouped_mask(mask, g), float("-inf"))
     return logits.softmax(-1).reshape(b, h, g, n, -1).mean(2)

@@ -14,7 +14,7 @@ import torch
 
 from kvscope._compat import cache_base_classes
 from kvscope.cache import fused
-from kvscope.cache.attention import attention_weights, causal_attention, grouped_attention
+from kvscope.cache.attention import attention_weights, causal_attention, chunk_visible, grouped_attention
 from kvscope.cache.stats import EvictionEvent, LayerCounters, LayerStats
 from kvscope.cache.store import make_store
 from kvscope.errors import KvscopeError, usage
@@ -329,9 +329,7 @@ class BudgetedLayer(CacheLayerMixin):
         i1 = min(i1, n)
         rows = i1 - i0
         mask = before[:, :, None, :].expand(b, h, rows, before.shape[-1]).clone()
-        q = torch.arange(i0, i1, device=self.device)[:, None]
-        k = torch.arange(n, device=self.device)[None, :]
-        visible = ((k <= q)[None] & real[:, None, :]) | (k == q)[None]  # [B, rows, n]
+        visible = chunk_visible(real, i0, i1)  # [B, rows, n]
         mask.scatter_(-1, slots[:, :, None, :].expand(b, h, rows, n), visible[:, None].expand(b, h, rows, n))
         return mask
 

@@ -25,6 +25,7 @@ import math
 import torch
 
 from kvscope.cache.arena import TORCH_TYPES, TYPE_NAMES
+from kvscope.cache.attention import chunk_visible, grouped_mask, grouped_queries
 from kvscope.cache.store import gather_slots, make_store, slot_index, wrap_store
 from kvscope.cache.streams import side_stream
 from kvscope.errors import usage
@@ -324,7 +325,7 @@ def _question(layer, tier: Tier, query: torch.Tensor, scaling: float, chunk):
     b, hq, w, d = query.shape
     h = layer.state.valid.shape[1]
     g = hq // h
-    grouped = query.reshape(b, h, g * w, d).float() * scaling  # once, not per span
+    grouped = grouped_queries(query, h).float() * scaling  # once, not per span
 
     def logits(keys, valid):
         return (grouped @ keys.float().transpose(-1, -2)).masked_fill_(~valid[:, :, None, :], float("-inf"))
@@ -362,14 +363,11 @@ def _question(layer, tier: Tier, query: torch.Tensor, scaling: float, chunk):
 
 
 def _chunk_logits(grouped: torch.Tensor, chunk, groups: int, w: int) -> torch.Tensor:
-    """The question rows' logits [B, H, g*W, n] on the last chunk's own keys, causal within the chunk (a padded token
-    is seen only by itself, as in the layer's attention mask)."""
+    """The question rows' logits [B, H, g*W, n] on the last chunk's own keys, seeing them as the layer's attention
+    mask lets the chunk's last W rows see them."""
     keys, _, real = chunk
     n = keys.shape[2]
-    q = torch.arange(n - w, n, device=keys.device)[:, None]
-    k = torch.arange(n, device=keys.device)[None, :]
-    visible = ((k <= q)[None] & real[:, None, :]) | (k == q)[None]  # [B, W, n]
-    visible = visible[:, None, None].expand(-1, 1, groups, w, n).reshape(real.shape[0], 1, groups * w, n)
+    visible = grouped_mask(chunk_visible(real, n - w, n)[:, None], groups)  # [B, 1, g*W, n]
     return (grouped @ keys.float().transpose(-1, -2)).masked_fill_(~visible, float("-inf"))
 
 
