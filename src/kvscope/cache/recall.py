@@ -36,8 +36,9 @@ RECALL_WINDOW = 32  # question rows that score the recall, for a policy that obs
 MODES = ("cpu",)
 META_NAMES = tuple(name for name, _, _ in RECALL_META)
 # device bytes one span of waiting tokens holds while the question attends it (`_span`), with what the question holds
-# across spans: one 512-token chunk of Llama-3-8B's KV (all layers). The recall runs between two chunks, so this is
-# below the chunk attention's own temporaries; each span is a few dozen launches (32 MiB took 25 spans a layer at 32k)
+# across spans: one 512-token chunk of Llama-3-8B's KV (all layers). The recall runs between two chunks: on the H200 at
+# 32k the prefill's peak with 64 MiB spans was the one without the tier plus the question's output. Each span is a few
+# dozen launches; by `_span`, 32 MiB made 26 spans a layer at 32k for the 8B shape (both passes), 64 MiB 13
 SPAN_BYTES = 64 * 1024**2
 
 
