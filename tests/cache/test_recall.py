@@ -125,7 +125,7 @@ def test_a_left_padded_row_recalls_its_own_oldest_tokens(tiny):
 def test_a_continued_cache_fits_its_tier(tiny):
     """A prompt added to a cache that holds tokens evicts what was held too: the tier is sized for the prompt plus
     evict_batch - 1 (the most a row can evict beyond the prompt), and the row keeps its budget."""
-    from kvscope.cache.recall import Tier
+    from kvscope.cache.tier import Tier
 
     cache = BudgetedCache(tiny, "snapkv", budget_tokens=SNAP, chunk_size=CHUNK, recall="cpu", evict_batch=4)
     first = generate(tiny, ids(), cache, max_new_tokens=3, chunk_size=CHUNK)
@@ -150,7 +150,7 @@ def test_a_continued_cache_fits_its_tier(tiny):
 
 def test_a_tier_grows_keeping_what_it_holds(tiny):
     """The tier's safety net: more evictions than its size make it grow, and what it held is still there."""
-    from kvscope.cache.recall import Tier
+    from kvscope.cache.tier import Tier
 
     cache = BudgetedCache(tiny, "snapkv", budget_tokens=SNAP, chunk_size=CHUNK)
     prefill(tiny, cache, ids())
@@ -171,24 +171,86 @@ def test_a_tier_grows_keeping_what_it_holds(tiny):
     assert torch.equal(tier.first_record(slice(0, tier.used), "cpu")["score"], st.score)
 
 
+@pytest.mark.parametrize("kv_dtype", [None, "fp8", "int4"])
+def test_consecutive_layers_move_together_as_one_move_per_layer_would(tiny64, monkeypatch, kv_dtype):
+    """A recorded prefill's evictions wait and go to the tiers several layers at once (one gather per field): every
+    tier then holds, field by field, what a move per layer gives; int4 (re-quantized to int8) moves a layer at once."""
+    from kvscope.cache import recall as module
+    from kvscope.cache import tier as tiers
+
+    model = build_tiny(dict(TINY64, num_hidden_layers=3))
+    groups, original_move = [], tiers._move
+
+    def spy_move(found, *args, **kwargs):
+        groups.append(len(found))
+        return original_move(found, *args, **kwargs)
+
+    def run(group_bytes):
+        seen, original = {}, module.recall
+
+        def spy(layer, tier, *args):
+            seen[layer.index] = {k: v.clone() for k, v in tier.fields(slice(0, tier.used), "cpu").items()}
+            return original(layer, tier, *args)
+
+        monkeypatch.setattr(tiers, "GROUP_BYTES", group_bytes)
+        monkeypatch.setattr(module, "recall", spy)
+        monkeypatch.setattr(tiers, "_move", spy_move)
+        groups.clear()
+        cache = BudgetedCache(model, "snapkv", budget_tokens=SNAP, chunk_size=CHUNK, kv_dtype=kv_dtype, recall="cpu")
+        prefill(model, cache, ids())
+        return seen, list(groups), [sorted(p) for p in kept_positions(cache)]
+
+    together, sizes, kept = run(1 << 40)
+    alone, one_each, kept_alone = run(1)
+    assert one_each and set(one_each) == {1}
+    assert set(sizes) == ({1} if kv_dtype == "int4" else {3})
+    assert together.keys() == alone.keys() == {0, 1, 2}
+    for index, fields in together.items():
+        assert fields.keys() == alone[index].keys()
+        valid = fields["valid"]
+        assert torch.equal(valid, alone[index]["valid"]) and valid.any()
+        for name, t in fields.items():  # padding rows (not valid) hold whatever the evicted order put there too
+            assert torch.equal(t.view(torch.uint8), alone[index][name].view(torch.uint8)), name
+    assert kept == kept_alone
+
+
+def test_the_arenas_stacked_views_are_the_layers_own(tiny):
+    cache = BudgetedCache(tiny, "snapkv", budget_tokens=SNAP, chunk_size=CHUNK)
+    prefill(tiny, cache, ids())
+    arena = cache.settings.arena
+    for name in ("position", "score", "store.keys", "store.values"):
+        stacked = arena.stacked(name, 0, len(cache.layers))
+        for i in range(len(cache.layers)):
+            own = arena.views[f"{i}.{name}"]
+            assert stacked[i].data_ptr() == own.data_ptr() and torch.equal(stacked[i], own)
+        assert arena.stacked(name, 1, 1)[0].data_ptr() == arena.views[f"1.{name}"].data_ptr()
+
+
 @pytest.mark.parametrize("kv_dtype", [None, "int8", "int4", "fp8"])
-def test_the_staging_views_are_the_records_fields(tiny, tiny64, kv_dtype):
-    """An eviction's staging: each field view (one as_strided) covers the bytes the record layout gives it."""
-    from kvscope.cache.recall import Tier, _views
+@pytest.mark.parametrize("layers", [1, 3])
+def test_the_staging_views_are_the_records_fields(tiny, tiny64, kv_dtype, layers):
+    """A move's staging (several layers' at once): each field view (one as_strided) covers the bytes the record
+    layout gives it, in each layer's part of each record."""
+    from kvscope.cache.tier import Tier, _staging, views
 
     model = model_for(kv_dtype, tiny, tiny64)
     cache = BudgetedCache(model, "snapkv", budget_tokens=SNAP, chunk_size=CHUNK, kv_dtype=kv_dtype)
     prefill(model, cache, ids(batch=2))
     tier = Tier(cache.layers[0], 8)
-    flat, staged, fields = tier._staging(5, "cpu")
-    assert [t.shape for t in staged] == [(5, *tier.rows, size) for _, size in tier.records]
-    assert sum(t.numel() for t in staged) == flat.numel()
-    expected = {name: t.movedim(0, 2) for name, t in _views(staged, tier.records).items()}
-    assert fields.keys() == expected.keys()
-    for name, t in expected.items():  # the same elements of the same memory
-        got = fields[name]
-        strides = [[st for st, size in zip(x.stride(), x.shape) if size > 1] for x in (got, t)]  # a dim of 1: any
-        assert (got.shape, got.dtype, got.data_ptr()) == (t.shape, t.dtype, t.data_ptr()) and strides[0] == strides[1]
+    flat, staged, fields = _staging(tier.rows, tier.records, layers, 5, "cpu")
+    assert len(staged) == layers
+    for parts in staged:
+        assert [t.shape for t in parts] == [(5, *tier.rows, size) for _, size in tier.records]
+    assert sum(t.numel() for parts in staged for t in parts) == flat.numel() == layers * tier.staging_bytes(5)
+    assert len({t.data_ptr() for parts in staged for t in parts}) == layers * len(tier.records)
+    for g, parts in enumerate(staged):
+        expected = {name: t.movedim(0, 2) for name, t in views(parts, tier.records).items()}
+        assert fields.keys() == expected.keys()
+        for name, t in expected.items():  # the same elements of the same memory
+            got = fields[name][g]
+            strides = [[st for st, size in zip(x.stride(), x.shape) if size > 1] for x in (got, t)]  # a dim of 1: any
+            assert (got.shape, got.dtype, got.data_ptr()) == (t.shape, t.dtype, t.data_ptr())
+            assert strides[0] == strides[1]
 
 
 @pytest.mark.parametrize("kv_dtype,span_bytes", [(None, None), (None, 1), ("int8", 1)])
@@ -427,7 +489,7 @@ def test_not_enough_host_memory_says_how_much_is_needed(tiny, monkeypatch):
 
 @pytest.mark.parametrize("kv_dtype", [None, "int8", "int4", "fp8"])
 def test_recall_bytes_cover_what_the_tier_allocates(tiny, tiny64, kv_dtype):
-    from kvscope.cache.recall import Tier
+    from kvscope.cache.tier import Tier
 
     tiny = model_for(kv_dtype, tiny, tiny64)
     cache = BudgetedCache(tiny, "snapkv", budget_tokens=SNAP, chunk_size=CHUNK, kv_dtype=kv_dtype,

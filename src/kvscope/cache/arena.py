@@ -53,6 +53,15 @@ class Arena:
     def nbytes(self) -> int:
         return self.buffer.numel()
 
+    def stacked(self, name: str, first: int, count: int) -> torch.Tensor:
+        """The views `{i}.{name}` of layers first .. first + count - 1 as one tensor [count, *shape]: every layer's
+        views are laid out alike (kvscope.kvformats.cache_layout), so one name's views are evenly spaced."""
+        t = self.views[f"{first}.{name}"]
+        if count == 1:
+            return t[None]
+        step = self.views[f"{first + 1}.{name}"].data_ptr() - t.data_ptr()  # a multiple of ALIGN bytes
+        return t.as_strided((count, *t.shape), (step // t.element_size(), *t.stride()))
+
     def take(self, prefix: str) -> dict[str, torch.Tensor]:
         """The views whose names start with `prefix`, with the prefix removed."""
         return {name[len(prefix):]: t for name, t in self.views.items() if name.startswith(prefix)}

@@ -250,14 +250,17 @@ class BudgetedCache(Cache):
             raise usage(f"the recall tier may need {format_bytes(need)} of host memory for {batch} x {prompt_tokens} "
                         f"prompt tokens, but {format_bytes(free)} is available",
                         expected="a shorter prompt or batch, or no recall", fix="recall (--recall)")
+        from kvscope.cache.tier import Moves
+
         self.settings.recall_state, self.settings.recall_capacity = "record", self._tier_tokens(prompt_tokens)
+        self.settings.moves = Moves()
 
     def last_prefill_forward(self) -> None:
         if self.settings.recall is not None:
             self.settings.recall_state = "final"
 
     def end_prefill(self) -> None:
-        self.settings.recall_state = None
+        self.settings.recall_state, self.settings.moves = None, None  # what still waited goes with the tiers
         for layer in self.layers:
             if layer.is_initialized:
                 layer.tier = None

@@ -200,6 +200,7 @@ class BudgetedLayer(CacheLayerMixin):
 
     def _chunk(self, query, keys, values, positions, real, scaling):
         st, policy = self.state, self.settings.policy
+        self._settle()
         b, h, n, _ = keys.shape
         self.decode_width = self.capacity  # the eager path takes any free slot: compact again before a static decode
         if not policy.evicts:
@@ -247,6 +248,7 @@ class BudgetedLayer(CacheLayerMixin):
         returns the question rows' attention output over the whole prompt. `keys`, `values`: the forward's own."""
         from kvscope.cache.recall import recall, window
 
+        self._settle()
         w = min(window(self.settings.policy), query.shape[2])
         tier, self.tier = self.tier, None
         self.recalled, exact = recall(self, tier, query[:, :, -w:], info.positions[:, -w:], scaling,
@@ -255,6 +257,13 @@ class BudgetedLayer(CacheLayerMixin):
         self.contiguous = self.dense = False
         self.free = None
         return exact
+
+    def _settle(self) -> None:
+        """This layer's evicted slots still waiting to move to its tier (kvscope.cache.tier.Moves) go before the layer
+        writes over them or recalls."""
+        moves = self.settings.moves
+        if moves is not None and moves.holds(self.index):
+            moves.flush()
 
     def _check_room(self, n: int) -> None:
         """A policy that never evicts has no slots beyond its budget: refuse a chunk that would not fit."""
@@ -354,9 +363,9 @@ class BudgetedLayer(CacheLayerMixin):
         leaves, evict = marked(order, excess, st.valid)  # in eviction order; over the slots
         self.counters.record(evict, st.position, st.newest)
         if s.recall_state == "record":  # a bounded prefill with recall: the evicted tokens wait in CPU memory
-            from kvscope.cache.recall import move_to_tier
+            from kvscope.cache.tier import record_eviction
 
-            self.tier = move_to_tier(self, self.tier, order, leaves, self.upper - keep)  # `upper`: what a row held
+            self.tier = record_eviction(self, self.tier, order, leaves, self.upper - keep)  # `upper`: what a row held
         if s.collector is not None:
             self._emit(evict)
         st.valid &= ~evict

@@ -15,26 +15,23 @@ freed. KV on the GPU never exceeds budget + one chunk, plus one span of waiting 
 on the device is at most SPAN_BYTES).
 
 Only kvscope's runtime (`kvscope.runtime.generate`) says which forward is a prompt's last; `model.generate()` prefills
-in one forward and never recalls. Copies to the tier run on a side CUDA stream and overlap the next chunk's compute.
+in one forward and never recalls. The host side (the tier, and the moves into it, several layers' at once on a side
+CUDA stream that overlaps the next layers' compute) is kvscope.cache.tier.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from kvscope.cache.arena import TORCH_TYPES, TYPE_NAMES
+from kvscope.cache.arena import TORCH_TYPES
 from kvscope.cache.attention import chunk_visible, grouped_mask, grouped_queries
-from kvscope.cache.store import gather_slots, make_store, slot_index, wrap_store
-from kvscope.cache.streams import side_stream
+from kvscope.cache.tier import META_NAMES, Tier
 from kvscope.errors import usage
-from kvscope.kvformats import ELEMENT_BYTES, RECALL_META, recall_format, recall_records
+from kvscope.kvformats import RECALL_META
 from kvscope.policies.base import Observation, SlotState, select_evictions
 
 RECALL_WINDOW = 32  # question rows that score the recall, for a policy that observes every query (h2o, lru)
 MODES = ("cpu",)
-META_NAMES = tuple(name for name, _, _ in RECALL_META)
 # device bytes one span of waiting tokens holds while the question attends it (`_span`), with what the question holds
 # across spans: one 512-token chunk of Llama-3-8B's KV (all layers). The recall runs between two chunks: on the H200 at
 # 32k the prefill's peak with 64 MiB spans was the one without the tier plus the question's output. Each span is a few
@@ -60,196 +57,6 @@ def check_recall(policy, offload: bool, recall: str | None) -> None:
 def window(policy) -> int:
     rows = policy.query_rows()
     return RECALL_WINDOW if rows < 0 else rows
-
-
-def move_to_tier(layer, tier, order: torch.Tensor, leaves: torch.Tensor, bound: int):
-    """An eviction during a recorded prefill: the evicted slots go to `tier` (made on first use); returns the tier.
-    The first `bound` slots of `order` ([B, H, S], eviction order) hold every row's evicted ones (`bound` is a host-side
-    bound on what any row evicts: no device read); `leaves` marks which of them go. Rows that evict fewer move a few
-    kept or empty slots too, marked not valid in the tier."""
-    bound = min(bound, layer.capacity)
-    if bound > 0:
-        tier = tier or Tier(layer, layer.settings.recall_capacity)
-        tier.add(layer, order[:, :, :bound], leaves[:, :, :bound])
-    return tier
-
-
-def _tier_records(layer):
-    """(the layer's store format, the tier's, the tier's host records) of a layer."""
-    store_kind = layer.settings.kv_dtype or TYPE_NAMES[layer.compute_dtype]
-    return store_kind, recall_format(store_kind), recall_records(store_kind, layer.head_dim,
-                                                                 TYPE_NAMES[layer.compute_dtype])
-
-
-class Tier:
-    """One layer's waiting tokens: host records (kvscope.kvformats.recall_records) of `capacity` slots per row.
-
-    Each record buffer is [slots, B, H, bytes] (slot-major; the stores are [B, H, slots, ...]) with every field of a
-    slot side by side, so the slots one eviction adds, and the slots a recall streams back, are one contiguous span of
-    each buffer: one asynchronous copy each way. (A strided span of pinned memory is copied through a pageable
-    temporary, which blocks the host until the GPU's queue drains; a copy per field is a launch per field.)"""
-
-    def __init__(self, layer, capacity: int):
-        st = layer.state
-        self.rows = tuple(st.valid.shape[:2])
-        self.store_kind, self.kind, self.records = _tier_records(layer)  # the layer's own format, the tier's
-        self.dtype = layer.compute_dtype
-        self.store_names = [f[0] for fields, _ in self.records for f in fields if f[0] not in META_NAMES]
-        self.pin = st.valid.is_cuda  # pinned host memory: copies to and from it are asynchronous
-        self.capacity = capacity
-        self.buffers = self._allocate(capacity)
-        # Invariant: slots [0, used) of every row were written (invalid ones pad the rows that evicted fewer), and
-        # nothing reads past `used`: the buffers are allocated unwritten.
-        self.used = 0
-        self.stream = side_stream(st.valid.device)  # the copies into the tier run here (`add`)
-
-    def _allocate(self, capacity: int) -> list[torch.Tensor]:
-        """Every record buffer, allocated pinned at once: a pageable buffer pinned afterwards would be allocated,
-        zeroed and copied once more (gigabytes for a long prompt)."""
-        return [torch.empty((capacity, *self.rows, size), dtype=torch.uint8, pin_memory=self.pin)
-                for _, size in self.records]
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.buffers)
-
-    def add(self, layer, slots: torch.Tensor, leaves: torch.Tensor) -> None:
-        """Move a layer's `slots` ([B, H, n]) here, before the layer invalidates them; `leaves` [B, H, n] marks the
-        ones evicted (the others are kept or empty: not valid here). One gather per field writes straight into the
-        records' places of a device staging buffer, then one copy per record crosses to the host (on the side
-        stream on CUDA: it overlaps the next layer's compute)."""
-        n = slots.shape[-1]
-        if self.used + n > self.capacity:  # the host's bound, not what rows evict, can pass the tier's size
-            self._grow(self.used + n + layer.room)
-        flat, staged, fields = self._staging(n, slots.device)
-        st = layer.state
-        torch.gather(st.position, -1, slots, out=fields["position"])
-        torch.gather(st.score, -1, slots, out=fields["score"])
-        fields["valid"].copy_(leaves)
-        self._gather_store(layer, slots, fields)
-        targets = [t[self.used:self.used + n] for t in self.buffers]
-        if self.stream is None:
-            for target, t in zip(targets, staged):
-                target.copy_(t)
-        else:
-            self.stream.wait_stream(torch.cuda.current_stream(slots.device))
-            with torch.cuda.stream(self.stream):
-                for target, t in zip(targets, staged):
-                    target.copy_(t, non_blocking=True)
-            flat.record_stream(self.stream)  # its memory is reused once the copy is done, not when the tier is freed
-        self.used += n
-
-    def _staging(self, n: int, device) -> tuple[torch.Tensor, list[torch.Tensor], dict[str, torch.Tensor]]:
-        """One device buffer for `n` slots of every record, freed when its copy is done (not kept for the prefill:
-        on the H200 at 32k the prefill's peak with the tier was then the one without it; a kept buffer added 2 MiB):
-        (the buffer, each record's part [n, B, H, bytes], each field [B, H, n, ...]). The views are
-        one `as_strided` each, from one typed view of the buffer per element type: an eviction is a few launches
-        and views (a 32k prompt evicts 2,048 times, and the chunked prefill is bound by its launches on the host;
-        slicing and reshaping a view per field took 21 of an eviction's 35 operations)."""
-        b, h = self.rows
-        flat = torch.empty(n * b * h * sum(size for _, size in self.records), dtype=torch.uint8, device=device)
-        typed, staged, fields, at = {}, [], {}, 0
-        for record, size in self.records:
-            staged.append(flat.as_strided((n, b, h, size), (b * h * size, h * size, size, 1), at))
-            for name, shape, kind, offset in record:
-                e = ELEMENT_BYTES[kind]  # records are padded to 8 bytes, fields aligned to their own type
-                if kind not in typed:
-                    typed[kind] = flat.view(TORCH_TYPES[kind])
-                inner = [math.prod(shape[i + 1:]) for i in range(len(shape))]
-                fields[name] = typed[kind].as_strided((b, h, n, *shape), (h * size // e, size // e, b * h * size // e,
-                                                                          *inner), (at + offset) // e)
-            at += n * b * h * size
-        return flat, staged, fields
-
-    def _gather_store(self, layer, slots: torch.Tensor, fields: dict[str, torch.Tensor]) -> None:
-        """The tier-format store tensors of a layer's `slots` into `fields`: the store's own bytes when the tier keeps
-        its format (exact, and no dequantizing of the whole store), else re-quantized on the device (int4 waits as
-        int8)."""
-        if self.kind == self.store_kind:
-            index = {}  # one expanded index per trailing shape (keys and values share theirs)
-            for name, t in layer.store.tensors().items():
-                shape = tuple(t.shape[3:])
-                if shape not in index:
-                    index[shape] = slot_index(slots, shape)
-                gather_slots(t, index[shape], out=fields[name])
-            return
-        k, v = read_slots(layer, slots)
-        staging = make_store(self.kind, *k.shape[:3], layer.head_dim, self.dtype, k.device)
-        staging.write_range(0, k, v)
-        for name, t in staging.tensors().items():
-            fields[name].copy_(t)
-
-    def _grow(self, need: int) -> None:
-        self.wait()
-        old, self.capacity = self.buffers, need
-        self.buffers = self._allocate(self.capacity)
-        for new, t in zip(self.buffers, old):
-            new[:self.used].copy_(t[:self.used])
-
-    def wait(self) -> None:
-        if self.stream is not None:
-            self.stream.synchronize()
-
-    def first_record(self, span: slice, device) -> dict[str, torch.Tensor]:
-        """The fields of the first record (what scoring reads) over `span`, [B, H, n, ...] on `device`: one copy."""
-        return _views([self.buffers[0][span].to(device, non_blocking=True).movedim(0, 2)], self.records[:1])
-
-    def keys(self, fields: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-        """Keys [B, H, n, D] from the fields of the first record (`first_record`), in `dtype`: a dense tier's as they
-        are, a quantized one's dequantized."""
-        if "keys" in fields:
-            return fields["keys"].to(dtype)
-        return self._store(fields).read(fields["valid"].shape[-1], dtype)[0]
-
-    def keys_values(self, index: torch.Tensor | slice, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values of the tier slots `index` (a slice, or [B, H, n] per row), dequantized on `device`."""
-        return self.read(self.fields(index, device))
-
-    def fields(self, index: torch.Tensor | slice, device) -> dict[str, torch.Tensor]:
-        """Every field of the tier slots `index` (a slice, or [B, H, n] per row), [B, H, n, ...] on `device`."""
-        if isinstance(index, slice):  # one contiguous span: an asynchronous copy from pinned memory
-            moved = [t[index].to(device, non_blocking=True).movedim(0, 2) for t in self.buffers]
-        else:  # each row's records gathered on the host, whole records at a time, then one copy per record
-            flat = self._flat(index)
-            moved = [self._gather(t, flat).view(*index.shape, -1).to(device, non_blocking=True)
-                     for t in self.buffers]
-        return _views(moved, self.records)
-
-    def read(self, fields: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values [B, H, n, D] in the compute dtype from the fields of every record (`Tier.fields`)."""
-        return self._store(fields).read(fields["valid"].shape[-1], self.dtype)
-
-    def _flat(self, index: torch.Tensor) -> torch.Tensor:
-        """Host slots `index` [B, H, n] as record numbers of a buffer [capacity, B, H, bytes] seen as [records, bytes],
-        in [B, H, n] order."""
-        rows = math.prod(self.rows)
-        return (index * rows + torch.arange(rows).view(*self.rows, 1)).reshape(-1)
-
-    def _gather(self, buffer: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-        """The records `flat` of `buffer`, into pinned memory on CUDA (so the copy up is asynchronous): one row copy
-        per record, where an element-wise gather over the bytes took milliseconds per layer."""
-        out = torch.empty((flat.numel(), buffer.shape[-1]), dtype=torch.uint8, pin_memory=self.pin)
-        return torch.index_select(buffer.view(-1, buffer.shape[-1]), 0, flat, out=out)
-
-    def _store(self, fields: dict[str, torch.Tensor]):
-        return wrap_store(self.kind, {name: fields[name].contiguous() for name in self.store_names})
-
-
-def _views(buffers: list[torch.Tensor], records) -> dict[str, torch.Tensor]:
-    """Every field of `records` as a typed view [..., *shape] of its record buffer [..., bytes]."""
-    out = {}
-    for buffer, (fields, _) in zip(buffers, records):
-        for name, shape, kind, offset in fields:
-            t = buffer[..., offset:offset + math.prod(shape) * ELEMENT_BYTES[kind]].view(TORCH_TYPES[kind])
-            out[name] = t.unflatten(-1, shape) if shape else t[..., 0]
-    return out
-
-
-def read_slots(layer, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values [B, H, n, D] of `slots` [B, H, n] of a layer's store, in the compute dtype."""
-    k, v = layer.read(layer.capacity, layer.compute_dtype)
-    index = slot_index(slots, k.shape[3:])
-    return k.gather(2, index), v.gather(2, index)
 
 
 def recall(layer, tier: Tier, query: torch.Tensor, positions: torch.Tensor, scaling: float,

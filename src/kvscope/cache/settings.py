@@ -32,6 +32,7 @@ class CacheSettings:
     recall: str | None = None  # "cpu": prefill evictions wait in CPU memory for the question (kvscope.cache.recall)
     recall_state: str | None = None  # while kvscope's runtime prefills: "record", then "final" for the last forward
     recall_capacity: int = 0  # tokens per row the tier may have to hold (the prompt's)
+    moves: object = field(default=None, repr=False)  # while recording: evictions on their way to the tiers (tier.Moves)
     version: int = 0  # +1 at every new allocation: what was captured over an older one is stale
     fresh: bool = False  # allocated (zeroed) and not used yet
 

@@ -18,20 +18,21 @@ def slot_index(index: torch.Tensor, trailing: tuple[int, ...]) -> torch.Tensor:
     return index.reshape(*index.shape, *[1] * len(trailing)).expand(*index.shape, *trailing)
 
 
-def gather_slots(t: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`t` [B, H, S, ...]'s slots `index` [B, H, n] along dim 2 (or `index` already expanded over t's trailing dims
-    by `slot_index`, to share it among tensors of one shape), into `out` (any strides) when given. One-byte float
+def gather_slots(t: torch.Tensor, index: torch.Tensor, out: torch.Tensor | None = None, dim: int = 2) -> torch.Tensor:
+    """`t` [B, H, S, ...]'s slots `index` [B, H, n] along dim 2 (`dim`: the slot dim of a tensor with more leading
+    dims, [L, B, H, S, ...] with dim 3 and an index [L, B, H, n]), or `index` already expanded over t's trailing dims
+    by `slot_index`, to share it among tensors of one shape, into `out` (any strides) when given. One-byte float
     types are gathered as bytes (no fp8 gather on the CPU)."""
     as_bytes = t.element_size() == 1 and t.is_floating_point()
     raw = t.view(torch.uint8) if as_bytes else t
     if index.dim() != t.dim():
-        index = slot_index(index, t.shape[3:])
-    elif index.shape[3:] != t.shape[3:]:  # gather would take a smaller one silently: a sub-block of each slot
-        raise ValueError(f"an expanded index must be [B, H, n, {', '.join(map(str, t.shape[3:]))}], got "
+        index = slot_index(index, t.shape[dim + 1:])
+    elif index.shape[dim + 1:] != t.shape[dim + 1:]:  # gather would take a smaller one silently: a sub-block of a slot
+        raise ValueError(f"an expanded index must be [..., n, {', '.join(map(str, t.shape[dim + 1:]))}], got "
                          f"{list(index.shape)}")
     if out is None:
-        return raw.gather(2, index).view(t.dtype)
-    torch.gather(raw, 2, index, out=out.view(torch.uint8) if as_bytes else out)
+        return raw.gather(dim, index).view(t.dtype)
+    torch.gather(raw, dim, index, out=out.view(torch.uint8) if as_bytes else out)
     return out
 
 
