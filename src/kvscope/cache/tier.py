@@ -43,7 +43,7 @@ def record_eviction(layer, tier, order: torch.Tensor, leaves: torch.Tensor, boun
     tier = tier or Tier(layer, layer.settings.recall_capacity)
     slots, leaves = order[:, :, :bound], leaves[:, :, :bound]
     if tier.exact:
-        layer.settings.moves.add(layer.index, tier, slots, leaves, layer.settings.arena)
+        layer.settings.moves.add(layer.index, tier, slots, leaves, layer.settings.arena, layer.num_layers)
     else:
         tier.add(layer, slots, leaves)
     return tier
@@ -51,38 +51,46 @@ def record_eviction(layer, tier, order: torch.Tensor, leaves: torch.Tensor, boun
 
 class Moves:
     """A recorded prefill's evictions waiting to go to their tiers: a group of consecutive layers' with the same
-    number of slots, moved together (`flush`). Holds the tiers it writes to, never the layers."""
+    number of slots, moved together (`flush`). Holds the tiers it writes to, never the layers. Each layer's slots and
+    leaves are copied into the group's own [G, B, H, n] buffers as they come: held by reference they would keep each
+    eviction's whole order ([B, H, slots] int64) alive until the group goes."""
 
     def __init__(self):
-        self.group: list[tuple[Tier, torch.Tensor, torch.Tensor]] = []  # (tier, slots [B, H, n], leaves [B, H, n])
+        self.tiers: list[Tier] = []
         self.first, self.arena, self.bytes = 0, None, 0
+        self.slots = self.leaves = None  # [G, B, H, n]: row g for layer first + g
 
     def holds(self, index: int) -> bool:
         """Whether layer `index` has a move waiting (it must go before the layer writes or recalls)."""
-        return self.first <= index < self.first + len(self.group)
+        return self.first <= index < self.first + len(self.tiers)
 
-    def add(self, index: int, tier, slots: torch.Tensor, leaves: torch.Tensor, arena) -> None:
-        if self.group and (index != self.first + len(self.group) or slots.shape != self.group[0][1].shape
-                           or tier.records != self.group[0][0].records):
+    def add(self, index: int, tier, slots: torch.Tensor, leaves: torch.Tensor, arena, layers: int) -> None:
+        """Layer `index` (of `layers`) evicts `slots` into `tier`."""
+        if self.tiers and (index != self.first + len(self.tiers) or slots.shape != self.slots.shape[1:]
+                           or tier.records != self.tiers[0].records):
             self.flush()
-        if not self.group:
+        if not self.tiers:
+            most = min(layers - index, GROUP_BYTES // tier.staging_bytes(slots.shape[-1]) + 1)  # what a group takes
             self.first, self.arena = index, arena
-        self.group.append((tier, slots, leaves))
+            self.slots = torch.empty((most, *slots.shape), dtype=slots.dtype, device=slots.device)
+            self.leaves = torch.empty((most, *leaves.shape), dtype=leaves.dtype, device=leaves.device)
+        g = len(self.tiers)
+        self.slots[g].copy_(slots)
+        self.leaves[g].copy_(leaves)
+        self.tiers.append(tier)
         self.bytes += tier.staging_bytes(slots.shape[-1])
-        if self.bytes >= GROUP_BYTES:
+        if self.bytes >= GROUP_BYTES or g + 1 == self.slots.shape[0]:
             self.flush()
 
     def flush(self) -> None:
         """Move the group: one gather per field for all its layers, one copy per layer and record to the host."""
-        if not self.group:
+        if not self.tiers:
             return
-        group, self.group, self.bytes = self.group, [], 0
-        tiers = [t for t, _, _ in group]
-        slots = torch.stack([s for _, s, _ in group]) if len(group) > 1 else group[0][1][None]
-        leaves = torch.stack([v for _, _, v in group]) if len(group) > 1 else group[0][2][None]
-        sources = {name: self.arena.stacked(name, self.first, len(group))
+        tiers, count = self.tiers, len(self.tiers)
+        sources = {name: self.arena.stacked(name, self.first, count)
                    for name in ("position", "score", *(f"store.{n}" for n in tiers[0].store_names))}
-        _move(tiers, slots, leaves, sources)
+        _move(tiers, self.slots[:count], self.leaves[:count], sources)
+        self.tiers, self.bytes, self.slots, self.leaves = [], 0, None, None
 
 
 def _move(tiers: list, slots: torch.Tensor, leaves: torch.Tensor, sources: dict[str, torch.Tensor],
