@@ -171,14 +171,19 @@ def test_a_tier_grows_keeping_what_it_holds(tiny):
     assert torch.equal(tier.first_record(slice(0, tier.used), "cpu")["score"], st.score)
 
 
-@pytest.mark.parametrize("kv_dtype", [None, "fp8", "int4"])
-def test_consecutive_layers_move_together_as_one_move_per_layer_would(tiny64, monkeypatch, kv_dtype):
+@pytest.mark.parametrize("kv_dtype,padded", [(None, False), ("fp8", False), ("int8", True), ("bf16", True),
+                                             ("int4", False)])
+def test_consecutive_layers_move_together_as_one_move_per_layer_would(tiny64, monkeypatch, kv_dtype, padded):
     """A recorded prefill's evictions wait and go to the tiers several layers at once (one gather per field): every
-    tier then holds, field by field, what a move per layer gives; int4 (re-quantized to int8) moves a layer at once."""
+    tier then holds, field by field, what a move per layer gives (a dense, fp8 or int8 store, a bf16 store of an fp32
+    model, a left-padded batch); int4 (re-quantized to int8) moves a layer at once."""
     from kvscope.cache import recall as module
     from kvscope.cache import tier as tiers
 
     model = build_tiny(dict(TINY64, num_hidden_layers=3))
+    prompt = ids(batch=2 if padded else 1)
+    mask = torch.ones_like(prompt)
+    mask[-1, :5 if padded else 0] = 0
     groups, original_move = [], tiers._move
 
     def spy_move(found, *args, **kwargs):
@@ -197,8 +202,9 @@ def test_consecutive_layers_move_together_as_one_move_per_layer_would(tiny64, mo
         monkeypatch.setattr(tiers, "_move", spy_move)
         groups.clear()
         cache = BudgetedCache(model, "snapkv", budget_tokens=SNAP, chunk_size=CHUNK, kv_dtype=kv_dtype, recall="cpu")
-        prefill(model, cache, ids())
-        return seen, list(groups), [sorted(p) for p in kept_positions(cache)]
+        generate(model, prompt, cache, attention_mask=mask, max_new_tokens=1, chunk_size=CHUNK)
+        st = cache.layers[-1].state
+        return seen, list(groups), (st.valid.clone(), st.position.clone())
 
     together, sizes, kept = run(1 << 40)
     alone, one_each, kept_alone = run(1)
@@ -210,8 +216,9 @@ def test_consecutive_layers_move_together_as_one_move_per_layer_would(tiny64, mo
         valid = fields["valid"]
         assert torch.equal(valid, alone[index]["valid"]) and valid.any()
         for name, t in fields.items():  # padding rows (not valid) hold whatever the evicted order put there too
-            assert torch.equal(t.view(torch.uint8), alone[index][name].view(torch.uint8)), name
-    assert kept == kept_alone
+            other = alone[index][name]
+            assert torch.equal(t.contiguous().view(torch.uint8), other.contiguous().view(torch.uint8)), name
+    assert all(torch.equal(a, b) for a, b in zip(kept, kept_alone))
 
 
 def test_the_arenas_stacked_views_are_the_layers_own(tiny):
@@ -224,6 +231,9 @@ def test_the_arenas_stacked_views_are_the_layers_own(tiny):
             own = arena.views[f"{i}.{name}"]
             assert stacked[i].data_ptr() == own.data_ptr() and torch.equal(stacked[i], own)
         assert arena.stacked(name, 1, 1)[0].data_ptr() == arena.views[f"1.{name}"].data_ptr()
+    arena.views["1.score"] = arena.views["1.score"][..., 1:]  # a layout whose views are not evenly spaced
+    with pytest.raises(ValueError, match="not evenly spaced"):
+        arena.stacked("score", 0, 2)
 
 
 @pytest.mark.parametrize("kv_dtype", [None, "int8", "int4", "fp8"])

@@ -60,6 +60,9 @@ class Arena:
         if count == 1:
             return t[None]
         step = self.views[f"{first + 1}.{name}"].data_ptr() - t.data_ptr()  # a multiple of ALIGN bytes
+        last = self.views[f"{first + count - 1}.{name}"]
+        if last.data_ptr() != t.data_ptr() + (count - 1) * step or last.shape != t.shape:
+            raise ValueError(f"the views {first}.{name} .. {first + count - 1}.{name} are not evenly spaced")
         return t.as_strided((count, *t.shape), (step // t.element_size(), *t.stride()))
 
     def take(self, prefix: str) -> dict[str, torch.Tensor]:

@@ -11,8 +11,9 @@ resident or waiting (the waiting ones stream through the GPU a span at a time), 
 the policy scores the older tokens with that attention as it scores an observation; the best `budget` are the ones
 resident when the chunk attends. The question's rows keep that attention's output (the whole prompt's, as a one-chunk
 prefill gives it); the chunk's other rows attend what is resident. The tokens not kept are dropped and the tier is
-freed. KV on the GPU never exceeds budget + one chunk, plus one span of waiting tokens in flight (what a span holds
-on the device is at most SPAN_BYTES).
+freed. KV on the GPU never exceeds budget + one chunk, plus what is in flight: one span of waiting tokens during the
+recall (what a span holds on the device is at most SPAN_BYTES), and while the chunks are recorded, the staging of one
+group of evictions on its way to the host (kvscope.cache.tier.GROUP_BYTES and one layer's more).
 
 Only kvscope's runtime (`kvscope.runtime.generate`) says which forward is a prompt's last; `model.generate()` prefills
 in one forward and never recalls. The host side (the tier, and the moves into it, several layers' at once on a side

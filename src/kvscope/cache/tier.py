@@ -5,7 +5,8 @@ Why several layers at once: a 32k prompt in 512-token chunks evicts 2,048 times 
 prefill is bound by its launches on the host; a move is a gather per field and a copy per record. Layer i's evicted
 slots keep their bytes until layer i writes again (its next chunk), so the moves of consecutive layers wait and go
 together: every field of those layers is one evenly spaced view of the cache's one allocation (`Arena.stacked`), one
-gather for them all. A group goes when it reaches GROUP_BYTES, or before one of its layers writes or recalls."""
+gather for them all. A group goes once it reaches GROUP_BYTES, at the model's last layer, when an eviction cannot join
+it (another layer than the next, another slot count or format), or before one of its layers writes or recalls."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from kvscope.cache.streams import side_stream
 from kvscope.kvformats import ELEMENT_BYTES, RECALL_META, recall_format, recall_records
 
 META_NAMES = tuple(name for name, _, _ in RECALL_META)
-# device bytes of one group's staging (the evicted slots of consecutive layers, every record), held until its copies
-# to the host are done: 16 MiB is eight layers of Llama-3-8B at batch 1 (a layer evicts a 512-token chunk: 2 MiB)
+# a group goes once its staging (the evicted slots of consecutive layers, every record, held on the device until its
+# copies to the host are done) reaches this, so it holds at most this plus one layer's: for Llama-3-8B at batch 1 a
+# layer evicting a 512-token chunk stages 2.06 MiB, and a group is eight layers, 16.5 MiB
 GROUP_BYTES = 16 * 1024**2
 
 
@@ -104,7 +106,9 @@ def _move(tiers: list, slots: torch.Tensor, leaves: torch.Tensor, sources: dict[
     torch.gather(sources["position"], 3, slots, out=fields["position"])
     torch.gather(sources["score"], 3, slots, out=fields["score"])
     fields["valid"].copy_(leaves)
-    if stored is None:  # the store's own bytes: exact, and nothing dequantized
+    if stored is None:  # the store's own bytes: exact, and nothing dequantized. The formats a tier keeps as they are
+        # (dense, fp8, int8) hold a slot at dim 2 of each layer's tensors, dim 3 once stacked (int4's packed groups do
+        # not, and int4 waits as int8: never here)
         index = {}  # one expanded index per trailing shape (keys and values share theirs)
         for name in first.store_names:
             t = sources[f"store.{name}"]
