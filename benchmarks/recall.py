@@ -54,8 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=10)
     p.add_argument("--out", type=Path, default=DATA)
     p.add_argument("--resume", action="store_true", help="keep --out's rows and run only the rows it lacks")
-    p.add_argument("--rerun", default="", help="with --resume: modes whose rows in --out are measured again "
-                                               "(e.g. recall, after a change to the tier)")
+    p.add_argument("--rerun", default="", help="with --resume: modes whose rows in --out are measured again, for "
+                                               "--policies only (e.g. recall, after a change to the tier); the "
+                                               "perplexity rows of --policies are measured again too")
     p.add_argument("--render", action="store_true", help="only rewrite the docs section from --out")
     a = p.parse_args(argv)
     a.lengths = [int(x) for x in a.lengths.split(",")]
@@ -140,7 +141,7 @@ def run(a) -> dict:
     done = set()
     if a.resume and a.out.exists():  # a longer run over a shorter one: its cases are the same token ids
         old = json.loads(a.out.read_text())
-        data["passkey"] = [r for r in old["passkey"] if r["mode"] not in a.rerun]
+        data["passkey"] = [r for r in old["passkey"] if r["mode"] not in a.rerun or r["policy"] not in a.policies]
         data["perplexity"] = old.get("perplexity", [])  # kept unless this run measures it again
         done = {(r["case_id"], r["policy"], r["fraction"], r["mode"]) for r in data["passkey"]}
         data["meta"]["resumed"] = old["meta"]
@@ -155,8 +156,9 @@ def run(a) -> dict:
             data["passkey"] += bounded_rows(model, tok, case, policy, a.budgets, a.chunk, a.max_new_tokens, done)
         save_json(data, a.out)  # after every case: a long run that stops keeps what it measured
         log(f"case {i + 1}/{len(cases)} {case.case_id} in {time.perf_counter() - t:.0f} s")
-    if a.ppl_tokens:
-        data["perplexity"] = perplexity(model, tok, a)
+    if a.ppl_tokens:  # the other policies' rows of a resumed run are kept
+        data["perplexity"] = [r for r in data["perplexity"] if r["policy"] not in a.policies] + \
+            perplexity(model, tok, a)
     save_json(data, a.out)
     return data
 

@@ -267,8 +267,9 @@ def test_the_staging_views_are_the_records_fields(tiny, tiny64, kv_dtype, layers
 def test_the_question_attends_the_whole_prompt_in_one_softmax(tiny, monkeypatch, kv_dtype, span_bytes):
     """The two passes over the keys (log-sum-exp, then weights and output), in one span or one slot at a time, give
     the softmax of every logit at once: resident, waiting, and the last chunk's own keys up to each question row (in
-    the denominator and the output, not among the weights); the output is that softmax times every value; and the
-    waiting tokens' fields are as the tier holds them."""
+    the denominator and the output, and among the weights for a window policy, which chooses among the whole prompt;
+    lru's weights leave them out); the output is that softmax times every value; and the waiting tokens' fields are
+    as the tier holds them."""
     from kvscope.cache import recall as module
 
     if span_bytes is not None:
@@ -277,12 +278,12 @@ def test_the_question_attends_the_whole_prompt_in_one_softmax(tiny, monkeypatch,
     checked = []
     original = module._question
 
-    def spy(layer, tier, query, scaling, chunk):
-        got, waiting, out = original(layer, tier, query, scaling, chunk)
+    def spy(layer, tier, query, scaling, chunk, with_chunk=False):
+        got, waiting, out = original(layer, tier, query, scaling, chunk, with_chunk)
         held = slice(0, tier.used)
         checked.extend(torch.equal(waiting[name], tier.first_record(held, query.device)[name])
                        for name in ("position", "score", "valid"))
-        own_k, own_v, real = chunk
+        own_k, own_v, real = chunk[:3]
         resident = layer.store.read(layer.capacity, query.dtype)
         waited = tier.keys_values(held, query.device)
         keys = torch.cat([resident[0], waited[0], own_k], 2)
@@ -296,16 +297,20 @@ def test_the_question_attends_the_whole_prompt_in_one_softmax(tiny, monkeypatch,
         grouped = query.reshape(b, h, hq // h, w, query.shape[-1]).float()
         logits = (grouped @ keys.float()[:, :, None].transpose(-1, -2)) * scaling
         p = logits.masked_fill(~valid[:, :, None], float("-inf")).softmax(-1)  # [B, H, g, W, all]
-        checked.append(torch.allclose(got, p.mean(2)[..., :-n], atol=1e-6))  # the chunk's columns: not candidates
-        checked.append(bool((got.sum(-1) < 1 - 1e-3).all()))  # the chunk took part of every row's mass
+        if with_chunk:  # a window policy: the chunk's columns are candidates too
+            checked.append(torch.allclose(got, p.mean(2), atol=1e-6))
+        else:
+            checked.append(torch.allclose(got, p.mean(2)[..., :-n], atol=1e-6))
+            checked.append(bool((got.sum(-1) < 1 - 1e-3).all()))  # the chunk took part of every row's mass
         want = (p @ values.float()[:, :, None]).reshape(b, hq, w, -1)
         checked.append(torch.allclose(out, want, atol=1e-5))
         return got, waiting, out
 
     monkeypatch.setattr(module, "_question", spy)
-    cache = BudgetedCache(tiny, "snapkv", budget_tokens=SNAP, chunk_size=CHUNK, recall="cpu", kv_dtype=kv_dtype)
-    generate(tiny, ids(batch=2), cache, max_new_tokens=1, chunk_size=CHUNK)
-    assert checked and all(checked)
+    for policy in ("snapkv", "lru"):
+        cache = BudgetedCache(tiny, policy, budget_tokens=SNAP, chunk_size=CHUNK, recall="cpu", kv_dtype=kv_dtype)
+        generate(tiny, ids(batch=2), cache, max_new_tokens=1, chunk_size=CHUNK)
+    assert len(checked) == len(cache.layers) * (5 + 6) and all(checked)  # snapkv 5 checks a layer, lru 6
 
 
 def test_the_question_rows_output_is_the_whole_prompts_attention(tiny, monkeypatch):
@@ -318,9 +323,9 @@ def test_the_question_rows_output_is_the_whole_prompts_attention(tiny, monkeypat
     original, attend = module.recall, layer_module.BudgetedLayer.attend
 
     def spy(*args):
-        count, out = original(*args)
+        count, out, choice = original(*args)
         exact.append(out.clone())
-        return count, out
+        return count, out, choice
 
     def attend_spy(self, query, scaling, info):
         final = self.settings.recall_state == "final"
@@ -355,7 +360,7 @@ def test_the_question_rows_attend_as_in_a_one_forward_prefill(tiny, monkeypatch,
     chunk = 48  # the last forward: 40 tokens
     generate(tiny, prompt, BudgetedCache(tiny, policy, budget_tokens=SNAP, chunk_size=chunk, recall="cpu"),
              max_new_tokens=1, chunk_size=chunk)
-    _, want_rows = exact[0]  # layer 0
+    want_rows = exact[0][1]  # layer 0
 
     outputs, attend = [], layer_module.BudgetedLayer.attend
 
@@ -371,6 +376,23 @@ def test_the_question_rows_attend_as_in_a_one_forward_prefill(tiny, monkeypatch,
     w = want_rows.shape[2]
     assert w == 32  # snapkv's window; lru observes every query and recalls with RECALL_WINDOW rows
     torch.testing.assert_close(want_rows, outputs[0][:, :, -w:], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("policy,chunk", [("snapkv", 48), ("tova", 48), ("snapkv", 52)])
+def test_a_window_policy_keeps_what_a_one_chunk_prefill_keeps_at_layer_0(tiny, policy, chunk):
+    """At layer 0 (whose keys, values and question do not depend on what was evicted) a window policy with the tier
+    ends the prefill holding what a one-forward prefill under the same budget holds: it chooses once among the whole
+    prompt, the last chunk's tokens too (with 52-token chunks the last forward is snapkv's 32-row window, no more)."""
+    prompt = ids(batch=2, length=136)
+    kept = []
+    for size, recall in ((chunk, "cpu"), (136, None)):
+        cache = BudgetedCache(tiny, policy, budget_tokens=SNAP, chunk_size=size, recall=recall)
+        generate(tiny, prompt, cache, max_new_tokens=1, chunk_size=size)
+        st = cache.layers[0].state
+        kept.append([[sorted(st.position[b, h][st.valid[b, h]].tolist()) for h in range(st.valid.shape[1])]
+                     for b in range(2)])
+    assert kept[0] == kept[1]
+    assert all(len(p) == SNAP for row in kept[0] for p in row)
 
 
 @pytest.mark.parametrize("policy", ["snapkv", "tova"])

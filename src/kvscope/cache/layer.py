@@ -15,8 +15,10 @@ import torch
 from kvscope._compat import cache_base_classes
 from kvscope.cache import fused
 from kvscope.cache.attention import attention_weights, causal_attention, chunk_visible, grouped_attention
+from kvscope.cache.recall import decided
 from kvscope.cache.stats import EvictionEvent, LayerCounters, LayerStats
 from kvscope.cache.store import make_store
+from kvscope.cache.tier import record_eviction
 from kvscope.errors import KvscopeError, usage
 from kvscope.kvformats import READ_BUFFER, attention_block_rows
 from kvscope.policies.base import Observation, SlotState, eviction_order, marked, widen
@@ -183,12 +185,12 @@ class BudgetedLayer(CacheLayerMixin):
             offloader.activate(self.index, self.store)
         self.written = []  # (start, end) spans or scattered slot tensors, for the offload write-back
         self.dense = self.dense and info.all_real
+        exact = choice = None
         if self.settings.recall_state == "final" and self.tier is not None:
-            exact = self._recall(query, info, scaling, keys, values)
-        else:
-            exact = None
+            exact, choice = self._recall(query, info, scaling, keys, values)
         outs = [self._chunk(query[:, :, s:s + step], keys[:, :, s:s + step], values[:, :, s:s + step],
-                            info.positions[:, s:s + step], info.real[:, s:s + step], scaling)
+                            info.positions[:, s:s + step], info.real[:, s:s + step], scaling,
+                            None if choice is None else (choice[0], *(t[:, :, s:s + step] for t in choice[1:])))
                 for s in range(0, n, step)]
         if offloader is not None:
             offloader.write_back(self.index, self.store, self.written)
@@ -198,7 +200,8 @@ class BudgetedLayer(CacheLayerMixin):
             out[:, :, -exact.shape[2]:] = exact.to(out.dtype)
         return out
 
-    def _chunk(self, query, keys, values, positions, real, scaling):
+    def _chunk(self, query, keys, values, positions, real, scaling, choice=None):
+        """`choice`: what stays, when a recall chose it already (kvscope.cache.recall.decided)."""
         st, policy = self.state, self.settings.policy
         self._settle()
         b, h, n, _ = keys.shape
@@ -235,28 +238,31 @@ class BudgetedLayer(CacheLayerMixin):
                           for i in range(0, n, step)]
                 out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
             rows = policy.query_rows()
-            if rows:
+            if rows and choice is None:
                 self._observe(query, k, before, slots, real, positions, rows if rows > 0 else n, scaling)
         self.upper += n
-        if self.upper > self.settings.budget_tokens and policy.evicts:
+        if choice is not None:
+            self._drop(decided(self, slots, real, choice), self.settings.budget_tokens)
+        elif self.upper > self.settings.budget_tokens and policy.evicts:
             self._evict()
         return out
 
     def _recall(self, query: torch.Tensor, info, scaling: float, keys: torch.Tensor, values: torch.Tensor
-                ) -> torch.Tensor:
+                ) -> tuple:
         """The prompt's last forward: bring back the waiting tokens its question needs (kvscope.cache.recall);
-        returns the question rows' attention output over the whole prompt. `keys`, `values`: the forward's own."""
-        from kvscope.cache.recall import recall, window
+        returns the question rows' attention output over the whole prompt, and for a window policy which of the
+        forward's tokens stay. `keys`, `values`: the forward's own."""
+        from kvscope.cache.recall import recall, window  # looked up at each call: tests spy on it
 
         self._settle()
         w = min(window(self.settings.policy), query.shape[2])
         tier, self.tier = self.tier, None
-        self.recalled, exact = recall(self, tier, query[:, :, -w:], info.positions[:, -w:], scaling,
-                                      (keys, values, info.real))
+        self.recalled, exact, choice = recall(self, tier, query[:, :, -w:], info.positions[:, -w:], scaling,
+                                              (keys, values, info.real, info.positions))
         self.upper = self.settings.budget_tokens
         self.contiguous = self.dense = False
         self.free = None
-        return exact
+        return exact, choice
 
     def _settle(self) -> None:
         """This layer's evicted slots still waiting to move to its tier (kvscope.cache.tier.Moves) go before the layer
@@ -361,15 +367,17 @@ class BudgetedLayer(CacheLayerMixin):
         # (h2o's recent share) must fit in `keep`, or the row would hold more than `upper` says
         order, excess = eviction_order(s.policy.keep_scores(st, keep), st, keep)
         leaves, evict = marked(order, excess, st.valid)  # in eviction order; over the slots
-        self.counters.record(evict, st.position, st.newest)
         if s.recall_state == "record":  # a bounded prefill with recall: the evicted tokens wait in CPU memory
-            from kvscope.cache.tier import record_eviction
-
             self.tier = record_eviction(self, self.tier, order, leaves, self.upper - keep)  # `upper`: what a row held
-        if s.collector is not None:
+        self._drop(evict, keep)
+
+    def _drop(self, evict: torch.Tensor, upper: int) -> None:
+        """Invalidate the slots `evict` (bool [B, H, S]); `upper`: what a row holds at most afterwards."""
+        self.counters.record(evict, self.state.position, self.state.newest)
+        if self.settings.collector is not None:
             self._emit(evict)
-        st.valid &= ~evict
-        self.upper = keep
+        self.state.valid &= ~evict
+        self.upper = upper
         self.contiguous = self.dense = False
         self.free = None
 

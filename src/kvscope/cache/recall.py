@@ -60,40 +60,72 @@ def window(policy) -> int:
     return RECALL_WINDOW if rows < 0 else rows
 
 
-def recall(layer, tier: Tier, query: torch.Tensor, positions: torch.Tensor, scaling: float,
-           chunk: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> tuple[int, torch.Tensor]:
+def recall(layer, tier: Tier, query: torch.Tensor, positions: torch.Tensor, scaling: float, chunk
+           ) -> tuple[int, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
     """Before the last prefill chunk attends: score resident and waiting tokens with that chunk's last queries
     (`query` [B, Hq, W, D] at true `positions` [B, W]), keep the best `budget` resident (bringing back the waiting ones
-    among them), drop the rest. `chunk`: the chunk's own keys and values [B, H, n, D] and which of its tokens are real
-    [B, n]. Returns (how many came back, in the row that took the most; the question rows' attention output
-    [B, Hq, W, D] over the whole prompt: resident, waiting and the chunk up to each row)."""
+    among them), drop the rest. `chunk`: the chunk's own keys and values [B, H, n, D], which of its tokens are real
+    [B, n] and their positions [B, n]. Returns (how many came back, in the row that took the most; the question rows'
+    attention output [B, Hq, W, D] over the whole prompt: resident, waiting and the chunk up to each row; for a policy
+    that observes a window, what stays once the chunk has attended (`decided`), else None).
+
+    A window policy (snapkv, tova) also chooses, among every token of the prompt (the chunk's too, with the same
+    weights), the `budget` that stay after the chunk, as it chooses after a one-chunk prefill; the chunk attends the
+    best `budget` old tokens meanwhile. Without that, the chunk's own eviction re-scored the old tokens against the
+    chunk alone and undid the recall: on the embedded model at 2k and 12.5% (L2048-d05-r2) snapkv recalled every
+    digit of the key at layers 21-27 and the chunk's eviction dropped half of them; given the one-chunk prefill's
+    choice on the same KV it answered right."""
     tier.wait()
     st, settings = layer.state, layer.settings
-    device, capacity = st.valid.device, layer.capacity
-    weights, waiting, out = _question(layer, tier, query, scaling, chunk)  # [B, H, W, S + T]; fields [B, H, T]
-    both = SlotState(valid=torch.cat([st.valid, waiting["valid"]], -1),
-                     position=torch.cat([st.position, waiting["position"]], -1),
-                     score=torch.cat([st.score, waiting["score"]], -1), newest=st.newest.clone())
+    device, capacity, budget = st.valid.device, layer.capacity, settings.budget_tokens
     policy = settings.policy
+    whole = policy.query_rows() > 0  # a window policy: the choice of what stays is the whole prompt's
+    weights, waiting, out = _question(layer, tier, query, scaling, chunk, whole)  # [B, H, W, S + T (+ n)]
+    parts = [(st.valid, st.position, st.score), (waiting["valid"], waiting["position"], waiting["score"])]
+    newest = st.newest.clone()
+    if whole:
+        real, at = chunk[2:]
+        rows = (*st.valid.shape[:2], real.shape[-1])
+        parts.append((real[:, None].expand(rows), at[:, None].expand(rows), torch.zeros(rows, device=device)))
+        torch.maximum(newest, torch.where(real, at, -1).amax(-1)[:, None, None], out=newest)
+    both = SlotState(*(torch.cat(fields, -1) for fields in zip(*parts)), newest=newest)
     policy.observe(both, Observation(weights, positions, rows=query.shape[2], first=True))
     del weights
-    kept = both.valid & ~select_evictions(policy.keep_scores(both, settings.budget_tokens), both,
-                                          settings.budget_tokens)
+    scores = policy.keep_scores(both, budget)
+    end = capacity + tier.used
+    old = SlotState(both.valid[:, :, :end], both.position[:, :, :end], both.score[:, :, :end], newest)
+    kept = old.valid & ~select_evictions(scores[:, :, :end], old, budget)  # the best `budget` old tokens
+    stay = (both.valid & ~select_evictions(scores, both, budget)) if whole else None  # the whole prompt's choice
     st.valid &= kept[:, :, :capacity]  # resident tokens not kept leave
     st.score.copy_(both.score[:, :, :capacity])
     back = kept[:, :, capacity:]  # [B, H, T]: waiting tokens kept come back into free slots
     count = int(back.sum(-1).max())
     order = torch.argsort((~back).to(torch.int8), dim=-1, stable=True)[:, :, :count]
     free = torch.argsort(st.valid.to(torch.int8), dim=-1, stable=True)[:, :, :count]
+    resident = None if stay is None else stay[:, :, :capacity] & st.valid  # per slot: stays after the chunk
     step = max(1, layer.room)
     for start in range(0, count, step):
         part, slots = order[:, :, start:start + step], free[:, :, start:start + step]
         kb, vb = tier.keys_values(part.cpu(), device)
         layer.store.write(slots, kb.to(query.dtype), vb.to(query.dtype))
-        st.position.scatter_(-1, slots, both.position[:, :, capacity:].gather(-1, part))
-        st.score.scatter_(-1, slots, both.score[:, :, capacity:].gather(-1, part))
+        st.position.scatter_(-1, slots, old.position[:, :, capacity:].gather(-1, part))
+        st.score.scatter_(-1, slots, old.score[:, :, capacity:].gather(-1, part))
         st.valid.scatter_(-1, slots, back.gather(-1, part))
-    return count, out
+        if resident is not None:
+            resident.scatter_(-1, slots, (back & stay[:, :, capacity:end]).gather(-1, part))
+    return count, out, (None if stay is None else (resident, stay[:, :, end:], both.score[:, :, end:]))
+
+
+def decided(layer, slots: torch.Tensor, real: torch.Tensor, choice) -> torch.Tensor:
+    """After a window policy's recall, the eviction of a piece of the last forward just written to `slots` [B, H, n]
+    (real [B, n]): what stays is the recall's whole-prompt choice (`choice`: per slot, whether an old token stays
+    [B, H, S], updated here; whether each of the piece's tokens stays and its score, [B, H, n] each). Returns the
+    slots that leave (bool [B, H, S])."""
+    st = layer.state
+    resident, keep, score = choice
+    st.score.scatter_(-1, slots, score)
+    resident.scatter_(-1, slots, keep & real[:, None].expand_as(keep))
+    return st.valid & ~resident
 
 
 def _key_chunks(layer, tier: Tier, dtype: torch.dtype, span: int, values: bool = False):
@@ -110,10 +142,11 @@ def _key_chunks(layer, tier: Tier, dtype: torch.dtype, span: int, values: bool =
         del fields
 
 
-def _question(layer, tier: Tier, query: torch.Tensor, scaling: float, chunk):
-    """(the question's weights [B, H, W, S + T] on the resident then the waiting tokens, averaged over the query heads
-    of each KV head; the waiting tokens' position, score and validity [B, H, T] on the device; the question rows'
-    attention output [B, Hq, W, D] over the whole prompt).
+def _question(layer, tier: Tier, query: torch.Tensor, scaling: float, chunk, with_chunk: bool = False):
+    """(the question's weights [B, H, W, S + T] on the resident then the waiting tokens (`with_chunk`: and the
+    chunk's own, [B, H, W, S + T + n]), averaged over the query heads of each KV head; the waiting tokens' position,
+    score and validity [B, H, T] on the device; the question rows' attention output [B, Hq, W, D] over the whole
+    prompt).
 
     Everything is the attention the question would have over the whole prompt, as in a one-chunk prefill: the last
     chunk's own keys (`chunk`: keys and values [B, H, n, D] as they arrived, not as a quantized store would round
@@ -157,7 +190,10 @@ def _question(layer, tier: Tier, query: torch.Tensor, scaling: float, chunk):
         del keys, valid, fields
     lse = lse[..., None]
     out.mul_((own_lse - lse).exp_())  # the chunk's share against the whole prompt's softmax
-    weights = torch.empty(b, h, w, layer.capacity + tier.used, dtype=torch.float32, device=query.device)
+    n = chunk[0].shape[2] if with_chunk else 0
+    weights = torch.empty(b, h, w, layer.capacity + tier.used + n, dtype=torch.float32, device=query.device)
+    if with_chunk:  # the chunk's logits again (not held through the first pass), against the whole prompt's softmax
+        weights[..., -n:] = _chunk_logits(grouped, chunk, g, w).sub_(lse).exp_().view(b, h, g, w, n).mean(2)
     at, flat = 0, out.view(b * h, g * w, d)
     span = _span(tier, b * h, g * w, d, values=True, held=out.nbytes)
     for keys, values, valid, fields in _key_chunks(layer, tier, query.dtype, span, values=True):
@@ -174,7 +210,7 @@ def _question(layer, tier: Tier, query: torch.Tensor, scaling: float, chunk):
 def _chunk_logits(grouped: torch.Tensor, chunk, groups: int, w: int) -> torch.Tensor:
     """The question rows' logits [B, H, g*W, n] on the last chunk's own keys, seeing them as the layer's attention
     mask lets the chunk's last W rows see them."""
-    keys, _, real = chunk
+    keys, _, real = chunk[:3]
     n = keys.shape[2]
     visible = grouped_mask(chunk_visible(real, n - w, n)[:, None], groups)  # [B, 1, g*W, n]
     return (grouped @ keys.float().transpose(-1, -2)).masked_fill_(~visible, float("-inf"))
