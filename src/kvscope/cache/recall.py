@@ -113,7 +113,10 @@ def recall(layer, tier: Tier, query: torch.Tensor, positions: torch.Tensor, scal
         st.valid.scatter_(-1, slots, back.gather(-1, part))
         if resident is not None:
             resident.scatter_(-1, slots, (back & stay[:, :, capacity:end]).gather(-1, part))
-    return count, out, (None if stay is None else (resident, stay[:, :, end:], both.score[:, :, end:]))
+    if stay is None:
+        return count, out, None
+    # copies, not views: held while the chunk attends (the prefill's peak), a view would hold all of `both`
+    return count, out, (resident, stay[:, :, end:].clone(), both.score[:, :, end:].clone())
 
 
 def decided(layer, slots: torch.Tensor, real: torch.Tensor, choice) -> torch.Tensor:
