@@ -378,21 +378,44 @@ def test_the_question_rows_attend_as_in_a_one_forward_prefill(tiny, monkeypatch,
     torch.testing.assert_close(want_rows, outputs[0][:, :, -w:], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("policy,chunk", [("snapkv", 48), ("tova", 48), ("snapkv", 52)])
-def test_a_window_policy_keeps_what_a_one_chunk_prefill_keeps_at_layer_0(tiny, policy, chunk):
+@pytest.mark.parametrize("policy,budget,room,chunk,length", [
+    ("snapkv", SNAP, 48, 48, 136), ("tova", SNAP, 48, 48, 136), ("snapkv", SNAP, 52, 52, 136),
+    ("snapkv", 64, 8, 40, 200), ("tova", 64, 8, 40, 200), ("snapkv", 64, 16, 48, 192)])
+def test_a_window_policy_keeps_what_a_one_chunk_prefill_keeps_at_layer_0(tiny, policy, budget, room, chunk, length):
     """At layer 0 (whose keys, values and question do not depend on what was evicted) a window policy with the tier
     ends the prefill holding what a one-forward prefill under the same budget holds: it chooses once among the whole
-    prompt, the last chunk's tokens too (with 52-token chunks the last forward is snapkv's 32-row window, no more)."""
-    prompt = ids(batch=2, length=136)
+    prompt, the last chunk's tokens too. With 52-token chunks the last forward is snapkv's 32-row window, no more;
+    with a room smaller than the forwards the last one is taken in pieces, and the budget is above the room, so rows
+    bring back different counts of tokens, more than the room (none of them may land on a kept token)."""
+    prompt = torch.randint(3, 256, (2, length), generator=torch.Generator().manual_seed(1))
     kept = []
-    for size, recall in ((chunk, "cpu"), (136, None)):
-        cache = BudgetedCache(tiny, policy, budget_tokens=SNAP, chunk_size=size, recall=recall)
-        generate(tiny, prompt, cache, max_new_tokens=1, chunk_size=size)
+    for size, forward, recall in ((room, chunk, "cpu"), (length, length, None)):
+        cache = BudgetedCache(tiny, policy, budget_tokens=budget, chunk_size=size, recall=recall)
+        generate(tiny, prompt, cache, max_new_tokens=1, chunk_size=forward)
         st = cache.layers[0].state
         kept.append([[sorted(st.position[b, h][st.valid[b, h]].tolist()) for h in range(st.valid.shape[1])]
                      for b in range(2)])
     assert kept[0] == kept[1]
-    assert all(len(p) == SNAP for row in kept[0] for p in row)
+    assert all(len(p) == budget for row in kept[0] for p in row)
+
+
+def test_every_piece_of_a_last_forward_in_pieces_attends_the_budget(tiny, monkeypatch):
+    """A last forward longer than the layer's room is taken in pieces: each piece attends the budget (the recall's
+    whole-prompt choice and the best of the rest), not only what stays at the end."""
+    from kvscope.cache import layer as layer_module
+
+    seen, original = [], layer_module.BudgetedLayer._chunk
+
+    def spy(self, query, keys, values, positions, real, scaling, choice=None):
+        if self.index == 0 and choice is not None:
+            seen.append(self.state.valid.sum(-1).min().item())
+        return original(self, query, keys, values, positions, real, scaling, choice)
+
+    monkeypatch.setattr(layer_module.BudgetedLayer, "_chunk", spy)
+    cache = BudgetedCache(tiny, "snapkv", budget_tokens=SNAP, chunk_size=8, recall="cpu")
+    generate(tiny, ids(batch=2, length=128), cache, max_new_tokens=1, chunk_size=64)
+    assert len(seen) == 8 and seen == [SNAP] * 8
+    assert cache.held_tokens() == SNAP
 
 
 @pytest.mark.parametrize("policy", ["snapkv", "tova"])

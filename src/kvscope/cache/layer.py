@@ -190,7 +190,8 @@ class BudgetedLayer(CacheLayerMixin):
             exact, choice = self._recall(query, info, scaling, keys, values)
         outs = [self._chunk(query[:, :, s:s + step], keys[:, :, s:s + step], values[:, :, s:s + step],
                             info.positions[:, s:s + step], info.real[:, s:s + step], scaling,
-                            None if choice is None else (choice[0], *(t[:, :, s:s + step] for t in choice[1:])))
+                            None if choice is None else (choice[0], *(t[:, :, s:s + step] for t in choice[1:]),
+                                                         s + step >= n))
                 for s in range(0, n, step)]
         if offloader is not None:
             offloader.write_back(self.index, self.store, self.written)
@@ -225,7 +226,8 @@ class BudgetedLayer(CacheLayerMixin):
         torch.maximum(st.newest, newest, out=st.newest)
         policy.on_insert(st, slots, keys)
         if fuse:
-            out = self._decode(query, slots, upto, scaling, positions if policy.query_rows() else None)
+            observe = policy.query_rows() and choice is None  # a recall's choice is made: nothing to observe
+            out = self._decode(query, slots, upto, scaling, positions if observe else None)
         else:
             k, v = self.read(upto, query.dtype)
             if self.dense:  # plain causal attention over [0, upto), the chunk at its end
@@ -382,9 +384,12 @@ class BudgetedLayer(CacheLayerMixin):
         self.free = None
 
     def _emit(self, evict: torch.Tensor) -> None:
+        entries = int(evict.sum())
+        if not entries:  # a recall's choice can leave nothing to drop
+            return
         positions = torch.unique(self.state.position[evict]).tolist()
         self.settings.collector(EvictionEvent(layer=self.index, position=int(self.state.newest.max()),
-                                           evicted_entries=int(evict.sum()), evicted_positions=positions))
+                                           evicted_entries=entries, evicted_positions=positions))
 
     # --- monitoring ------------------------------------------------------------------------------------------------
     def stats_tensor(self) -> torch.Tensor:

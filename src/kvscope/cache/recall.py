@@ -10,10 +10,12 @@ observation window, or `RECALL_WINDOW` rows for a policy that observes every que
 resident or waiting (the waiting ones stream through the GPU a span at a time), and to the chunk up to themselves;
 the policy scores the older tokens with that attention as it scores an observation; the best `budget` are the ones
 resident when the chunk attends. The question's rows keep that attention's output (the whole prompt's, as a one-chunk
-prefill gives it); the chunk's other rows attend what is resident. The tokens not kept are dropped and the tier is
-freed. KV on the GPU never exceeds budget + one chunk, plus what is in flight: one span of waiting tokens during the
-recall (what a span holds on the device is at most SPAN_BYTES), and while the chunks are recorded, the staging of one
-group of evictions on its way to the host (kvscope.cache.tier.GROUP_BYTES and one layer's more).
+prefill gives it); the chunk's other rows attend what is resident. A policy that observes a window (snapkv, tova) also
+chooses there, among the whole prompt (the chunk's tokens too), the `budget` that stay once the chunk has attended
+(`decided`). The tokens not kept are dropped and the tier is freed. KV on the GPU never exceeds budget + one chunk,
+plus what is in flight: one span of waiting tokens during the recall (what a span holds on the device is at most
+SPAN_BYTES), and while the chunks are recorded, the staging of one group of evictions on its way to the host
+(kvscope.cache.tier.GROUP_BYTES and one layer's more).
 
 Only kvscope's runtime (`kvscope.runtime.generate`) says which forward is a prompt's last; `model.generate()` prefills
 in one forward and never recalls. The host side (the tier, and the moves into it, several layers' at once on a side
@@ -29,7 +31,7 @@ from kvscope.cache.attention import chunk_visible, grouped_mask, grouped_queries
 from kvscope.cache.tier import META_NAMES, Tier
 from kvscope.errors import usage
 from kvscope.kvformats import RECALL_META
-from kvscope.policies.base import Observation, SlotState, select_evictions
+from kvscope.policies.base import KEEP, Observation, SlotState, select_evictions
 
 RECALL_WINDOW = 32  # question rows that score the recall, for a policy that observes every query (h2o, lru)
 MODES = ("cpu",)
@@ -71,7 +73,8 @@ def recall(layer, tier: Tier, query: torch.Tensor, positions: torch.Tensor, scal
 
     A window policy (snapkv, tova) also chooses, among every token of the prompt (the chunk's too, with the same
     weights), the `budget` that stay after the chunk, as it chooses after a one-chunk prefill; the chunk attends the
-    best `budget` old tokens meanwhile. Without that, the chunk's own eviction re-scored the old tokens against the
+    best `budget` old tokens meanwhile (a forward in pieces: each piece attends the choice and the best of the rest up
+    to the budget). Without that, the chunk's own eviction re-scored the old tokens against the
     chunk alone and undid the recall: on the embedded model at 2k and 12.5% (L2048-d05-r2) snapkv recalled every
     digit of the key at layers 21-27 and the chunk's eviction dropped half of them; given the one-chunk prefill's
     choice on the same KV it answered right."""
@@ -99,9 +102,14 @@ def recall(layer, tier: Tier, query: torch.Tensor, positions: torch.Tensor, scal
     st.valid &= kept[:, :, :capacity]  # resident tokens not kept leave
     st.score.copy_(both.score[:, :, :capacity])
     back = kept[:, :, capacity:]  # [B, H, T]: waiting tokens kept come back into free slots
-    count = int(back.sum(-1).max())
+    coming = back.sum(-1, keepdim=True)  # [B, H, 1]
+    count = int(coming.max())
     order = torch.argsort((~back).to(torch.int8), dim=-1, stable=True)[:, :, :count]
-    free = torch.argsort(st.valid.to(torch.int8), dim=-1, stable=True)[:, :, :count]
+    # each row's i-th token comes back into its i-th free slot; a row that brings back fewer than `count` writes the
+    # rest (not valid) into one spare free slot: a row has room + what it brings back free at least, not `count`
+    # (the i-th free slot for every i < count would write over kept tokens)
+    upto = torch.arange(count, device=device).expand(*coming.shape[:2], count)
+    free = torch.argsort(st.valid.to(torch.int8), dim=-1, stable=True).gather(-1, torch.minimum(upto, coming))
     resident = None if stay is None else stay[:, :, :capacity] & st.valid  # per slot: stays after the chunk
     step = max(1, layer.room)
     for start in range(0, count, step):
@@ -121,14 +129,18 @@ def recall(layer, tier: Tier, query: torch.Tensor, positions: torch.Tensor, scal
 
 def decided(layer, slots: torch.Tensor, real: torch.Tensor, choice) -> torch.Tensor:
     """After a window policy's recall, the eviction of a piece of the last forward just written to `slots` [B, H, n]
-    (real [B, n]): what stays is the recall's whole-prompt choice (`choice`: per slot, whether an old token stays
-    [B, H, S], updated here; whether each of the piece's tokens stays and its score, [B, H, n] each). Returns the
-    slots that leave (bool [B, H, S])."""
-    st = layer.state
-    resident, keep, score = choice
+    (real [B, n]); `choice`: per slot, whether a token stays [B, H, S] (updated here); whether each of the piece's
+    tokens stays, and its score, [B, H, n] each; whether the piece is the forward's last. After the last piece what
+    stays is the recall's whole-prompt choice; after an earlier one, that choice and the best of the others up to the
+    budget (the next piece attends them). Returns the slots that leave (bool [B, H, S])."""
+    st, budget = layer.state, layer.settings.budget_tokens
+    resident, keep, score, last = choice
     st.score.scatter_(-1, slots, score)
     resident.scatter_(-1, slots, keep & real[:, None].expand_as(keep))
-    return st.valid & ~resident
+    if last:
+        return st.valid & ~resident
+    scores = layer.settings.policy.keep_scores(st, budget).masked_fill(resident, KEEP)
+    return select_evictions(scores, st, budget)
 
 
 def _key_chunks(layer, tier: Tier, dtype: torch.dtype, span: int, values: bool = False):
@@ -153,12 +165,12 @@ def _question(layer, tier: Tier, query: torch.Tensor, scaling: float, chunk, wit
 
     Everything is the attention the question would have over the whole prompt, as in a one-chunk prefill: the last
     chunk's own keys (`chunk`: keys and values [B, H, n, D] as they arrived, not as a quantized store would round
-    them; real [B, n]; the question is its last W rows, each seeing the chunk up to itself) are in the softmax though
-    they are not candidates (they are inserted after the recall), and the question's output takes every waiting
-    token's value, kept or not. Why the output: the chunk otherwise attends only the `budget` tokens kept, so at every
-    layer the question's hidden state is made from them, and what the next layer's question asks for drifts. (On the
-    embedded model at 2k and a 5% budget, lru with recall found 15 of 30 keys with the scoring alone and 19 of 30 with
-    the output; a one-chunk prefill finds 24.)
+    them; real [B, n]; the question is its last W rows, each seeing the chunk up to itself) are in the softmax (and
+    among the weights with `with_chunk`: a window policy's whole-prompt choice), and the question's output takes every
+    waiting token's value, kept or not. Why the output: the chunk otherwise attends only the `budget` tokens kept, so
+    at every layer the question's hidden state is made from them, and what the next layer's question asks for drifts.
+    (On the embedded model at 2k and a 5% budget, lru with recall found 15 of 30 keys with the scoring alone and 19
+    of 30 with the output; a one-chunk prefill finds 24.)
 
     Two passes over the keys, a span of waiting tokens on the GPU at a time: the first finds each query head's
     log-sum-exp (and keeps the per-slot fields it streamed), the second writes the averaged weights and adds each
