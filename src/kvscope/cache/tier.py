@@ -59,8 +59,8 @@ class Moves:
 
     def __init__(self):
         self.tiers: list[Tier] = []
-        self.first, self.arena, self.bytes = 0, None, 0
-        self.slots = self.leaves = None  # [G, B, H, n]: row g for layer first + g
+        self.first, self.arena = 0, None
+        self.slots = self.leaves = None  # [G, B, H, n]: row g for layer first + g; G the layers the group takes
 
     def holds(self, index: int) -> bool:
         """Whether layer `index` has a move waiting (it must go before the layer writes or recalls)."""
@@ -71,8 +71,8 @@ class Moves:
         if self.tiers and (index != self.first + len(self.tiers) or slots.shape != self.slots.shape[1:]
                            or tier.records != self.tiers[0].records):
             self.flush()
-        if not self.tiers:
-            most = min(layers - index, GROUP_BYTES // tier.staging_bytes(slots.shape[-1]) + 1)  # what a group takes
+        if not self.tiers:  # the layers of one group stage alike: it goes once they reach GROUP_BYTES
+            most = min(layers - index, max(1, -(-GROUP_BYTES // tier.staging_bytes(slots.shape[-1]))))
             self.first, self.arena = index, arena
             self.slots = torch.empty((most, *slots.shape), dtype=slots.dtype, device=slots.device)
             self.leaves = torch.empty((most, *leaves.shape), dtype=leaves.dtype, device=leaves.device)
@@ -80,8 +80,7 @@ class Moves:
         self.slots[g].copy_(slots)
         self.leaves[g].copy_(leaves)
         self.tiers.append(tier)
-        self.bytes += tier.staging_bytes(slots.shape[-1])
-        if self.bytes >= GROUP_BYTES or g + 1 == self.slots.shape[0]:
+        if g + 1 == self.slots.shape[0]:
             self.flush()
 
     def flush(self) -> None:
@@ -92,7 +91,7 @@ class Moves:
         sources = {name: self.arena.stacked(name, self.first, count)
                    for name in ("position", "score", *(f"store.{n}" for n in tiers[0].store_names))}
         _move(tiers, self.slots[:count], self.leaves[:count], sources)
-        self.tiers, self.bytes, self.slots, self.leaves = [], 0, None, None
+        self.tiers, self.slots, self.leaves = [], None, None
 
 
 def _move(tiers: list, slots: torch.Tensor, leaves: torch.Tensor, sources: dict[str, torch.Tensor],
