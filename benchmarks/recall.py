@@ -55,8 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=DATA)
     p.add_argument("--resume", action="store_true", help="keep --out's rows and run only the rows it lacks")
     p.add_argument("--rerun", default="", help="with --resume: modes whose rows in --out are measured again, for "
-                                               "--policies only (e.g. recall, after a change to the tier); the "
-                                               "perplexity rows of --policies are measured again too")
+                                               "this run's --policies, --budgets and cases only (e.g. recall, after "
+                                               "a change to the tier); the perplexity rows of --policies are "
+                                               "measured again too")
     p.add_argument("--render", action="store_true", help="only rewrite the docs section from --out")
     a = p.parse_args(argv)
     a.lengths = [int(x) for x in a.lengths.split(",")]
@@ -141,7 +142,7 @@ def run(a) -> dict:
     done = set()
     if a.resume and a.out.exists():  # a longer run over a shorter one: its cases are the same token ids
         old = json.loads(a.out.read_text())
-        data["passkey"] = [r for r in old["passkey"] if r["mode"] not in a.rerun or r["policy"] not in a.policies]
+        data["passkey"] = kept_rows(old["passkey"], a, {c.case_id for c in cases})
         data["perplexity"] = old.get("perplexity", [])  # kept unless this run measures it again
         done = {(r["case_id"], r["policy"], r["fraction"], r["mode"]) for r in data["passkey"]}
         data["meta"]["resumed"] = old["meta"]
@@ -161,6 +162,13 @@ def run(a) -> dict:
             perplexity(model, tok, a)
     save_json(data, a.out)
     return data
+
+
+def kept_rows(rows: list[dict], a, cases: set[str]) -> list[dict]:
+    """The rows of a resumed run's --out that this run keeps: all but those of a --rerun mode that it measures again
+    (its --policies, --budgets and `cases`); a row dropped and not measured again would be lost."""
+    return [r for r in rows if not (r["mode"] in a.rerun and r["policy"] in a.policies and r["fraction"] in a.budgets
+                                    and r["case_id"] in cases)]
 
 
 def _complete(case, a, done: set) -> bool:

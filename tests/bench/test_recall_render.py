@@ -1,4 +1,5 @@
-"""The recall section's perplexity rows: one row per policy and budget, each text's change, the mean, the verdict."""
+"""The recall section's perplexity rows (one row per policy and budget, each text's change, the mean, the verdict),
+and which rows of a resumed run are measured again."""
 
 from benchmarks.recall_render import ppl_rows, ppl_table, ppl_verdict
 
@@ -47,3 +48,15 @@ def test_a_further_run_has_its_own_table_and_verdict_below_the_main_one():
     assert "commit def5678" in text and "(low budgets)" in text
     assert "lru 2048 at 2.5%: recall 1/1" in text
     assert "best press not run (above it: not run)" in text  # no kvpress rows were given
+
+
+def test_a_resumed_run_drops_only_the_rows_it_measures_again():
+    from benchmarks.recall import kept_rows, parse_args
+
+    a = parse_args(["--resume", "--rerun", "recall", "--policies", "snapkv", "--budgets", "0.25"])
+    rows = [{"mode": m, "policy": p, "fraction": f, "case_id": c}
+            for m in ("recall", "chunked") for p in ("snapkv", "lru") for f in (0.125, 0.25) for c in ("A", "B")]
+    kept = kept_rows(rows, a, {"A"})
+    dropped = [r for r in rows if r not in kept]
+    assert dropped == [{"mode": "recall", "policy": "snapkv", "fraction": 0.25, "case_id": "A"}]
+    assert kept_rows(rows, parse_args(["--resume"]), {"A", "B"}) == rows  # no --rerun: every row stays
