@@ -263,13 +263,14 @@ def test_the_staging_views_are_the_records_fields(tiny, tiny64, kv_dtype, layers
             assert strides[0] == strides[1]
 
 
-@pytest.mark.parametrize("kv_dtype,span_bytes", [(None, None), (None, 1), ("int8", 1)])
-def test_the_question_attends_the_whole_prompt_in_one_softmax(tiny, monkeypatch, kv_dtype, span_bytes):
-    """The two passes over the keys (log-sum-exp, then weights and output), in one span or one slot at a time, give
-    the softmax of every logit at once: resident, waiting, and the last chunk's own keys up to each question row (in
-    the denominator and the output, and among the weights for a window policy, which chooses among the whole prompt;
-    lru's weights leave them out); the output is that softmax times every value; and the waiting tokens' fields are
-    as the tier holds them."""
+@pytest.mark.parametrize("kv_dtype,span_bytes,chunk", [(None, None, CHUNK), (None, 1, CHUNK), ("int8", 1, CHUNK),
+                                                       (None, None, 48), ("int8", 7, 48)])
+def test_the_question_attends_the_whole_prompt_in_one_softmax(tiny, monkeypatch, kv_dtype, span_bytes, chunk):
+    """The two passes over the keys (every row's output with a running log-sum-exp, then the question's weights), in
+    one span or one slot at a time, give the softmax of every logit at once: resident, waiting, and the last chunk's
+    own keys up to each row (in the denominator and the output, and among the question's weights for a window policy,
+    which chooses among the whole prompt; lru's weights leave them out); every row's output is that softmax times
+    every value; and the waiting tokens' fields are as the tier holds them."""
     from kvscope.cache import recall as module
 
     if span_bytes is not None:
@@ -278,8 +279,8 @@ def test_the_question_attends_the_whole_prompt_in_one_softmax(tiny, monkeypatch,
     checked = []
     original = module._question
 
-    def spy(layer, tier, query, scaling, chunk, with_chunk=False):
-        got, waiting, out = original(layer, tier, query, scaling, chunk, with_chunk)
+    def spy(layer, tier, query, w, scaling, chunk, with_chunk=False):
+        got, waiting, out = original(layer, tier, query, w, scaling, chunk, with_chunk)
         held = slice(0, tier.used)
         checked.extend(torch.equal(waiting[name], tier.first_record(held, query.device)[name])
                        for name in ("position", "score", "valid"))
@@ -288,34 +289,36 @@ def test_the_question_attends_the_whole_prompt_in_one_softmax(tiny, monkeypatch,
         waited = tier.keys_values(held, query.device)
         keys = torch.cat([resident[0], waited[0], own_k], 2)
         values = torch.cat([resident[1], waited[1], own_v], 2)
-        b, hq, w, _ = query.shape
-        h, n = keys.shape[1], own_k.shape[2]
-        causal = torch.ones(w, n, dtype=torch.bool).tril(n - w)  # question row j sees the chunk up to itself
-        valid = torch.cat([layer.state.valid[:, :, None, :].expand(-1, -1, w, -1),
-                           tier.first_record(held, query.device)["valid"][:, :, None, :].expand(-1, -1, w, -1),
-                           (causal & real[:, None, :])[:, None].expand(-1, h, -1, -1)], -1)  # [B, H, W, all]
-        grouped = query.reshape(b, h, hq // h, w, query.shape[-1]).float()
+        b, hq, n, _ = query.shape
+        h = keys.shape[1]
+        causal = torch.ones(n, n, dtype=torch.bool).tril()  # row j sees the chunk up to itself
+        valid = torch.cat([layer.state.valid[:, :, None, :].expand(-1, -1, n, -1),
+                           tier.first_record(held, query.device)["valid"][:, :, None, :].expand(-1, -1, n, -1),
+                           (causal & real[:, None, :])[:, None].expand(-1, h, -1, -1)], -1)  # [B, H, n, all]
+        grouped = query.reshape(b, h, hq // h, n, query.shape[-1]).float()
         logits = (grouped @ keys.float()[:, :, None].transpose(-1, -2)) * scaling
-        p = logits.masked_fill(~valid[:, :, None], float("-inf")).softmax(-1)  # [B, H, g, W, all]
+        p = logits.masked_fill(~valid[:, :, None], float("-inf")).softmax(-1)  # [B, H, g, n, all]
+        question = p[..., n - w:, :].mean(2)  # the last w rows
+        checked.append(w == min(n, 32 if layer.settings.policy.name == "snapkv" else module.RECALL_WINDOW))
         if with_chunk:  # a window policy: the chunk's columns are candidates too
-            checked.append(torch.allclose(got, p.mean(2), atol=1e-6))
+            checked.append(torch.allclose(got, question, atol=1e-6))
         else:
-            checked.append(torch.allclose(got, p.mean(2)[..., :-n], atol=1e-6))
+            checked.append(torch.allclose(got, question[..., :-n], atol=1e-6))
             checked.append(bool((got.sum(-1) < 1 - 1e-3).all()))  # the chunk took part of every row's mass
-        want = (p @ values.float()[:, :, None]).reshape(b, hq, w, -1)
+        want = (p @ values.float()[:, :, None]).reshape(b, hq, n, -1)
         checked.append(torch.allclose(out, want, atol=1e-5))
         return got, waiting, out
 
     monkeypatch.setattr(module, "_question", spy)
-    for policy in ("snapkv", "lru"):
-        cache = BudgetedCache(tiny, policy, budget_tokens=SNAP, chunk_size=CHUNK, recall="cpu", kv_dtype=kv_dtype)
-        generate(tiny, ids(batch=2), cache, max_new_tokens=1, chunk_size=CHUNK)
-    assert len(checked) == len(cache.layers) * (5 + 6) and all(checked)  # snapkv 5 checks a layer, lru 6
+    for policy in ("snapkv", "lru"):  # 48-token forwards: a last forward of 40 rows, longer than the question
+        cache = BudgetedCache(tiny, policy, budget_tokens=SNAP, chunk_size=chunk, recall="cpu", kv_dtype=kv_dtype)
+        generate(tiny, ids(batch=2, length=136 if chunk == 48 else PROMPT), cache, max_new_tokens=1, chunk_size=chunk)
+    assert len(checked) == len(cache.layers) * (6 + 7) and all(checked)  # snapkv 6 checks a layer, lru 7
 
 
-def test_the_question_rows_output_is_the_whole_prompts_attention(tiny, monkeypatch):
-    """The last forward's question rows (snapkv's window) leave each layer with the output the recall computed over
-    the whole prompt; the forward's other rows are there too."""
+def test_the_last_forwards_output_is_the_whole_prompts_attention(tiny, monkeypatch):
+    """Every row of the last forward (longer than snapkv's window) leaves each layer with the output the recall
+    computed over the whole prompt."""
     from kvscope.cache import layer as layer_module
     from kvscope.cache import recall as module
 
@@ -343,14 +346,14 @@ def test_the_question_rows_output_is_the_whole_prompts_attention(tiny, monkeypat
     assert len(exact) == layers
     assert len(outputs) == layers  # the prompt's last forward
     for want, got in zip(exact, outputs):
-        assert torch.equal(got[:, :, -want.shape[2]:], want.to(got.dtype))
-        assert (got.shape[2], want.shape[2]) == (40, 32)
+        assert torch.equal(got, want.to(got.dtype))
+        assert got.shape[2] == 40
 
 
 @pytest.mark.parametrize("policy", ["snapkv", "lru"])
-def test_the_question_rows_attend_as_in_a_one_forward_prefill(tiny, monkeypatch, policy):
-    """At layer 0 (whose keys and values do not depend on what was evicted) the question rows' output with the tier
-    is the output of a prefill that keeps everything and takes the prompt in one forward."""
+def test_the_last_forward_attends_as_in_a_one_forward_prefill(tiny, monkeypatch, policy):
+    """At layer 0 (whose keys and values do not depend on what was evicted) the last forward's output with the tier
+    is the output of a prefill that keeps everything and takes the prompt in one forward, every row of it."""
     from kvscope.cache import layer as layer_module
     from kvscope.cache import recall as module
 
@@ -373,9 +376,8 @@ def test_the_question_rows_attend_as_in_a_one_forward_prefill(tiny, monkeypatch,
     monkeypatch.setattr(layer_module.BudgetedLayer, "attend", spy)
     generate(tiny, prompt, BudgetedCache(tiny, "full", budget_tokens=136 + 1, chunk_size=136), max_new_tokens=1,
              chunk_size=136)
-    w = want_rows.shape[2]
-    assert w == 32  # snapkv's window; lru observes every query and recalls with RECALL_WINDOW rows
-    torch.testing.assert_close(want_rows, outputs[0][:, :, -w:], atol=1e-5, rtol=1e-5)
+    assert want_rows.shape[2] == 40  # the whole last forward, not snapkv's 32-row window or lru's RECALL_WINDOW
+    torch.testing.assert_close(want_rows, outputs[0][:, :, -40:], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("policy,budget,room,chunk,length", [
@@ -399,17 +401,17 @@ def test_a_window_policy_keeps_what_a_one_chunk_prefill_keeps_at_layer_0(tiny, p
     assert all(len(p) == budget for row in kept[0] for p in row)
 
 
-def test_every_piece_of_a_last_forward_in_pieces_attends_the_budget(tiny, monkeypatch):
-    """A last forward longer than the layer's room is taken in pieces: each piece attends the budget (the recall's
-    whole-prompt choice and the best of the rest), not only what stays at the end."""
+def test_every_piece_of_a_last_forward_in_pieces_holds_the_budget(tiny, monkeypatch):
+    """A last forward longer than the layer's room is taken in pieces: each piece is written next to the budget (the
+    recall's whole-prompt choice and the best of the rest), not only what stays at the end."""
     from kvscope.cache import layer as layer_module
 
     seen, original = [], layer_module.BudgetedLayer._chunk
 
-    def spy(self, query, keys, values, positions, real, scaling, choice=None):
+    def spy(self, query, keys, values, positions, real, scaling, choice=None, exact=None):
         if self.index == 0 and choice is not None:
             seen.append(self.state.valid.sum(-1).min().item())
-        return original(self, query, keys, values, positions, real, scaling, choice)
+        return original(self, query, keys, values, positions, real, scaling, choice, exact)
 
     monkeypatch.setattr(layer_module.BudgetedLayer, "_chunk", spy)
     cache = BudgetedCache(tiny, "snapkv", budget_tokens=SNAP, chunk_size=8, recall="cpu")

@@ -191,18 +191,17 @@ class BudgetedLayer(CacheLayerMixin):
         outs = [self._chunk(query[:, :, s:s + step], keys[:, :, s:s + step], values[:, :, s:s + step],
                             info.positions[:, s:s + step], info.real[:, s:s + step], scaling,
                             None if choice is None else (choice[0], *(t[:, :, s:s + step] for t in choice[1:]),
-                                                         s + step >= n))
+                                                         s + step >= n),
+                            None if exact is None else exact[:, :, s:s + step])
                 for s in range(0, n, step)]
         if offloader is not None:
             offloader.write_back(self.index, self.store, self.written)
         self.seen += n
-        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-        if exact is not None:  # the question's rows attend the whole prompt, not only what the recall kept
-            out[:, :, -exact.shape[2]:] = exact.to(out.dtype)
-        return out
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
-    def _chunk(self, query, keys, values, positions, real, scaling, choice=None):
-        """`choice`: what stays, when a recall chose it already (kvscope.cache.recall.decided)."""
+    def _chunk(self, query, keys, values, positions, real, scaling, choice=None, exact=None):
+        """`choice`: what stays, when a recall chose it already (kvscope.cache.recall.decided); `exact`: the piece's
+        output over the whole prompt, when a recall computed it (the piece then attends only to observe)."""
         st, policy = self.state, self.settings.policy
         self._settle()
         b, h, n, _ = keys.shape
@@ -230,15 +229,7 @@ class BudgetedLayer(CacheLayerMixin):
             out = self._decode(query, slots, upto, scaling, positions if observe else None)
         else:
             k, v = self.read(upto, query.dtype)
-            if self.dense:  # plain causal attention over [0, upto), the chunk at its end
-                out = causal_attention(query, k, v, scaling)
-            else:
-                hq = query.shape[1]
-                step = attention_block_rows(b, hq, h, upto, query.element_size())
-                blocks = [grouped_attention(query[:, :, i:i + step], k, v,
-                                            self._mask(before, slots, real, i, i + step), scaling)
-                          for i in range(0, n, step)]
-                out = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
+            out = self._attention(query, k, v, before, slots, real, scaling) if exact is None else exact
             rows = policy.query_rows()
             if rows and choice is None:
                 self._observe(query, k, before, slots, real, positions, rows if rows > 0 else n, scaling)
@@ -247,19 +238,28 @@ class BudgetedLayer(CacheLayerMixin):
             self._drop(decided(self, slots, real, choice), self.settings.budget_tokens)
         elif self.upper > self.settings.budget_tokens and policy.evicts:
             self._evict()
-        return out
+        return out if exact is None else exact
+
+    def _attention(self, query, k, v, before, slots, real, scaling) -> torch.Tensor:
+        b, hq, n, _ = query.shape
+        if self.dense:  # plain causal attention over [0, upto), the chunk at its end
+            return causal_attention(query, k, v, scaling)
+        step = attention_block_rows(b, hq, k.shape[1], k.shape[2], query.element_size())
+        blocks = [grouped_attention(query[:, :, i:i + step], k, v, self._mask(before, slots, real, i, i + step),
+                                    scaling) for i in range(0, n, step)]
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=2)
 
     def _recall(self, query: torch.Tensor, info, scaling: float, keys: torch.Tensor, values: torch.Tensor
                 ) -> tuple:
         """The prompt's last forward: bring back the waiting tokens its question needs (kvscope.cache.recall);
-        returns the question rows' attention output over the whole prompt, and for a window policy which of the
+        returns the forward's attention output over the whole prompt, and for a window policy which of the
         forward's tokens stay. `keys`, `values`: the forward's own."""
         from kvscope.cache.recall import recall, window  # looked up at each call: tests spy on it
 
         self._settle()
         w = min(window(self.settings.policy), query.shape[2])
         tier, self.tier = self.tier, None
-        self.recalled, exact, choice = recall(self, tier, query[:, :, -w:], info.positions[:, -w:], scaling,
+        self.recalled, exact, choice = recall(self, tier, query, info.positions[:, -w:], scaling,
                                               (keys, values, info.real, info.positions))
         self.upper = self.settings.budget_tokens
         self.contiguous = self.dense = False

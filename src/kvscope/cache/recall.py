@@ -5,16 +5,16 @@ Why: chunked prefill keeps GPU memory at budget + one chunk whatever the prompt 
 before it has seen the end of the prompt, where the question usually is. With the tier, an eviction during prefill
 moves the evicted tokens (in the store's own format: fp8/int8 stay small; int4 waits as int8, its keys being quantized
 per 64-slot group) with their positions and scores to CPU memory (pinned on CUDA) instead of dropping them. When the
-last prefill chunk reaches a layer, before that chunk attends: the chunk's last queries (the question: the policy's
-observation window, or `RECALL_WINDOW` rows for a policy that observes every query) attend to every older token,
-resident or waiting (the waiting ones stream through the GPU a span at a time), and to the chunk up to themselves;
-the policy scores the older tokens with that attention as it scores an observation; the best `budget` are the ones
-resident when the chunk attends. The question's rows keep that attention's output (the whole prompt's, as a one-chunk
-prefill gives it); the chunk's other rows attend what is resident. A policy that observes a window (snapkv, tova) also
-chooses there, among the whole prompt (the chunk's tokens too), the `budget` that stay once the chunk has attended
-(`decided`). The tokens not kept are dropped and the tier is freed. KV on the GPU never exceeds budget + one chunk,
-plus what is in flight: one span of waiting tokens during the recall (what a span holds on the device is at most
-SPAN_BYTES), and while the chunks are recorded, the staging of one group of evictions on its way to the host
+last prefill chunk reaches a layer, before that chunk attends: the chunk's queries attend to every older token,
+resident or waiting (the waiting ones stream through the GPU a span at a time), and to the chunk up to themselves,
+and keep that output (the whole prompt's, as a one-chunk prefill gives it); the policy scores the older tokens with
+the attention of the chunk's last queries (the question: the policy's observation window, or `RECALL_WINDOW` rows for
+a policy that observes every query) as it scores an observation; the best `budget` are the ones resident while the
+chunk is written (and observed, by a policy that observes every query). A policy that observes a window (snapkv,
+tova) also chooses there, among the whole prompt (the chunk's tokens too), the `budget` that stay once the chunk has
+attended (`decided`). The tokens not kept are dropped and the tier is freed. KV on the GPU never exceeds budget +
+one chunk, plus what is in flight: one span of waiting tokens during the recall (what a span holds on the device is
+at most SPAN_BYTES), and while the chunks are recorded, the staging of one group of evictions on its way to the host
 (kvscope.cache.tier.GROUP_BYTES and one layer's more).
 
 Only kvscope's runtime (`kvscope.runtime.generate`) says which forward is a prompt's last; `model.generate()` prefills
@@ -64,17 +64,18 @@ def window(policy) -> int:
 
 def recall(layer, tier: Tier, query: torch.Tensor, positions: torch.Tensor, scaling: float, chunk
            ) -> tuple[int, torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None]:
-    """Before the last prefill chunk attends: score resident and waiting tokens with that chunk's last queries
-    (`query` [B, Hq, W, D] at true `positions` [B, W]), keep the best `budget` resident (bringing back the waiting ones
-    among them), drop the rest. `chunk`: the chunk's own keys and values [B, H, n, D], which of its tokens are real
-    [B, n] and their positions [B, n]. Returns (how many came back, in the row that took the most; the question rows'
-    attention output [B, Hq, W, D] over the whole prompt: resident, waiting and the chunk up to each row; for a policy
-    that observes a window, what stays once the chunk has attended (`decided`), else None).
+    """Before the last prefill chunk attends: score resident and waiting tokens with that chunk's last queries (the
+    question: the last W of `query` [B, Hq, n, D], at true `positions` [B, W]), keep the best `budget` resident
+    (bringing back the waiting ones among them), drop the rest. `chunk`: the chunk's own keys and values
+    [B, H, n, D], which of its tokens are real [B, n] and their positions [B, n]. Returns (how many came back, in the
+    row that took the most; the chunk's attention output [B, Hq, n, D] over the whole prompt: resident, waiting and
+    the chunk up to each row; for a policy that observes a window, what stays once the chunk has attended (`decided`),
+    else None).
 
     A window policy (snapkv, tova) also chooses, among every token of the prompt (the chunk's too, with the same
-    weights), the `budget` that stay after the chunk, as it chooses after a one-chunk prefill; the chunk attends the
-    best `budget` old tokens meanwhile (a forward in pieces: each piece attends the choice and the best of the rest up
-    to the budget). Without that, the chunk's own eviction re-scored the old tokens against the
+    weights), the `budget` that stay after the chunk, as it chooses after a one-chunk prefill; the best `budget` old
+    tokens are resident meanwhile (a forward in pieces: after each piece, the choice and the best of the rest up to the
+    budget). Without that, the chunk's own eviction re-scored the old tokens against the
     chunk alone and undid the recall: on the embedded model at 2k and 12.5% (L2048-d05-r2) snapkv recalled every
     digit of the key at layers 21-27 and the chunk's eviction dropped half of them; given the one-chunk prefill's
     choice on the same KV it answered right."""
@@ -83,7 +84,7 @@ def recall(layer, tier: Tier, query: torch.Tensor, positions: torch.Tensor, scal
     device, capacity, budget = st.valid.device, layer.capacity, settings.budget_tokens
     policy = settings.policy
     whole = policy.query_rows() > 0  # a window policy: the choice of what stays is the whole prompt's
-    weights, waiting, out = _question(layer, tier, query, scaling, chunk, whole)  # [B, H, W, S + T (+ n)]
+    weights, waiting, out = _question(layer, tier, query, positions.shape[1], scaling, chunk, whole)  # [B, H, W, ..]
     parts = [(st.valid, st.position, st.score), (waiting["valid"], waiting["position"], waiting["score"])]
     newest = st.newest.clone()
     if whole:
@@ -92,7 +93,7 @@ def recall(layer, tier: Tier, query: torch.Tensor, positions: torch.Tensor, scal
         parts.append((real[:, None].expand(rows), at[:, None].expand(rows), torch.zeros(rows, device=device)))
         torch.maximum(newest, torch.where(real, at, -1).amax(-1)[:, None, None], out=newest)
     both = SlotState(*(torch.cat(fields, -1) for fields in zip(*parts)), newest=newest)
-    policy.observe(both, Observation(weights, positions, rows=query.shape[2], first=True))
+    policy.observe(both, Observation(weights, positions, rows=positions.shape[1], first=True))
     del weights
     scores = policy.keep_scores(both, budget)
     end = capacity + tier.used
@@ -157,74 +158,78 @@ def _key_chunks(layer, tier: Tier, dtype: torch.dtype, span: int, values: bool =
         del fields
 
 
-def _question(layer, tier: Tier, query: torch.Tensor, scaling: float, chunk, with_chunk: bool = False):
+def _question(layer, tier: Tier, query: torch.Tensor, w: int, scaling: float, chunk, with_chunk: bool = False):
     """(the question's weights [B, H, W, S + T] on the resident then the waiting tokens (`with_chunk`: and the
     chunk's own, [B, H, W, S + T + n]), averaged over the query heads of each KV head; the waiting tokens' position,
-    score and validity [B, H, T] on the device; the question rows' attention output [B, Hq, W, D] over the whole
-    prompt).
+    score and validity [B, H, T] on the device; the forward's attention output [B, Hq, n, D] over the whole prompt).
+    `query`: the last forward's queries [B, Hq, n, D]; the question is its last `w` rows.
 
-    Everything is the attention the question would have over the whole prompt, as in a one-chunk prefill: the last
-    chunk's own keys (`chunk`: keys and values [B, H, n, D] as they arrived, not as a quantized store would round
-    them; real [B, n]; the question is its last W rows, each seeing the chunk up to itself) are in the softmax (and
-    among the weights with `with_chunk`: a window policy's whole-prompt choice), and the question's output takes every
-    waiting token's value, kept or not. Why the output: the chunk otherwise attends only the `budget` tokens kept, so
-    at every layer the question's hidden state is made from them, and what the next layer's question asks for drifts.
-    (On the embedded model at 2k and a 5% budget, lru with recall found 15 of 30 keys with the scoring alone and 19
-    of 30 with the output; a one-chunk prefill finds 24.)
+    Everything is the attention the forward would have over the whole prompt, as in a one-chunk prefill: the chunk's
+    own keys (`chunk`: keys and values [B, H, n, D] as they arrived, not as a quantized store would round them; real
+    [B, n]; each row sees the chunk up to itself) are in the softmax (and among the weights with `with_chunk`: a
+    window policy's whole-prompt choice), and every row's output takes every waiting token's value, kept or not.
+    Why the output: the chunk otherwise attends only the `budget` tokens kept, so at every layer its hidden states are
+    made from them, and what the next layer's question asks for drifts. (On the embedded model at 2k and a 5% budget,
+    lru with recall found 15 of 30 keys with the scoring alone and 19 of 30 with the question rows' output; at 12.5%
+    snapkv found 28 of 30 with the question rows' output and 30 with every row's: the two it missed were a choice
+    made from the other rows' drifted keys and a key the other rows' drifted values lost.)
 
-    Two passes over the keys, a span of waiting tokens on the GPU at a time: the first finds each query head's
-    log-sum-exp (and keeps the per-slot fields it streamed), the second writes the averaged weights and adds each
-    span's share of the output. The chunk's own share is taken first, against its own log-sum-exp, and rescaled once
-    the whole one is known, so that its logits ([B, Hq, W, n], 64 MiB for Llama-3-70B at batch 16) are not held
-    through the first pass. The fp32 logits of every token at once would take g (query heads per KV head) times the
-    weights' bytes: 4x for Llama 3, more than a chunk of KV at a long prompt. A span holds at most SPAN_BYTES
-    (`_span`): few launches, little memory."""
-    b, hq, w, d = query.shape
+    Two passes, a span of waiting tokens on the GPU at a time. The first takes every row's output with a running
+    log-sum-exp (each span's share rescales what came before, as flash attention does), keeps the per-slot fields it
+    streamed, and ends with each row's log-sum-exp; the second reads the keys again for the question rows' weights
+    against it. The fp32 logits of every token at once would take g (query heads per KV head) times the rows' bytes:
+    more than a chunk of KV at a long prompt. A span holds at most SPAN_BYTES (`_span`): few launches, little memory."""
+    b, hq, n, d = query.shape
     h = layer.state.valid.shape[1]
     g = hq // h
-    grouped = grouped_queries(query, h).float() * scaling  # once, not per span
+    grouped = grouped_queries(query, h).float() * scaling  # [B, H, g*n, D], once, not per span
 
-    def logits(keys, valid):
-        return (grouped @ keys.float().transpose(-1, -2)).masked_fill_(~valid[:, :, None, :], float("-inf"))
+    def logits(rows, keys, valid):
+        return (rows @ keys.float().transpose(-1, -2)).masked_fill_(~valid[:, :, None, :], float("-inf"))
 
     waiting = {name: torch.empty(b, h, tier.used, dtype=TORCH_TYPES[kind], device=query.device)
                for name, _, kind in RECALL_META}
-    own = _chunk_logits(grouped, chunk, g, w)  # [B, H, g*W, n]
-    own_lse = torch.logsumexp(own, -1, keepdim=True)  # finite: every question row sees itself
-    out = own.sub_(own_lse).exp_() @ chunk[1].float()  # [B, H, g*W, D]: the chunk's share, held through both passes
+    own = _chunk_logits(grouped, chunk, g, n)  # [B, H, g*n, n]
+    lse = torch.logsumexp(own, -1, keepdim=True)  # finite: every row sees itself
+    out = own.sub_(lse).exp_() @ chunk[1].float()  # [B, H, g*n, D]: the chunk's share, rescaled span by span
     del own
-    lse, at = own_lse[..., 0], 0  # [B, H, g*W]
-    span = _span(tier, b * h, g * w, d, values=False, held=out.nbytes)
-    for keys, _, valid, fields in _key_chunks(layer, tier, query.dtype, span):
-        lse = torch.logaddexp(lse, torch.logsumexp(logits(keys, valid), -1))
-        n = valid.shape[-1]
+    at, flat = 0, out.view(b * h, g * n, d)
+    span = _span(tier, b * h, g * n, d, values=True, held=out.nbytes + lse.nbytes)
+    for keys, values, valid, fields in _key_chunks(layer, tier, query.dtype, span, values=True):
+        part = logits(grouped, keys, valid)
+        grown = torch.logaddexp(lse, torch.logsumexp(part, -1, keepdim=True))
+        out.mul_((lse - grown).exp_())
+        lse = grown
+        s = part.shape[-1]
+        flat.baddbmm_(part.sub_(lse).exp_().view(b * h, g * n, s), values.float().view(b * h, s, d))  # in place
         if fields is not None:
             for name in META_NAMES:
-                waiting[name][..., at:at + n].copy_(fields[name])
-            at += n
-        del keys, valid, fields
-    lse = lse[..., None]
-    out.mul_((own_lse - lse).exp_())  # the chunk's share against the whole prompt's softmax
-    n = chunk[0].shape[2] if with_chunk else 0
-    weights = torch.empty(b, h, w, layer.capacity + tier.used + n, dtype=torch.float32, device=query.device)
-    if with_chunk:  # the chunk's logits again (not held through the first pass), against the whole prompt's softmax
-        weights[..., -n:] = _chunk_logits(grouped, chunk, g, w).sub_(lse).exp_().view(b, h, g, w, n).mean(2)
-    at, flat = 0, out.view(b * h, g * w, d)
-    span = _span(tier, b * h, g * w, d, values=True, held=out.nbytes)
-    for keys, values, valid, fields in _key_chunks(layer, tier, query.dtype, span, values=True):
-        part = logits(keys, valid).sub_(lse).exp_()
-        n = part.shape[-1]
-        flat.baddbmm_(part.view(b * h, g * w, n), values.float().view(b * h, n, d))  # in place: no temporary
-        weights[..., at:at + n] = part.view(b, h, g, w, n).mean(2)
-        at += n
+                waiting[name][..., at:at + s].copy_(fields[name])
+            at += s
         del keys, values, valid, fields, part
-    # held in the query's dtype while the chunk attends (the prefill's peak): half the bytes of fp32 in bf16
-    return weights, waiting, out.view(b, hq, w, d).to(query.dtype)
+    # held in the query's dtype while the forward's pieces are written and evicted: half the bytes of fp32 in bf16
+    out = out.view(b, hq, n, d).to(query.dtype)
+    question = grouped.view(b, h, g, n, d)[:, :, :, n - w:].reshape(b, h, g * w, d)
+    lse = lse.view(b, h, g, n)[..., n - w:].reshape(b, h, g * w, 1)
+    del grouped
+    extra = n if with_chunk else 0
+    weights = torch.empty(b, h, w, layer.capacity + tier.used + extra, dtype=torch.float32, device=query.device)
+    if with_chunk:  # the chunk's logits again, against the whole prompt's softmax
+        weights[..., -n:] = _chunk_logits(question, chunk, g, w).sub_(lse).exp_().view(b, h, g, w, n).mean(2)
+    at = 0
+    span = _span(tier, b * h, g * w, d, values=False, held=out.nbytes)
+    for keys, _, valid, _ in _key_chunks(layer, tier, query.dtype, span):
+        part = logits(question, keys, valid).sub_(lse).exp_()
+        s = part.shape[-1]
+        weights[..., at:at + s] = part.view(b, h, g, w, s).mean(2)
+        at += s
+        del keys, valid, part
+    return weights, waiting, out
 
 
 def _chunk_logits(grouped: torch.Tensor, chunk, groups: int, w: int) -> torch.Tensor:
-    """The question rows' logits [B, H, g*W, n] on the last chunk's own keys, seeing them as the layer's attention
-    mask lets the chunk's last W rows see them."""
+    """The logits [B, H, g*W, n] of the chunk's last W rows (`grouped`) on its own keys, seeing them as the layer's
+    attention mask lets those rows see them."""
     keys, _, real = chunk[:3]
     n = keys.shape[2]
     visible = grouped_mask(chunk_visible(real, n - w, n)[:, None], groups)  # [B, 1, g*W, n]
@@ -235,7 +240,7 @@ def _span(tier: Tier, rows_bh: int, rows: int, head_dim: int, values: bool, held
     """Waiting tokens one span of the question takes so that what it holds on the device, with the `held` bytes the
     question keeps across spans, stays within SPAN_BYTES: per token and (sequence, KV head) row, the records it
     crossed in (the first record alone without `values`), its keys (and `values`) in fp32, the fp32 logits of the
-    `rows` question rows, and for a quantized tier the contiguous copy and the keys and values it dequantizes. A
+    `rows` query rows, and for a quantized tier the contiguous copy and the keys and values it dequantizes. A
     policy that observes one query (tova) has few rows, so the keys, not the logits, bound it."""
     records = sum(size for _, size in tier.records) if values else tier.records[0][1]
     per_token = records + (2 if values else 1) * head_dim * 4 + rows * 4
