@@ -609,3 +609,37 @@ def test_on_cuda_a_long_prompt_holds_no_copy_of_what_it_moved():
         BudgetedLayer._recall = original
     moved = cache.recall_bytes(4096, 1, torch.float32)
     assert seen["allocated"] - base < cache.settings.arena.nbytes + moved / 2, (seen, base, moved)
+
+
+def test_a_running_softmax_adds_spans_as_one_softmax():
+    """`_add_span` over spans (one row seeing nothing in the first, one seeing nothing at all until the last) gives
+    the softmax of all the logits at once, times all the values."""
+    from kvscope.cache.recall import _add_span
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 4, 10, generator=gen)
+    logits[0, 0, 1, :4] = float("-inf")
+    logits[1, 2, 3, :7] = float("-inf")
+    values = torch.randn(2, 3, 10, 5, generator=gen)
+    out = torch.zeros(2, 3, 4, 5)
+    lse = torch.full((2, 3, 4, 1), float("-inf"))
+    for at in (slice(0, 4), slice(4, 7), slice(7, 10)):
+        lse = _add_span(out, lse, logits[..., at].clone(), values[:, :, at])
+    torch.testing.assert_close(out, logits.softmax(-1) @ values)
+    torch.testing.assert_close(lse, torch.logsumexp(logits, -1, keepdim=True))
+
+
+def test_every_span_of_the_recall_holds_its_bytes(tiny, monkeypatch):
+    """No span of the recall's passes (the resident slots', the waiting tokens' and the last forward's own) makes
+    logits of more than SPAN_BYTES, every row of the last forward at once (a resident read whole once made fp32
+    logits of 2048 rows by every resident slot: 320 MiB over the prefill's peak on the H200)."""
+    from kvscope.cache import recall as module
+
+    limit, sizes = 64 * 1024, []
+    monkeypatch.setattr(module, "SPAN_BYTES", limit)
+    original = module._add_span
+    monkeypatch.setattr(module, "_add_span", lambda out, lse, logits, values: sizes.append(logits.nbytes)
+                        or original(out, lse, logits, values))
+    cache = BudgetedCache(tiny, "snapkv", budget_tokens=SNAP, chunk_size=48, recall="cpu")
+    generate(tiny, ids(batch=2, length=136), cache, max_new_tokens=1, chunk_size=48)
+    assert len(sizes) > 3 * len(cache.layers) and max(sizes) <= limit

@@ -146,16 +146,46 @@ def decided(layer, slots: torch.Tensor, real: torch.Tensor, choice) -> torch.Ten
 
 def _key_chunks(layer, tier: Tier, dtype: torch.dtype, span: int, values: bool = False):
     """(keys [B, H, n, D], values or None, valid [B, H, n], the first record's fields or None) of the resident slots,
-    then of the waiting tokens `span` at a time (their values only if `values`: the scoring pass reads keys alone)."""
+    then of the waiting tokens, `span` at a time (their values only if `values`: the scoring pass reads keys alone)."""
     device = layer.state.valid.device
     k, v = layer.read(layer.capacity, dtype)
-    yield k, v if values else None, layer.state.valid, None
+    for start in range(0, layer.capacity, span):  # the caller's logits of a span are what bounds its memory
+        at = slice(start, start + span)
+        yield k[:, :, at], v[:, :, at] if values else None, layer.state.valid[:, :, at], None
     del k, v  # a read that copies (a store in another dtype) is a layer's store: not held through the spans
     for start in range(0, tier.used, span):  # one span on the device at a time: its caller drops what it was given
         at = slice(start, min(tier.used, start + span))
         fields = tier.fields(at, device) if values else tier.first_record(at, device)
         yield *(tier.read(fields) if values else (tier.keys(fields, dtype), None)), fields["valid"], fields
         del fields
+
+
+def _own_chunks(chunk, groups: int, span: int):
+    """The last forward's own keys and values [B, H, s, D], `span` at a time, with which of them each of its rows
+    sees [B, 1, g*n, s] (causal; a padding token only by its own row)."""
+    keys, values, real = chunk[:3]
+    n = keys.shape[2]
+    for start in range(0, n, span):
+        at = slice(start, start + span)
+        visible = grouped_mask(chunk_visible(real, 0, n)[:, None, :, at], groups)
+        yield keys[:, :, at], values[:, :, at], visible
+
+
+def _add_span(out: torch.Tensor, lse: torch.Tensor, logits: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Adds one span's share to a running softmax output (flash attention's rescaling): `out` [B, H, r, D] and the
+    log-sum-exp so far `lse` [B, H, r, 1] (-inf where a row has seen nothing yet); `logits` [B, H, r, s] (-inf where
+    masked; overwritten) and `values` [B, H, s, D]. Returns the new log-sum-exp. In place: no temporary of the
+    logits' size (torch.logsumexp would make one)."""
+    b, h, r, s = logits.shape
+    top = logits.amax(-1, keepdim=True)
+    top.masked_fill_(top == float("-inf"), 0.0)  # a row that sees nothing here: its exps are 0, not nan
+    logits.sub_(top).exp_()
+    grown = torch.logaddexp(lse, logits.sum(-1, keepdim=True).log_().add_(top))
+    # a row that has seen nothing at all yet (grown -inf) gets nan and inf factors here: 0, its out stays 0
+    out.mul_((lse - grown).exp_().nan_to_num_(0.0, posinf=0.0))
+    logits.mul_((top - grown).exp_().nan_to_num_(0.0, posinf=0.0))
+    out.view(b * h, r, -1).baddbmm_(logits.view(b * h, r, s), values.float().reshape(b * h, s, -1))
+    return grown
 
 
 def _question(layer, tier: Tier, query: torch.Tensor, w: int, scaling: float, chunk, with_chunk: bool = False):
@@ -184,29 +214,25 @@ def _question(layer, tier: Tier, query: torch.Tensor, w: int, scaling: float, ch
     g = hq // h
     grouped = grouped_queries(query, h).float() * scaling  # [B, H, g*n, D], once, not per span
 
-    def logits(rows, keys, valid):
-        return (rows @ keys.float().transpose(-1, -2)).masked_fill_(~valid[:, :, None, :], float("-inf"))
+    def logits(rows, keys, seen):  # seen: which keys each row sees, broadcast to [B, H, rows, s]
+        return (rows @ keys.float().transpose(-1, -2)).masked_fill_(~seen, float("-inf"))
 
     waiting = {name: torch.empty(b, h, tier.used, dtype=TORCH_TYPES[kind], device=query.device)
                for name, _, kind in RECALL_META}
-    own = _chunk_logits(grouped, chunk, g, n)  # [B, H, g*n, n]
-    lse = torch.logsumexp(own, -1, keepdim=True)  # finite: every row sees itself
-    out = own.sub_(lse).exp_() @ chunk[1].float()  # [B, H, g*n, D]: the chunk's share, rescaled span by span
-    del own
-    at, flat = 0, out.view(b * h, g * n, d)
-    span = _span(tier, b * h, g * n, d, values=True, held=out.nbytes + lse.nbytes)
+    out = torch.zeros(b, h, g * n, d, dtype=torch.float32, device=query.device)
+    lse = torch.full((b, h, g * n, 1), float("-inf"), device=query.device)
+    span = _span(tier, b * h, g * n, d, values=True, held=out.nbytes + grouped.nbytes + lse.nbytes)
+    for keys, values, visible in _own_chunks(chunk, g, span):
+        lse = _add_span(out, lse, logits(grouped, keys, visible), values)
+    at = 0
     for keys, values, valid, fields in _key_chunks(layer, tier, query.dtype, span, values=True):
-        part = logits(grouped, keys, valid)
-        grown = torch.logaddexp(lse, torch.logsumexp(part, -1, keepdim=True))
-        out.mul_((lse - grown).exp_())
-        lse = grown
-        s = part.shape[-1]
-        flat.baddbmm_(part.sub_(lse).exp_().view(b * h, g * n, s), values.float().view(b * h, s, d))  # in place
+        lse = _add_span(out, lse, logits(grouped, keys, valid[:, :, None, :]), values)
         if fields is not None:
+            n_at = valid.shape[-1]
             for name in META_NAMES:
-                waiting[name][..., at:at + s].copy_(fields[name])
-            at += s
-        del keys, values, valid, fields, part
+                waiting[name][..., at:at + n_at].copy_(fields[name])
+            at += n_at
+        del keys, values, valid, fields
     # held in the query's dtype while the forward's pieces are written and evicted: half the bytes of fp32 in bf16
     out = out.view(b, hq, n, d).to(query.dtype)
     question = grouped.view(b, h, g, n, d)[:, :, :, n - w:].reshape(b, h, g * w, d)
@@ -219,7 +245,7 @@ def _question(layer, tier: Tier, query: torch.Tensor, w: int, scaling: float, ch
     at = 0
     span = _span(tier, b * h, g * w, d, values=False, held=out.nbytes)
     for keys, _, valid, _ in _key_chunks(layer, tier, query.dtype, span):
-        part = logits(question, keys, valid).sub_(lse).exp_()
+        part = logits(question, keys, valid[:, :, None, :]).sub_(lse).exp_()
         s = part.shape[-1]
         weights[..., at:at + s] = part.view(b, h, g, w, s).mean(2)
         at += s
