@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import torch
 
+from kvscope.cache import fused
 from kvscope.cache.arena import TORCH_TYPES
 from kvscope.cache.attention import chunk_visible, grouped_mask, grouped_queries
 from kvscope.cache.tier import META_NAMES, Tier
@@ -221,12 +222,21 @@ def _question(layer, tier: Tier, query: torch.Tensor, w: int, scaling: float, ch
                for name, _, kind in RECALL_META}
     out = torch.zeros(b, h, g * n, d, dtype=torch.float32, device=query.device)
     lse = torch.full((b, h, g * n, 1), float("-inf"), device=query.device)
-    span = _span(tier, b * h, g * n, d, values=True, held=out.nbytes + grouped.nbytes + lse.nbytes)
+    held = out.nbytes + grouped.nbytes + lse.nbytes
+    span = _span(tier, b * h, g * n, d, values=True, held=held)  # what a span's fp32 logits of every row allow
     for keys, values, visible in _own_chunks(chunk, g, span):
         lse = _add_span(out, lse, logits(grouped, keys, visible), values)
+    # the fused kernel (kvscope.cache.recall_triton) makes no logits: its spans are bounded by their keys and values
+    low = grouped_queries(query, h) if fused.available(query) and d >= 16 and d & (d - 1) == 0 else None
     at = 0
-    for keys, values, valid, fields in _key_chunks(layer, tier, query.dtype, span, values=True):
-        lse = _add_span(out, lse, logits(grouped, keys, valid[:, :, None, :]), values)
+    for keys, values, valid, fields in _key_chunks(layer, tier, query.dtype, span if low is None else
+                                                   _span(tier, b * h, 0, d, values=True, held=held + low.nbytes),
+                                                   values=True):
+        ran = low is not None and fused.run(valid, "recall_triton.add_span", out, lse, low, keys, values, valid,
+                                            scaling)[0]
+        for cut in range(0, 0 if ran else valid.shape[-1], span):  # PyTorch ops, `span` at a time
+            part = slice(cut, cut + span)
+            lse = _add_span(out, lse, logits(grouped, keys[:, :, part], valid[:, :, None, part]), values[:, :, part])
         if fields is not None:
             n_at = valid.shape[-1]
             for name in META_NAMES:
