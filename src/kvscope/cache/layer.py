@@ -228,10 +228,13 @@ class BudgetedLayer(CacheLayerMixin):
             observe = policy.query_rows() and choice is None  # a recall's choice is made: nothing to observe
             out = self._decode(query, slots, upto, scaling, positions if observe else None)
         else:
-            k, v = self.read(upto, query.dtype)
-            out = self._attention(query, k, v, before, slots, real, scaling) if exact is None else exact
-            rows = policy.query_rows()
-            if rows and choice is None:
+            rows = policy.query_rows() if choice is None else 0  # a recall's choice is made: nothing to observe
+            k = v = out = None
+            if exact is None or rows:  # a recall's output needs no read of the slots, but an observation does
+                k, v = self.read(upto, query.dtype)
+            if exact is None:
+                out = self._attention(query, k, v, before, slots, real, scaling)
+            if rows:
                 self._observe(query, k, before, slots, real, positions, rows if rows > 0 else n, scaling)
         self.upper += n
         if choice is not None:
