@@ -255,17 +255,24 @@ def part_profile(model, spec, args) -> dict:
 def part_recall(model, spec, args) -> dict:
     """A 32k prompt prefilled in 512-token chunks under snapkv at budget 2048, with and without the recall tier
     (interleaved rounds): prefill seconds, the allocator's peak over its baseline (weights included in the baseline),
-    the cache's one allocation against budget + one chunk."""
+    the cache's one allocation against budget + one chunk. The KV dtype is --kv-dtypes' one (bf16 by default)."""
     context, budget, chunk = 32768, 2048, 512
     ids = torch.randint(10, spec.vocab_size, (1, context), device="cuda")
-    per_token = spec.kv_bytes_per_token("bf16")
+    kv = args.kv_dtypes
+    if "," in kv:
+        raise SystemExit(f"--kv-dtypes: the recall part takes one KV dtype, got {kv!r} (run it once a dtype, "
+                         "with --tag)")
+    per_token = spec.kv_bytes_per_token(kv)
     head = {"context": context, "budget": budget, "chunk": chunk, "policy": "snapkv"}
+    if kv != "bf16":
+        head["kv_dtype"] = kv
     rows = []
     for round_ in range(args.rounds):
         for recall in (None, "cpu"):
             base = clean()
             torch.cuda.reset_peak_memory_stats()
-            cache = BudgetedCache(model, "snapkv", budget_tokens=budget, chunk_size=chunk, recall=recall)
+            cache = BudgetedCache(model, "snapkv", budget_tokens=budget, chunk_size=chunk, recall=recall,
+                                  kv_dtype=None if kv == "bf16" else kv)
             gen = generate(model, ids, cache, max_new_tokens=1, chunk_size=chunk)
             sync()
             rows.append({"round": round_, "recall": recall, "prefill_s": round(gen.prefill_seconds, 3),
@@ -317,7 +324,7 @@ def main(argv=None) -> int:
     p.add_argument("--plain-new", type=int, default=32, help="decode steps timed per plain generate() run")
     p.add_argument("--policies", default="lru,snapkv,streaming_llm,h2o,tova,sliding_window")
     p.add_argument("--kv-dtypes", default="bf16", help="KV dtypes for the capacity part (bf16,int8,int4); plain "
-                   "generate() is measured beside bf16")
+                   "generate() is measured beside bf16. The recall part takes one")
     p.add_argument("--tag", help="a further run of a part: saved as runtime-<part>.<tag>.json, rendered below the "
                    "section's main run (capacity, recall)")
     p.add_argument("--rounds", type=int, default=3)
