@@ -456,6 +456,21 @@ def test_a_span_of_the_question_holds_at_most_span_bytes(tiny, monkeypatch, poli
     assert len(spans["all"]) > 2 * len(cache.layers)  # the tier took more than one span a pass
 
 
+def test_a_span_keeps_its_floor_when_what_the_recall_holds_passes_span_bytes(tiny):
+    """At a large batch the rows' output and queries alone pass SPAN_BYTES (batch 4 of the 8B shape at 512-token
+    chunks: 64 MiB): a span still takes a quarter of SPAN_BYTES, not one token (thousands of launches a layer)."""
+    from kvscope.cache import recall as module
+
+    cache = BudgetedCache(tiny, "snapkv", budget_tokens=SNAP, chunk_size=CHUNK, recall="cpu")
+    generate(tiny, ids(batch=2, length=2 * PROMPT), cache, max_new_tokens=1, chunk_size=CHUNK)
+    tier = module.Tier(cache.layers[0], 8)
+    b_h, rows, d = 4 * 8, 4 * 512, 128  # batch 4, 8 KV heads, 4 query heads each, 512 rows, head_dim 128
+    roomy = module._span(tier, b_h, rows, d, values=True, held=0)
+    for held in (3 * module.SPAN_BYTES // 4, module.SPAN_BYTES, 3 * module.SPAN_BYTES):
+        assert abs(module._span(tier, b_h, rows, d, values=True, held=held) - roomy / 4) <= 1
+    assert module._span(tier, b_h, rows, d, values=True, held=module.SPAN_BYTES // 2) > roomy // 4
+
+
 def test_gpu_side_stays_within_budget_plus_one_chunk_and_the_tier_is_freed(tiny, monkeypatch):
     sizes = []
     original = BudgetedLayer._chunk

@@ -36,10 +36,12 @@ from kvscope.policies.base import KEEP, Observation, SlotState, select_evictions
 
 RECALL_WINDOW = 32  # question rows that score the recall, for a policy that observes every query (h2o, lru)
 MODES = ("cpu",)
-# device bytes one span of waiting tokens holds while the question attends it (`_span`), with what the question holds
-# across spans: one 512-token chunk of Llama-3-8B's KV (all layers). The recall runs between two chunks: on the H200 at
-# 32k the prefill's peak with 64 MiB spans was the one without the tier plus the question's output. Each span is a few
-# dozen launches; by `_span`, 32 MiB made 26 spans a layer at 32k for the 8B shape (both passes), 64 MiB 13
+# device bytes one span of resident or waiting tokens holds while the last forward's rows attend it (`_span`), with what
+# the recall holds across spans (`held`: every row's fp32 output, log-sum-exp and scaled queries): one 512-token chunk
+# of Llama-3-8B's KV (all layers). The recall runs between two chunks: on the H200 at 32k (the 8B shape, batch 1) the
+# prefill's peak was 288 KiB above the one without the tier. `held` grows with batch x chunk (32 MiB for the output
+# at batch 1 and 512-token chunks with the 8B shape); past 3/4 of SPAN_BYTES a span still takes a quarter of it, so
+# the recall then holds `held` + SPAN_BYTES / 4 (spans of a token or two otherwise: thousands of launches a layer)
 SPAN_BYTES = 64 * 1024**2
 
 
@@ -232,6 +234,8 @@ def _question(layer, tier: Tier, query: torch.Tensor, w: int, scaling: float, ch
     for keys, values, valid, fields in _key_chunks(layer, tier, query.dtype, span if low is None else
                                                    _span(tier, b * h, 0, d, values=True, held=held + low.nbytes),
                                                    values=True):
+        # if the kernel fails (fused.run warns and turns it off), this span and the rest of this layer's, sized for
+        # the kernel, stay as they are and PyTorch takes each `span` at a time: that layer holds up to twice SPAN_BYTES
         ran = low is not None and fused.run(valid, "recall_triton.add_span", out, lse, low, keys, values, valid,
                                             scaling)[0]
         for cut in range(0, 0 if ran else valid.shape[-1], span):  # PyTorch ops, `span` at a time
@@ -276,10 +280,11 @@ def _span(tier: Tier, rows_bh: int, rows: int, head_dim: int, values: bool, held
     """Waiting tokens one span of the question takes so that what it holds on the device, with the `held` bytes the
     question keeps across spans, stays within SPAN_BYTES: per token and (sequence, KV head) row, the records it
     crossed in (the first record alone without `values`), its keys (and `values`) in fp32, the fp32 logits of the
-    `rows` query rows, and for a quantized tier the contiguous copy and the keys and values it dequantizes. A
-    policy that observes one query (tova) has few rows, so the keys, not the logits, bound it."""
+    `rows` query rows, and for a quantized tier the contiguous copy and the keys and values it dequantizes. With
+    few rows (the fused kernel's pass: none) the keys and values, not the logits, bound it. Where `held` passes 3/4 of
+    SPAN_BYTES (a large batch), a span takes a quarter of SPAN_BYTES."""
     records = sum(size for _, size in tier.records) if values else tier.records[0][1]
     per_token = records + (2 if values else 1) * head_dim * 4 + rows * 4
     if "keys" not in tier.store_names:  # quantized: keys and values dequantized together, from a contiguous copy
         per_token += records + 2 * head_dim * torch.finfo(tier.dtype).bits // 8
-    return max(1, (SPAN_BYTES - held) // (rows_bh * per_token))
+    return max(1, max(SPAN_BYTES - held, SPAN_BYTES // 4) // (rows_bh * per_token))

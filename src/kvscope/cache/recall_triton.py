@@ -32,7 +32,7 @@ def _kvscope_recall_span(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, rows,
                          qsb, qsh, qsr, ksb, ksh, kss, vsb, vsh, vss, msb, msh, mss,
                          D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr):
     pid = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1).to(tl.int64)  # int64 offsets: bh * rows * D passes 2**31 at a large batch
     b = bh // heads
     h = bh % heads
     m = pid * BM + tl.arange(0, BM)
@@ -66,7 +66,9 @@ def _kvscope_recall_span(q_ptr, k_ptr, v_ptr, valid_ptr, out_ptr, lse_ptr, rows,
     safe = tl.where(new_lse == float("-inf"), 0.0, new_lse)
     out_at = out_ptr + bh * rows * D + m[:, None] * D + d[None, :]
     old = tl.load(out_at, mask=row_ok[:, None], other=0.0)
-    new = old * tl.exp(old_lse - safe)[:, None] + acc * tl.exp(ref - safe)[:, None]
+    # a span whose rows saw nothing (total 0) adds nothing: exp(ref - safe) alone may overflow where lse < -88
+    mine = tl.where(total > 0, tl.exp(ref - safe), 0.0)
+    new = old * tl.exp(old_lse - safe)[:, None] + acc * mine[:, None]
     tl.store(out_at, new, mask=row_ok[:, None])
     tl.store(lse_at, new_lse, mask=row_ok)
 
