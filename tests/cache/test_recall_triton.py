@@ -91,3 +91,19 @@ def test_on_cuda_the_recall_runs_the_fused_first_pass_and_matches_the_pytorch_op
     assert half == model.config.num_hidden_layers
     for got, want in zip(outs[:half], outs[half:]):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_span_no_row_sees_leaves_a_very_small_running_softmax_as_it_was(device):
+    """A running log-sum-exp far below exp's range (-100: exp(100) overflows fp32) and a span whose slots are all
+    invalid: out and lse stay as they were, finite (0 * inf made nan)."""
+    from kvscope.cache.recall_triton import add_span
+
+    b, h, r, s, d = 1, 2, 70, 40, 64
+    query = torch.randn(b, h, r, d, device=device)
+    keys, values = torch.randn(b, h, s, d, device=device), torch.randn(b, h, s, d, device=device)
+    out = torch.randn(b, h, r, d, device=device)
+    lse = torch.full((b, h, r, 1), -100.0, device=device)
+    before = out.clone()
+    lse = add_span(out, lse, query, keys, values, torch.zeros(b, h, s, dtype=torch.bool, device=device), 0.125)
+    assert torch.equal(out, before) and torch.equal(lse, torch.full_like(lse, -100.0))
