@@ -55,3 +55,26 @@ def test_run_with_recall_on_the_embedded_model(capsys):
     d = json.loads(out)
     assert d["recall"] == "cpu" and 0 < d["recalled_tokens"] <= 40
     assert d["prompt_tokens"] > 40 + 32 and max(layer["stored_tokens"] for layer in d["layers"]) <= 40
+
+
+def test_recall_without_the_host_memory_for_its_tier_exits_2(capsys, monkeypatch):
+    import psutil
+
+    from kvscope.planner.memory import kv_bytes
+
+    spec = spec_for("smollm2-135m")
+    cache = kv_bytes(spec, Workload(batch=1, context=2000, new_tokens=4, dtype="fp32", runtime="kvscope",
+                                    budget_tokens=40, chunk_size=32))
+
+    class Host:  # room for the budgeted cache (40 + one 32-token chunk), not for a ~600-token prompt's tier
+        available = 2 * cache
+        total = 2 * cache
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Host())
+    code, out, err = run(capsys, "run", "smollm2-135m", "--device", "cpu", "--policy", "snapkv", "--budget", "40",
+                         "--chunk-size", "32", "--recall", "cpu", "--new-tokens", "4",
+                         "--prompt", "The quick brown fox jumps over the lazy dog. " * 60 + "What jumps?")
+    assert code == 2
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert "of host memory" in last and "is available" in last and "--recall" in last
