@@ -8,7 +8,7 @@ import json
 import pytest
 
 from kvscope.models.loader import spec_for
-from kvscope.planner.memory import recall_host_bytes
+from kvscope.planner.memory import kv_bytes, recall_host_bytes
 from kvscope.planner.workload import Workload
 from tests.cli.test_cli import run
 
@@ -59,8 +59,6 @@ def test_run_with_recall_on_the_embedded_model(capsys):
 
 def test_recall_without_the_host_memory_for_its_tier_exits_2(capsys, monkeypatch):
     import psutil
-
-    from kvscope.planner.memory import kv_bytes
 
     spec = spec_for("smollm2-135m")
     cache = kv_bytes(spec, Workload(batch=1, context=2000, new_tokens=4, dtype="fp32", runtime="kvscope",
